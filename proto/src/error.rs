@@ -1,0 +1,127 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening, creating or validating tickwire's
+/// shared-memory files. Messages name the file and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with the expected magic.
+    #[error("{path}: not a tickwire {what} file (magic {found:#018x}, expected {expected:#018x})")]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// `ring` or `symbology`.
+        what: &'static str,
+        /// Magic found.
+        found: u64,
+        /// Magic expected.
+        expected: u64,
+    },
+    /// The file's major layout version is not ours.
+    #[error(
+        "{path}: layout version {found_major}.{found_minor} is not supported (this build knows {known_major}.{known_minor})"
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// Found major.
+        found_major: u16,
+        /// Found minor.
+        found_minor: u16,
+        /// Known major.
+        known_major: u16,
+        /// Known minor.
+        known_minor: u16,
+    },
+    /// A header field has a value that cannot be right.
+    #[error("{path}: bad header field {field} = {value}: {expected}")]
+    BadHeader {
+        /// The file.
+        path: PathBuf,
+        /// Field name.
+        field: &'static str,
+        /// Value found.
+        value: u64,
+        /// What it must be.
+        expected: String,
+    },
+    /// The file is shorter than its header says it must be.
+    #[error("{path}: file is {len} bytes, its header needs {need}")]
+    Short {
+        /// The file.
+        path: PathBuf,
+        /// Actual length.
+        len: u64,
+        /// Needed length.
+        need: u64,
+    },
+    /// Another process holds the writer lock.
+    #[error("{path}: another writer holds this file (a ring has exactly one writer)")]
+    WriterLocked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// An existing ring was created with different parameters.
+    #[error(
+        "{path}: {what} is {on_disk} on disk but {requested} was requested; refusing to reuse the ring (delete its files to change this)"
+    )]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The parameter.
+        what: &'static str,
+        /// On disk.
+        on_disk: u64,
+        /// Asked for.
+        requested: u64,
+    },
+    /// A parameter passed by the caller is invalid.
+    #[error("invalid {what}: {why}")]
+    Invalid {
+        /// What.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// All reader slots of a ring are taken by live readers.
+    #[error("{path}: all {slots} reader slots are in use by live readers")]
+    ReadersFull {
+        /// The file.
+        path: PathBuf,
+        /// How many slots there are.
+        slots: usize,
+    },
+    /// The symbology table is full.
+    #[error("{path}: symbology table is full ({capacity} instruments)")]
+    SymbologyFull {
+        /// The file.
+        path: PathBuf,
+        /// Its capacity.
+        capacity: u32,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,28 @@
+//! tickwire's shared formats: what every other crate agrees on.
+//!
+//! - [`frame`]: the 64-byte slot and the rkyv-defined 56-byte frame body.
+//! - [`layout`]: the ring file's header, reader slots and slot array.
+//! - [`ring`]: the one-writer, many-reader protocol over a ring (seqlock
+//!   reads, tethered readers, gating, waking), model-checked with loom.
+//! - [`file`]: creating, validating and mapping ring files; the locks.
+//! - [`symbology`]: instrument ids shared by writer and readers.
+//!
+//! Nothing here allocates or makes a syscall on the per-event path.
+
+pub mod frame;
+pub mod futex;
+pub mod layout;
+pub mod ring;
+pub mod shm;
+pub(crate) mod sync;
+
+#[cfg(not(loom))]
+pub mod error;
+#[cfg(not(loom))]
+pub mod file;
+#[cfg(not(loom))]
+pub mod symbology;
+
+#[cfg(not(loom))]
+pub use error::{Error, Result};
+pub use frame::{ArchivedFrameBody, FrameBody, Kind};

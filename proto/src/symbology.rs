@@ -1,0 +1,490 @@
+//! The symbology table: instrument id -> (symbol, exchange, currency, size scale).
+//!
+//! ```text
+//!  offset   size          block
+//!  0        64            static: magic u64, major u16, minor u16, entry_size u32,
+//!                                 capacity u32, reserved
+//!  64       64            count: AtomicU32 (entries committed; stored with Release)
+//!  4096     capacity x 64 entries; id N lives at entry N - 1 (id 0 = unknown)
+//!
+//!  entry (64 bytes)
+//!   0  symbol         [u8; 32]  UTF-8, NUL-padded
+//!  32  exchange       [u8; 16]  UTF-8, NUL-padded (MIC or venue name)
+//!  48  currency       [u8; 8]   UTF-8, NUL-padded (ISO 4217 or a crypto code)
+//!  56  size_decimals  u8        real size = raw size / 10^size_decimals
+//!  57  reserved       [u8; 7]
+//! ```
+//!
+//! One writer (the broker's router) appends entries to the preallocated file
+//! and then stores the count with Release; readers load the count with
+//! Acquire and only read entries below it, so they resolve ids without the
+//! broker and never remap. Entries are never changed or removed, so ids stay
+//! valid across broker restarts. Ids are local to a node.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, Result};
+use crate::shm::ShmSafe;
+
+/// `b"TKWSYMB\0"`.
+pub const SYMBOLOGY_MAGIC: u64 = u64::from_le_bytes(*b"TKWSYMB\0");
+/// Major layout version.
+pub const SYMBOLOGY_MAJOR: u16 = 1;
+/// Minor layout version.
+pub const SYMBOLOGY_MINOR: u16 = 0;
+/// Bytes before the first entry.
+pub const SYMBOLOGY_HEADER: usize = 4096;
+/// Bytes per entry.
+pub const ENTRY_SIZE: usize = 64;
+/// The file name inside a node directory.
+pub const SYMBOLOGY_FILE: &str = "symbology";
+/// Default number of entries.
+pub const DEFAULT_SYMBOLOGY_CAPACITY: u32 = 65_536;
+
+/// Maximum byte lengths of the text fields.
+pub const MAX_SYMBOL: usize = 32;
+/// Maximum exchange length.
+pub const MAX_EXCHANGE: usize = 16;
+/// Maximum currency length.
+pub const MAX_CURRENCY: usize = 8;
+
+/// One entry as stored.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Entry {
+    symbol: [u8; MAX_SYMBOL],
+    exchange: [u8; MAX_EXCHANGE],
+    currency: [u8; MAX_CURRENCY],
+    size_decimals: u8,
+    reserved: [u8; 7],
+}
+
+const _: () = assert!(std::mem::size_of::<Entry>() == ENTRY_SIZE);
+// SAFETY: `#[repr(C)]` byte arrays only: no pointers, any bit pattern valid.
+unsafe impl ShmSafe for Entry {}
+
+fn text(b: &[u8]) -> &str {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    std::str::from_utf8(&b[..end]).unwrap_or("?")
+}
+
+impl Entry {
+    /// The symbol.
+    pub fn symbol(&self) -> &str {
+        text(&self.symbol)
+    }
+    /// The exchange.
+    pub fn exchange(&self) -> &str {
+        text(&self.exchange)
+    }
+    /// The currency.
+    pub fn currency(&self) -> &str {
+        text(&self.currency)
+    }
+    /// Decimal places of raw sizes.
+    pub fn size_decimals(&self) -> u8 {
+        self.size_decimals
+    }
+    /// A raw size in real units.
+    pub fn real_size(&self, raw: u32) -> f64 {
+        raw as f64 / 10f64.powi(self.size_decimals as i32)
+    }
+}
+
+/// An instrument as sources name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Instrument {
+    /// Ticker, e.g. `AAPL`.
+    pub symbol: String,
+    /// Venue, e.g. `NASDAQ`.
+    pub exchange: String,
+    /// Currency, e.g. `USD`.
+    pub currency: String,
+    /// Decimal places of sizes (0 for shares, 8 for BTC in satoshi).
+    pub size_decimals: u8,
+}
+
+impl Instrument {
+    /// Checks lengths and characters.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        fn field(what: &'static str, v: &str, max: usize) -> Result<()> {
+            if v.is_empty() || v.len() > max {
+                return Err(Error::Invalid {
+                    what,
+                    why: format!("{v:?} must be 1 to {max} bytes"),
+                });
+            }
+            if v.bytes().any(|b| b == 0 || b.is_ascii_control()) {
+                return Err(Error::Invalid {
+                    what,
+                    why: format!("{v:?} contains control characters"),
+                });
+            }
+            Ok(())
+        }
+        field("symbol", &self.symbol, MAX_SYMBOL)?;
+        field("exchange", &self.exchange, MAX_EXCHANGE)?;
+        field("currency", &self.currency, MAX_CURRENCY)?;
+        if self.size_decimals > 9 {
+            return Err(Error::Invalid {
+                what: "size_decimals",
+                why: format!("{} is above 9", self.size_decimals),
+            });
+        }
+        Ok(())
+    }
+
+    fn key(&self) -> (String, String, String) {
+        (
+            self.symbol.clone(),
+            self.exchange.clone(),
+            self.currency.clone(),
+        )
+    }
+}
+
+struct Mapped {
+    path: PathBuf,
+    _file: std::fs::File,
+    map: MmapRaw,
+    capacity: u32,
+}
+
+impl Mapped {
+    fn count_atomic(&self) -> &AtomicU32 {
+        // SAFETY: offset 64 is inside the 4096-byte header, 4-aligned, and
+        // only ever accessed atomically.
+        unsafe { &*(self.map.as_ptr().add(64) as *const AtomicU32) }
+    }
+
+    fn entry_ptr(&self, index: u32) -> *mut Entry {
+        // SAFETY: callers pass index < capacity, and the file holds
+        // SYMBOLOGY_HEADER + capacity * ENTRY_SIZE bytes (validated).
+        unsafe {
+            self.map
+                .as_mut_ptr()
+                .add(SYMBOLOGY_HEADER + index as usize * ENTRY_SIZE) as *mut Entry
+        }
+    }
+}
+
+fn open_and_validate(path: &Path, write: bool) -> Result<Mapped> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    if len < SYMBOLOGY_HEADER as u64 {
+        return Err(Error::Short {
+            path: path.to_path_buf(),
+            len,
+            need: SYMBOLOGY_HEADER as u64,
+        });
+    }
+    let mut head = [0u8; 24];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)
+        .map_err(|e| Error::io("read header", path, e))?;
+    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u16_at = |o: usize| u16::from_le_bytes(head[o..o + 2].try_into().unwrap_or([0; 2]));
+    let magic = u64_at(0);
+    if magic != SYMBOLOGY_MAGIC {
+        return Err(Error::BadMagic {
+            path: path.to_path_buf(),
+            what: "symbology",
+            found: magic,
+            expected: SYMBOLOGY_MAGIC,
+        });
+    }
+    let (major, minor) = (u16_at(8), u16_at(10));
+    if major != SYMBOLOGY_MAJOR {
+        return Err(Error::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found_major: major,
+            found_minor: minor,
+            known_major: SYMBOLOGY_MAJOR,
+            known_minor: SYMBOLOGY_MINOR,
+        });
+    }
+    let entry_size = u32_at(12);
+    if entry_size as usize != ENTRY_SIZE {
+        return Err(Error::BadHeader {
+            path: path.to_path_buf(),
+            field: "entry_size",
+            value: entry_size as u64,
+            expected: format!("{ENTRY_SIZE}"),
+        });
+    }
+    let capacity = u32_at(16);
+    if capacity == 0 || capacity > 1 << 24 {
+        return Err(Error::BadHeader {
+            path: path.to_path_buf(),
+            field: "capacity",
+            value: capacity as u64,
+            expected: "1..=16777216".into(),
+        });
+    }
+    let need = SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64;
+    if len < need {
+        return Err(Error::Short {
+            path: path.to_path_buf(),
+            len,
+            need,
+        });
+    }
+    let map = if write {
+        MmapOptions::new().len(need as usize).map_raw(&file)
+    } else {
+        MmapOptions::new()
+            .len(need as usize)
+            .map_raw_read_only(&file)
+    }
+    .map_err(|e| Error::io("map", path, e))?;
+    Ok(Mapped {
+        path: path.to_path_buf(),
+        _file: file,
+        map,
+        capacity,
+    })
+}
+
+/// Read-only view of a node's symbology table.
+pub struct Symbology {
+    m: Mapped,
+}
+
+// SAFETY: read-only shared mapping, count read atomically.
+unsafe impl Send for Symbology {}
+// SAFETY: as above.
+unsafe impl Sync for Symbology {}
+
+impl Symbology {
+    /// Opens `<dir>/symbology`.
+    ///
+    /// # Errors
+    /// A clear error for a missing, short or foreign file.
+    pub fn open(dir: &Path) -> Result<Symbology> {
+        Ok(Symbology {
+            m: open_and_validate(&dir.join(SYMBOLOGY_FILE), false)?,
+        })
+    }
+
+    /// Number of committed entries (ids `1..=count`), never above capacity
+    /// whatever the file says.
+    #[inline]
+    pub fn count(&self) -> u32 {
+        // Acquire: pairs with the writer's Release store after it filled
+        // the entries.
+        self.m
+            .count_atomic()
+            .load(Ordering::Acquire)
+            .min(self.m.capacity)
+    }
+
+    /// Capacity in entries.
+    pub fn capacity(&self) -> u32 {
+        self.m.capacity
+    }
+
+    /// Resolves an id; `None` for 0, or an id not (yet) committed.
+    #[inline]
+    pub fn get(&self, id: u32) -> Option<&Entry> {
+        if id == 0 || id > self.count() {
+            return None;
+        }
+        // SAFETY: id - 1 < count <= capacity, the entry was fully written
+        // before the count that covers it (Acquire above), and is never
+        // written again.
+        Some(unsafe { &*self.m.entry_ptr(id - 1) })
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.m.path
+    }
+}
+
+/// The single writer of a node's symbology table.
+pub struct SymbologyWriter {
+    m: Mapped,
+    ids: HashMap<(String, String, String), u32>,
+    count: u32,
+}
+
+// SAFETY: owned by one thread at a time (callers wrap it in a Mutex).
+unsafe impl Send for SymbologyWriter {}
+
+impl SymbologyWriter {
+    /// Creates `<dir>/symbology` with `capacity` entries, or re-opens it
+    /// keeping every id, and takes the writer lock.
+    ///
+    /// # Errors
+    /// [`Error::WriterLocked`] if another broker holds it; validation errors.
+    pub fn open(dir: &Path, capacity: u32) -> Result<SymbologyWriter> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        let path = dir.join(SYMBOLOGY_FILE);
+        if !path.exists() {
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| Error::io("create", &tmp, e))?;
+            f.set_len(SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64)
+                .map_err(|e| Error::io("size", &tmp, e))?;
+            let mut head = Vec::with_capacity(24);
+            head.extend_from_slice(&SYMBOLOGY_MAGIC.to_le_bytes());
+            head.extend_from_slice(&SYMBOLOGY_MAJOR.to_le_bytes());
+            head.extend_from_slice(&SYMBOLOGY_MINOR.to_le_bytes());
+            head.extend_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
+            head.extend_from_slice(&capacity.to_le_bytes());
+            std::os::unix::fs::FileExt::write_all_at(&f, &head, 0)
+                .map_err(|e| Error::io("write header", &tmp, e))?;
+            drop(f);
+            if std::fs::hard_link(&tmp, &path).is_err() && !path.exists() {
+                return Err(Error::io(
+                    "link into place",
+                    &path,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let m = open_and_validate(&path, true)?;
+        // SAFETY: flock on the descriptor the mapping keeps open.
+        if unsafe { libc::flock(m._file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::WriterLocked { path });
+        }
+        let count = m.count_atomic().load(Ordering::Acquire);
+        if count > m.capacity {
+            return Err(Error::BadHeader {
+                path,
+                field: "count",
+                value: count as u64,
+                expected: format!("at most the capacity {}", m.capacity),
+            });
+        }
+        let mut ids = HashMap::with_capacity(count as usize);
+        for i in 0..count {
+            // SAFETY: i < count <= capacity; we are the only writer.
+            let e = unsafe { &*m.entry_ptr(i) };
+            ids.insert(
+                (
+                    e.symbol().to_string(),
+                    e.exchange().to_string(),
+                    e.currency().to_string(),
+                ),
+                i + 1,
+            );
+        }
+        Ok(SymbologyWriter { m, ids, count })
+    }
+
+    /// The id of an instrument, adding it if new.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad names, [`Error::SymbologyFull`].
+    pub fn resolve(&mut self, inst: &Instrument) -> Result<u32> {
+        if let Some(&id) = self.ids.get(&inst.key()) {
+            return Ok(id);
+        }
+        inst.validate()?;
+        if self.count >= self.m.capacity {
+            return Err(Error::SymbologyFull {
+                path: self.m.path.clone(),
+                capacity: self.m.capacity,
+            });
+        }
+        let mut e = Entry {
+            symbol: [0; MAX_SYMBOL],
+            exchange: [0; MAX_EXCHANGE],
+            currency: [0; MAX_CURRENCY],
+            size_decimals: inst.size_decimals,
+            reserved: [0; 7],
+        };
+        e.symbol[..inst.symbol.len()].copy_from_slice(inst.symbol.as_bytes());
+        e.exchange[..inst.exchange.len()].copy_from_slice(inst.exchange.as_bytes());
+        e.currency[..inst.currency.len()].copy_from_slice(inst.currency.as_bytes());
+        // SAFETY: count < capacity; no reader reads entry `count` until the
+        // count below covers it.
+        unsafe { self.m.entry_ptr(self.count).write(e) };
+        self.count += 1;
+        // SYNC POINT: Release publishes the entry; pairs with
+        // `Symbology::count`'s Acquire.
+        self.m.count_atomic().store(self.count, Ordering::Release);
+        self.ids.insert(inst.key(), self.count);
+        Ok(self.count)
+    }
+
+    /// Number of entries.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(s: &str) -> Instrument {
+        Instrument {
+            symbol: s.into(),
+            exchange: "NASDAQ".into(),
+            currency: "USD".into(),
+            size_decimals: 0,
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SymbologyWriter::open(dir.path(), 16).expect("open");
+        assert_eq!(w.resolve(&inst("AAPL")).expect("a"), 1);
+        assert_eq!(w.resolve(&inst("MSFT")).expect("m"), 2);
+        assert_eq!(w.resolve(&inst("AAPL")).expect("a"), 1);
+        assert!(matches!(
+            SymbologyWriter::open(dir.path(), 16),
+            Err(Error::WriterLocked { .. })
+        ));
+        drop(w);
+        let mut w = SymbologyWriter::open(dir.path(), 16).expect("reopen");
+        assert_eq!(w.resolve(&inst("MSFT")).expect("m"), 2);
+        assert_eq!(w.resolve(&inst("NVDA")).expect("n"), 3);
+        let r = Symbology::open(dir.path()).expect("reader");
+        assert_eq!(r.count(), 3);
+        assert_eq!(r.get(3).map(|e| e.symbol()), Some("NVDA"));
+        assert!(r.get(0).is_none());
+        assert!(r.get(4).is_none());
+    }
+
+    #[test]
+    fn full_and_invalid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SymbologyWriter::open(dir.path(), 2).expect("open");
+        w.resolve(&inst("A")).expect("a");
+        w.resolve(&inst("B")).expect("b");
+        assert!(matches!(
+            w.resolve(&inst("C")),
+            Err(Error::SymbologyFull { .. })
+        ));
+        assert!(matches!(
+            w.resolve(&inst(&"X".repeat(33))),
+            Err(Error::Invalid { what: "symbol", .. })
+        ));
+    }
+}

@@ -1,0 +1,358 @@
+//! Delivery through real ring files: order, continuity, laps, tethering,
+//! readers that die.
+
+use std::time::Duration;
+
+use shm_client::testing::TopicWriter;
+use shm_client::{Event, Start, Subscriber, WaitStrategy};
+use tickwire_proto::FrameBody;
+
+const TOPIC: &str = "test/ticks";
+
+fn body(i: u64) -> FrameBody {
+    let mut b = FrameBody::trade(1, i, i as i64, (i % 1000) as u32);
+    b.source_seq = i;
+    b
+}
+
+#[test]
+fn millions_of_events_arrive_in_order_on_every_partition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let partitions = 4u32;
+    let per_partition: u64 = 500_000;
+    let mut w = TopicWriter::create(dir.path(), TOPIC, partitions, 1 << 12).expect("writer");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_secs(30))
+        .wait(WaitStrategy::SpinThenYield { spins: 100 })
+        .open()
+        .expect("subscriber");
+    let writer = std::thread::spawn(move || {
+        for i in 1..=per_partition {
+            for p in 0..partitions {
+                w.publish(p, &body(i * 10 + p as u64));
+            }
+            if i % 64 == 0 {
+                w.flush();
+            }
+        }
+        w.flush();
+        w
+    });
+    let mut next = vec![1u64; partitions as usize];
+    let mut total = 0u64;
+    while total < per_partition * partitions as u64 {
+        let n = sub.poll(4096, |e| match e {
+            Event::Tick(t) => {
+                let p = t.partition as usize;
+                assert_eq!(t.seq, next[p], "partition {p} out of order");
+                assert_eq!(
+                    t.body.source_seq(),
+                    t.seq * 10 + p as u64,
+                    "wrong body for seq {}",
+                    t.seq
+                );
+                next[p] += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        total += n as u64;
+        if n == 0 {
+            sub.wait_for_data(Duration::from_millis(10));
+        }
+    }
+    writer.join().expect("writer");
+    assert!(next.iter().all(|&n| n == per_partition + 1));
+    assert_eq!(sub.stats().lost, 0);
+    assert_eq!(sub.stats().delivered, per_partition * partitions as u64);
+}
+
+#[test]
+fn a_lapped_reader_gets_the_exact_missing_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cap = 64u64;
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, cap).expect("writer");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .lap_slack(8)
+        .open()
+        .expect("sub");
+    for i in 1..=10 {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    let mut seen = Vec::new();
+    sub.poll(5, |e| {
+        if let Event::Tick(t) = e {
+            seen.push(t.seq)
+        }
+    });
+    assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+    // The writer runs 200 further: head = 210, oldest held = 147, resume = 155.
+    for i in 11..=210 {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    let mut events = Vec::new();
+    sub.poll(1000, |e| match e {
+        Event::Tick(t) => {
+            assert_eq!(t.body.source_seq(), t.seq);
+            events.push(format!("t{}", t.seq))
+        }
+        Event::Gap { from, to, .. } => events.push(format!("gap{from}-{to}")),
+        Event::Untethered { .. } => events.push("untethered".into()),
+    });
+    assert_eq!(events[0], "gap6-154");
+    assert_eq!(events[1], "t155");
+    assert_eq!(events.last().map(String::as_str), Some("t210"));
+    assert_eq!(events.len(), 1 + (210 - 155 + 1));
+    assert_eq!(sub.stats().lost, 154 - 6 + 1);
+}
+
+#[test]
+fn a_start_sequence_that_left_the_ring_yields_a_gap_then_the_oldest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 16).expect("writer");
+    for i in 1..=100 {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(3))
+        .lap_slack(0)
+        .open()
+        .expect("sub");
+    let mut first = None;
+    let mut ticks = Vec::new();
+    sub.poll(100, |e| match e {
+        Event::Gap { from, to, .. } => first = Some((from, to)),
+        Event::Tick(t) => ticks.push(t.seq),
+        Event::Untethered { .. } => {}
+    });
+    assert_eq!(first, Some((3, 84)));
+    assert_eq!(ticks, (85..=100).collect::<Vec<_>>());
+}
+
+#[test]
+fn latest_starts_after_the_published_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 16).expect("writer");
+    for i in 1..=5 {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .open()
+        .expect("sub");
+    assert!(sub.try_recv().is_none());
+    w.publish(0, &body(6));
+    w.flush();
+    match sub.recv_timeout(Duration::from_secs(5)) {
+        Some(Event::Tick(t)) => assert_eq!(t.seq, 6),
+        other => panic!("expected seq 6, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_tethered_reader_holds_the_writer_up_to_its_budget_then_is_untethered_and_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cap = 16u64;
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, cap).expect("writer");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_millis(20))
+        .open()
+        .expect("sub");
+    w.flush(); // the writer notices the new tethered reader
+    // The reader reads nothing: the writer may fill the ring, then must wait.
+    for i in 1..=cap {
+        w.publish(0, &body(i));
+    }
+    assert_eq!(
+        w.partition(0).core().stats().gate_waits,
+        0,
+        "no wait while the ring has room"
+    );
+    w.publish(0, &body(cap + 1)); // blocks ~20 ms, then untethers the reader
+    let stats = w.partition(0).core().stats();
+    assert_eq!(stats.untethered, 1);
+    assert_eq!(stats.gate_waits, 1);
+    assert!(
+        stats.gate_wait_ns >= 20_000_000,
+        "the writer waited the budget first ({} ns)",
+        stats.gate_wait_ns
+    );
+    w.flush();
+    let mut events = Vec::new();
+    sub.poll(100, |e| match e {
+        Event::Untethered { partition } => events.push(format!("untethered{partition}")),
+        Event::Gap { from, to, .. } => events.push(format!("gap{from}-{to}")),
+        Event::Tick(t) => events.push(format!("t{}", t.seq)),
+    });
+    assert_eq!(events.first().map(String::as_str), Some("untethered0"));
+    assert!(
+        events.iter().any(|e| e.starts_with("gap1-")),
+        "the lapped slot shows as a gap: {events:?}"
+    );
+    assert_eq!(events.last().map(String::as_str), Some("t17"));
+    // Untethered now: the writer never waits for it again.
+    for i in cap + 2..=cap * 10 {
+        w.publish(0, &body(i));
+    }
+    assert_eq!(w.partition(0).core().stats().gate_waits, 1);
+}
+
+#[test]
+fn a_tethered_reader_that_keeps_up_loses_nothing_with_a_tiny_ring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 8).expect("writer");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_secs(60))
+        .wait(WaitStrategy::Futex { spins: 10 })
+        .open()
+        .expect("sub");
+    w.flush();
+    let n = 200_000u64;
+    let writer = std::thread::spawn(move || {
+        for i in 1..=n {
+            w.publish(0, &body(i));
+            w.flush();
+        }
+        w
+    });
+    let mut expect = 1;
+    while expect <= n {
+        match sub.recv() {
+            Event::Tick(t) => {
+                assert_eq!(t.seq, expect);
+                assert_eq!(t.body.source_seq(), expect);
+                expect += 1;
+            }
+            other => panic!("lossless reader got {other:?}"),
+        }
+    }
+    let w = writer.join().expect("writer");
+    assert_eq!(w.partition_untethered(), 0);
+}
+
+trait Untethered {
+    fn partition_untethered(self) -> u64;
+}
+impl Untethered for TopicWriter {
+    fn partition_untethered(mut self) -> u64 {
+        self.partition(0).core().stats().untethered
+    }
+}
+
+/// Run as a child process by `a_reader_killed_mid_read_changes_nothing`: a
+/// tethered reader that reads a little, then stops forever.
+#[test]
+fn helper_stalled_reader() {
+    let Ok(dir) = std::env::var("TICKWIRE_HELPER_DIR") else {
+        return;
+    };
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(&dir)
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_secs(3600))
+        .open()
+        .expect("helper sub");
+    let mut got = 0;
+    while got < 3 {
+        got += sub.poll(1, |_| {});
+    }
+    println!("HELPER_READY");
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+#[test]
+fn a_reader_killed_mid_read_changes_nothing_and_its_slot_is_reclaimed() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cap = 32u64;
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, cap).expect("writer");
+    let mut other = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .open()
+        .expect("other");
+    for i in 1..=5 {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "helper_stalled_reader",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TICKWIRE_HELPER_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn helper");
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("HELPER_READY"));
+    assert!(ready, "helper reader did not start");
+    w.flush(); // notice the tethered helper
+    let live_before = w
+        .partition(0)
+        .file()
+        .header()
+        .readers
+        .iter()
+        .filter(|r| r.state_gen.load(std::sync::atomic::Ordering::Acquire) as u32 != 0)
+        .count();
+    assert_eq!(live_before, 2, "the helper and `other` hold reader slots");
+    // SIGKILL, mid-read: it is parked inside a poll loop with a tethered cursor at 4.
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    // The writer wraps the ring many times: the dead tethered reader must not
+    // hold it (its budget is an hour) — its slot is reclaimed instead.
+    for i in 6..=cap * 20 {
+        w.publish(0, &body(i));
+        if i % 8 == 0 {
+            w.flush();
+        }
+    }
+    w.flush();
+    let stats = w.partition(0).core().stats();
+    assert_eq!(stats.reclaimed, 1);
+    assert_eq!(stats.untethered, 0);
+    let live_after = w
+        .partition(0)
+        .file()
+        .header()
+        .readers
+        .iter()
+        .filter(|r| r.state_gen.load(std::sync::atomic::Ordering::Acquire) as u32 != 0)
+        .count();
+    assert_eq!(live_after, 1, "only `other` still holds a slot");
+    // The other reader saw its own stream undisturbed (it was lapped only
+    // because it did not read: an exact gap, then contiguous ticks).
+    let mut last = 0;
+    let mut gaps = 0;
+    other.poll(10_000, |e| match e {
+        Event::Tick(t) => {
+            assert!(last == 0 || t.seq == last + 1);
+            last = t.seq;
+        }
+        Event::Gap { to, .. } => {
+            gaps += 1;
+            last = to;
+        }
+        Event::Untethered { .. } => panic!("never tethered"),
+    });
+    assert_eq!(last, cap * 20);
+    assert!(gaps <= 1);
+}
