@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::futex::realtime_ns;
 use crate::layout::{
     ENDIAN_MARKER, HEADER_SIZE, LIVENESS_LOCK_BASE, MAX_CAPACITY, MIN_CAPACITY, READER_SLOTS,
-    RING_MAGIC, RING_MAJOR, RING_MINOR, RingHeader, Slot, StaticBlock, topic_hash,
+    RING_MAGIC, RING_MAJOR, RING_MINOR, RingHeader, Slot, StaticBlock, topic_hash, valid_slot_size,
 };
 use crate::ring::{Clock, Liveness, RingRef};
 
@@ -92,7 +92,7 @@ impl RingFile {
     pub fn open_writer(dir: &Path, params: &RingParams) -> Result<RingFile> {
         validate_topic(&params.topic)?;
         validate_capacity(params.capacity, "capacity")?;
-        if params.slot_size < 64 || params.slot_size % 64 != 0 || params.slot_size > 4096 {
+        if !valid_slot_size(params.slot_size) {
             return Err(Error::Invalid {
                 what: "slot size",
                 why: format!("{} is not a multiple of 64 in 64..=4096", params.slot_size),
@@ -387,7 +387,7 @@ fn validate(file: &File, path: &Path) -> Result<StaticBlock> {
             format!("{HEADER_SIZE} for layout {RING_MAJOR}.x"),
         );
     }
-    if s.slot_size < 64 || s.slot_size % 64 != 0 || s.slot_size > 4096 {
+    if !valid_slot_size(s.slot_size) {
         return bad(
             "slot_size",
             s.slot_size as u64,

@@ -38,6 +38,11 @@ pub const MIN_CAPACITY: u64 = 4;
 /// Largest ring capacity in slots (2^30 x 64 B = 64 GiB).
 pub const MAX_CAPACITY: u64 = 1 << 30;
 
+/// Whether a slot size is one this layout allows: a multiple of 64 in 64..=4096.
+pub const fn valid_slot_size(size: u32) -> bool {
+    size >= 64 && size.is_multiple_of(64) && size <= 4096
+}
+
 /// Reader slot state: nobody owns it.
 pub const STATE_FREE: u32 = 0;
 /// Reader slot state: a reader that the writer never waits for.
@@ -176,7 +181,7 @@ const _: () = {
     assert!(offset_of!(RingHeader, readers) == 512);
     assert!(size_of::<RingHeader>() == 512 + READER_SLOTS * 128);
     assert!(size_of::<RingHeader>() <= HEADER_SIZE);
-    assert!(HEADER_SIZE % 4096 == 0);
+    assert!(HEADER_SIZE.is_multiple_of(4096));
     assert!(size_of::<Slot>() == crate::frame::SLOT_SIZE);
     assert!(align_of::<Slot>() == 64);
 };

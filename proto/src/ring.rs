@@ -3,8 +3,8 @@
 //! This is the Disruptor/Aeron broadcast pattern:
 //!
 //! - The writer fills slot `seq & mask`: it marks the stamp `seq | WRITING_BIT`
-//!   (Relaxed), issues a Release fence, stores the body words (Relaxed) and
-//!   finally stores the stamp `seq` with Release: the commit marker.
+//!   (Relaxed), stores the body words (Release each: a plain store on x86)
+//!   and finally stores the stamp `seq` with Release: the commit marker.
 //! - A reader wanting `seq` loads the stamp with Acquire; if it equals `seq`
 //!   it copies the body, issues an Acquire fence and loads the stamp again: a
 //!   seqlock. A changed stamp means the writer lapped it, and the reader
@@ -220,12 +220,12 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
         }
         let slot = self.ring.slot(seq);
         slot.stamp.store(seq | WRITING_BIT, Ordering::Relaxed);
-        // SYNC POINT: orders the WRITING mark before the body stores; pairs
-        // with the reader's Acquire fence before its second stamp load, so a
-        // reader that saw any new body word also sees the mark.
-        fence(Ordering::Release);
         for (dst, &w) in slot.body.iter().zip(body.iter()) {
-            dst.store(w, Ordering::Relaxed);
+            // SYNC POINT: each body store is Release (a plain `mov` on x86),
+            // ordering the WRITING mark before it; pairs with the reader's
+            // Acquire fence before its second stamp load, so a reader that
+            // saw any new body word also sees the mark and drops the copy.
+            dst.store(w, Ordering::Release);
         }
         // SYNC POINT: the commit marker, written last with Release; pairs
         // with the reader's Acquire load of the stamp.
@@ -348,7 +348,9 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
             };
             let now = self.clock.now_ns();
             let start = *since.get_or_insert(now);
-            if !checked_liveness || spins % 1024 == 1023 {
+            // Liveness is a syscall: look at the first wait, then now and then.
+            const LIVENESS_EVERY: u32 = if cfg!(loom) { 1 } else { 1024 };
+            if !checked_liveness || spins % LIVENESS_EVERY == LIVENESS_EVERY - 1 {
                 checked_liveness = true;
                 if self.try_reclaim(index) {
                     continue;
@@ -473,7 +475,7 @@ impl<'a> ReaderCore<'a> {
             *o = w.load(Ordering::Relaxed);
         }
         // SYNC POINT: orders the body loads before the stamp re-check; pairs
-        // with the writer's Release fence after its WRITING mark.
+        // with the writer's Release body stores that follow its WRITING mark.
         fence(Ordering::Acquire);
         let st2 = slot.stamp.load(Ordering::Relaxed);
         if st2 != seq {

@@ -1,0 +1,387 @@
+//! One config struct, read from TOML, a default on every field, validated
+//! once at start. `config/tickwire.toml` is the commented reference.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Cause (names the key and line).
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config: {key}: {why}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// Shard threads.
+    pub shards: ShardsConfig,
+    /// Topics and their partitions.
+    pub topics: Vec<TopicConfig>,
+    /// The built-in synthetic feed.
+    pub synthetic: SyntheticConfig,
+    /// Periodic stats logging.
+    pub stats: StatsConfig,
+}
+
+/// Node identity and where its files live.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Node id: the directory name under the shm root.
+    pub id: String,
+    /// Node directory; default `/dev/shm/tickwire/<id>`.
+    pub dir: Option<PathBuf>,
+    /// Symbology table capacity (instruments).
+    pub symbology_capacity: u32,
+}
+
+/// What a shard does when it has nothing to do.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdleStrategy {
+    /// Spin, then yield, then park (default: keeps cores for others).
+    Adaptive,
+    /// Spin forever: lowest latency, one core per shard at 100%.
+    BusySpin,
+}
+
+/// Shard threads.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsConfig {
+    /// Number of shard threads.
+    pub count: usize,
+    /// Pin shard `i` to `cores[i]` (or core `i` when `cores` is empty).
+    pub pin: bool,
+    /// Core ids for pinning.
+    pub cores: Vec<usize>,
+    /// Idle behaviour.
+    pub idle: IdleStrategy,
+    /// Adaptive idle: empty polls spent spinning before yielding.
+    pub spin_iterations: u32,
+    /// Adaptive idle: empty polls spent yielding before parking.
+    pub yield_iterations: u32,
+    /// Longest park before looking again, microseconds.
+    pub park_timeout_us: u64,
+    /// Ingest queue capacity per shard (events).
+    pub queue_capacity: usize,
+    /// Most events committed per batch (one header publish and wake each).
+    pub batch_max: usize,
+    /// How often dead readers' slots are looked for, milliseconds.
+    pub reclaim_interval_ms: u64,
+}
+
+/// One topic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicConfig {
+    /// Name, e.g. `market-data/normalized/equities`.
+    pub name: String,
+    /// Partitions (fixed once the rings exist).
+    pub partitions: u32,
+    /// Slots per partition ring, a power of two.
+    pub capacity: u64,
+    /// Routing key template: `{symbol}`, `{exchange}`, `{currency}`, `{kind}`.
+    pub routing_key: String,
+}
+
+/// The synthetic feed.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticConfig {
+    /// On or off.
+    pub enabled: bool,
+    /// Topic it publishes to.
+    pub topic: String,
+    /// Events per second (0 = as fast as the shards take them).
+    pub rate: u64,
+    /// Fraction of events that are quotes.
+    pub quote_ratio: f64,
+    /// PRNG seed (same seed, same feed).
+    pub seed: u64,
+}
+
+/// Periodic stats.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsConfig {
+    /// Seconds between stats log lines (0 = off).
+    pub log_interval_secs: u64,
+}
+
+/// The spec's example topic, used by default.
+pub const DEFAULT_TOPIC: &str = "market-data/normalized/equities";
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "default".into(),
+            dir: None,
+            symbology_capacity: tickwire_proto::symbology::DEFAULT_SYMBOLOGY_CAPACITY,
+        }
+    }
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        ShardsConfig {
+            count: 1,
+            pin: false,
+            cores: Vec::new(),
+            idle: IdleStrategy::Adaptive,
+            spin_iterations: 2_000,
+            yield_iterations: 200,
+            park_timeout_us: 1_000,
+            queue_capacity: 65_536,
+            batch_max: 256,
+            reclaim_interval_ms: 1_000,
+        }
+    }
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            name: DEFAULT_TOPIC.into(),
+            partitions: 4,
+            capacity: 1 << 16,
+            routing_key: "{symbol}.{exchange}.{kind}".into(),
+        }
+    }
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        SyntheticConfig {
+            enabled: true,
+            topic: DEFAULT_TOPIC.into(),
+            rate: 20_000,
+            quote_ratio: 0.7,
+            seed: 42,
+        }
+    }
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            log_interval_secs: 10,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            shards: ShardsConfig::default(),
+            topics: vec![TopicConfig::default()],
+            synthetic: SyntheticConfig::default(),
+            stats: StatsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    ///
+    /// # Errors
+    /// Unreadable file, unknown keys, wrong types, invalid values.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text (`path` only names it in errors).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(e),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The node directory.
+    pub fn node_dir(&self) -> PathBuf {
+        self.node.dir.clone().unwrap_or_else(|| {
+            Path::new(tickwire_proto::file::DEFAULT_SHM_ROOT).join(&self.node.id)
+        })
+    }
+
+    /// Checks every value once.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                why,
+            })
+        };
+        if self.node.id.is_empty()
+            || !self
+                .node
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || self.node.id.starts_with('.')
+        {
+            return bad(
+                "node.id",
+                format!(
+                    "{:?} must be letters, digits, '-', '_' or '.'",
+                    self.node.id
+                ),
+            );
+        }
+        if self.node.symbology_capacity == 0 || self.node.symbology_capacity > 1 << 24 {
+            return bad(
+                "node.symbology_capacity",
+                format!("{} is not in 1..=16777216", self.node.symbology_capacity),
+            );
+        }
+        let s = &self.shards;
+        if s.count == 0 || s.count > 256 {
+            return bad("shards.count", format!("{} is not in 1..=256", s.count));
+        }
+        if !s.cores.is_empty() && s.cores.len() < s.count {
+            return bad(
+                "shards.cores",
+                format!("{} cores listed for {} shards", s.cores.len(), s.count),
+            );
+        }
+        if s.queue_capacity < 2 || s.queue_capacity > 1 << 24 {
+            return bad(
+                "shards.queue_capacity",
+                format!("{} is not in 2..=16777216", s.queue_capacity),
+            );
+        }
+        if s.batch_max == 0 || s.batch_max > 1 << 16 {
+            return bad(
+                "shards.batch_max",
+                format!("{} is not in 1..=65536", s.batch_max),
+            );
+        }
+        if s.park_timeout_us == 0 {
+            return bad("shards.park_timeout_us", "must be above 0".into());
+        }
+        if self.topics.is_empty() {
+            return bad("topics", "at least one topic is needed".into());
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            let key = |k: &str| format!("topics[{i}].{k}");
+            if let Err(e) = tickwire_proto::file::validate_topic(&t.name) {
+                return bad(&key("name"), e.to_string());
+            }
+            if self.topics[..i].iter().any(|o| o.name == t.name) {
+                return bad(&key("name"), format!("{:?} is listed twice", t.name));
+            }
+            if t.partitions == 0 || t.partitions > 4096 {
+                return bad(
+                    &key("partitions"),
+                    format!("{} is not in 1..=4096", t.partitions),
+                );
+            }
+            if !t.capacity.is_power_of_two()
+                || !(tickwire_proto::layout::MIN_CAPACITY..=tickwire_proto::layout::MAX_CAPACITY)
+                    .contains(&t.capacity)
+            {
+                return bad(
+                    &key("capacity"),
+                    format!("{} is not a power of two in 4..=1073741824", t.capacity),
+                );
+            }
+            if let Err(why) = crate::router::RoutingTemplate::parse(&t.routing_key) {
+                return bad(&key("routing_key"), why);
+            }
+        }
+        if self.synthetic.enabled && !self.topics.iter().any(|t| t.name == self.synthetic.topic) {
+            return bad(
+                "synthetic.topic",
+                format!(
+                    "{:?} is not one of the configured topics",
+                    self.synthetic.topic
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.synthetic.quote_ratio) {
+            return bad(
+                "synthetic.quote_ratio",
+                format!("{} is not in 0..=1", self.synthetic.quote_ratio),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_file_parses_to_the_defaults() {
+        let text = include_str!("../../config/tickwire.toml");
+        let c = Config::parse(text, Path::new("config/tickwire.toml")).expect("reference config");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::parse("[shards]\ncount = 2\nspeed = 9\n", Path::new("x.toml"))
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("speed"), "{e}");
+        let e = Config::parse(
+            "[[topics]]\nname = \"a\"\ncapacity = 1000\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("capacity");
+        assert!(e.to_string().contains("topics[0].capacity"), "{e}");
+        let e = Config::parse(
+            "[[topics]]\nname = \"a\"\nrouting_key = \"{sym}\"\n[synthetic]\nenabled = false\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("template");
+        assert!(
+            e.to_string().contains("topics[0].routing_key") && e.to_string().contains("{sym}"),
+            "{e}"
+        );
+        let e = Config::parse("[synthetic]\ntopic = \"nope\"\n", Path::new("x.toml"))
+            .expect_err("synthetic topic");
+        assert!(e.to_string().contains("synthetic.topic"), "{e}");
+    }
+}

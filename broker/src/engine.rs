@@ -1,0 +1,601 @@
+//! The engine: shard threads that own partitions, bounded ingest queues in
+//! front of them, and commit completions back to the sources.
+//!
+//! ```text
+//!  source ─ Ingest::try_send ─> ArrayQueue (one per shard, bounded) ─> shard thread
+//!     ^                                                                  │ publish into the partition's ring
+//!     └──────── completions: ArrayQueue (one per source, bounded) <──────┘ after the batch is flushed
+//! ```
+//!
+//! A full shard queue is returned to the source as [`Backpressure`]: it must
+//! slow down (the Pulsar bridge stops pulling). A source's completion queue
+//! is as large as the number of acknowledgeable events it may have in
+//! flight, so a shard never waits on a source.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use hdrhistogram::Histogram;
+use tickwire_proto::file::{PartitionWriter, RingParams};
+use tickwire_proto::frame::{BODY_WORDS, FrameBody, SLOT_SIZE, ingest_delta};
+use tickwire_proto::futex::{monotonic_ns, realtime_ns};
+use tickwire_proto::symbology::SymbologyWriter;
+
+use crate::config::{Config, IdleStrategy};
+use crate::router::{Resolver, Route, RoutingTemplate, TopicRoute};
+
+/// Errors starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A ring or the symbology file could not be opened.
+    #[error(transparent)]
+    Shm(#[from] tickwire_proto::Error),
+    /// A shard thread could not be started.
+    #[error("cannot start shard thread {shard}: {source}")]
+    Thread {
+        /// Shard.
+        shard: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// The shard queue is full: slow down and try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Backpressure {
+    /// The shard's ingest queue is full.
+    #[error("shard {0} ingest queue is full")]
+    QueueFull(usize),
+    /// The source has as many acknowledgeable events in flight as its
+    /// completion queue holds; drain completions first.
+    #[error("too many events awaiting commit ({0}); drain completions")]
+    InFlight(usize),
+}
+
+/// A committed event, returned to the source that sent it with an ack token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The source's token.
+    pub token: u64,
+    /// Topic index.
+    pub topic: u32,
+    /// Partition.
+    pub partition: u32,
+    /// Writer epoch of the partition.
+    pub epoch: u64,
+    /// Sequence the event got.
+    pub seq: u64,
+}
+
+struct Job {
+    ring: u32,
+    body: [u64; BODY_WORDS],
+    ingest_ns: u64,
+    ack: Option<(u32, u64)>,
+}
+
+struct ShardShared {
+    queue: ArrayQueue<Job>,
+    parked: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+    events: AtomicU64,
+    batches: AtomicU64,
+    gate_waits: AtomicU64,
+    untethered: AtomicU64,
+    reclaimed: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+}
+
+/// Where a topic partition lives.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    shard: u32,
+    ring: u32,
+}
+
+struct Shared {
+    shards: Vec<ShardShared>,
+    /// placements[topic][partition]
+    placements: Vec<Vec<Placement>>,
+    completions: Mutex<Vec<Arc<ArrayQueue<Completion>>>>,
+    sinks: OnceLock<Vec<Arc<ArrayQueue<Completion>>>>,
+}
+
+/// Counters of the whole broker.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerStats {
+    /// Events committed to rings.
+    pub events: u64,
+    /// Batches flushed.
+    pub batches: u64,
+    /// Ingest -> commit latency, ns (HDR).
+    pub ingest_to_commit: Option<Histogram<u64>>,
+    /// Times a shard waited for a tethered reader.
+    pub gate_waits: u64,
+    /// Tethered readers untethered for exceeding their budget.
+    pub untethered: u64,
+    /// Dead readers' slots reclaimed.
+    pub reclaimed: u64,
+    /// Events waiting in shard queues.
+    pub queued: usize,
+}
+
+/// A running broker.
+pub struct Broker {
+    shared: Arc<Shared>,
+    resolver: Resolver,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    node_dir: std::path::PathBuf,
+    config: Config,
+}
+
+impl Broker {
+    /// Opens every ring and the symbology file, then starts the shards.
+    ///
+    /// # Errors
+    /// Invalid configuration; a ring held by another writer or created with
+    /// other parameters; I/O errors.
+    pub fn start(config: &Config) -> Result<Broker, BrokerError> {
+        config.validate()?;
+        let dir = config.node_dir();
+        let symbology = SymbologyWriter::open(&dir, config.node.symbology_capacity)?;
+        let n_shards = config.shards.count;
+        let mut rings: Vec<Vec<(u32, u32, PartitionWriter)>> =
+            (0..n_shards).map(|_| Vec::new()).collect();
+        let mut placements = Vec::new();
+        let mut next_shard = 0usize;
+        for (ti, t) in config.topics.iter().enumerate() {
+            let mut ps = Vec::new();
+            for p in 0..t.partitions {
+                let w = PartitionWriter::open(
+                    &dir,
+                    &RingParams {
+                        topic: t.name.clone(),
+                        partition: p,
+                        partitions: t.partitions,
+                        capacity: t.capacity,
+                        slot_size: SLOT_SIZE as u32,
+                    },
+                )?;
+                let shard = next_shard % n_shards;
+                next_shard += 1;
+                ps.push(Placement {
+                    shard: shard as u32,
+                    ring: rings[shard].len() as u32,
+                });
+                rings[shard].push((ti as u32, p, w));
+            }
+            placements.push(ps);
+        }
+        let topics: Vec<TopicRoute> = config
+            .topics
+            .iter()
+            .map(|t| {
+                // Validated above.
+                let template = RoutingTemplate::parse(&t.routing_key).unwrap_or_else(|_| {
+                    RoutingTemplate::parse("{symbol}").unwrap_or_else(|_| unreachable!())
+                });
+                TopicRoute {
+                    name: t.name.clone(),
+                    partitions: t.partitions,
+                    template,
+                }
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            shards: (0..n_shards)
+                .map(|_| ShardShared {
+                    queue: ArrayQueue::new(config.shards.queue_capacity),
+                    parked: AtomicBool::new(false),
+                    thread: OnceLock::new(),
+                    events: AtomicU64::new(0),
+                    batches: AtomicU64::new(0),
+                    gate_waits: AtomicU64::new(0),
+                    untethered: AtomicU64::new(0),
+                    reclaimed: AtomicU64::new(0),
+                    latency: Mutex::new(new_histogram()),
+                })
+                .collect(),
+            placements,
+            completions: Mutex::new(Vec::new()),
+            sinks: OnceLock::new(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        for (i, shard_rings) in rings.into_iter().enumerate() {
+            let core = if config.shards.pin {
+                let want = config.shards.cores.get(i).copied().unwrap_or(i);
+                cores.iter().find(|c| c.id == want).copied()
+            } else {
+                None
+            };
+            let shard = Shard::new(i, shared.clone(), shard_rings, config, stop.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("tickwire-shard-{i}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(c);
+                    }
+                    shard.run();
+                })
+                .map_err(|source| BrokerError::Thread { shard: i, source })?;
+            let _ = shared.shards[i].thread.set(handle.thread().clone());
+            threads.push(handle);
+        }
+        tracing::info!(node_dir = %dir.display(), shards = n_shards, topics = config.topics.len(), "rings open");
+        Ok(Broker {
+            resolver: Resolver::new(Arc::new(topics), Arc::new(Mutex::new(symbology))),
+            shared,
+            stop,
+            threads,
+            node_dir: dir,
+            config: config.clone(),
+        })
+    }
+
+    /// The node directory holding the rings.
+    pub fn node_dir(&self) -> &std::path::Path {
+        &self.node_dir
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A new ingest handle for one source. `max_in_flight` bounds the events
+    /// sent with an ack token and not yet drained as completions.
+    pub fn ingest(&self, max_in_flight: usize) -> Ingest {
+        let completions = Arc::new(ArrayQueue::new(max_in_flight.max(1)));
+        let mut all = self
+            .shared
+            .completions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let source = all.len() as u32;
+        all.push(completions.clone());
+        Ingest {
+            shared: self.shared.clone(),
+            resolver: self.resolver.clone(),
+            completions,
+            source,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: max_in_flight.max(1),
+        }
+    }
+
+    /// Counters and the merged ingest -> commit histogram.
+    pub fn stats(&self) -> BrokerStats {
+        let mut s = BrokerStats::default();
+        let mut h = new_histogram();
+        for sh in &self.shared.shards {
+            s.events += sh.events.load(Ordering::Relaxed);
+            s.batches += sh.batches.load(Ordering::Relaxed);
+            s.gate_waits += sh.gate_waits.load(Ordering::Relaxed);
+            s.untethered += sh.untethered.load(Ordering::Relaxed);
+            s.reclaimed += sh.reclaimed.load(Ordering::Relaxed);
+            s.queued += sh.queue.len();
+            if let Ok(l) = sh.latency.lock() {
+                let _ = h.add(&*l);
+            }
+        }
+        s.ingest_to_commit = Some(h);
+        s
+    }
+
+    /// Stops the shards after they drain their queues, and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for s in &self.shared.shards {
+            if let Some(t) = s.thread.get() {
+                t.unpark();
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 ns .. 60 s at 3 significant digits; these bounds are valid.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+/// One source's way into the broker: resolve, route and send events, and
+/// collect commit completions for the ones sent with an ack token.
+pub struct Ingest {
+    shared: Arc<Shared>,
+    resolver: Resolver,
+    completions: Arc<ArrayQueue<Completion>>,
+    source: u32,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+}
+
+impl Ingest {
+    /// The resolver (instrument ids, routes, topic indexes).
+    pub fn resolver(&mut self) -> &mut Resolver {
+        &mut self.resolver
+    }
+
+    /// Sends one event along `route`. With `ack`, a [`Completion`] carrying
+    /// the token comes back through [`drain_completions`](Self::drain_completions)
+    /// once the event is committed to its ring.
+    ///
+    /// # Errors
+    /// [`Backpressure`] when the shard queue is full or too many acks are
+    /// outstanding: nothing was sent; slow down and retry.
+    #[inline]
+    pub fn try_send(
+        &self,
+        route: &Route,
+        body: &FrameBody,
+        ack: Option<u64>,
+    ) -> Result<(), Backpressure> {
+        let kind =
+            tickwire_proto::Kind::from_code(body.kind).unwrap_or(tickwire_proto::Kind::Trade);
+        let partition = route.partition(kind);
+        let Some(place) = self
+            .shared
+            .placements
+            .get(route.topic as usize)
+            .and_then(|p| p.get(partition as usize))
+        else {
+            return Err(Backpressure::QueueFull(usize::MAX));
+        };
+        if ack.is_some() && self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight {
+            return Err(Backpressure::InFlight(self.max_in_flight));
+        }
+        let mut body = *body;
+        body.instrument_id = route.instrument_id;
+        let shard = &self.shared.shards[place.shard as usize];
+        let job = Job {
+            ring: place.ring,
+            body: body.to_words(),
+            ingest_ns: monotonic_ns(),
+            ack: ack.map(|t| (self.source, t)),
+        };
+        if shard.queue.push(job).is_err() {
+            return Err(Backpressure::QueueFull(place.shard as usize));
+        }
+        if ack.is_some() {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        // SeqCst: pairs with the shard's SeqCst store of `parked` before its
+        // last look at the queue: either it sees our job or we see it parked.
+        if shard.parked.load(Ordering::SeqCst)
+            && let Some(t) = shard.thread.get()
+        {
+            t.unpark();
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for each committed event sent with an ack token; returns
+    /// how many.
+    pub fn drain_completions(&self, mut f: impl FnMut(Completion)) -> usize {
+        let mut n = 0;
+        while let Some(c) = self.completions.pop() {
+            n += 1;
+            f(c);
+        }
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Events sent with an ack token and not yet drained.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+struct Shard {
+    index: usize,
+    shared: Arc<Shared>,
+    rings: Vec<(u32, u32, PartitionWriter)>,
+    dirty: Vec<bool>,
+    stop: Arc<AtomicBool>,
+    idle: IdleStrategy,
+    spin_iterations: u32,
+    yield_iterations: u32,
+    park_timeout: Duration,
+    batch_max: usize,
+    reclaim_interval: Duration,
+    batch_ingest: Vec<u64>,
+    batch_acks: Vec<(u32, Completion)>,
+}
+
+impl Shard {
+    fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        rings: Vec<(u32, u32, PartitionWriter)>,
+        c: &Config,
+        stop: Arc<AtomicBool>,
+    ) -> Shard {
+        let n = rings.len();
+        Shard {
+            index,
+            shared,
+            rings,
+            dirty: vec![false; n],
+            stop,
+            idle: c.shards.idle,
+            spin_iterations: c.shards.spin_iterations,
+            yield_iterations: c.shards.yield_iterations,
+            park_timeout: Duration::from_micros(c.shards.park_timeout_us),
+            batch_max: c.shards.batch_max,
+            reclaim_interval: Duration::from_millis(c.shards.reclaim_interval_ms.max(1)),
+            batch_ingest: Vec::with_capacity(c.shards.batch_max),
+            batch_acks: Vec::with_capacity(c.shards.batch_max),
+        }
+    }
+
+    fn run(mut self) {
+        let shared = self.shared.clone();
+        let me = &shared.shards[self.index];
+        let mut hist = new_histogram();
+        let mut idle = 0u32;
+        let mut last_housekeeping = Instant::now();
+        loop {
+            let n = self.batch();
+            if n > 0 {
+                idle = 0;
+                let now = monotonic_ns();
+                for &t in &self.batch_ingest {
+                    let _ = hist.record(now.saturating_sub(t).max(1));
+                }
+            } else {
+                if self.stop.load(Ordering::Acquire) && me.queue.is_empty() {
+                    break;
+                }
+                idle = idle.saturating_add(1);
+                self.idle_wait(idle);
+            }
+            if last_housekeeping.elapsed() >= self.reclaim_interval {
+                last_housekeeping = Instant::now();
+                self.housekeeping(&mut hist);
+            }
+        }
+        self.housekeeping(&mut hist);
+    }
+
+    /// Drains up to `batch_max` jobs, commits them, flushes the rings they
+    /// touched, and hands back completions. Returns the count.
+    fn batch(&mut self) -> usize {
+        let me = &self.shared.shards[self.index];
+        self.batch_ingest.clear();
+        self.batch_acks.clear();
+        let mut n = 0;
+        while n < self.batch_max {
+            let Some(mut job) = me.queue.pop() else { break };
+            let Some((topic, partition, ring)) = self.rings.get_mut(job.ring as usize) else {
+                continue;
+            };
+            // The ingest delta is measured at commit, when the frame is written.
+            let ts_event = job.body[0];
+            let delta = ingest_delta(ts_event, realtime_ns()) as u32 as u64;
+            job.body[5] = (job.body[5] & 0xffff_ffff) | delta << 32;
+            let seq = ring.publish(&job.body);
+            self.dirty[job.ring as usize] = true;
+            self.batch_ingest.push(job.ingest_ns);
+            if let Some((source, token)) = job.ack {
+                self.batch_acks.push((
+                    source,
+                    Completion {
+                        token,
+                        topic: *topic,
+                        partition: *partition,
+                        epoch: 0,
+                        seq,
+                    },
+                ));
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        for (i, d) in self.dirty.iter_mut().enumerate() {
+            if std::mem::take(d) {
+                self.rings[i].2.flush();
+            }
+        }
+        if !self.batch_acks.is_empty() {
+            let sinks = self.shared.sinks.get_or_init(|| {
+                self.shared
+                    .completions
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or_default()
+            });
+            for (source, mut c) in self.batch_acks.drain(..) {
+                let sink = match sinks.get(source as usize) {
+                    Some(s) => s.clone(),
+                    // A source registered after the first completion: look again.
+                    None => match self
+                        .shared
+                        .completions
+                        .lock()
+                        .ok()
+                        .and_then(|v| v.get(source as usize).cloned())
+                    {
+                        Some(s) => s,
+                        None => continue,
+                    },
+                };
+                if let Some((_, _, w)) = self
+                    .rings
+                    .iter()
+                    .find(|(t, p, _)| *t == c.topic && *p == c.partition)
+                {
+                    c.epoch = w.epoch();
+                }
+                // Cannot be full: a source has at most `capacity` acks in flight.
+                let _ = sink.push(c);
+            }
+        }
+        me.events.fetch_add(n as u64, Ordering::Relaxed);
+        me.batches.fetch_add(1, Ordering::Relaxed);
+        n
+    }
+
+    fn idle_wait(&self, idle: u32) {
+        let me = &self.shared.shards[self.index];
+        match self.idle {
+            IdleStrategy::BusySpin => std::hint::spin_loop(),
+            IdleStrategy::Adaptive => {
+                if idle < self.spin_iterations {
+                    std::hint::spin_loop();
+                } else if idle < self.spin_iterations + self.yield_iterations {
+                    std::thread::yield_now();
+                } else {
+                    // SeqCst: pairs with the producer's SeqCst load in `try_send`.
+                    me.parked.store(true, Ordering::SeqCst);
+                    if me.queue.is_empty() && !self.stop.load(Ordering::Acquire) {
+                        std::thread::park_timeout(self.park_timeout);
+                    }
+                    me.parked.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, hist: &mut Histogram<u64>) {
+        let me = &self.shared.shards[self.index];
+        let (mut gate_waits, mut untethered, mut reclaimed) = (0, 0, 0);
+        for (_, _, w) in &mut self.rings {
+            w.reclaim_dead();
+            let s = w.core().stats();
+            gate_waits += s.gate_waits;
+            untethered += s.untethered;
+            reclaimed += s.reclaimed;
+        }
+        me.gate_waits.store(gate_waits, Ordering::Relaxed);
+        me.untethered.store(untethered, Ordering::Relaxed);
+        me.reclaimed.store(reclaimed, Ordering::Relaxed);
+        if let Ok(mut l) = me.latency.try_lock() {
+            let _ = l.add(&*hist);
+            hist.reset();
+        }
+    }
+}

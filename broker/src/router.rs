@@ -1,0 +1,217 @@
+//! Routing: instrument -> symbology id, routing key -> partition -> shard.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tickwire_proto::Kind;
+use tickwire_proto::symbology::{Instrument, SymbologyWriter};
+
+/// A parsed routing-key template such as `{symbol}.{exchange}.{kind}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Symbol,
+    Exchange,
+    Currency,
+    Kind,
+}
+
+impl RoutingTemplate {
+    /// Parses a template; placeholders are `{symbol}`, `{exchange}`,
+    /// `{currency}` and `{kind}`.
+    ///
+    /// # Errors
+    /// A message naming the unknown placeholder or the unclosed brace.
+    pub fn parse(t: &str) -> Result<RoutingTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = t;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err(format!("{t:?}: '{{' without '}}'"));
+            };
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "symbol" => Part::Symbol,
+                "exchange" => Part::Exchange,
+                "currency" => Part::Currency,
+                "kind" => Part::Kind,
+                other => return Err(format!("{t:?}: unknown placeholder {{{other}}} (use {{symbol}}, {{exchange}}, {{currency}}, {{kind}})")),
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err("routing key template is empty".into());
+        }
+        Ok(RoutingTemplate { parts })
+    }
+
+    /// The rendered key, e.g. `AAPL.NASDAQ.trade`.
+    pub fn render(&self, inst: &Instrument, kind: Kind) -> String {
+        let mut s = String::new();
+        for p in &self.parts {
+            s.push_str(match p {
+                Part::Lit(l) => l,
+                Part::Symbol => &inst.symbol,
+                Part::Exchange => &inst.exchange,
+                Part::Currency => &inst.currency,
+                Part::Kind => kind.name(),
+            });
+        }
+        s
+    }
+
+    /// The partition of a key: FNV-1a of the rendered key, mod `partitions`.
+    pub fn partition(&self, inst: &Instrument, kind: Kind, partitions: u32) -> u32 {
+        (tickwire_proto::layout::topic_hash(&self.render(inst, kind)) % partitions as u64) as u32
+    }
+}
+
+/// Where one instrument's events go on one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Topic index in the configuration.
+    pub topic: u32,
+    /// Symbology id.
+    pub instrument_id: u32,
+    /// Partition for each kind (indexed by `Kind::code() - 1`).
+    pub partitions: [u32; 2],
+}
+
+impl Route {
+    /// The partition for a kind.
+    #[inline]
+    pub fn partition(&self, kind: Kind) -> u32 {
+        self.partitions[(kind.code() - 1) as usize]
+    }
+}
+
+pub(crate) struct TopicRoute {
+    pub name: String,
+    pub partitions: u32,
+    pub template: RoutingTemplate,
+}
+
+/// Resolves instruments and routing keys. Clones share the symbology
+/// writer (the one writer of the table, behind a mutex taken only for
+/// instruments this clone has not seen) and keep their own cache.
+pub struct Resolver {
+    topics: Arc<Vec<TopicRoute>>,
+    symbology: Arc<Mutex<SymbologyWriter>>,
+    // symbol -> [(exchange, currency, route)]: looked up by &str, no
+    // allocation once an instrument is known.
+    cache: HashMap<String, Vec<(String, String, Route)>>,
+}
+
+impl Clone for Resolver {
+    fn clone(&self) -> Self {
+        Resolver {
+            topics: self.topics.clone(),
+            symbology: self.symbology.clone(),
+            cache: HashMap::new(),
+        }
+    }
+}
+
+impl Resolver {
+    pub(crate) fn new(
+        topics: Arc<Vec<TopicRoute>>,
+        symbology: Arc<Mutex<SymbologyWriter>>,
+    ) -> Self {
+        Resolver {
+            topics,
+            symbology,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The index of a topic by name.
+    pub fn topic(&self, name: &str) -> Option<u32> {
+        self.topics
+            .iter()
+            .position(|t| t.name == name)
+            .map(|i| i as u32)
+    }
+
+    /// The route of an instrument on a topic, resolving it in symbology the
+    /// first time.
+    ///
+    /// # Errors
+    /// Invalid names, a full symbology table, an unknown topic index.
+    pub fn route(&mut self, topic: u32, inst: &Instrument) -> Result<Route, tickwire_proto::Error> {
+        if let Some(r) = self.cached(topic, &inst.symbol, &inst.exchange, &inst.currency) {
+            return Ok(r);
+        }
+        let Some(t) = self.topics.get(topic as usize) else {
+            return Err(tickwire_proto::Error::Invalid {
+                what: "topic",
+                why: format!("index {topic} is not configured"),
+            });
+        };
+        inst.validate()?;
+        let id = {
+            let mut s = self.symbology.lock().unwrap_or_else(|p| p.into_inner());
+            s.resolve(inst)?
+        };
+        let route = Route {
+            topic,
+            instrument_id: id,
+            partitions: [
+                t.template.partition(inst, Kind::Trade, t.partitions),
+                t.template.partition(inst, Kind::Quote, t.partitions),
+            ],
+        };
+        self.cache.entry(inst.symbol.clone()).or_default().push((
+            inst.exchange.clone(),
+            inst.currency.clone(),
+            route,
+        ));
+        Ok(route)
+    }
+
+    /// The route of an instrument seen before, without allocating.
+    #[inline]
+    pub fn cached(
+        &self,
+        topic: u32,
+        symbol: &str,
+        exchange: &str,
+        currency: &str,
+    ) -> Option<Route> {
+        self.cache
+            .get(symbol)?
+            .iter()
+            .find(|(e, c, r)| r.topic == topic && e == exchange && c == currency)
+            .map(|(_, _, r)| *r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_and_reject_unknown_placeholders() {
+        let t = RoutingTemplate::parse("{symbol}.{exchange}.{kind}").expect("parse");
+        let i = Instrument {
+            symbol: "AAPL".into(),
+            exchange: "NASDAQ".into(),
+            currency: "USD".into(),
+            size_decimals: 0,
+        };
+        assert_eq!(t.render(&i, Kind::Trade), "AAPL.NASDAQ.trade");
+        assert!(t.partition(&i, Kind::Trade, 8) < 8);
+        assert!(RoutingTemplate::parse("{symbol}.{venue}").is_err());
+        assert!(RoutingTemplate::parse("{symbol").is_err());
+    }
+}

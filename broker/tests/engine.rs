@@ -1,0 +1,326 @@
+//! The engine through its ingest API, read back through shm-client.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shm_client::{Event, Start, Subscriber, WaitStrategy};
+use tickwire_broker::config::{Config, TopicConfig};
+use tickwire_broker::engine::{Backpressure, Broker, Completion, Ingest};
+use tickwire_broker::router::Route;
+use tickwire_proto::FrameBody;
+use tickwire_proto::symbology::Instrument;
+
+const TOPIC: &str = "test/engine";
+
+fn config(dir: &std::path::Path, partitions: u32, shards: usize) -> Config {
+    let mut c = Config::default();
+    c.node.dir = Some(dir.to_path_buf());
+    c.synthetic.enabled = false;
+    c.shards.count = shards;
+    c.topics = vec![TopicConfig {
+        name: TOPIC.into(),
+        partitions,
+        capacity: 1 << 14,
+        ..TopicConfig::default()
+    }];
+    c
+}
+
+fn routes(ingest: &mut Ingest, n: usize) -> Vec<Route> {
+    let topic = ingest.resolver().topic(TOPIC).expect("topic");
+    (0..n)
+        .map(|i| {
+            let inst = Instrument {
+                symbol: format!("SYM{i}"),
+                exchange: "XNAS".into(),
+                currency: "USD".into(),
+                size_decimals: 0,
+            };
+            ingest.resolver().route(topic, &inst).expect("route")
+        })
+        .collect()
+}
+
+/// Sends `body` along `route`, retrying on backpressure while draining
+/// completions into `done`.
+fn send(ingest: &Ingest, route: &Route, body: &FrameBody, token: u64, done: &mut Vec<Completion>) {
+    loop {
+        match ingest.try_send(route, body, Some(token)) {
+            Ok(()) => return,
+            Err(_) => {
+                ingest.drain_completions(|c| done.push(c));
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[test]
+fn two_million_events_through_two_shards_arrive_in_order_with_a_completion_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), 4, 2);
+    cfg.shards.reclaim_interval_ms = 10;
+    let broker = Broker::start(&cfg).expect("broker");
+    let mut ingest = broker.ingest(4096);
+    let rs = routes(&mut ingest, 64);
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_secs(30))
+        .wait(WaitStrategy::SpinThenYield { spins: 100 })
+        .open()
+        .expect("sub");
+    let n: u64 = 2_000_000;
+    let producer = std::thread::spawn(move || {
+        let mut done = Vec::with_capacity(n as usize);
+        for i in 1..=n {
+            let route = &rs[(i % rs.len() as u64) as usize];
+            let mut body = FrameBody::trade(0, i, i as i64, 1);
+            body.source_seq = i;
+            send(&ingest, route, &body, i, &mut done);
+        }
+        while done.len() < n as usize {
+            ingest.drain_completions(|c| done.push(c));
+            std::thread::yield_now();
+        }
+        done
+    });
+    let mut next: HashMap<u32, u64> = HashMap::new();
+    let mut last_source_seq_per_instrument: HashMap<u32, u64> = HashMap::new();
+    let mut got = 0u64;
+    while got < n {
+        let k = sub.poll(4096, |e| match e {
+            Event::Tick(t) => {
+                let expected = next.entry(t.partition).or_insert(1);
+                assert_eq!(t.seq, *expected, "partition {} continuity", t.partition);
+                *expected += 1;
+                // Per-key order: one instrument's events keep their order.
+                let last = last_source_seq_per_instrument
+                    .entry(t.body.instrument_id())
+                    .or_insert(0);
+                assert!(
+                    t.body.source_seq() > *last,
+                    "instrument {} reordered",
+                    t.body.instrument_id()
+                );
+                *last = t.body.source_seq();
+            }
+            other => panic!("lossless subscriber got {other:?}"),
+        });
+        got += k as u64;
+        if k == 0 {
+            sub.wait_for_data(Duration::from_millis(10));
+        }
+    }
+    let done = producer.join().expect("producer");
+    assert_eq!(done.len() as u64, n);
+    let mut tokens: Vec<u64> = done.iter().map(|c| c.token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len() as u64, n, "one completion per token");
+    assert!(done.iter().all(|c| c.epoch == 1 && c.seq >= 1));
+    let stats = broker.stats();
+    assert_eq!(stats.events, n);
+    // Every committed event is in the ingest -> commit histogram once the
+    // shards' housekeeping has merged it (each reclaim interval, 10 ms here).
+    let mut recorded = 0;
+    for _ in 0..1000 {
+        recorded = broker.stats().ingest_to_commit.map_or(0, |h| h.len());
+        if recorded == n {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(recorded, n, "histogram samples");
+    assert_eq!(sub.stats().lost, 0);
+    broker.shutdown();
+}
+
+#[test]
+fn acks_in_flight_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&config(dir.path(), 1, 1)).expect("broker");
+    let mut ingest = broker.ingest(2);
+    let r = routes(&mut ingest, 1)[0];
+    let b = FrameBody::trade(0, 1, 1, 1);
+    ingest.try_send(&r, &b, Some(1)).expect("1");
+    ingest.try_send(&r, &b, Some(2)).expect("2");
+    assert_eq!(
+        ingest.try_send(&r, &b, Some(3)),
+        Err(Backpressure::InFlight(2))
+    );
+    // Events without a token are not counted against the bound.
+    ingest.try_send(&r, &b, None).expect("no token");
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        ingest.drain_completions(|c| done.push(c));
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        done.iter().map(|c| (c.token, c.seq)).collect::<Vec<_>>(),
+        vec![(1, 1), (2, 2)]
+    );
+    ingest.try_send(&r, &b, Some(3)).expect("room again");
+    broker.shutdown();
+}
+
+#[test]
+fn a_restart_bumps_the_epoch_and_readers_resume_without_duplicates_or_silent_gaps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), 2, 1);
+    let mut live = Subscriber::builder(TOPIC);
+    let mut sent_total = 0u64;
+    let mut seen: HashMap<u32, u64> = HashMap::new();
+    let mut saved_positions = Vec::new();
+    let mut persistent: Option<Subscriber> = None;
+    let mut persistent_seen: HashMap<u32, u64> = HashMap::new();
+    for round in 1..=3u64 {
+        let broker = Broker::start(&cfg).expect("broker");
+        let mut ingest = broker.ingest(1024);
+        let rs = routes(&mut ingest, 16);
+        if round == 1 {
+            live = live
+                .node_dir(dir.path())
+                .start(Start::Sequence(1))
+                .tethered(Duration::from_secs(30));
+        }
+        let mut sub = live.clone().open().expect("sub");
+        // A second reader that resumes from positions saved last round.
+        let mut resumed = saved_positions
+            .iter()
+            .fold(
+                Subscriber::builder(TOPIC).node_dir(dir.path()),
+                |b, &(p, s)| b.resume_at(p, s),
+            )
+            .start(Start::Sequence(1))
+            .open()
+            .expect("resumed");
+        let mut done = Vec::new();
+        for i in 0..10_000u64 {
+            let id = sent_total + i + 1;
+            let mut body = FrameBody::trade(0, id, 1, 1);
+            body.source_seq = id;
+            send(&ingest, &rs[(i % 16) as usize], &body, id, &mut done);
+        }
+        while done.len() < 10_000 {
+            ingest.drain_completions(|c| done.push(c));
+            std::thread::yield_now();
+        }
+        assert!(
+            done.iter().all(|c| c.epoch == round),
+            "epoch is {round} after {} restarts",
+            round - 1
+        );
+        sent_total += 10_000;
+        // The round's new reader reads everything from seq 1 (the ring holds it all).
+        let mut count = 0u64;
+        let mut per_partition: HashMap<u32, u64> = HashMap::new();
+        while count < sent_total {
+            let k = sub.poll(4096, |e| match e {
+                Event::Tick(t) => {
+                    let n = per_partition.entry(t.partition).or_insert(0);
+                    assert_eq!(
+                        t.seq,
+                        *n + 1,
+                        "sequences continue across restarts on partition {}",
+                        t.partition
+                    );
+                    *n = t.seq;
+                }
+                other => panic!("{other:?}"),
+            });
+            count += k as u64;
+            if k == 0 {
+                sub.wait_for_data(Duration::from_millis(10));
+            }
+        }
+        // The resumed reader gets exactly what it had not seen.
+        let mut fresh = 0u64;
+        loop {
+            let k = resumed.poll(4096, |e| match e {
+                Event::Tick(t) => {
+                    let n = seen.entry(t.partition).or_insert(0);
+                    assert_eq!(
+                        t.seq,
+                        *n + 1,
+                        "no duplicate, no silent gap on partition {}",
+                        t.partition
+                    );
+                    *n = t.seq;
+                    fresh += 1;
+                }
+                other => panic!("{other:?}"),
+            });
+            if k == 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            fresh, 10_000,
+            "round {round}: resumed reader got exactly the new events"
+        );
+        // A reader that stayed mapped through the restarts: its mapping still
+        // reads the same files, and it continues after what it saw.
+        let p = persistent.get_or_insert_with(|| {
+            Subscriber::builder(TOPIC)
+                .node_dir(dir.path())
+                .start(Start::Sequence(1))
+                .open()
+                .expect("persistent")
+        });
+        let mut fresh = 0u64;
+        while p.poll(4096, |e| match e {
+            Event::Tick(t) => {
+                let n = persistent_seen.entry(t.partition).or_insert(0);
+                assert_eq!(
+                    t.seq,
+                    *n + 1,
+                    "persistent reader: no duplicate, no silent gap"
+                );
+                *n = t.seq;
+                fresh += 1;
+            }
+            other => panic!("{other:?}"),
+        }) > 0
+        {}
+        assert_eq!(
+            fresh, 10_000,
+            "round {round}: the persistent reader got exactly the new events"
+        );
+        assert_eq!(p.epoch(0), Some(round));
+        saved_positions = resumed.positions();
+        assert_eq!(sub.epoch(0), Some(round));
+        drop(sub);
+        broker.shutdown();
+    }
+}
+
+#[test]
+fn a_second_broker_on_the_same_node_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&config(dir.path(), 1, 1)).expect("broker");
+    let err = Broker::start(&config(dir.path(), 1, 1))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("another writer holds this file"),
+        "{err}"
+    );
+    broker.shutdown();
+}
+
+#[test]
+fn a_changed_partition_count_is_refused_with_both_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    Broker::start(&config(dir.path(), 2, 1))
+        .expect("broker")
+        .shutdown();
+    let err = Broker::start(&config(dir.path(), 3, 1))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("partition count is 2 on disk but 3 was requested"),
+        "{err}"
+    );
+}
