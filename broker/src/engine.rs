@@ -209,20 +209,19 @@ impl Broker {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
         for (i, shard_rings) in rings.into_iter().enumerate() {
-            let core = if config.shards.pin {
-                let want = config.shards.cores.get(i).copied().unwrap_or(i);
-                cores.iter().find(|c| c.id == want).copied()
-            } else {
-                None
-            };
+            // By id: `get_core_ids` lists only the current mask's cores.
+            let core = config.shards.pin.then(|| core_affinity::CoreId {
+                id: config.shards.cores.get(i).copied().unwrap_or(i),
+            });
             let shard = Shard::new(i, shared.clone(), shard_rings, config, stop.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("tickwire-shard-{i}"))
                 .spawn(move || {
-                    if let Some(c) = core {
-                        core_affinity::set_for_current(c);
+                    if let Some(c) = core
+                        && !core_affinity::set_for_current(c)
+                    {
+                        tracing::warn!(shard = i, core = c.id, "could not pin shard");
                     }
                     shard.run();
                 })

@@ -219,6 +219,15 @@ impl ArchivedFrameBody {
         unsafe { &*(words as *const [u64; BODY_WORDS] as *const ArchivedFrameBody) }
     }
 
+    /// The body as its seven little-endian words (checksums, raw copies).
+    #[inline(always)]
+    pub fn words(&self) -> &[u64; BODY_WORDS] {
+        const _: () = assert!(core::mem::align_of::<ArchivedFrameBody>() == 8);
+        // SAFETY: same size (56) and alignment (8, asserted), and any bytes
+        // are valid u64s.
+        unsafe { &*(self as *const ArchivedFrameBody as *const [u64; BODY_WORDS]) }
+    }
+
     /// The kind, or `None` for a kind code this version does not know.
     #[inline]
     pub fn kind(&self) -> Option<Kind> {

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Sets up what the tests need and runs every test: formatting and lints, the
+# workspace's unit, integration and doc tests, the loom model of the ring
+# protocol, and a check that the loom model fails when the commit marker is
+# stored Relaxed (a model that cannot fail proves nothing).
+#
+# Usage: scripts/test.sh            (from anywhere; needs cargo on PATH)
+# Env:   CARGO_TARGET_DIR           (optional; a cache kept between runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+
+target=${CARGO_TARGET_DIR:-$PWD/target}
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "loom model of the ring protocol (writer + tethered and untethered readers, capacity 4)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$target/loom" \
+    cargo test -p tickwire-proto --release --test loom_ring
+
+step "loom model must fail with a Relaxed commit marker"
+mutant_log=$(mktemp)
+if RUSTFLAGS="--cfg loom --cfg tickwire_mutant_relaxed_stamp" CARGO_TARGET_DIR="$target/loom-mutant" \
+    cargo test -p tickwire-proto --release --test loom_ring -- no_torn_frame_even_when_lapped >"$mutant_log" 2>&1; then
+    cat "$mutant_log"
+    echo "test.sh: the loom model passed with a Relaxed commit marker: it cannot catch that bug" >&2
+    exit 1
+fi
+if ! grep -q "torn frame delivered" "$mutant_log"; then
+    cat "$mutant_log"
+    echo "test.sh: the mutant failed, but not on a torn frame" >&2
+    exit 1
+fi
+echo "ok: the Relaxed-stamp mutant delivers a torn frame and the model fails on it"
+rm -f "$mutant_log"
+
+step "workspace tests (unit, integration, doc)"
+test_log=$(mktemp)
+cargo test --workspace --release 2>&1 | tee "$test_log"
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$test_log"
+rm -f "$test_log"
