@@ -7,7 +7,7 @@
 //!     └──────── completions: ArrayQueue (one per source, bounded) <──────┘ after the batch is flushed
 //! ```
 //!
-//! A full shard queue is returned to the source as [`Backpressure`]: it must
+//! A full shard queue is returned to the source as [`SendError::QueueFull`]: it must
 //! slow down (the Pulsar bridge stops pulling). A source's completion queue
 //! is as large as the number of acknowledgeable events it may have in
 //! flight, so a shard never waits on a source.
@@ -46,9 +46,9 @@ pub enum BrokerError {
     },
 }
 
-/// The shard queue is full: slow down and try again.
+/// Why [`Ingest::try_send`] did not take an event. Nothing was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Backpressure {
+pub enum SendError {
     /// The shard's ingest queue is full.
     #[error("shard {0} ingest queue is full")]
     QueueFull(usize),
@@ -56,6 +56,22 @@ pub enum Backpressure {
     /// completion queue holds; drain completions first.
     #[error("too many events awaiting commit ({0}); drain completions")]
     InFlight(usize),
+    /// The route names a topic or partition this broker does not have (it
+    /// came from another broker's resolver). Retrying will not help.
+    #[error("route to topic {topic} partition {partition} is not this broker's")]
+    UnknownRoute {
+        /// Topic index.
+        topic: u32,
+        /// Partition.
+        partition: u32,
+    },
+}
+
+impl SendError {
+    /// Whether waiting and retrying can succeed (the two kinds of backpressure).
+    pub fn is_backpressure(&self) -> bool {
+        matches!(self, SendError::QueueFull(_) | SendError::InFlight(_))
+    }
 }
 
 /// A committed event, returned to the source that sent it with an ack token.
@@ -341,15 +357,15 @@ impl Ingest {
     /// once the event is committed to its ring.
     ///
     /// # Errors
-    /// [`Backpressure`] when the shard queue is full or too many acks are
-    /// outstanding: nothing was sent; slow down and retry.
+    /// [`SendError::QueueFull`] or [`SendError::InFlight`] (backpressure:
+    /// nothing was sent; slow down and retry); [`SendError::UnknownRoute`].
     #[inline]
     pub fn try_send(
         &self,
         route: &Route,
         body: &FrameBody,
         ack: Option<u64>,
-    ) -> Result<(), Backpressure> {
+    ) -> Result<(), SendError> {
         let kind =
             tickwire_proto::Kind::from_code(body.kind).unwrap_or(tickwire_proto::Kind::Trade);
         let partition = route.partition(kind);
@@ -359,13 +375,17 @@ impl Ingest {
             .get(route.topic as usize)
             .and_then(|p| p.get(partition as usize))
         else {
-            return Err(Backpressure::QueueFull(usize::MAX));
+            return Err(SendError::UnknownRoute {
+                topic: route.topic,
+                partition,
+            });
         };
         if ack.is_some() && self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight {
-            return Err(Backpressure::InFlight(self.max_in_flight));
+            return Err(SendError::InFlight(self.max_in_flight));
         }
         let mut body = *body;
         body.instrument_id = route.instrument_id;
+        body.ts_ingest_delta = ingest_delta(body.ts_event, realtime_ns());
         let shard = &self.shared.shards[place.shard as usize];
         let job = Job {
             ring: place.ring,
@@ -374,7 +394,7 @@ impl Ingest {
             ack: ack.map(|t| (self.source, t)),
         };
         if shard.queue.push(job).is_err() {
-            return Err(Backpressure::QueueFull(place.shard as usize));
+            return Err(SendError::QueueFull(place.shard as usize));
         }
         if ack.is_some() {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -486,14 +506,10 @@ impl Shard {
         self.batch_acks.clear();
         let mut n = 0;
         while n < self.batch_max {
-            let Some(mut job) = me.queue.pop() else { break };
+            let Some(job) = me.queue.pop() else { break };
             let Some((topic, partition, ring)) = self.rings.get_mut(job.ring as usize) else {
                 continue;
             };
-            // The ingest delta is measured at commit, when the frame is written.
-            let ts_event = job.body[0];
-            let delta = ingest_delta(ts_event, realtime_ns()) as u32 as u64;
-            job.body[5] = (job.body[5] & 0xffff_ffff) | delta << 32;
             let seq = ring.publish(&job.body);
             self.dirty[job.ring as usize] = true;
             self.batch_ingest.push(job.ingest_ns);

@@ -66,6 +66,10 @@ enum Command {
         /// Exit after this many seconds without an event.
         #[arg(long)]
         idle_timeout: Option<f64>,
+        /// At exit, print a JSON summary to stderr: counts, gaps, and the
+        /// ingest -> read latency (HDR percentiles).
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             start,
             node_dir,
             idle_timeout,
+            stats,
         } => tail_cmd(TailArgs {
             topic,
             symbols,
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
             start,
             node_dir,
             idle_timeout,
+            stats,
         }),
     };
     match result {
@@ -204,6 +210,7 @@ struct TailArgs {
     start: String,
     node_dir: Option<PathBuf>,
     idle_timeout: Option<f64>,
+    stats: bool,
 }
 
 fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
@@ -240,12 +247,21 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
     let mut printed = 0u64;
     let mut last_event = Instant::now();
     let idle = a.idle_timeout.map(Duration::from_secs_f64);
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|e| e.to_string())?;
     while !stop.load(Ordering::Relaxed) && a.count.is_none_or(|c| printed < c) {
         let want = a.count.map_or(1024, |c| (c - printed).min(1024) as usize);
         let mut open = true;
         let n = sub.poll(want, |e| {
-            if matches!(e, Event::Tick(_)) {
+            if let Event::Tick(t) = &e {
                 printed += 1;
+                if a.stats {
+                    let _ = latency.record(
+                        tickwire_proto::futex::realtime_ns()
+                            .saturating_sub(t.body.ts_ingest())
+                            .max(1),
+                    );
+                }
             }
             open &= tail::write_event(&mut out, &a.topic, &e, a.json);
         });
@@ -265,5 +281,16 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         }
     }
     let _ = out.flush();
+    if a.stats {
+        let s = sub.stats();
+        let q = |p: f64| latency.value_at_quantile(p);
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "topic": a.topic, "ticks": s.delivered, "filtered": s.filtered, "gaps": s.gaps, "lost": s.lost, "untethered": s.untethered,
+                "ingest_to_read_ns": {"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": latency.max(), "samples": latency.len()},
+            })
+        );
+    }
     Ok(())
 }

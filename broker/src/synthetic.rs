@@ -279,7 +279,13 @@ pub fn run(
         }
         let (route, body) = generator.next_event();
         let mut backoff = 0u32;
-        while let Err(_full) = ingest.try_send(&route, &body, None) {
+        while let Err(e) = ingest.try_send(&route, &body, None) {
+            if !e.is_backpressure() {
+                return Err(tickwire_proto::Error::Invalid {
+                    what: "route",
+                    why: e.to_string(),
+                });
+            }
             if stop.load(Ordering::Relaxed) {
                 return Ok(sent);
             }

@@ -146,8 +146,12 @@ fn serve_then_tail_json_filters_and_graceful_shutdown() {
         "{out}"
     );
 
-    let (ok, out, err) = tail(dir.path(), &["--count", "5", "--symbol", "AAPL"]);
+    let (ok, out, err) = tail(dir.path(), &["--count", "5", "--symbol", "AAPL", "--stats"]);
     assert!(ok, "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(err.trim().lines().last().unwrap_or("")).expect("stats json");
+    assert_eq!(summary["ticks"], 5);
+    assert_eq!(summary["ingest_to_read_ns"]["samples"], 5);
     assert_eq!(out.lines().count(), 5);
     assert!(
         out.lines().all(|l| l.contains(" AAPL NASDAQ USD ")),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shm_client::{Event, Start, Subscriber, WaitStrategy};
 use tickwire_broker::config::{Config, TopicConfig};
-use tickwire_broker::engine::{Backpressure, Broker, Completion, Ingest};
+use tickwire_broker::engine::{Broker, Completion, Ingest, SendError};
 use tickwire_broker::router::Route;
 use tickwire_proto::FrameBody;
 use tickwire_proto::symbology::Instrument;
@@ -147,7 +147,7 @@ fn acks_in_flight_are_bounded() {
     ingest.try_send(&r, &b, Some(2)).expect("2");
     assert_eq!(
         ingest.try_send(&r, &b, Some(3)),
-        Err(Backpressure::InFlight(2))
+        Err(SendError::InFlight(2))
     );
     // Events without a token are not counted against the bound.
     ingest.try_send(&r, &b, None).expect("no token");
@@ -161,6 +161,22 @@ fn acks_in_flight_are_bounded() {
         vec![(1, 1), (2, 2)]
     );
     ingest.try_send(&r, &b, Some(3)).expect("room again");
+    // A route this broker never made is refused, not queued.
+    let foreign = Route { topic: 7, ..r };
+    assert_eq!(
+        ingest.try_send(&foreign, &b, None),
+        Err(SendError::UnknownRoute {
+            topic: 7,
+            partition: r.partitions[0]
+        })
+    );
+    assert!(
+        !SendError::UnknownRoute {
+            topic: 7,
+            partition: 0
+        }
+        .is_backpressure()
+    );
     broker.shutdown();
 }
 
