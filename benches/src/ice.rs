@@ -15,6 +15,23 @@ const BUFFER: usize = 256;
 
 type Event64 = [u64; 8];
 
+/// The service, configured the same way by the publisher and every
+/// subscriber (`open_or_create` has separate impls for sized and slice
+/// payloads, hence a macro rather than a generic function).
+macro_rules! service {
+    ($node:expr, $name:expr, $payload:ty, $readers:expr) => {
+        $node
+            .service_builder($name)
+            .publish_subscribe::<$payload>()
+            .subscriber_max_buffer_size(BUFFER)
+            .history_size(0)
+            .enable_safe_overflow(false)
+            .max_subscribers($readers.max(1))
+            .open_or_create()
+            .map_err(|e| format!("iceoryx2 service: {e:?}"))
+    };
+}
+
 fn service_name(tag: &str) -> String {
     format!("tickwire-bench/{}/{tag}", std::process::id())
 }
@@ -60,15 +77,7 @@ pub fn run(
     // Lossless in every case: the publisher waits for a full subscriber.
     let strategy = BackpressureStrategy::RetryUntilDelivered;
     if slice {
-        let svc = node
-            .service_builder(&svc_name)
-            .publish_subscribe::<[Event64]>()
-            .subscriber_max_buffer_size(BUFFER)
-            .history_size(0)
-            .enable_safe_overflow(false)
-            .max_subscribers(readers.max(1))
-            .open_or_create()
-            .map_err(|e| format!("iceoryx2 service: {e:?}"))?;
+        let svc = service!(node, &svc_name, [Event64], readers)?;
         let publisher = svc
             .publisher_builder()
             .initial_max_slice_len(SLICE)
@@ -110,15 +119,7 @@ pub fn run(
         }
         crate::results(procs)
     } else {
-        let svc = node
-            .service_builder(&svc_name)
-            .publish_subscribe::<Event64>()
-            .subscriber_max_buffer_size(BUFFER)
-            .history_size(0)
-            .enable_safe_overflow(false)
-            .max_subscribers(readers.max(1))
-            .open_or_create()
-            .map_err(|e| format!("iceoryx2 service: {e:?}"))?;
+        let svc = service!(node, &svc_name, Event64, readers)?;
         let publisher = svc
             .publisher_builder()
             .backpressure_strategy(strategy)
@@ -194,15 +195,7 @@ pub fn reader(
         }
     };
     if slice {
-        let svc = node
-            .service_builder(&svc_name)
-            .publish_subscribe::<[Event64]>()
-            .subscriber_max_buffer_size(BUFFER)
-            .history_size(0)
-            .enable_safe_overflow(false)
-            .max_subscribers(readers.max(1))
-            .open_or_create()
-            .map_err(|e| format!("iceoryx2 service: {e:?}"))?;
+        let svc = service!(node, &svc_name, [Event64], readers)?;
         let sub = svc
             .subscriber_builder()
             .create()
@@ -221,15 +214,7 @@ pub fn reader(
             }
         }
     } else {
-        let svc = node
-            .service_builder(&svc_name)
-            .publish_subscribe::<Event64>()
-            .subscriber_max_buffer_size(BUFFER)
-            .history_size(0)
-            .enable_safe_overflow(false)
-            .max_subscribers(readers.max(1))
-            .open_or_create()
-            .map_err(|e| format!("iceoryx2 service: {e:?}"))?;
+        let svc = service!(node, &svc_name, Event64, readers)?;
         let sub = svc
             .subscriber_builder()
             .create()

@@ -143,6 +143,9 @@ pub fn reader(
     Ok(v)
 }
 
+/// Empty polls the ingest case's shard spins before parking.
+pub const INGEST_SHARD_SPINS: u32 = 100;
+
 /// `ingest_1x1`: events go through the broker's router and shard queue
 /// (`Ingest::try_send`) from a paced producer; the reader is a process on
 /// the shard's core.
@@ -162,7 +165,11 @@ pub fn ingest(run: &Run, tether_ms: u64) -> Result<Vec<serde_json::Value>, Strin
     cfg.shards.count = 1;
     cfg.shards.pin = true;
     cfg.shards.cores = vec![run.reader_core];
+    // The shard shares its core with the reader: it parks soon after the
+    // queue empties so that the reader gets the core.
     cfg.shards.idle = IdleStrategy::Adaptive;
+    cfg.shards.spin_iterations = INGEST_SHARD_SPINS;
+    cfg.shards.yield_iterations = 0;
     cfg.topics = vec![TopicConfig {
         name: TOPIC.into(),
         partitions: 1,

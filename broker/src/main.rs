@@ -36,41 +36,7 @@ enum Command {
         node_dir: Option<PathBuf>,
     },
     /// Print a topic's events from shared memory.
-    Tail {
-        /// Topic, e.g. market-data/normalized/equities.
-        topic: String,
-        /// Only these symbols (repeatable).
-        #[arg(long = "symbol")]
-        symbols: Vec<String>,
-        /// Only these exchanges (repeatable).
-        #[arg(long = "exchange")]
-        exchanges: Vec<String>,
-        /// Only these currencies (repeatable).
-        #[arg(long = "currency")]
-        currencies: Vec<String>,
-        /// Only this kind: trade or quote (repeatable).
-        #[arg(long = "kind")]
-        kinds: Vec<String>,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// Stop after N events.
-        #[arg(long)]
-        count: Option<u64>,
-        /// Start: latest, earliest, or a sequence number.
-        #[arg(long, default_value = "latest")]
-        start: String,
-        /// Node directory (default: $TICKWIRE_NODE_DIR or /dev/shm/tickwire/default).
-        #[arg(long)]
-        node_dir: Option<PathBuf>,
-        /// Exit after this many seconds without an event.
-        #[arg(long)]
-        idle_timeout: Option<f64>,
-        /// At exit, print a JSON summary to stderr: counts, gaps, and the
-        /// ingest -> read latency (HDR percentiles).
-        #[arg(long)]
-        stats: bool,
-    },
+    Tail(TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,31 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config, node_dir } => serve(config, node_dir),
-        Command::Tail {
-            topic,
-            symbols,
-            exchanges,
-            currencies,
-            kinds,
-            json,
-            count,
-            start,
-            node_dir,
-            idle_timeout,
-            stats,
-        } => tail_cmd(TailArgs {
-            topic,
-            symbols,
-            exchanges,
-            currencies,
-            kinds,
-            json,
-            count,
-            start,
-            node_dir,
-            idle_timeout,
-            stats,
-        }),
+        Command::Tail(args) => tail_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -199,17 +141,40 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct TailArgs {
+    /// Topic, e.g. market-data/normalized/equities.
     topic: String,
+    /// Only these symbols (repeatable).
+    #[arg(long = "symbol")]
     symbols: Vec<String>,
+    /// Only these exchanges (repeatable).
+    #[arg(long = "exchange")]
     exchanges: Vec<String>,
+    /// Only these currencies (repeatable).
+    #[arg(long = "currency")]
     currencies: Vec<String>,
+    /// Only this kind: trade or quote (repeatable).
+    #[arg(long = "kind")]
     kinds: Vec<String>,
+    /// One JSON object per line.
+    #[arg(long)]
     json: bool,
+    /// Stop after N events.
+    #[arg(long)]
     count: Option<u64>,
+    /// Start: latest, earliest, or a sequence number.
+    #[arg(long, default_value = "latest")]
     start: String,
+    /// Node directory (default: $TICKWIRE_NODE_DIR or /dev/shm/tickwire/default).
+    #[arg(long)]
     node_dir: Option<PathBuf>,
+    /// Exit after this many seconds without an event.
+    #[arg(long)]
     idle_timeout: Option<f64>,
+    /// At exit, print a JSON summary to stderr: counts, gaps, and the
+    /// ingest -> read latency (HDR percentiles).
+    #[arg(long)]
     stats: bool,
 }
 

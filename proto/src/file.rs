@@ -306,7 +306,8 @@ fn create_ring_file(path: &Path, params: &RingParams) -> Result<()> {
     Ok(())
 }
 
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+/// Takes the exclusive writer lock (`flock`, non-blocking) on a file.
+pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     // SAFETY: flock on a descriptor we own.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -322,26 +323,24 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether another process holds the writer lock on a ring file.
-pub fn has_writer(path: &Path) -> Result<bool> {
-    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    // SAFETY: flock on a descriptor we own; released when `file` closes.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    Ok(rc != 0)
-}
-
-fn validate(file: &File, path: &Path) -> Result<StaticBlock> {
+/// The file's length, or [`Error::Short`] if below `need`.
+pub(crate) fn len_at_least(file: &File, path: &Path, need: u64) -> Result<u64> {
     let len = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
         .len();
-    if len < HEADER_SIZE as u64 {
+    if len < need {
         return Err(Error::Short {
             path: path.to_path_buf(),
             len,
-            need: HEADER_SIZE as u64,
+            need,
         });
     }
+    Ok(len)
+}
+
+fn validate(file: &File, path: &Path) -> Result<StaticBlock> {
+    let len = len_at_least(file, path, HEADER_SIZE as u64)?;
     let mut buf = [0u8; std::mem::size_of::<StaticBlock>()];
     std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)
         .map_err(|e| Error::io("read header", path, e))?;

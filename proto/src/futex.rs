@@ -86,16 +86,10 @@ pub fn wait_any<'a>(words: impl IntoIterator<Item = (&'a AtomicU32, u32)>, timeo
     if n == 1 {
         return wait(w0, e0, timeout_ns);
     }
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let total = now.tv_nsec as u64 + timeout_ns;
+    let at = monotonic_ns().saturating_add(timeout_ns);
     let deadline = libc::timespec {
-        tv_sec: now.tv_sec + (total / 1_000_000_000) as libc::time_t,
-        tv_nsec: (total % 1_000_000_000) as libc::c_long,
+        tv_sec: (at / 1_000_000_000) as libc::time_t,
+        tv_nsec: (at % 1_000_000_000) as libc::c_long,
     };
     // SAFETY: `v` holds `n` valid entries pointing at live aligned u32s;
     // `deadline` is a valid absolute CLOCK_MONOTONIC time.
@@ -114,28 +108,28 @@ pub fn wait_any<'a>(words: impl IntoIterator<Item = (&'a AtomicU32, u32)>, timeo
     }
 }
 
-/// CLOCK_MONOTONIC in ns: one clock for every process on the machine.
 #[cfg(not(loom))]
 #[inline]
-pub fn monotonic_ns() -> u64 {
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CLOCK_MONOTONIC in ns: one clock for every process on the machine.
+#[cfg(not(loom))]
+#[inline]
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// CLOCK_REALTIME in ns since the Unix epoch.
 #[cfg(not(loom))]
 #[inline]
 pub fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    clock_ns(libc::CLOCK_REALTIME)
 }

@@ -23,7 +23,6 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -154,7 +153,7 @@ impl Instrument {
 
 struct Mapped {
     path: PathBuf,
-    _file: std::fs::File,
+    file: std::fs::File,
     map: MmapRaw,
     capacity: u32,
 }
@@ -183,17 +182,7 @@ fn open_and_validate(path: &Path, write: bool) -> Result<Mapped> {
         .write(write)
         .open(path)
         .map_err(|e| Error::io("open", path, e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| Error::io("stat", path, e))?
-        .len();
-    if len < SYMBOLOGY_HEADER as u64 {
-        return Err(Error::Short {
-            path: path.to_path_buf(),
-            len,
-            need: SYMBOLOGY_HEADER as u64,
-        });
-    }
+    let len = crate::file::len_at_least(&file, path, SYMBOLOGY_HEADER as u64)?;
     let mut head = [0u8; 24];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)
         .map_err(|e| Error::io("read header", path, e))?;
@@ -255,7 +244,7 @@ fn open_and_validate(path: &Path, write: bool) -> Result<Mapped> {
     .map_err(|e| Error::io("map", path, e))?;
     Ok(Mapped {
         path: path.to_path_buf(),
-        _file: file,
+        file,
         map,
         capacity,
     })
@@ -366,10 +355,7 @@ impl SymbologyWriter {
             let _ = std::fs::remove_file(&tmp);
         }
         let m = open_and_validate(&path, true)?;
-        // SAFETY: flock on the descriptor the mapping keeps open.
-        if unsafe { libc::flock(m._file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::WriterLocked { path });
-        }
+        crate::file::lock_exclusive(&m.file, &path)?;
         let count = m.count_atomic().load(Ordering::Acquire);
         if count > m.capacity {
             return Err(Error::BadHeader {

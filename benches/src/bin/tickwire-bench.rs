@@ -219,6 +219,25 @@ fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
 }
 
+/// Runs `s.trials` rounds over `systems` (one trial of each per round, so a
+/// noisy phase of the machine hits all of them); returns each system's
+/// trial lines.
+fn interleave(
+    case: &str,
+    systems: &[&str],
+    s: &Shm,
+    mut one: impl FnMut(&str) -> Result<Vec<Value>, String>,
+) -> Result<Vec<Vec<Value>>, String> {
+    let mut trials: Vec<Vec<Value>> = vec![Vec::new(); systems.len()];
+    for _ in 0..s.trials {
+        for (k, sys) in systems.iter().enumerate() {
+            let r = one(sys)?;
+            trials[k].push(line(case, sys, s, &r, json!({})));
+        }
+    }
+    Ok(trials)
+}
+
 /// The median of interleaved trials of one system, as one output line.
 fn summarize(case: &str, system: &str, s: &Shm, t: &[Value], extra: Value) -> Value {
     let med = |key: &str| median(t.iter().map(|v| v[key].as_f64().unwrap_or(0.0)).collect());
@@ -253,18 +272,12 @@ fn shm(s: Shm) -> Result<(), String> {
     if s.wants("max_1x1") {
         let run = s.run(s.seconds / s.trials as f64, 0, s.capacity);
         let systems = ["tickwire", "plain_ring", "iceoryx2", "iceoryx2_slice64"];
-        let mut trials: Vec<Vec<Value>> = vec![Vec::new(); systems.len()];
-        for _ in 0..s.trials {
-            for (k, sys) in systems.iter().enumerate() {
-                let r = match *sys {
-                    "tickwire" => tw::run(Mode::Max, &run, 1, "spin", s.tether_ms)?,
-                    "plain_ring" => plain::run(Mode::Max, &run)?,
-                    "iceoryx2" => ice::run(Mode::Max, &run, 1, false, "max")?,
-                    _ => ice::run(Mode::Max, &run, 1, true, "max-slice")?,
-                };
-                trials[k].push(line("max_1x1", sys, &s, &r, json!({})));
-            }
-        }
+        let trials = interleave("max_1x1", &systems, &s, |sys| match sys {
+            "tickwire" => tw::run(Mode::Max, &run, 1, "spin", s.tether_ms),
+            "plain_ring" => plain::run(Mode::Max, &run),
+            "iceoryx2" => ice::run(Mode::Max, &run, 1, false, "max"),
+            _ => ice::run(Mode::Max, &run, 1, true, "max-slice"),
+        })?;
         let extra = |sys: &str| match sys {
             "tickwire" => {
                 json!({"reader": "shm_client::Subscriber, tethered", "tether_budget_ms": s.tether_ms, "capacity": s.capacity, "batch": 256})
@@ -295,17 +308,11 @@ fn shm(s: Shm) -> Result<(), String> {
         let per = s.seconds / s.trials as f64;
         let run = s.run(per, s.rate, s.capacity);
         let systems = ["tickwire", "plain_ring", "iceoryx2"];
-        let mut trials: Vec<Vec<Value>> = vec![Vec::new(); systems.len()];
-        for _ in 0..s.trials {
-            for (k, sys) in systems.iter().enumerate() {
-                let r = match *sys {
-                    "tickwire" => tw::run(Mode::Paced, &run, 1, "spin", s.tether_ms)?,
-                    "plain_ring" => plain::run(Mode::Paced, &run)?,
-                    _ => ice::run(Mode::Paced, &run, 1, false, "paced")?,
-                };
-                trials[k].push(line("paced_1x1", sys, &s, &r, json!({})));
-            }
-        }
+        let trials = interleave("paced_1x1", &systems, &s, |sys| match sys {
+            "tickwire" => tw::run(Mode::Paced, &run, 1, "spin", s.tether_ms),
+            "plain_ring" => plain::run(Mode::Paced, &run),
+            _ => ice::run(Mode::Paced, &run, 1, false, "paced"),
+        })?;
         let extra = json!({"rate": s.rate});
         let summary: Vec<Value> = systems
             .iter()
@@ -330,7 +337,7 @@ fn shm(s: Shm) -> Result<(), String> {
                 "tickwire",
                 &s,
                 &r,
-                json!({"rate": s.rate, "path": "Ingest::try_send -> shard queue -> shard (adaptive idle, pinned to the reader core) -> ring -> Subscriber (futex wait)"})
+                json!({"rate": s.rate, "shard_spins_before_park": tw::INGEST_SHARD_SPINS, "path": "Ingest::try_send (writer core) -> shard queue -> shard (adaptive idle, reader core) -> ring -> Subscriber (futex wait, reader core)"})
             )
         );
     }
