@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up what the tests need and runs every test: formatting and lints, the
-# workspace's unit, integration and doc tests, the loom model of the ring
-# protocol, and a check that the loom model fails when the commit marker is
-# stored Relaxed (a model that cannot fail proves nothing).
+# loom model of the ring protocol and a check that it fails when the commit
+# marker is stored Relaxed (a model that cannot fail proves nothing), then
+# the services (PostgreSQL, Redis, Apache Pulsar: scripts/services.sh) and
+# the workspace's unit, integration and doc tests, some against them.
 #
 # Usage: scripts/test.sh            (from anywhere; needs cargo on PATH)
 # Env:   CARGO_TARGET_DIR           (optional; a cache kept between runs)
@@ -42,6 +43,12 @@ if ! grep -q "torn frame delivered" "$mutant_log"; then
 fi
 echo "ok: the Relaxed-stamp mutant delivers a torn frame and the model fails on it"
 rm -f "$mutant_log"
+
+step "build the tests"
+cargo test --workspace --release --no-run
+
+step "services (PostgreSQL, Redis, Apache Pulsar on 127.0.0.1)"
+scripts/services.sh up
 
 step "workspace tests (unit, integration, doc)"
 test_log=$(mktemp)

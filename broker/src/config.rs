@@ -48,6 +48,8 @@ pub struct Config {
     pub synthetic: SyntheticConfig,
     /// Periodic stats logging.
     pub stats: StatsConfig,
+    /// Apache Pulsar in (off by default).
+    pub bridge: tickwire_bridge::BridgeConfig,
 }
 
 /// Node identity and where its files live.
@@ -205,6 +207,7 @@ impl Default for Config {
             topics: vec![TopicConfig::default()],
             synthetic: SyntheticConfig::default(),
             stats: StatsConfig::default(),
+            bridge: tickwire_bridge::BridgeConfig::default(),
         }
     }
 }
@@ -338,6 +341,27 @@ impl Config {
                     self.synthetic.topic
                 ),
             );
+        }
+        if self.bridge.enabled {
+            if let Err(why) = self.bridge.validate() {
+                return Err(ConfigError::Invalid {
+                    key: "bridge".into(),
+                    why,
+                });
+            }
+            if !self
+                .topics
+                .iter()
+                .any(|t| t.name == self.bridge.target_topic)
+            {
+                return bad(
+                    "bridge.target_topic",
+                    format!(
+                        "{:?} is not one of the configured topics",
+                        self.bridge.target_topic
+                    ),
+                );
+            }
         }
         if !(0.0..=1.0).contains(&self.synthetic.quote_ratio) {
             return bad(

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod pulsar;
 pub mod router;
 pub mod synthetic;
 pub mod tail;

@@ -101,11 +101,22 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
     } else {
         None
     };
+    let bridge = if cfg.bridge.enabled {
+        Some(tickwire_broker::pulsar::BridgeHandle::start(
+            &broker,
+            cfg.bridge.clone(),
+        )?)
+    } else {
+        None
+    };
     let interval = Duration::from_secs(cfg.stats.log_interval_secs);
     let mut last = Instant::now();
     let mut last_events = 0;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        if bridge.as_ref().is_some_and(|b| b.is_finished()) {
+            break;
+        }
         if !interval.is_zero() && last.elapsed() >= interval {
             let s = broker.stats();
             let rate = (s.events - last_events) as f64 / last.elapsed().as_secs_f64();
@@ -128,6 +139,21 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
         }
     }
     tracing::info!("shutting down");
+    let mut failure = None;
+    if let Some(b) = bridge {
+        let stats = b.stats.clone();
+        if let Err(e) = b.stop() {
+            tracing::error!(error = %e, "pulsar bridge failed");
+            failure = Some(e);
+        }
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        tracing::info!(
+            received = n(&stats.received),
+            acked = n(&stats.acked),
+            dead_lettered = n(&stats.dead_lettered),
+            "pulsar bridge stopped"
+        );
+    }
     if let Some(f) = feed {
         match f.join() {
             Ok(Ok(sent)) => tracing::info!(sent, "synthetic feed stopped"),
@@ -138,7 +164,10 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
     let events = broker.stats().events;
     broker.shutdown();
     tracing::info!(events, "stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 #[derive(clap::Args)]

@@ -1,0 +1,403 @@
+//! Apache Pulsar in: consumes normalized market data from Pulsar topics,
+//! hands each message to a [`Sink`] (the broker's ingest, through a trait so
+//! this crate does not depend on the broker), and acknowledges a message to
+//! Pulsar only once the sink reports it committed. A crash loses nothing:
+//! what was not acknowledged is redelivered. Payloads that fail validation
+//! go to a dead-letter topic with the reason, are counted, and never stop
+//! the bridge.
+//!
+//! ```text
+//!  Pulsar consumer ──> parse + validate ──ok──> Sink::try_send(event, token) ──> rings
+//!        ^                    │                          │ Backpressure: stop pulling, drain, retry
+//!        │ ack(id)            └─bad──> dead-letter topic (reason, detail) ──> ack
+//!        └──────────── Sink::drain(token) <── commit completions
+//! ```
+//!
+//! Bounded everywhere: the consumer's receiver queue, and the tokens in
+//! flight (the sink refuses more than its completion queue holds).
+
+pub mod payload;
+
+/// The Pulsar client this crate is built on (for tests and tools that produce).
+pub use pulsar;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pulsar::consumer::{ConsumerOptions, InitialPosition};
+use pulsar::message::proto::MessageIdData;
+use pulsar::message::proto::command_subscribe::SubType;
+use pulsar::{ConnectionRetryOptions, Consumer, OperationRetryOptions, Pulsar, TokioExecutor};
+use serde::Deserialize;
+
+pub use payload::{Format, Limits, MarketEvent, Reject};
+
+/// Subscription types, with Pulsar's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionType {
+    /// One active consumer per partition, standbys take over (default: scale-out).
+    Failover,
+    /// Each key sticks to one consumer (turn producer batching off: pulsar-rs does not key batches).
+    KeyShared,
+    /// Round-robin across consumers.
+    Shared,
+    /// One consumer.
+    Exclusive,
+}
+
+impl SubscriptionType {
+    fn sub_type(self) -> SubType {
+        match self {
+            SubscriptionType::Failover => SubType::Failover,
+            SubscriptionType::KeyShared => SubType::KeyShared,
+            SubscriptionType::Shared => SubType::Shared,
+            SubscriptionType::Exclusive => SubType::Exclusive,
+        }
+    }
+}
+
+/// The bridge's configuration (`[bridge]` in tickwire.toml).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeConfig {
+    /// On or off.
+    pub enabled: bool,
+    /// Pulsar service URL.
+    pub url: String,
+    /// Input topics (full names or short names in public/default).
+    pub topics: Vec<String>,
+    /// Subscription name (shared by the nodes that split the feed).
+    pub subscription: String,
+    /// Subscription type.
+    pub subscription_type: SubscriptionType,
+    /// Consumer name (default: the node id).
+    pub consumer_name: Option<String>,
+    /// Payload encoding.
+    pub format: Format,
+    /// tickwire topic the events go to.
+    pub target_topic: String,
+    /// Dead-letter topic for payloads that fail validation.
+    pub dead_letter_topic: String,
+    /// Receiver queue size (messages Pulsar may push before we ask for more).
+    pub receiver_queue_size: u32,
+    /// Largest payload accepted, bytes.
+    pub max_payload_bytes: usize,
+    /// How far in the future an event time may be, seconds.
+    pub max_future_secs: u64,
+    /// When not empty, only these exchanges are accepted (strict mode).
+    pub exchanges: Vec<String>,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            enabled: false,
+            url: "pulsar://127.0.0.1:6650".into(),
+            topics: vec!["persistent://public/default/market-data-normalized".into()],
+            subscription: "tickwire".into(),
+            subscription_type: SubscriptionType::Failover,
+            consumer_name: None,
+            format: Format::Json,
+            target_topic: "market-data/normalized/equities".into(),
+            dead_letter_topic: "persistent://public/default/market-data-normalized-dlq".into(),
+            receiver_queue_size: 1000,
+            max_payload_bytes: 64 * 1024,
+            max_future_secs: 60,
+            exchanges: Vec::new(),
+        }
+    }
+}
+
+impl BridgeConfig {
+    /// Checks values once at start.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.url.starts_with("pulsar://") && !self.url.starts_with("pulsar+ssl://") {
+            return Err(format!("bridge.url: {:?} is not a pulsar:// URL", self.url));
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.is_empty()) {
+            return Err("bridge.topics: at least one non-empty topic".into());
+        }
+        if self.subscription.is_empty() {
+            return Err("bridge.subscription: must not be empty".into());
+        }
+        if self.receiver_queue_size == 0 {
+            return Err("bridge.receiver_queue_size: must be above 0".into());
+        }
+        if self.max_payload_bytes == 0 {
+            return Err("bridge.max_payload_bytes: must be above 0".into());
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_future_ns: self.max_future_secs.saturating_mul(1_000_000_000),
+            exchanges: self.exchanges.clone(),
+        }
+    }
+}
+
+/// Why a sink did not take an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkError {
+    /// Full: stop pulling, drain completions, retry.
+    Backpressure,
+    /// The event can never be taken (bad instrument, full symbology...): it
+    /// goes to the dead-letter topic with this reason.
+    Rejected(String),
+}
+
+/// Where the bridge puts events: the broker implements it over its ingest.
+pub trait Sink: Send {
+    /// Sends one event; `token` comes back through [`drain`](Sink::drain)
+    /// once the event is committed. `source_id`/`source_seq` identify the
+    /// event at its source (dedup key across redeliveries and nodes).
+    ///
+    /// # Errors
+    /// [`SinkError`].
+    fn try_send(
+        &mut self,
+        event: &MarketEvent,
+        source_id: u16,
+        source_seq: u64,
+        token: u64,
+    ) -> Result<(), SinkError>;
+    /// Calls `done` with the token of every event committed since the last call.
+    fn drain(&mut self, done: &mut dyn FnMut(u64));
+}
+
+/// Counters, shared with whoever started the bridge.
+#[derive(Debug, Default)]
+pub struct BridgeStats {
+    /// Messages received from Pulsar.
+    pub received: AtomicU64,
+    /// Messages committed by the sink and acknowledged.
+    pub acked: AtomicU64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Times the sink pushed back.
+    pub backpressure: AtomicU64,
+    /// Reconnections of the consumer.
+    pub reconnects: AtomicU64,
+}
+
+/// Errors that stop the bridge (configuration, or Pulsar unreachable for
+/// longer than the retry policy allows).
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// Bad configuration.
+    #[error("bridge config: {0}")]
+    Config(String),
+    /// Pulsar client error.
+    #[error("pulsar: {0}")]
+    Pulsar(#[from] pulsar::Error),
+}
+
+/// A stable 16-bit id for a producer name (FNV-1a folded).
+pub fn source_id(producer: &str) -> u16 {
+    let h = tickwire_proto::layout::topic_hash(producer);
+    (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
+}
+
+type PulsarConsumer = Consumer<Vec<u8>, TokioExecutor>;
+
+async fn connect(cfg: &BridgeConfig) -> Result<Pulsar<TokioExecutor>, BridgeError> {
+    let pulsar = Pulsar::builder(cfg.url.clone(), TokioExecutor)
+        .with_connection_retry_options(ConnectionRetryOptions {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_retries: u32::MAX,
+            connection_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(30),
+            ..ConnectionRetryOptions::default()
+        })
+        .with_operation_retry_options(OperationRetryOptions {
+            operation_timeout: Duration::from_secs(30),
+            retry_delay: Duration::from_millis(500),
+            max_retries: None,
+        })
+        .build()
+        .await?;
+    Ok(pulsar)
+}
+
+async fn subscribe(
+    pulsar: &Pulsar<TokioExecutor>,
+    cfg: &BridgeConfig,
+) -> Result<PulsarConsumer, BridgeError> {
+    let mut b = pulsar
+        .consumer()
+        .with_topics(&cfg.topics)
+        .with_subscription(&cfg.subscription)
+        .with_subscription_type(cfg.subscription_type.sub_type())
+        .with_batch_size(cfg.receiver_queue_size)
+        .with_options(ConsumerOptions {
+            initial_position: InitialPosition::Earliest,
+            durable: Some(true),
+            ..ConsumerOptions::default()
+        });
+    if let Some(name) = &cfg.consumer_name {
+        b = b.with_consumer_name(name);
+    }
+    Ok(b.build().await?)
+}
+
+/// Runs the bridge until `stop` is set. Acknowledges each message once the
+/// sink committed it; sends bad payloads to the dead-letter topic.
+///
+/// # Errors
+/// [`BridgeError`] when it cannot start (bad config, Pulsar unreachable).
+pub async fn run<S: Sink>(
+    cfg: BridgeConfig,
+    mut sink: S,
+    stats: Arc<BridgeStats>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BridgeError> {
+    cfg.validate().map_err(BridgeError::Config)?;
+    let limits = cfg.limits();
+    let pulsar = connect(&cfg).await?;
+    let mut consumer = subscribe(&pulsar, &cfg).await?;
+    let mut dlq = pulsar
+        .producer()
+        .with_topic(&cfg.dead_letter_topic)
+        .build()
+        .await?;
+    tracing::info!(url = %cfg.url, topics = ?cfg.topics, subscription = %cfg.subscription, kind = ?cfg.subscription_type, "pulsar bridge consuming");
+    // token -> (topic, message id): bounded by the sink's in-flight limit.
+    let mut pending: HashMap<u64, (String, MessageIdData)> = HashMap::new();
+    let mut next_token = 0u64;
+    let mut done: Vec<u64> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        ack_committed(&mut sink, &mut consumer, &mut pending, &mut done, &stats).await;
+        let msg = match tokio::time::timeout(Duration::from_millis(20), consumer.next()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "pulsar consumer error; continuing");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Ok(None) => {
+                // The stream ended: resubscribe (unacked messages are redelivered).
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("pulsar consumer stream ended; resubscribing");
+                pending.clear();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                consumer = subscribe(&pulsar, &cfg).await?;
+                continue;
+            }
+        };
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        let topic = msg.topic.clone();
+        let id = msg.message_id().clone();
+        let meta = msg.metadata();
+        let (src, seq) = (source_id(&meta.producer_name), meta.sequence_id);
+        let now = tickwire_proto::futex::realtime_ns();
+        let reject = match payload::parse(cfg.format, &msg.payload.data, &limits, now) {
+            Err(r) => Some((r.code().to_string(), r.to_string())),
+            Ok(event) => {
+                let token = next_token;
+                next_token += 1;
+                pending.insert(token, (topic.clone(), id.clone()));
+                loop {
+                    match sink.try_send(&event, src, seq, token) {
+                        Ok(()) => break None,
+                        Err(SinkError::Backpressure) => {
+                            stats.backpressure.fetch_add(1, Ordering::Relaxed);
+                            ack_committed(
+                                &mut sink,
+                                &mut consumer,
+                                &mut pending,
+                                &mut done,
+                                &stats,
+                            )
+                            .await;
+                            tokio::time::sleep(Duration::from_micros(200)).await;
+                            if stop.load(Ordering::Relaxed) {
+                                // Not sent: Pulsar redelivers it to whoever runs next.
+                                pending.remove(&token);
+                                break None;
+                            }
+                        }
+                        Err(SinkError::Rejected(why)) => {
+                            pending.remove(&token);
+                            break Some(("rejected".to_string(), why));
+                        }
+                    }
+                }
+            }
+        };
+        if let Some((code, detail)) = reject {
+            let sent = match dlq
+                .create_message()
+                .with_content(msg.payload.data.clone())
+                .with_property("reason", code.clone())
+                .with_property("detail", detail.clone())
+                .with_property("source_topic", topic.clone())
+                .with_property(
+                    "source_message_id",
+                    format!(
+                        "{}:{}:{}",
+                        id.ledger_id,
+                        id.entry_id,
+                        id.batch_index.unwrap_or(-1)
+                    ),
+                )
+                .send_non_blocking()
+                .await
+            {
+                Ok(receipt) => receipt.await.is_ok(),
+                Err(_) => false,
+            };
+            if sent {
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(reason = %code, detail = %detail, topic = %topic, "dead-lettered a message");
+                if let Err(e) = consumer.ack_with_id(&topic, id).await {
+                    tracing::warn!(error = %e, "ack of a dead-lettered message failed; it will be redelivered");
+                }
+            } else {
+                // Not acknowledged: Pulsar redelivers it and we try again.
+                tracing::warn!(reason = %code, "dead-letter send failed; leaving the message unacknowledged");
+            }
+        }
+    }
+    // Acknowledge what was committed before stopping.
+    for _ in 0..50 {
+        ack_committed(&mut sink, &mut consumer, &mut pending, &mut done, &stats).await;
+        if pending.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = consumer.close().await;
+    Ok(())
+}
+
+async fn ack_committed<S: Sink>(
+    sink: &mut S,
+    consumer: &mut PulsarConsumer,
+    pending: &mut HashMap<u64, (String, MessageIdData)>,
+    done: &mut Vec<u64>,
+    stats: &BridgeStats,
+) {
+    done.clear();
+    sink.drain(&mut |t| done.push(t));
+    for t in done.iter() {
+        if let Some((topic, id)) = pending.remove(t) {
+            match consumer.ack_with_id(&topic, id).await {
+                Ok(()) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The broker's side of the Pulsar bridge: a [`Sink`] over the ingest API,
+//! and a thread that runs the bridge on its own small tokio runtime.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tickwire_bridge::{BridgeConfig, BridgeStats, MarketEvent, Sink, SinkError};
+use tickwire_proto::FrameBody;
+
+use crate::engine::{Broker, Ingest};
+
+/// Routes bridge events into one tickwire topic.
+pub struct IngestSink {
+    ingest: Ingest,
+    topic: u32,
+}
+
+impl IngestSink {
+    /// A sink into `topic` with at most `max_in_flight` uncommitted events.
+    ///
+    /// # Errors
+    /// If the topic is not configured.
+    pub fn new(broker: &Broker, topic: &str, max_in_flight: usize) -> Result<IngestSink, String> {
+        let mut ingest = broker.ingest(max_in_flight);
+        let topic = ingest
+            .resolver()
+            .topic(topic)
+            .ok_or_else(|| format!("topic {topic:?} is not configured"))?;
+        Ok(IngestSink { ingest, topic })
+    }
+}
+
+impl Sink for IngestSink {
+    fn try_send(
+        &mut self,
+        e: &MarketEvent,
+        source_id: u16,
+        source_seq: u64,
+        token: u64,
+    ) -> Result<(), SinkError> {
+        let route = self
+            .ingest
+            .resolver()
+            .route(self.topic, &e.instrument)
+            .map_err(|err| SinkError::Rejected(err.to_string()))?;
+        let body = FrameBody {
+            ts_event: e.ts_event,
+            source_seq,
+            px_a: e.px_a,
+            px_b: e.px_b,
+            size_a: e.size_a,
+            size_b: e.size_b,
+            kind: e.kind.code(),
+            source_id,
+            ..FrameBody::default()
+        };
+        match self.ingest.try_send(&route, &body, Some(token)) {
+            Ok(()) => Ok(()),
+            Err(err) if err.is_backpressure() => Err(SinkError::Backpressure),
+            Err(err) => Err(SinkError::Rejected(err.to_string())),
+        }
+    }
+
+    fn drain(&mut self, done: &mut dyn FnMut(u64)) {
+        self.ingest.drain_completions(|c| done(c.token));
+    }
+}
+
+/// A running bridge.
+pub struct BridgeHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// Its counters.
+    pub stats: Arc<BridgeStats>,
+}
+
+impl BridgeHandle {
+    /// Starts the bridge on its own thread (a one-worker tokio runtime).
+    ///
+    /// # Errors
+    /// If the thread or runtime cannot start or the target topic is unknown.
+    pub fn start(broker: &Broker, cfg: BridgeConfig) -> Result<BridgeHandle, String> {
+        let sink = IngestSink::new(
+            broker,
+            &cfg.target_topic,
+            cfg.receiver_queue_size as usize * 4,
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(BridgeStats::default());
+        let (s2, st2) = (stop.clone(), stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("tickwire-bridge".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(tickwire_bridge::run(cfg, sink, st2, s2))
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(BridgeHandle {
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Whether the bridge thread has ended (an error stops it).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the bridge after it acknowledged what was committed.
+    ///
+    /// # Errors
+    /// The bridge's own error, if it had stopped on one.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("bridge thread panicked".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BridgeHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

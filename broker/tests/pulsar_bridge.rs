@@ -1,0 +1,457 @@
+//! The Pulsar bridge against the real Apache Pulsar that
+//! `scripts/services.sh up` starts (127.0.0.1:6650, admin on :8080; override
+//! with TICKWIRE_PULSAR_URL and TICKWIRE_PULSAR_ADMIN). Each test uses its own
+//! topics and subscription.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use shm_client::{Event, Start, Subscriber};
+use tickwire_bridge::pulsar::{Pulsar, TokioExecutor};
+use tickwire_bridge::{BridgeConfig, Format, SubscriptionType};
+use tickwire_broker::config::{Config, TopicConfig};
+use tickwire_broker::engine::Broker;
+use tickwire_broker::pulsar::BridgeHandle;
+
+const TARGET: &str = "market-data/normalized/equities";
+
+fn pulsar_url() -> String {
+    std::env::var("TICKWIRE_PULSAR_URL").unwrap_or_else(|_| "pulsar://127.0.0.1:6650".into())
+}
+
+fn admin_addr() -> String {
+    std::env::var("TICKWIRE_PULSAR_ADMIN").unwrap_or_else(|_| "127.0.0.1:8080".into())
+}
+
+fn unique(name: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("persistent://public/default/{name}-{n}")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn client() -> Pulsar<TokioExecutor> {
+    Pulsar::builder(pulsar_url(), TokioExecutor)
+        .build()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Pulsar is not reachable at {} ({e}); run scripts/services.sh up",
+                pulsar_url()
+            )
+        })
+}
+
+/// A plain HTTP GET against the Pulsar admin API; returns the body.
+fn admin_get(path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        admin_addr()
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: keep the JSON object.
+    match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if b > a => body[a..=b].to_string(),
+        _ => body,
+    }
+}
+
+fn backlog(topic: &str, subscription: &str) -> u64 {
+    let path = topic.replace("persistent://", "/admin/v2/persistent/");
+    let stats: serde_json::Value =
+        serde_json::from_str(&admin_get(&format!("{path}/stats"))).expect("stats json");
+    stats["subscriptions"][subscription]["msgBacklog"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+struct Node {
+    _dir: tempfile::TempDir,
+    broker: Broker,
+    bridge: Option<BridgeHandle>,
+    sub: Subscriber,
+}
+
+fn node(bridge: BridgeConfig) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = Config::default();
+    c.node.dir = Some(dir.path().to_path_buf());
+    c.synthetic.enabled = false;
+    c.topics = vec![TopicConfig {
+        name: TARGET.into(),
+        partitions: 2,
+        capacity: 1 << 14,
+        ..TopicConfig::default()
+    }];
+    c.bridge = bridge;
+    c.validate().expect("config");
+    let broker = Broker::start(&c).expect("broker");
+    let sub = Subscriber::builder(TARGET)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_secs(10))
+        .open()
+        .expect("subscriber");
+    let bridge = Some(BridgeHandle::start(&broker, c.bridge.clone()).expect("bridge"));
+    Node {
+        _dir: dir,
+        broker,
+        bridge,
+        sub,
+    }
+}
+
+fn bridge_config(input: &str, dlq: &str, subscription: &str, format: Format) -> BridgeConfig {
+    BridgeConfig {
+        enabled: true,
+        url: pulsar_url(),
+        topics: vec![input.into()],
+        subscription: subscription.into(),
+        subscription_type: SubscriptionType::Failover,
+        format,
+        target_topic: TARGET.into(),
+        dead_letter_topic: dlq.into(),
+        ..BridgeConfig::default()
+    }
+}
+
+/// (symbol, price, source_seq) of every tick read until `n` arrive or a
+/// generous deadline passes (a liveness bound, not a speed check).
+fn read_ticks(sub: &mut Subscriber, n: usize) -> Vec<(String, f64, u64, u16)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got.len() < n && Instant::now() < deadline {
+        let k = sub.poll(1024, |e| match e {
+            Event::Tick(t) => got.push((
+                t.symbol().unwrap_or("?").to_string(),
+                t.price().unwrap_or(f64::NAN),
+                t.body.source_seq(),
+                t.body.source_id(),
+            )),
+            other => panic!("lossless subscriber got {other:?}"),
+        });
+        if k == 0 {
+            sub.wait_for_data(Duration::from_millis(50));
+        }
+    }
+    got
+}
+
+#[test]
+fn json_messages_reach_the_rings_exactly_in_per_key_order_and_are_acked_after_commit() {
+    let rt = runtime();
+    let input = unique("tw-json");
+    let dlq = unique("tw-json-dlq");
+    let sub_name = "tickwire-json";
+    let mut n = node(bridge_config(&input, &dlq, sub_name, Format::Json));
+    let total = 2000usize;
+    let receipts = rt.block_on(async {
+        let pulsar = client().await;
+        let mut producer = pulsar.producer().with_topic(&input).with_name(format!("json-producer-{}", std::process::id())).with_options(blocking()).build().await.expect("producer");
+        // Receipts are awaited in windows: the client refuses too many in flight.
+        let mut ok = 0;
+        let mut window = Vec::new();
+        for i in 0..total {
+            let symbol = format!("SYM{}", i % 10);
+            let body = serde_json::json!({
+                "symbol": symbol, "exchange": "NASDAQ", "currency": "USD",
+                "timestamp_ns": tickwire_proto::futex::realtime_ns(), "price": 100.0 + i as f64, "volume": 10 + i,
+            });
+            let f = producer.create_message().with_key(symbol).with_content(serde_json::to_vec(&body).expect("json")).send_non_blocking().await.expect("send");
+            window.push(f);
+            if window.len() == 256 || i + 1 == total {
+                for f in window.drain(..) {
+                    if f.await.is_ok() {
+                        ok += 1;
+                    }
+                }
+            }
+        }
+        ok
+    });
+    assert_eq!(receipts, total, "every send got a receipt");
+    let ticks = read_ticks(&mut n.sub, total);
+    assert_eq!(
+        ticks.len(),
+        total,
+        "exactly the sent messages reach the rings"
+    );
+    // Per-key order (Failover keeps it) and no duplicates by source identity.
+    let mut last: HashMap<&str, f64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (sym, price, seq, src) in &ticks {
+        assert!(seen.insert((*src, *seq)), "duplicate source sequence {seq}");
+        let prev = last.insert(sym.as_str(), *price);
+        assert!(
+            prev.is_none_or(|p| p < *price),
+            "{sym}: {price} after {prev:?}"
+        );
+    }
+    let extra = n.sub.poll(10, |_| {});
+    assert_eq!(extra, 0, "nothing beyond the sent messages");
+    // Acknowledged after commit: once the bridge has acked all, the
+    // subscription's backlog is empty.
+    let stats = n.bridge.as_ref().map(|b| b.stats.clone()).expect("bridge");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats.acked.load(std::sync::atomic::Ordering::Relaxed) < total as u64
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        stats.acked.load(std::sync::atomic::Ordering::Relaxed),
+        total as u64
+    );
+    n.bridge
+        .take()
+        .map(BridgeHandle::stop)
+        .transpose()
+        .expect("bridge stop");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut b = backlog(&input, sub_name);
+    while b != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        b = backlog(&input, sub_name);
+    }
+    assert_eq!(b, 0, "all messages acknowledged");
+    assert_eq!(
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    n.broker.shutdown();
+}
+
+#[test]
+fn every_kind_of_bad_message_goes_to_the_dead_letter_topic_with_its_reason_and_none_reaches_a_ring()
+{
+    use futures::StreamExt;
+    let rt = runtime();
+    let input = unique("tw-bad");
+    let dlq = unique("tw-bad-dlq");
+    let mut cfg = bridge_config(&input, &dlq, "tickwire-bad", Format::Json);
+    cfg.exchanges = vec!["NASDAQ".into()];
+    cfg.max_payload_bytes = 1024;
+    let mut n = node(cfg);
+    let now = tickwire_proto::futex::realtime_ns();
+    let good = |i: u64| {
+        serde_json::json!({"symbol": "GOOD", "exchange": "NASDAQ", "timestamp_ns": now, "price": 10.0 + i as f64, "volume": 1}).to_string()
+    };
+    let bad: Vec<(&str, String)> = vec![
+        ("decode", "{not json".into()),
+        ("missing_field", serde_json::json!({"exchange": "NASDAQ", "timestamp_ns": now, "price": 1.0}).to_string()),
+        ("invalid_price", serde_json::json!({"symbol": "X", "exchange": "NASDAQ", "timestamp_ns": now, "price": -1.0}).to_string()),
+        ("invalid_volume", serde_json::json!({"symbol": "X", "exchange": "NASDAQ", "timestamp_ns": now, "price": 1.0, "volume": -5}).to_string()),
+        ("future_timestamp", serde_json::json!({"symbol": "X", "exchange": "NASDAQ", "timestamp_ns": now + 3_600_000_000_000u64, "price": 1.0}).to_string()),
+        ("unknown_exchange", serde_json::json!({"symbol": "X", "exchange": "MOON", "timestamp_ns": now, "price": 1.0}).to_string()),
+        ("oversized", format!("{{\"symbol\": \"{}\"}}", "X".repeat(2000))),
+    ];
+    let reasons = rt.block_on(async {
+        let pulsar = client().await;
+        let mut producer = pulsar
+            .producer()
+            .with_topic(&input)
+            .build()
+            .await
+            .expect("producer");
+        for i in 0..5 {
+            producer
+                .send_non_blocking(good(i).into_bytes())
+                .await
+                .expect("send")
+                .await
+                .expect("receipt");
+        }
+        for (_, payload) in &bad {
+            producer
+                .send_non_blocking(payload.clone().into_bytes())
+                .await
+                .expect("send")
+                .await
+                .expect("receipt");
+        }
+        for i in 5..10 {
+            producer
+                .send_non_blocking(good(i).into_bytes())
+                .await
+                .expect("send")
+                .await
+                .expect("receipt");
+        }
+        let mut dl: tickwire_bridge::pulsar::Consumer<Vec<u8>, _> = pulsar
+            .consumer()
+            .with_topic(&dlq)
+            .with_subscription("dlq-check")
+            .with_options(tickwire_bridge::pulsar::consumer::ConsumerOptions {
+                initial_position: tickwire_bridge::pulsar::consumer::InitialPosition::Earliest,
+                ..Default::default()
+            })
+            .build()
+            .await
+            .expect("dlq consumer");
+        let mut reasons = Vec::new();
+        while reasons.len() < bad.len() {
+            match tokio::time::timeout(Duration::from_secs(60), dl.next()).await {
+                Ok(Some(Ok(m))) => {
+                    let props: HashMap<String, String> = m
+                        .metadata()
+                        .properties
+                        .iter()
+                        .map(|kv| (kv.key.clone(), kv.value.clone()))
+                        .collect();
+                    assert!(
+                        props.get("detail").is_some_and(|d| !d.is_empty()),
+                        "a detail with the reason"
+                    );
+                    assert_eq!(props.get("source_topic"), Some(&input));
+                    reasons.push(props.get("reason").cloned().unwrap_or_default());
+                    dl.ack(&m).await.expect("ack");
+                }
+                other => panic!(
+                    "dead-letter topic: {:?}",
+                    other.map(|o| o.map(|r| r.map(|_| ())))
+                ),
+            }
+        }
+        reasons
+    });
+    let mut expected: Vec<String> = bad.iter().map(|(r, _)| r.to_string()).collect();
+    let mut got = reasons;
+    expected.sort();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "one dead letter per bad message, with its reason"
+    );
+    let ticks = read_ticks(&mut n.sub, 10);
+    assert_eq!(ticks.len(), 10);
+    assert!(
+        ticks.iter().all(|(s, _, _, _)| s == "GOOD"),
+        "no bad message reached a ring"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(n.sub.poll(10, |_| {}), 0);
+    n.bridge
+        .take()
+        .map(BridgeHandle::stop)
+        .transpose()
+        .expect("bridge stop");
+    n.broker.shutdown();
+}
+
+#[test]
+fn protobuf_trades_and_quotes_reach_the_rings() {
+    use tickwire_bridge::payload::pb::NormalizedMarketData;
+    let rt = runtime();
+    let input = unique("tw-proto");
+    let dlq = unique("tw-proto-dlq");
+    let mut n = node(bridge_config(
+        &input,
+        &dlq,
+        "tickwire-proto",
+        Format::Protobuf,
+    ));
+    let total = 300usize;
+    rt.block_on(async {
+        let pulsar = client().await;
+        let mut producer = pulsar
+            .producer()
+            .with_topic(&input)
+            .build()
+            .await
+            .expect("producer");
+        for i in 0..total {
+            let now = tickwire_proto::futex::realtime_ns() as i64;
+            let m = if i % 2 == 0 {
+                NormalizedMarketData {
+                    symbol: "BTC-USD".into(),
+                    exchange: "COINBASE".into(),
+                    kind: "trade".into(),
+                    timestamp_ns: now,
+                    price: 60000.0 + i as f64,
+                    volume: 5,
+                    size_decimals: 6,
+                    ..Default::default()
+                }
+            } else {
+                NormalizedMarketData {
+                    symbol: "BTC-USD".into(),
+                    exchange: "COINBASE".into(),
+                    kind: "quote".into(),
+                    timestamp_ns: now,
+                    bid_price: 60000.0 + i as f64,
+                    bid_size: 7,
+                    ask_price: 60001.0 + i as f64,
+                    ask_size: 9,
+                    size_decimals: 6,
+                    ..Default::default()
+                }
+            };
+            producer
+                .send_non_blocking(prost_encode(&m))
+                .await
+                .expect("send")
+                .await
+                .expect("receipt");
+        }
+    });
+    let mut kinds = HashMap::new();
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got < total && Instant::now() < deadline {
+        n.sub.poll(1024, |e| {
+            if let Event::Tick(t) = e {
+                got += 1;
+                *kinds.entry(t.kind().map(|k| k.name())).or_insert(0) += 1;
+                assert_eq!(
+                    t.instrument()
+                        .map(|i| (i.symbol(), i.exchange(), i.size_decimals())),
+                    Some(("BTC-USD", "COINBASE", 6))
+                );
+            }
+        });
+        n.sub.wait_for_data(Duration::from_millis(20));
+    }
+    assert_eq!(got, total);
+    assert_eq!(kinds.get(&Some("trade")), Some(&(total / 2)));
+    assert_eq!(kinds.get(&Some("quote")), Some(&(total / 2)));
+    n.bridge
+        .take()
+        .map(BridgeHandle::stop)
+        .transpose()
+        .expect("bridge stop");
+    n.broker.shutdown();
+}
+
+/// Producer options: wait for room rather than fail with SlowDown.
+fn blocking() -> tickwire_bridge::pulsar::ProducerOptions {
+    tickwire_bridge::pulsar::ProducerOptions {
+        block_queue_if_full: true,
+        ..Default::default()
+    }
+}
+
+fn prost_encode(m: &tickwire_bridge::payload::pb::NormalizedMarketData) -> Vec<u8> {
+    let mut buf = Vec::new();
+    tickwire_bridge::payload::encode(m, &mut buf);
+    buf
+}
