@@ -35,6 +35,7 @@ check_port_free() { # name port
 }
 
 check_disk() { # dir MiB
+    mkdir -p "$1"
     local avail
     avail=$(df -Pm "$1" | awk 'NR == 2 { print $4 }')
     [ "${avail:-0}" -ge "$2" ] || die "only ${avail} MiB free under $1; need $2 MiB"
@@ -43,7 +44,10 @@ check_disk() { # dir MiB
 apt_updated=
 apt_install() { # packages...
     local missing=()
-    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    for p in "$@"; do
+        # Installed means "install ok installed", not a removed package's leftover config.
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+    done
     [ ${#missing[@]} -eq 0 ] && return 0
     [ -n "$apt_updated" ] || { say "apt-get update"; apt-get update -qq >/dev/null; apt_updated=1; }
     say "installing ${missing[*]}"
@@ -86,7 +90,8 @@ pulsar_install() {
     local lock="$here/pulsar/jars.lock"
     if [ -f "$pulsar_lib/.complete" ] && cmp -s "$pulsar_lib/.complete" "$lock"; then return 0; fi
     command -v mvn >/dev/null || apt_install maven
-    check_disk "$(dirname "$pulsar_lib")" 1024
+    mkdir -p "$pulsar_lib"
+    check_disk "$pulsar_lib" 1024
     say "resolving Apache Pulsar jars from Maven Central into $pulsar_lib (first time only)"
     rm -rf "$pulsar_lib"
     mkdir -p "$pulsar_lib"

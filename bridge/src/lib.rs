@@ -90,6 +90,12 @@ pub struct BridgeConfig {
     pub max_future_secs: u64,
     /// When not empty, only these exchanges are accepted (strict mode).
     pub exchanges: Vec<String>,
+    /// Pulsar topic for `market_data_distributed` events ("" = off).
+    pub output_topic: String,
+    /// Emit an event for one committed message in this many (1 = every one).
+    pub output_sample_every: u64,
+    /// `routing.target_workflows` in the events.
+    pub target_workflows: Vec<String>,
 }
 
 impl Default for BridgeConfig {
@@ -108,6 +114,9 @@ impl Default for BridgeConfig {
             max_payload_bytes: 64 * 1024,
             max_future_secs: 60,
             exchanges: Vec::new(),
+            output_topic: "persistent://public/default/market-data-distributed".into(),
+            output_sample_every: 100,
+            target_workflows: Vec::new(),
         }
     }
 }
@@ -129,6 +138,9 @@ impl BridgeConfig {
         }
         if self.receiver_queue_size == 0 {
             return Err("bridge.receiver_queue_size: must be above 0".into());
+        }
+        if self.output_sample_every == 0 {
+            return Err("bridge.output_sample_every: must be above 0 (1 = every message)".into());
         }
         if self.max_payload_bytes == 0 {
             return Err("bridge.max_payload_bytes: must be above 0".into());
@@ -170,8 +182,23 @@ pub trait Sink: Send {
         source_seq: u64,
         token: u64,
     ) -> Result<(), SinkError>;
-    /// Calls `done` with the token of every event committed since the last call.
-    fn drain(&mut self, done: &mut dyn FnMut(u64));
+    /// Calls `done` for every event committed since the last call.
+    fn drain(&mut self, done: &mut dyn FnMut(Committed));
+}
+
+/// Where a committed event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The token given to [`Sink::try_send`].
+    pub token: u64,
+    /// Partition of the target topic.
+    pub partition: u32,
+    /// Writer epoch of that partition.
+    pub epoch: u64,
+    /// Sequence (the offset).
+    pub seq: u64,
+    /// Readers registered on the partition when it was committed.
+    pub readers: u32,
 }
 
 /// Counters, shared with whoever started the bridge.
@@ -187,6 +214,10 @@ pub struct BridgeStats {
     pub backpressure: AtomicU64,
     /// Reconnections of the consumer.
     pub reconnects: AtomicU64,
+    /// `market_data_distributed` events handed to the output producer.
+    pub events_out: AtomicU64,
+    /// Events dropped because the output queue was full (ingest never waits for it).
+    pub events_dropped: AtomicU64,
 }
 
 /// Errors that stop the bridge (configuration, or Pulsar unreachable for
@@ -250,8 +281,165 @@ async fn subscribe(
     Ok(b.build().await?)
 }
 
+/// A message handed to the sink and not yet acknowledged.
+struct Pending {
+    topic: String,
+    id: MessageIdData,
+    /// Kept only for messages sampled for a `market_data_distributed` event.
+    event: Option<MarketEvent>,
+}
+
+/// What the loop keeps between messages: bounded by the sink's in-flight
+/// limit (pending) and the output queue (events).
+struct Acker {
+    pending: HashMap<u64, Pending>,
+    done: Vec<Committed>,
+    output: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    target_topic: String,
+    node: String,
+    workflows: Vec<String>,
+}
+
+impl Acker {
+    /// Acknowledges every committed message and emits sampled events.
+    async fn ack_committed<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        consumer: &mut PulsarConsumer,
+        stats: &BridgeStats,
+    ) {
+        self.done.clear();
+        let done = &mut self.done;
+        sink.drain(&mut |c| done.push(c));
+        for c in std::mem::take(&mut self.done) {
+            let Some(p) = self.pending.remove(&c.token) else {
+                continue;
+            };
+            if let (Some(event), Some(out)) = (&p.event, &self.output) {
+                let body = distributed_event(
+                    &self.node,
+                    &self.target_topic,
+                    &self.workflows,
+                    &p,
+                    event,
+                    &c,
+                );
+                match out.try_send(body) {
+                    Ok(()) => stats.events_out.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => stats.events_dropped.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+            match consumer.ack_with_id(&p.topic, p.id).await {
+                Ok(()) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
+            }
+        }
+    }
+}
+
+fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// The spec's `market_data_distributed` event for one committed message.
+fn distributed_event(
+    node: &str,
+    target: &str,
+    workflows: &[String],
+    p: &Pending,
+    e: &MarketEvent,
+    c: &Committed,
+) -> Vec<u8> {
+    let now = tickwire_proto::futex::realtime_ns();
+    let price = tickwire_proto::frame::price_to_f64(e.px_a);
+    let volume = e.size_a as f64 / 10f64.powi(e.instrument.size_decimals as i32);
+    let v = serde_json::json!({
+        "event_type": "market_data_distributed",
+        "event_id": format!("{node}/{target}/{}/{}/{}", c.partition, c.epoch, c.seq),
+        "timestamp": rfc3339(now),
+        "distribution": {
+            "topic": target,
+            "partition": c.partition,
+            "offset": c.seq,
+            "epoch": c.epoch,
+            "message_id": format!("{target}/{}/{}/{}", c.partition, c.epoch, c.seq),
+            "subscribers_notified": c.readers,
+            "distribution_latency_ms": now.saturating_sub(e.ts_event) / 1_000_000,
+        },
+        "data": {
+            "symbol": e.instrument.symbol,
+            "exchange": e.instrument.exchange,
+            "currency": e.instrument.currency,
+            "kind": e.kind.name(),
+            "timestamp": rfc3339(e.ts_event),
+            "price": price,
+            "volume": volume,
+        },
+        "routing": {
+            "routing_key": format!("{}.{}.{}", e.instrument.symbol, e.instrument.exchange, e.kind.name()),
+            "target_workflows": workflows,
+            "delivery_guarantees": "at_least_once",
+        },
+        "source": {
+            "topic": p.topic,
+            "message_id": format!("{}:{}:{}", p.id.ledger_id, p.id.entry_id, p.id.batch_index.unwrap_or(-1)),
+        },
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// Events waiting for the output producer; when full, events are dropped
+/// (and counted) rather than slowing ingest.
+const OUTPUT_QUEUE: usize = 8192;
+
+/// Publishes `market_data_distributed` events in batches.
+async fn output_task(
+    pulsar: Pulsar<TokioExecutor>,
+    topic: String,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let opts = pulsar::ProducerOptions {
+        batch_size: Some(512),
+        batch_byte_size: Some(512 * 1024),
+        batch_timeout: Some(Duration::from_millis(20)),
+        block_queue_if_full: true,
+        ..pulsar::ProducerOptions::default()
+    };
+    let mut producer = match pulsar
+        .producer()
+        .with_topic(&topic)
+        .with_options(opts)
+        .build()
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, topic = %topic, "cannot create the market_data_distributed producer; events are dropped");
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    };
+    let mut receipts = Vec::new();
+    while let Some(body) = rx.recv().await {
+        match producer.send_non_blocking(body).await {
+            Ok(r) => receipts.push(r),
+            Err(e) => tracing::warn!(error = %e, "market_data_distributed send failed"),
+        }
+        if receipts.len() >= 512 || rx.is_empty() {
+            let _ = producer.send_batch().await;
+            for r in receipts.drain(..) {
+                let _ = r.await;
+            }
+        }
+    }
+    let _ = producer.send_batch().await;
+}
+
 /// Runs the bridge until `stop` is set. Acknowledges each message once the
-/// sink committed it; sends bad payloads to the dead-letter topic.
+/// sink committed it; sends bad payloads to the dead-letter topic; emits
+/// sampled `market_data_distributed` events to the output topic.
 ///
 /// # Errors
 /// [`BridgeError`] when it cannot start (bad config, Pulsar unreachable).
@@ -268,15 +456,41 @@ pub async fn run<S: Sink>(
     let mut dlq = pulsar
         .producer()
         .with_topic(&cfg.dead_letter_topic)
+        .with_options(pulsar::ProducerOptions {
+            block_queue_if_full: true,
+            ..pulsar::ProducerOptions::default()
+        })
         .build()
         .await?;
-    tracing::info!(url = %cfg.url, topics = ?cfg.topics, subscription = %cfg.subscription, kind = ?cfg.subscription_type, "pulsar bridge consuming");
-    // token -> (topic, message id): bounded by the sink's in-flight limit.
-    let mut pending: HashMap<u64, (String, MessageIdData)> = HashMap::new();
+    let (output, output_handle) = if cfg.output_topic.is_empty() {
+        (None, None)
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel(OUTPUT_QUEUE);
+        (
+            Some(tx),
+            Some(tokio::spawn(output_task(
+                pulsar.clone(),
+                cfg.output_topic.clone(),
+                rx,
+            ))),
+        )
+    };
+    tracing::info!(url = %cfg.url, topics = ?cfg.topics, subscription = %cfg.subscription, kind = ?cfg.subscription_type, output = %cfg.output_topic, "pulsar bridge consuming");
+    let mut acker = Acker {
+        pending: HashMap::new(),
+        done: Vec::new(),
+        output,
+        target_topic: cfg.target_topic.clone(),
+        node: cfg
+            .consumer_name
+            .clone()
+            .unwrap_or_else(|| "tickwire".into()),
+        workflows: cfg.target_workflows.clone(),
+    };
     let mut next_token = 0u64;
-    let mut done: Vec<u64> = Vec::new();
+    let mut received = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        ack_committed(&mut sink, &mut consumer, &mut pending, &mut done, &stats).await;
+        acker.ack_committed(&mut sink, &mut consumer, &stats).await;
         let msg = match tokio::time::timeout(Duration::from_millis(20), consumer.next()).await {
             Err(_) => continue,
             Ok(Some(Ok(m))) => m,
@@ -289,13 +503,14 @@ pub async fn run<S: Sink>(
                 // The stream ended: resubscribe (unacked messages are redelivered).
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("pulsar consumer stream ended; resubscribing");
-                pending.clear();
+                acker.pending.clear();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 consumer = subscribe(&pulsar, &cfg).await?;
                 continue;
             }
         };
         stats.received.fetch_add(1, Ordering::Relaxed);
+        received += 1;
         let topic = msg.topic.clone();
         let id = msg.message_id().clone();
         let meta = msg.metadata();
@@ -306,29 +521,30 @@ pub async fn run<S: Sink>(
             Ok(event) => {
                 let token = next_token;
                 next_token += 1;
-                pending.insert(token, (topic.clone(), id.clone()));
+                let sampled = acker.output.is_some() && received.is_multiple_of(cfg.output_sample_every);
+                acker.pending.insert(
+                    token,
+                    Pending {
+                        topic: topic.clone(),
+                        id: id.clone(),
+                        event: sampled.then(|| event.clone()),
+                    },
+                );
                 loop {
                     match sink.try_send(&event, src, seq, token) {
                         Ok(()) => break None,
                         Err(SinkError::Backpressure) => {
                             stats.backpressure.fetch_add(1, Ordering::Relaxed);
-                            ack_committed(
-                                &mut sink,
-                                &mut consumer,
-                                &mut pending,
-                                &mut done,
-                                &stats,
-                            )
-                            .await;
+                            acker.ack_committed(&mut sink, &mut consumer, &stats).await;
                             tokio::time::sleep(Duration::from_micros(200)).await;
                             if stop.load(Ordering::Relaxed) {
                                 // Not sent: Pulsar redelivers it to whoever runs next.
-                                pending.remove(&token);
+                                acker.pending.remove(&token);
                                 break None;
                             }
                         }
                         Err(SinkError::Rejected(why)) => {
-                            pending.remove(&token);
+                            acker.pending.remove(&token);
                             break Some(("rejected".to_string(), why));
                         }
                     }
@@ -371,33 +587,16 @@ pub async fn run<S: Sink>(
     }
     // Acknowledge what was committed before stopping.
     for _ in 0..50 {
-        ack_committed(&mut sink, &mut consumer, &mut pending, &mut done, &stats).await;
-        if pending.is_empty() {
+        acker.ack_committed(&mut sink, &mut consumer, &stats).await;
+        if acker.pending.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = consumer.close().await;
-    Ok(())
-}
-
-async fn ack_committed<S: Sink>(
-    sink: &mut S,
-    consumer: &mut PulsarConsumer,
-    pending: &mut HashMap<u64, (String, MessageIdData)>,
-    done: &mut Vec<u64>,
-    stats: &BridgeStats,
-) {
-    done.clear();
-    sink.drain(&mut |t| done.push(t));
-    for t in done.iter() {
-        if let Some((topic, id)) = pending.remove(t) {
-            match consumer.ack_with_id(&topic, id).await {
-                Ok(()) => {
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
-            }
-        }
+    drop(acker);
+    if let Some(h) = output_handle {
+        let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
     }
+    Ok(())
 }

@@ -87,6 +87,9 @@ pub struct Completion {
     pub epoch: u64,
     /// Sequence the event got.
     pub seq: u64,
+    /// Readers registered on the partition's ring (as of the last
+    /// housekeeping): the subscribers this event was made available to.
+    pub readers: u32,
 }
 
 struct Job {
@@ -440,7 +443,9 @@ struct Shard {
     batch_max: usize,
     reclaim_interval: Duration,
     batch_ingest: Vec<u64>,
-    batch_acks: Vec<(u32, Completion)>,
+    batch_acks: Vec<(u32, u32, Completion)>,
+    /// Live readers per ring, counted at housekeeping.
+    readers: Vec<u32>,
 }
 
 impl Shard {
@@ -466,6 +471,7 @@ impl Shard {
             reclaim_interval: Duration::from_millis(c.shards.reclaim_interval_ms.max(1)),
             batch_ingest: Vec::with_capacity(c.shards.batch_max),
             batch_acks: Vec::with_capacity(c.shards.batch_max),
+            readers: vec![0; n],
         }
     }
 
@@ -516,12 +522,14 @@ impl Shard {
             if let Some((source, token)) = job.ack {
                 self.batch_acks.push((
                     source,
+                    job.ring,
                     Completion {
                         token,
                         topic: *topic,
                         partition: *partition,
                         epoch: 0,
                         seq,
+                        readers: 0,
                     },
                 ));
             }
@@ -543,27 +551,30 @@ impl Shard {
                     .map(|v| v.clone())
                     .unwrap_or_default()
             });
-            for (source, mut c) in self.batch_acks.drain(..) {
+            let mut late: Option<(u32, Arc<ArrayQueue<Completion>>)> = None;
+            for (source, ring, mut c) in self.batch_acks.drain(..) {
                 let sink = match sinks.get(source as usize) {
-                    Some(s) => s.clone(),
-                    // A source registered after the first completion: look again.
-                    None => match self
-                        .shared
-                        .completions
-                        .lock()
-                        .ok()
-                        .and_then(|v| v.get(source as usize).cloned())
-                    {
-                        Some(s) => s,
-                        None => continue,
-                    },
+                    Some(s) => s,
+                    // A source registered after the first completion: look it up once.
+                    None => {
+                        if late.as_ref().is_none_or(|(s, _)| *s != source) {
+                            late = self
+                                .shared
+                                .completions
+                                .lock()
+                                .ok()
+                                .and_then(|v| v.get(source as usize).cloned())
+                                .map(|q| (source, q));
+                        }
+                        match &late {
+                            Some((_, q)) => q,
+                            None => continue,
+                        }
+                    }
                 };
-                if let Some((_, _, w)) = self
-                    .rings
-                    .iter()
-                    .find(|(t, p, _)| *t == c.topic && *p == c.partition)
-                {
+                if let Some((_, _, w)) = self.rings.get(ring as usize) {
                     c.epoch = w.epoch();
+                    c.readers = self.readers.get(ring as usize).copied().unwrap_or(0);
                 }
                 // Cannot be full: a source has at most `capacity` acks in flight.
                 let _ = sink.push(c);
@@ -598,8 +609,9 @@ impl Shard {
     fn housekeeping(&mut self, hist: &mut Histogram<u64>) {
         let me = &self.shared.shards[self.index];
         let (mut gate_waits, mut untethered, mut reclaimed) = (0, 0, 0);
-        for (_, _, w) in &mut self.rings {
+        for (i, (_, _, w)) in self.rings.iter_mut().enumerate() {
             w.reclaim_dead();
+            self.readers[i] = w.live_readers();
             let s = w.core().stats();
             gate_waits += s.gate_waits;
             untethered += s.untethered;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use tickwire_bridge::{BridgeConfig, BridgeStats, MarketEvent, Sink, SinkError};
+use tickwire_bridge::{BridgeConfig, BridgeStats, Committed, MarketEvent, Sink, SinkError};
 use tickwire_proto::FrameBody;
 
 use crate::engine::{Broker, Ingest};
@@ -61,8 +61,16 @@ impl Sink for IngestSink {
         }
     }
 
-    fn drain(&mut self, done: &mut dyn FnMut(u64)) {
-        self.ingest.drain_completions(|c| done(c.token));
+    fn drain(&mut self, done: &mut dyn FnMut(Committed)) {
+        self.ingest.drain_completions(|c| {
+            done(Committed {
+                token: c.token,
+                partition: c.partition,
+                epoch: c.epoch,
+                seq: c.seq,
+                readers: c.readers,
+            })
+        });
     }
 }
 

@@ -110,6 +110,8 @@ fn node(bridge: BridgeConfig) -> Node {
         .tethered(Duration::from_secs(10))
         .open()
         .expect("subscriber");
+    // Let housekeeping count the subscriber before messages flow.
+    std::thread::sleep(Duration::from_millis(100));
     let bridge = Some(BridgeHandle::start(&broker, c.bridge.clone()).expect("bridge"));
     Node {
         _dir: dir,
@@ -415,12 +417,14 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
         }
     });
     let mut kinds = HashMap::new();
+    let mut offsets = std::collections::HashSet::new();
     let mut got = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while got < total && Instant::now() < deadline {
         n.sub.poll(1024, |e| {
             if let Event::Tick(t) = e {
                 got += 1;
+                offsets.insert((t.partition as u64, t.seq));
                 *kinds.entry(t.kind().map(|k| k.name())).or_insert(0) += 1;
                 assert_eq!(
                     t.instrument()

@@ -549,6 +549,20 @@ impl PartitionWriter {
         &self.file
     }
 
+    /// Reader slots currently owned (live or not yet reclaimed).
+    pub fn live_readers(&self) -> u32 {
+        self.file
+            .header()
+            .readers
+            .iter()
+            .filter(|r| {
+                crate::layout::unpack_state(r.state_gen.load(std::sync::atomic::Ordering::Acquire))
+                    .1
+                    != crate::layout::STATE_FREE
+            })
+            .count() as u32
+    }
+
     /// The current epoch.
     pub fn epoch(&self) -> u64 {
         self.core.ring().epoch()
