@@ -7,6 +7,8 @@
 #   up      install what is missing, start what is not running, wait until ready
 #   down    stop them (data directories are removed: every `up` starts fresh)
 #   status  say what runs
+#   restart-pulsar [--kill]  stop Pulsar (SIGTERM, or SIGKILL) and start it
+#           again on the same data directories (for restart tests)
 # Idempotent: `up` twice leaves one of each running.
 #
 # Env (defaults):
@@ -144,13 +146,14 @@ pulsar_ready() { curl -sf --max-time 5 "http://127.0.0.1:$pulsar_http/admin/v2/b
 pulsar_up() {
     local pidf="$state/pulsar.pid" log="$state/pulsar.log"
     if pid_alive "$pidf"; then wait_for pulsar "$pulsar_timeout" "$log" "$pidf" pulsar_ready; return; fi
+    local keep=${1:-}
     command -v curl >/dev/null || apt_install curl
     pulsar_install
     check_port_free pulsar "$pulsar_port"
     check_port_free pulsar-http "$pulsar_http"
     check_disk "$state" 2048
     local data="$state/pulsar-data"
-    rm -rf "$data"
+    [ "$keep" = keep ] || rm -rf "$data"
     mkdir -p "$data"
     pulsar_config "$state/standalone.conf" "$data"
     local java; java=$(pulsar_java)
@@ -173,15 +176,24 @@ pulsar_up() {
     wait_for pulsar "$pulsar_timeout" "$log" "$pidf" pulsar_ready
 }
 
-pulsar_down() {
+pulsar_stop() { # [signal]
     local pidf="$state/pulsar.pid"
     if pid_alive "$pidf"; then
-        kill "$(cat "$pidf")" 2>/dev/null || true
+        kill -"${1:-TERM}" "$(cat "$pidf")" 2>/dev/null || true
         for _ in $(seq 1 30); do pid_alive "$pidf" || break; sleep 1; done
         pid_alive "$pidf" && kill -9 "$(cat "$pidf")" 2>/dev/null || true
     fi
     rm -f "$pidf"
+}
+
+pulsar_down() {
+    pulsar_stop TERM
     rm -rf "$state/pulsar-data"
+}
+
+pulsar_restart() { # [--kill]
+    if [ "${1:-}" = --kill ]; then pulsar_stop KILL; else pulsar_stop TERM; fi
+    pulsar_up keep
 }
 
 pulsar_status() { if pid_alive "$state/pulsar.pid" && pulsar_ready; then echo "pulsar: up on 127.0.0.1:$pulsar_port (admin :$pulsar_http)"; else echo "pulsar: down"; fi; }
@@ -243,6 +255,10 @@ redis_status() { if redis_ready; then echo "redis: up on 127.0.0.1:$redis_port";
 # ------------------------------------------------------------------ main
 cmd=${1:-status}
 shift || true
+if [ "$cmd" = restart-pulsar ]; then
+    pulsar_restart "${1:-}"
+    exit 0
+fi
 services=("$@")
 [ ${#services[@]} -gt 0 ] || services=(postgres redis pulsar)
 for s in "${services[@]}"; do

@@ -521,7 +521,8 @@ pub async fn run<S: Sink>(
             Ok(event) => {
                 let token = next_token;
                 next_token += 1;
-                let sampled = acker.output.is_some() && received.is_multiple_of(cfg.output_sample_every);
+                let sampled =
+                    acker.output.is_some() && received.is_multiple_of(cfg.output_sample_every);
                 acker.pending.insert(
                     token,
                     Pending {

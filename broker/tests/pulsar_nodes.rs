@@ -106,7 +106,8 @@ fn ring_seqs(dir: &Path) -> Vec<u64> {
 }
 
 /// Sends `total` JSON messages from a background thread at about `rate`/s;
-/// returns the sequence ids that got a receipt.
+/// returns the sequence ids that got a receipt. A send that fails (Pulsar
+/// restarting) is retried until it gets a receipt or 120 s pass.
 fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<HashSet<u64>> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -114,7 +115,15 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
             .build()
             .expect("rt");
         rt.block_on(async move {
-            let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(pulsar_url(), TokioExecutor).build().await.expect("pulsar (run scripts/services.sh up)");
+            let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(pulsar_url(), TokioExecutor)
+                .with_operation_retry_options(tickwire_bridge::pulsar::OperationRetryOptions {
+                    operation_timeout: Duration::from_secs(10),
+                    retry_delay: Duration::from_millis(200),
+                    max_retries: None,
+                })
+                .build()
+                .await
+                .expect("pulsar (run scripts/services.sh up)");
             let mut p = pulsar
                 .producer()
                 .with_topic(&input)
@@ -124,19 +133,39 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
                 .expect("producer");
             let mut acked = HashSet::new();
             let start = Instant::now();
-            let mut window = Vec::new();
-            for i in 0..total {
+            let give_up = start + Duration::from_secs(120);
+            let mut window: Vec<(u64, tickwire_bridge::pulsar::producer::SendFuture)> = Vec::new();
+            let mut i = 0u64;
+            while i < total && Instant::now() < give_up {
                 let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     tokio::time::sleep(wait).await;
                 }
                 let body = serde_json::json!({"symbol": format!("S{}", i % 16), "exchange": "NASDAQ", "timestamp_ns": tickwire_proto::futex::realtime_ns(), "price": 1.0 + i as f64, "volume": 1});
-                window.push(p.send_non_blocking(serde_json::to_vec(&body).expect("json")).await.expect("send"));
-                if window.len() == 64 || i + 1 == total {
-                    for f in window.drain(..) {
-                        if let Ok(receipt) = f.await {
-                            acked.insert(receipt.sequence_id);
+                match p.send_non_blocking(serde_json::to_vec(&body).expect("json")).await {
+                    Ok(f) => {
+                        window.push((i, f));
+                        i += 1;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+                if window.len() == 64 || i == total {
+                    let mut retry = Vec::new();
+                    for (k, f) in window.drain(..) {
+                        match f.await {
+                            Ok(receipt) => {
+                                acked.insert(receipt.sequence_id);
+                            }
+                            Err(_) => retry.push(k),
                         }
+                    }
+                    // Messages without a receipt are sent again (new sequence ids).
+                    if let Some(&first) = retry.first() {
+                        i = i.min(first);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
             }
@@ -250,4 +279,67 @@ fn two_nodes_share_a_feed_and_the_survivor_takes_over_when_the_active_one_is_kil
     );
     a.terminate();
     b.terminate();
+}
+
+fn restart_pulsar(kill: bool) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).arg("restart-pulsar");
+    if kill {
+        cmd.arg("--kill");
+    }
+    let out = cmd.output().expect("services.sh");
+    assert!(
+        out.status.success(),
+        "restarting Pulsar failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pulsar_restart_mid_stream(kill: bool) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let root = tempfile::tempdir().expect("tempdir");
+    let input = unique(if kill {
+        "tw-pulsar-kill"
+    } else {
+        "tw-pulsar-restart"
+    });
+    let mut node = NodeProc::start(root.path(), "node-a", &input, "tw-pulsar-restart");
+    let producer = produce(input.clone(), 4000, 1000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ring_seqs(&node.dir).len() < 1000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        ring_seqs(&node.dir).len() >= 1000,
+        "the node ingested before the restart"
+    );
+    restart_pulsar(kill);
+    let sent = producer.join().expect("producer");
+    assert_eq!(sent.len(), 4000, "every message eventually got a receipt");
+    let (got, dups) = wait_for_all(&[&node.dir], &sent);
+    let lost: Vec<_> = sent.difference(&got).take(10).collect();
+    assert!(
+        lost.is_empty(),
+        "lost {} of {} across a Pulsar {} (first: {lost:?})",
+        sent.difference(&got).count(),
+        sent.len(),
+        if kill { "SIGKILL" } else { "restart" }
+    );
+    eprintln!(
+        "pulsar {}: {} sent, 0 lost, {dups} duplicates",
+        if kill { "SIGKILL" } else { "restart" },
+        sent.len()
+    );
+    node.terminate();
+}
+
+#[test]
+fn a_graceful_pulsar_restart_mid_stream_loses_nothing() {
+    pulsar_restart_mid_stream(false);
+}
+
+#[test]
+fn a_pulsar_killed_with_sigkill_mid_stream_loses_nothing() {
+    pulsar_restart_mid_stream(true);
 }
