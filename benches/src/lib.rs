@@ -11,6 +11,7 @@
 
 pub mod ice;
 pub mod plain;
+pub mod pulsar_bench;
 pub mod tw;
 
 use std::io::{BufRead, BufReader};

@@ -489,9 +489,21 @@ pub async fn run<S: Sink>(
     };
     let mut next_token = 0u64;
     let mut received = 0u64;
+    let mut since_ack = 0u32;
     while !stop.load(Ordering::Relaxed) {
-        acker.ack_committed(&mut sink, &mut consumer, &stats).await;
-        let msg = match tokio::time::timeout(Duration::from_millis(20), consumer.next()).await {
+        // A message that is already there is taken without arming a timer;
+        // acks go out when the stream is momentarily empty, or every 64.
+        let ready = futures::FutureExt::now_or_never(consumer.next());
+        if ready.is_none() || since_ack >= 64 {
+            acker.ack_committed(&mut sink, &mut consumer, &stats).await;
+            since_ack = 0;
+        }
+        let next = match ready {
+            Some(m) => Ok(m),
+            None => tokio::time::timeout(Duration::from_millis(20), consumer.next()).await,
+        };
+        since_ack += 1;
+        let msg = match next {
             Err(_) => continue,
             Ok(Some(Ok(m))) => m,
             Ok(Some(Err(e))) => {

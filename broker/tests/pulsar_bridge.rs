@@ -14,22 +14,13 @@ use tickwire_broker::config::{Config, TopicConfig};
 use tickwire_broker::engine::Broker;
 use tickwire_broker::pulsar::BridgeHandle;
 
-const TARGET: &str = "market-data/normalized/equities";
+mod common;
+use common::{pulsar_url, read_topic, unique};
 
-fn pulsar_url() -> String {
-    std::env::var("TICKWIRE_PULSAR_URL").unwrap_or_else(|_| "pulsar://127.0.0.1:6650".into())
-}
+const TARGET: &str = "market-data/normalized/equities";
 
 fn admin_addr() -> String {
     std::env::var("TICKWIRE_PULSAR_ADMIN").unwrap_or_else(|_| "127.0.0.1:8080".into())
-}
-
-fn unique(name: &str) -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("persistent://public/default/{name}-{n}")
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -101,6 +92,8 @@ fn node(bridge: BridgeConfig) -> Node {
         capacity: 1 << 14,
         ..TopicConfig::default()
     }];
+    // Housekeeping (reader counts for subscribers_notified) every 20 ms.
+    c.shards.reclaim_interval_ms = 20;
     c.bridge = bridge;
     c.validate().expect("config");
     let broker = Broker::start(&c).expect("broker");
@@ -246,7 +239,6 @@ fn json_messages_reach_the_rings_exactly_in_per_key_order_and_are_acked_after_co
 #[test]
 fn every_kind_of_bad_message_goes_to_the_dead_letter_topic_with_its_reason_and_none_reaches_a_ring()
 {
-    use futures::StreamExt;
     let rt = runtime();
     let input = unique("tw-bad");
     let dlq = unique("tw-bad-dlq");
@@ -299,40 +291,14 @@ fn every_kind_of_bad_message_goes_to_the_dead_letter_topic_with_its_reason_and_n
                 .await
                 .expect("receipt");
         }
-        let mut dl: tickwire_bridge::pulsar::Consumer<Vec<u8>, _> = pulsar
-            .consumer()
-            .with_topic(&dlq)
-            .with_subscription("dlq-check")
-            .with_options(tickwire_bridge::pulsar::consumer::ConsumerOptions {
-                initial_position: tickwire_bridge::pulsar::consumer::InitialPosition::Earliest,
-                ..Default::default()
-            })
-            .build()
-            .await
-            .expect("dlq consumer");
         let mut reasons = Vec::new();
-        while reasons.len() < bad.len() {
-            match tokio::time::timeout(Duration::from_secs(60), dl.next()).await {
-                Ok(Some(Ok(m))) => {
-                    let props: HashMap<String, String> = m
-                        .metadata()
-                        .properties
-                        .iter()
-                        .map(|kv| (kv.key.clone(), kv.value.clone()))
-                        .collect();
-                    assert!(
-                        props.get("detail").is_some_and(|d| !d.is_empty()),
-                        "a detail with the reason"
-                    );
-                    assert_eq!(props.get("source_topic"), Some(&input));
-                    reasons.push(props.get("reason").cloned().unwrap_or_default());
-                    dl.ack(&m).await.expect("ack");
-                }
-                other => panic!(
-                    "dead-letter topic: {:?}",
-                    other.map(|o| o.map(|r| r.map(|_| ())))
-                ),
-            }
+        for (_, props) in read_topic(&pulsar, &dlq, bad.len()).await {
+            assert!(
+                props.get("detail").is_some_and(|d| !d.is_empty()),
+                "a detail with the reason"
+            );
+            assert_eq!(props.get("source_topic"), Some(&input));
+            reasons.push(props.get("reason").cloned().unwrap_or_default());
         }
         reasons
     });
@@ -366,12 +332,12 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
     let rt = runtime();
     let input = unique("tw-proto");
     let dlq = unique("tw-proto-dlq");
-    let mut n = node(bridge_config(
-        &input,
-        &dlq,
-        "tickwire-proto",
-        Format::Protobuf,
-    ));
+    let output = unique("tw-proto-distributed");
+    let mut cfg = bridge_config(&input, &dlq, "tickwire-proto", Format::Protobuf);
+    cfg.output_topic = output.clone();
+    cfg.output_sample_every = 1;
+    cfg.target_workflows = vec!["market_intelligence".into()];
+    let mut n = node(cfg);
     let total = 300usize;
     rt.block_on(async {
         let pulsar = client().await;
@@ -443,6 +409,37 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
         .map(BridgeHandle::stop)
         .transpose()
         .expect("bridge stop");
+    // One market_data_distributed event per committed message (sampling 1),
+    // pointing at where the message landed.
+    let events: Vec<serde_json::Value> = rt.block_on(async {
+        let pulsar = client().await;
+        read_topic(&pulsar, &output, total)
+            .await
+            .into_iter()
+            .map(|(body, _)| serde_json::from_slice(&body).expect("event json"))
+            .collect()
+    });
+    assert_eq!(events.len(), total);
+    for e in &events {
+        assert_eq!(e["event_type"], "market_data_distributed");
+        let d = &e["distribution"];
+        assert_eq!(d["topic"], TARGET);
+        let key = (
+            d["partition"].as_u64().expect("partition"),
+            d["offset"].as_u64().expect("offset"),
+        );
+        assert!(
+            offsets.contains(&key),
+            "event points at a committed frame: {e}"
+        );
+        assert!(
+            d["subscribers_notified"].as_u64() >= Some(1),
+            "our subscriber was counted: {e}"
+        );
+        assert_eq!(e["data"]["symbol"], "BTC-USD");
+        assert_eq!(e["routing"]["delivery_guarantees"], "at_least_once");
+        assert_eq!(e["routing"]["target_workflows"][0], "market_intelligence");
+    }
     n.broker.shutdown();
 }
 

@@ -14,23 +14,14 @@ use std::time::{Duration, Instant};
 use shm_client::{Event, Start, Subscriber};
 use tickwire_bridge::pulsar::{Pulsar, TokioExecutor};
 
+mod common;
+use common::{pulsar_url, unique};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tickwire");
 const TARGET: &str = "market-data/normalized/equities";
 
 /// These tests kill and restart nodes: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn pulsar_url() -> String {
-    std::env::var("TICKWIRE_PULSAR_URL").unwrap_or_else(|_| "pulsar://127.0.0.1:6650".into())
-}
-
-fn unique(name: &str) -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("persistent://public/default/{name}-{n}")
-}
 
 struct NodeProc {
     child: Child,
@@ -39,6 +30,16 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(root: &Path, name: &str, input: &str, subscription: &str) -> NodeProc {
+        NodeProc::start_with(root, name, input, subscription, "failover")
+    }
+
+    fn start_with(
+        root: &Path,
+        name: &str,
+        input: &str,
+        subscription: &str,
+        kind: &str,
+    ) -> NodeProc {
         let dir = root.join(name);
         let cfg = root.join(format!("{name}.toml"));
         std::fs::write(
@@ -47,7 +48,7 @@ impl NodeProc {
                 "[node]\nid = {name:?}\ndir = {dir:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 0\n\
                  [[topics]]\nname = {TARGET:?}\npartitions = 2\ncapacity = 65536\n\
                  [bridge]\nenabled = true\nurl = {url:?}\ntopics = [{input:?}]\nsubscription = {subscription:?}\n\
-                 subscription_type = \"failover\"\nconsumer_name = {name:?}\ndead_letter_topic = {dlq:?}\nreceiver_queue_size = 100\n",
+                 subscription_type = {kind:?}\nconsumer_name = {name:?}\ndead_letter_topic = {dlq:?}\nreceiver_queue_size = 100\n",
                 dir = dir.display().to_string(),
                 url = pulsar_url(),
                 dlq = format!("{input}-dlq"),
@@ -142,7 +143,8 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
                     tokio::time::sleep(wait).await;
                 }
                 let body = serde_json::json!({"symbol": format!("S{}", i % 16), "exchange": "NASDAQ", "timestamp_ns": tickwire_proto::futex::realtime_ns(), "price": 1.0 + i as f64, "volume": 1});
-                match p.send_non_blocking(serde_json::to_vec(&body).expect("json")).await {
+                // Keyed by symbol: Key_Shared spreads keys over the nodes.
+                match p.create_message().with_key(format!("S{}", i % 16)).with_content(serde_json::to_vec(&body).expect("json")).send_non_blocking().await {
                     Ok(f) => {
                         window.push((i, f));
                         i += 1;
@@ -229,16 +231,16 @@ fn a_node_killed_mid_stream_and_restarted_loses_nothing() {
     node.terminate();
 }
 
-#[test]
-fn two_nodes_share_a_feed_and_the_survivor_takes_over_when_the_active_one_is_killed() {
+/// Two nodes on one subscription; the node with more events is SIGKILLed
+/// mid-stream; every message must reach a surviving ring.
+fn two_nodes(kind: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let root = tempfile::tempdir().expect("tempdir");
-    let input = unique("tw-failover");
-    let sub = "tw-failover";
-    let mut a = NodeProc::start(root.path(), "node-a", &input, sub);
-    let mut b = NodeProc::start(root.path(), "node-b", &input, sub);
+    let input = unique(&format!("tw-{kind}"));
+    let sub = format!("tw-{kind}");
+    let mut a = NodeProc::start_with(root.path(), "node-a", &input, &sub, kind);
+    let mut b = NodeProc::start_with(root.path(), "node-b", &input, &sub, kind);
     let producer = produce(input.clone(), 6000, 2000);
-    // Find the active node (Failover: one consumer gets the topic), kill it.
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut na, mut nb) = (0, 0);
     while na + nb < 1000 && Instant::now() < deadline {
@@ -250,17 +252,24 @@ fn two_nodes_share_a_feed_and_the_survivor_takes_over_when_the_active_one_is_kil
         na + nb >= 1000,
         "the nodes ingested before the kill ({na} + {nb})"
     );
-    let a_active = na >= nb;
-    if a_active {
+    if kind == "key_shared" {
+        assert!(
+            na > 0 && nb > 0,
+            "Key_Shared: both nodes active ({na} + {nb})"
+        );
+    }
+    let a_killed = na >= nb;
+    if a_killed {
         a.kill9()
     } else {
         b.kill9()
     }
-    let survivor_dir = if a_active {
+    let survivor_dir = if a_killed {
         b.dir.clone()
     } else {
         a.dir.clone()
     };
+    let before = ring_seqs(&survivor_dir).len();
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 6000, "every send got a receipt");
     let (got, dups) = wait_for_all(&[&a.dir, &b.dir], &sent);
@@ -271,14 +280,27 @@ fn two_nodes_share_a_feed_and_the_survivor_takes_over_when_the_active_one_is_kil
         sent.difference(&got).count(),
         sent.len()
     );
-    let survivor_has = ring_seqs(&survivor_dir).len();
-    assert!(survivor_has > 0, "the survivor took over");
+    let after = ring_seqs(&survivor_dir).len();
+    assert!(
+        after > before,
+        "the survivor took over ({before} -> {after})"
+    );
     eprintln!(
-        "failover: {} sent, 0 lost, {dups} duplicates across nodes, survivor ingested {survivor_has}",
+        "{kind}: {} sent, 0 lost, {dups} duplicates across nodes, survivor ingested {before} before the kill and {after} in all",
         sent.len()
     );
     a.terminate();
     b.terminate();
+}
+
+#[test]
+fn two_nodes_share_a_feed_and_the_survivor_takes_over_when_the_active_one_is_killed() {
+    two_nodes("failover");
+}
+
+#[test]
+fn two_key_shared_nodes_split_the_keys_and_the_survivor_takes_over_the_killed_ones_keys() {
+    two_nodes("key_shared");
 }
 
 fn restart_pulsar(kill: bool) {

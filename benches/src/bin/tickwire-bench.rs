@@ -60,6 +60,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         tether_ms: u64,
     },
+    /// The Pulsar bridge beside Pulsar's own consumer (needs scripts/services.sh up).
+    Pulsar {
+        /// Seconds of paced sending.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Messages in the drained backlog.
+        #[arg(long, default_value_t = 200_000)]
+        messages: u64,
+        /// Paced rate, msg/s.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// Drain trials (interleaved, medians).
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+        /// Pulsar service URL.
+        #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
+        url: String,
+    },
     /// Internal: a reader process.
     #[command(name = "__reader", hide = true)]
     Reader {
@@ -113,6 +131,19 @@ fn main() -> ExitCode {
             };
             res.map(|v| println!("{v}"))
         }
+        Cmd::Pulsar {
+            seconds,
+            messages,
+            rate,
+            trials,
+            url,
+        } => benches::pulsar_bench::run(&benches::pulsar_bench::PulsarBench {
+            url,
+            messages,
+            rate,
+            seconds,
+            trials: trials.max(1),
+        }),
         Cmd::Shm {
             seconds,
             consumers,

@@ -1,0 +1,45 @@
+"""Pulsar's own consumer (Apache's C++-based Python client), the baseline
+for `tickwire-bench pulsar`: receives and acknowledges messages on its own
+subscription and prints one JSON line with its figures.
+
+Usage: pulsar_consume.py URL TOPIC SUBSCRIPTION TYPE RECEIVER_QUEUE COUNT LATENCY(0|1)
+"""
+import json
+import sys
+import time
+
+import pulsar
+
+
+def main():
+    url, topic, sub, kind, rq, count, latency = sys.argv[1:8]
+    count, rq, latency = int(count), int(rq), latency == "1"
+    types = {"failover": pulsar.ConsumerType.Failover, "shared": pulsar.ConsumerType.Shared,
+             "exclusive": pulsar.ConsumerType.Exclusive, "key_shared": pulsar.ConsumerType.KeyShared}
+    client = pulsar.Client(url, operation_timeout_seconds=30)
+    consumer = client.subscribe(topic, sub, consumer_type=types[kind], receiver_queue_size=rq,
+                                initial_position=pulsar.InitialPosition.Earliest)
+    print("READY", flush=True)
+    n, lat, first, last = 0, [], None, None
+    while n < count:
+        try:
+            msg = consumer.receive(timeout_millis=30000)
+        except Exception:  # timeout: the producer is done
+            break
+        now = time.time_ns()
+        if first is None:
+            first = time.monotonic_ns()
+        if latency:
+            lat.append(now - json.loads(msg.data())["timestamp_ns"])
+        consumer.acknowledge(msg)
+        n += 1
+    last = time.monotonic_ns()
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0
+    print(json.dumps({"events": n, "elapsed_ns": (last - (first or last)) or 1,
+                      "p50_ns": q(0.5), "p99_ns": q(0.99), "p999_ns": q(0.999), "max_ns": lat[-1] if lat else 0}), flush=True)
+    client.close()
+
+
+if __name__ == "__main__":
+    main()
