@@ -267,25 +267,14 @@ fn every_kind_of_bad_message_goes_to_the_dead_letter_topic_with_its_reason_and_n
             .build()
             .await
             .expect("producer");
-        for i in 0..5 {
+        // Five good, every bad one, five good.
+        let payloads = (0..5)
+            .map(good)
+            .chain(bad.iter().map(|(_, p)| p.clone()))
+            .chain((5..10).map(good));
+        for payload in payloads {
             producer
-                .send_non_blocking(good(i).into_bytes())
-                .await
-                .expect("send")
-                .await
-                .expect("receipt");
-        }
-        for (_, payload) in &bad {
-            producer
-                .send_non_blocking(payload.clone().into_bytes())
-                .await
-                .expect("send")
-                .await
-                .expect("receipt");
-        }
-        for i in 5..10 {
-            producer
-                .send_non_blocking(good(i).into_bytes())
+                .send_non_blocking(payload.into_bytes())
                 .await
                 .expect("send")
                 .await
