@@ -281,6 +281,48 @@ async fn subscribe(
     Ok(b.build().await?)
 }
 
+type DlqProducer = pulsar::Producer<TokioExecutor>;
+
+async fn setup(
+    cfg: &BridgeConfig,
+) -> Result<(Pulsar<TokioExecutor>, PulsarConsumer, DlqProducer), BridgeError> {
+    let pulsar = connect(cfg).await?;
+    let consumer = subscribe(&pulsar, cfg).await?;
+    let dlq = pulsar
+        .producer()
+        .with_topic(&cfg.dead_letter_topic)
+        .with_options(pulsar::ProducerOptions {
+            block_queue_if_full: true,
+            ..pulsar::ProducerOptions::default()
+        })
+        .build()
+        .await?;
+    Ok((pulsar, consumer, dlq))
+}
+
+/// Runs `op` until it succeeds (backoff 100 ms doubling to 5 s), or `None`
+/// once `stop` is set.
+async fn retry<T, F, Fut>(stop: &AtomicBool, what: &str, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BridgeError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, step = what, backoff_ms = backoff.as_millis() as u64, "pulsar not available; retrying")
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// A message handed to the sink and not yet acknowledged.
 struct Pending {
     topic: String,
@@ -451,17 +493,12 @@ pub async fn run<S: Sink>(
 ) -> Result<(), BridgeError> {
     cfg.validate().map_err(BridgeError::Config)?;
     let limits = cfg.limits();
-    let pulsar = connect(&cfg).await?;
-    let mut consumer = subscribe(&pulsar, &cfg).await?;
-    let mut dlq = pulsar
-        .producer()
-        .with_topic(&cfg.dead_letter_topic)
-        .with_options(pulsar::ProducerOptions {
-            block_queue_if_full: true,
-            ..pulsar::ProducerOptions::default()
-        })
-        .build()
-        .await?;
+    // Pulsar may be down or still recovering (after a restart the health
+    // check passes before every topic is served): retry with backoff.
+    let Some((pulsar, mut consumer, mut dlq)) = retry(&stop, "connect", || setup(&cfg)).await
+    else {
+        return Ok(());
+    };
     let (output, output_handle) = if cfg.output_topic.is_empty() {
         (None, None)
     } else {
@@ -517,7 +554,10 @@ pub async fn run<S: Sink>(
                 tracing::warn!("pulsar consumer stream ended; resubscribing");
                 acker.pending.clear();
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                consumer = subscribe(&pulsar, &cfg).await?;
+                match retry(&stop, "resubscribe", || subscribe(&pulsar, &cfg)).await {
+                    Some(c) => consumer = c,
+                    None => break,
+                }
                 continue;
             }
         };
