@@ -507,12 +507,23 @@ impl Shard {
     /// Drains up to `batch_max` jobs, commits them, flushes the rings they
     /// touched, and hands back completions. Returns the count.
     fn batch(&mut self) -> usize {
-        let me = &self.shared.shards[self.index];
         self.batch_ingest.clear();
         self.batch_acks.clear();
         let mut n = 0;
         while n < self.batch_max {
-            let Some(job) = me.queue.pop() else { break };
+            let Some(job) = self.shared.shards[self.index].queue.pop() else {
+                break;
+            };
+            if self
+                .rings
+                .get(job.ring as usize)
+                .is_some_and(|(_, _, r)| r.at_gate())
+                && n > 0
+            {
+                // The writer may wait for a tethered reader: what is
+                // committed so far is acknowledged first, not held.
+                self.finish_batch();
+            }
             let Some((topic, partition, ring)) = self.rings.get_mut(job.ring as usize) else {
                 continue;
             };
@@ -538,6 +549,16 @@ impl Shard {
         if n == 0 {
             return 0;
         }
+        self.finish_batch();
+        let me = &self.shared.shards[self.index];
+        me.events.fetch_add(n as u64, Ordering::Relaxed);
+        me.batches.fetch_add(1, Ordering::Relaxed);
+        n
+    }
+
+    /// Flushes the rings this batch touched and hands back the completions
+    /// of what it committed.
+    fn finish_batch(&mut self) {
         for (i, d) in self.dirty.iter_mut().enumerate() {
             if std::mem::take(d) {
                 self.rings[i].2.flush();
@@ -580,9 +601,6 @@ impl Shard {
                 let _ = sink.push(c);
             }
         }
-        me.events.fetch_add(n as u64, Ordering::Relaxed);
-        me.batches.fetch_add(1, Ordering::Relaxed);
-        n
     }
 
     fn idle_wait(&self, idle: u32) {

@@ -528,6 +528,13 @@ impl PartitionWriter {
         self.core.publish(body)
     }
 
+    /// Whether the next publish may wait for a tethered reader (see
+    /// [`WriterCore::at_gate`](crate::ring::WriterCore::at_gate)).
+    #[inline]
+    pub fn at_gate(&self) -> bool {
+        self.core.at_gate()
+    }
+
     /// Ends a batch (publishes the sequence, wakes waiters).
     #[inline]
     pub fn flush(&mut self) -> u64 {

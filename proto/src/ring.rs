@@ -216,6 +216,9 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
     pub fn publish(&mut self, body: &[u64; BODY_WORDS]) -> u64 {
         let seq = self.next;
         if seq >= self.gate {
+            // Readers see what this batch wrote (and blocked ones wake)
+            // before the writer may wait on them.
+            self.flush();
             self.wait_for_gate(seq);
         }
         let slot = self.ring.slot(seq);
@@ -232,6 +235,14 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
         slot.stamp.store(seq, STAMP_STORE);
         self.next = seq + 1;
         seq
+    }
+
+    /// Whether the next [`publish`](Self::publish) must look at the
+    /// tethered readers' cursors and may wait for them: a caller holding
+    /// completions for this batch hands them back first.
+    #[inline]
+    pub fn at_gate(&self) -> bool {
+        self.next >= self.gate
     }
 
     /// Ends a batch: publishes the header sequence, wakes blocked readers if

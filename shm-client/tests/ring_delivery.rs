@@ -242,6 +242,55 @@ fn a_tethered_reader_that_keeps_up_loses_nothing_with_a_tiny_ring() {
     assert_eq!(w.partition_untethered(), 0);
 }
 
+/// A writer that reaches a tethered reader in the middle of a batch makes
+/// what it wrote visible and wakes the reader before it waits, or a reader
+/// asleep on the futex and the writer would wait on each other until the
+/// budget ran out.
+#[test]
+fn a_sleeping_tethered_reader_is_woken_when_the_writer_reaches_it_mid_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 8).expect("writer");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .tethered(Duration::from_secs(5))
+        .wait(WaitStrategy::Futex { spins: 0 })
+        .open()
+        .expect("sub");
+    w.flush();
+    let n = 200u64;
+    let writer = std::thread::spawn(move || {
+        // Let the reader fall asleep first.
+        std::thread::sleep(Duration::from_millis(50));
+        // One batch of 25 ring lengths: flushed only at the end.
+        for i in 1..=n {
+            w.publish(0, &body(i));
+        }
+        w.flush();
+        w
+    });
+    let mut expect = 1;
+    while expect <= n {
+        let got = sub.poll(64, |e| match e {
+            Event::Tick(t) => {
+                assert_eq!(t.seq, expect);
+                expect += 1;
+            }
+            other => panic!("lossless reader got {other:?}"),
+        });
+        if got == 0 {
+            // Sleeps until woken: only the writer's wake ends this early.
+            sub.wait_for_data(Duration::from_secs(3600));
+        }
+    }
+    let w = writer.join().expect("writer");
+    assert_eq!(
+        w.partition_untethered(),
+        0,
+        "the writer had to untether the reader: it never woke"
+    );
+}
+
 trait Untethered {
     fn partition_untethered(self) -> u64;
 }
