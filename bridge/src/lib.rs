@@ -16,6 +16,7 @@
 //! Bounded everywhere: the consumer's receiver queue, and the tokens in
 //! flight (the sink refuses more than its completion queue holds).
 
+mod ack;
 pub mod payload;
 
 /// The Pulsar client this crate is built on (for tests and tools that produce).
@@ -50,6 +51,15 @@ pub enum SubscriptionType {
 }
 
 impl SubscriptionType {
+    /// Pulsar delivers each topic partition in order to one consumer, so
+    /// cumulative acknowledgements are allowed.
+    fn ack_mode(self) -> ack::AckMode {
+        match self {
+            SubscriptionType::Failover | SubscriptionType::Exclusive => ack::AckMode::Cumulative,
+            SubscriptionType::KeyShared | SubscriptionType::Shared => ack::AckMode::Individual,
+        }
+    }
+
     fn sub_type(self) -> SubType {
         match self {
             SubscriptionType::Failover => SubType::Failover,
@@ -184,6 +194,16 @@ pub trait Sink: Send {
     ) -> Result<(), SinkError>;
     /// Calls `done` for every event committed since the last call.
     fn drain(&mut self, done: &mut dyn FnMut(Committed));
+    /// The routing key the sink routed `event` by (for the output events;
+    /// called only for sampled messages). Default: `{symbol}.{exchange}.{kind}`.
+    fn routing_key(&mut self, event: &MarketEvent) -> String {
+        format!(
+            "{}.{}.{}",
+            event.instrument.symbol,
+            event.instrument.exchange,
+            event.kind.name()
+        )
+    }
 }
 
 /// Where a committed event landed.
@@ -206,8 +226,13 @@ pub struct Committed {
 pub struct BridgeStats {
     /// Messages received from Pulsar.
     pub received: AtomicU64,
-    /// Messages committed by the sink and acknowledged.
+    /// Messages the sink reported committed.
+    pub committed: AtomicU64,
+    /// Messages covered by acknowledgements sent to Pulsar (committed or
+    /// dead-lettered).
     pub acked: AtomicU64,
+    /// Acknowledgement commands sent (cumulative or per entry).
+    pub ack_commands: AtomicU64,
     /// Messages sent to the dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Times the sink pushed back.
@@ -236,6 +261,29 @@ pub enum BridgeError {
 pub fn source_id(producer: &str) -> u16 {
     let h = tickwire_proto::layout::topic_hash(producer);
     (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
+}
+
+/// The sequence of one message at its producer, unique per message and the
+/// same on every redelivery (the dedup key with [`source_id`]):
+///
+/// - not batched: the producer's sequence id;
+/// - batched by a client that numbers every message (Java, C++, Go: the
+///   entry's `highest_sequence_id` is `sequence_id + n - 1`):
+///   `sequence_id + batch_index`, the message's own sequence id;
+/// - batched by a client that numbers batches (pulsar-rs):
+///   `sequence_id << 16 | batch_index`.
+pub fn source_seq(meta: &pulsar::message::proto::MessageMetadata, batch_index: Option<i32>) -> u64 {
+    let (Some(n), Some(i)) = (meta.num_messages_in_batch, batch_index) else {
+        return meta.sequence_id;
+    };
+    let i = i.max(0) as u64;
+    let per_message =
+        n > 1 && meta.highest_sequence_id == Some(meta.sequence_id.saturating_add(n as u64 - 1));
+    if per_message {
+        meta.sequence_id.saturating_add(i)
+    } else {
+        meta.sequence_id << 16 | (i & 0xffff)
+    }
 }
 
 type PulsarConsumer = Consumer<Vec<u8>, TokioExecutor>;
@@ -323,19 +371,27 @@ where
     }
 }
 
-/// A message handed to the sink and not yet acknowledged.
-struct Pending {
+/// A message sampled for a `market_data_distributed` event.
+struct Sampled {
     topic: String,
     id: MessageIdData,
-    /// Kept only for messages sampled for a `market_data_distributed` event.
-    event: Option<MarketEvent>,
+    event: MarketEvent,
+}
+
+/// A message handed to the sink and not yet committed.
+struct Pending {
+    slot: ack::Slot,
+    sampled: Option<Box<Sampled>>,
 }
 
 /// What the loop keeps between messages: bounded by the sink's in-flight
-/// limit (pending) and the output queue (events).
+/// limit (pending), the consumer's receiver queue (tracked entries) and the
+/// output queue (events).
 struct Acker {
     pending: HashMap<u64, Pending>,
+    tracker: ack::AckTracker,
     done: Vec<Committed>,
+    acks: Vec<ack::Ack>,
     output: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     target_topic: String,
     node: String,
@@ -343,7 +399,9 @@ struct Acker {
 }
 
 impl Acker {
-    /// Acknowledges every committed message and emits sampled events.
+    /// Takes the sink's commit completions, emits sampled events and sends
+    /// the acknowledgements they allow (entries whose every message is
+    /// complete; cumulative where the subscription type allows).
     async fn ack_committed<S: Sink>(
         &mut self,
         sink: &mut S,
@@ -353,32 +411,57 @@ impl Acker {
         self.done.clear();
         let done = &mut self.done;
         sink.drain(&mut |c| done.push(c));
+        stats
+            .committed
+            .fetch_add(self.done.len() as u64, Ordering::Relaxed);
         for c in std::mem::take(&mut self.done) {
             let Some(p) = self.pending.remove(&c.token) else {
                 continue;
             };
-            if let (Some(event), Some(out)) = (&p.event, &self.output) {
-                let body = distributed_event(
-                    &self.node,
-                    &self.target_topic,
-                    &self.workflows,
-                    &p,
-                    event,
-                    &c,
-                );
+            self.tracker.complete(p.slot);
+            if let (Some(s), Some(out)) = (&p.sampled, &self.output) {
+                let key = sink.routing_key(&s.event);
+                let body =
+                    distributed_event(&self.node, &self.target_topic, &self.workflows, s, &key, &c);
                 match out.try_send(body) {
                     Ok(()) => stats.events_out.fetch_add(1, Ordering::Relaxed),
                     Err(_) => stats.events_dropped.fetch_add(1, Ordering::Relaxed),
                 };
             }
-            match consumer.ack_with_id(&p.topic, p.id).await {
+        }
+        self.send_acks(consumer, stats).await;
+    }
+
+    /// Sends what the tracker allows.
+    async fn send_acks(&mut self, consumer: &mut PulsarConsumer, stats: &BridgeStats) {
+        self.tracker.take_acks(&mut self.acks);
+        for a in self.acks.drain(..) {
+            let sent = if a.cumulative {
+                consumer.cumulative_ack_with_id(&a.topic, a.id).await
+            } else {
+                consumer.ack_with_id(&a.topic, a.id).await
+            };
+            match sent {
                 Ok(()) => {
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                    stats.acked.fetch_add(a.messages, Ordering::Relaxed);
+                    stats.ack_commands.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %a.topic, "ack failed; the messages will be redelivered")
+                }
             }
         }
     }
+}
+
+/// `ledger:entry:batch_index` (-1 when not batched), as Pulsar's tools print it.
+fn pulsar_id(id: &MessageIdData) -> String {
+    format!(
+        "{}:{}:{}",
+        id.ledger_id,
+        id.entry_id,
+        id.batch_index.unwrap_or(-1)
+    )
 }
 
 fn rfc3339(ns: u64) -> String {
@@ -390,10 +473,11 @@ fn distributed_event(
     node: &str,
     target: &str,
     workflows: &[String],
-    p: &Pending,
-    e: &MarketEvent,
+    s: &Sampled,
+    routing_key: &str,
     c: &Committed,
 ) -> Vec<u8> {
+    let e = &s.event;
     let now = tickwire_proto::futex::realtime_ns();
     let price = tickwire_proto::frame::price_to_f64(e.px_a);
     let volume = e.size_a as f64 / 10f64.powi(e.instrument.size_decimals as i32);
@@ -420,13 +504,13 @@ fn distributed_event(
             "volume": volume,
         },
         "routing": {
-            "routing_key": format!("{}.{}.{}", e.instrument.symbol, e.instrument.exchange, e.kind.name()),
+            "routing_key": routing_key,
             "target_workflows": workflows,
             "delivery_guarantees": "at_least_once",
         },
         "source": {
-            "topic": p.topic,
-            "message_id": format!("{}:{}:{}", p.id.ledger_id, p.id.entry_id, p.id.batch_index.unwrap_or(-1)),
+            "topic": s.topic,
+            "message_id": pulsar_id(&s.id),
         },
     });
     serde_json::to_vec(&v).unwrap_or_default()
@@ -515,7 +599,9 @@ pub async fn run<S: Sink>(
     tracing::info!(url = %cfg.url, topics = ?cfg.topics, subscription = %cfg.subscription, kind = ?cfg.subscription_type, output = %cfg.output_topic, "pulsar bridge consuming");
     let mut acker = Acker {
         pending: HashMap::new(),
+        tracker: ack::AckTracker::new(cfg.subscription_type.ack_mode()),
         done: Vec::new(),
+        acks: Vec::new(),
         output,
         target_topic: cfg.target_topic.clone(),
         node: cfg
@@ -529,7 +615,8 @@ pub async fn run<S: Sink>(
     let mut since_ack = 0u32;
     while !stop.load(Ordering::Relaxed) {
         // A message that is already there is taken without arming a timer;
-        // acks go out when the stream is momentarily empty, or every 64.
+        // completions are drained (and acks sent) when the stream is
+        // momentarily empty, or every 64 messages.
         let ready = futures::FutureExt::now_or_never(consumer.next());
         if ready.is_none() || since_ack >= 64 {
             acker.ack_committed(&mut sink, &mut consumer, &stats).await;
@@ -553,6 +640,7 @@ pub async fn run<S: Sink>(
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("pulsar consumer stream ended; resubscribing");
                 acker.pending.clear();
+                acker.tracker.clear();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 match retry(&stop, "resubscribe", || subscribe(&pulsar, &cfg)).await {
                     Some(c) => consumer = c,
@@ -563,26 +651,30 @@ pub async fn run<S: Sink>(
         };
         stats.received.fetch_add(1, Ordering::Relaxed);
         received += 1;
-        let topic = msg.topic.clone();
-        let id = msg.message_id().clone();
         let meta = msg.metadata();
-        let (src, seq) = (source_id(&meta.producer_name), meta.sequence_id);
+        let (src, seq) = (
+            source_id(&meta.producer_name),
+            source_seq(meta, msg.message_id().batch_index),
+        );
+        let slot = acker
+            .tracker
+            .received(&msg.topic, msg.message_id(), meta.num_messages_in_batch);
         let now = tickwire_proto::futex::realtime_ns();
         let reject = match payload::parse(cfg.format, &msg.payload.data, &limits, now) {
             Err(r) => Some((r.code().to_string(), r.to_string())),
             Ok(event) => {
                 let token = next_token;
                 next_token += 1;
-                let sampled =
-                    acker.output.is_some() && received.is_multiple_of(cfg.output_sample_every);
-                acker.pending.insert(
-                    token,
-                    Pending {
-                        topic: topic.clone(),
-                        id: id.clone(),
-                        event: sampled.then(|| event.clone()),
-                    },
-                );
+                let sampled = (acker.output.is_some()
+                    && received.is_multiple_of(cfg.output_sample_every))
+                .then(|| {
+                    Box::new(Sampled {
+                        topic: msg.topic.clone(),
+                        id: msg.message_id().clone(),
+                        event: event.clone(),
+                    })
+                });
+                acker.pending.insert(token, Pending { slot, sampled });
                 loop {
                     match sink.try_send(&event, src, seq, token) {
                         Ok(()) => break None,
@@ -605,37 +697,19 @@ pub async fn run<S: Sink>(
             }
         };
         if let Some((code, detail)) = reject {
-            let sent = match dlq
-                .create_message()
-                .with_content(msg.payload.data.clone())
-                .with_property("reason", code.clone())
-                .with_property("detail", detail.clone())
-                .with_property("source_topic", topic.clone())
-                .with_property(
-                    "source_message_id",
-                    format!(
-                        "{}:{}:{}",
-                        id.ledger_id,
-                        id.entry_id,
-                        id.batch_index.unwrap_or(-1)
-                    ),
-                )
-                .send_non_blocking()
-                .await
-            {
-                Ok(receipt) => receipt.await.is_ok(),
-                Err(_) => false,
-            };
-            if sent {
+            let props = [
+                ("reason", code.clone()),
+                ("detail", detail.clone()),
+                ("source_topic", msg.topic.clone()),
+                ("source_message_id", pulsar_id(msg.message_id())),
+            ];
+            if dead_letter(&mut dlq, &msg.payload.data, &props, &stop).await {
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(reason = %code, detail = %detail, topic = %topic, "dead-lettered a message");
-                if let Err(e) = consumer.ack_with_id(&topic, id).await {
-                    tracing::warn!(error = %e, "ack of a dead-lettered message failed; it will be redelivered");
-                }
-            } else {
-                // Not acknowledged: Pulsar redelivers it and we try again.
-                tracing::warn!(reason = %code, "dead-letter send failed; leaving the message unacknowledged");
+                tracing::warn!(reason = %code, detail = %detail, topic = %msg.topic, "dead-lettered a message");
+                acker.tracker.complete(slot);
             }
+            // Else stopping before the dead-letter topic took it: left
+            // unacknowledged, Pulsar redelivers it.
         }
     }
     // Acknowledge what was committed before stopping.
@@ -652,4 +726,71 @@ pub async fn run<S: Sink>(
         let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
     }
     Ok(())
+}
+
+/// Sends a rejected payload to the dead-letter topic with its properties,
+/// retrying with backoff until Pulsar has it (a message is acknowledged only
+/// once it is either committed or dead-lettered, and acknowledgements go in
+/// order). `false` only when stopping first.
+async fn dead_letter(
+    dlq: &mut DlqProducer,
+    payload: &[u8],
+    props: &[(&str, String)],
+    stop: &AtomicBool,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut m = dlq.create_message().with_content(payload.to_vec());
+        for (k, v) in props {
+            m = m.with_property(*k, v.clone());
+        }
+        let err = match m.send_non_blocking().await {
+            Ok(receipt) => match receipt.await {
+                Ok(_) => return true,
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "dead-letter send failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulsar::message::proto::MessageMetadata;
+
+    fn meta(seq: u64, n: Option<i32>, highest: Option<u64>) -> MessageMetadata {
+        MessageMetadata {
+            sequence_id: seq,
+            num_messages_in_batch: n,
+            highest_sequence_id: highest,
+            ..MessageMetadata::default()
+        }
+    }
+
+    #[test]
+    fn source_sequences_are_unique_per_message_whatever_the_producer_batching() {
+        // Not batched.
+        assert_eq!(source_seq(&meta(41, None, None), None), 41);
+        // Java-style batch: ids 100..=149 in one entry.
+        let java = meta(100, Some(50), Some(149));
+        assert_eq!(source_seq(&java, Some(0)), 100);
+        assert_eq!(source_seq(&java, Some(49)), 149);
+        // pulsar-rs-style: one id per batch; batches 5 and 6 never collide.
+        let a: Vec<u64> = (0..50)
+            .map(|i| source_seq(&meta(5, Some(50), None), Some(i)))
+            .collect();
+        let b: Vec<u64> = (0..50)
+            .map(|i| source_seq(&meta(6, Some(50), None), Some(i)))
+            .collect();
+        let all: std::collections::HashSet<u64> = a.iter().chain(&b).copied().collect();
+        assert_eq!(all.len(), 100);
+        assert_eq!(a[3], 5 << 16 | 3);
+    }
 }

@@ -61,6 +61,13 @@ impl Sink for IngestSink {
         }
     }
 
+    fn routing_key(&mut self, e: &MarketEvent) -> String {
+        self.ingest
+            .resolver()
+            .routing_key(self.topic, &e.instrument, e.kind)
+            .unwrap_or_default()
+    }
+
     fn drain(&mut self, done: &mut dyn FnMut(Committed)) {
         self.ingest.drain_completions(|c| {
             done(Committed {

@@ -143,6 +143,14 @@ impl Resolver {
             .map(|i| i as u32)
     }
 
+    /// The routing key an event of `inst` and `kind` has on a topic, with
+    /// that topic's template (None for an unknown topic index).
+    pub fn routing_key(&self, topic: u32, inst: &Instrument, kind: Kind) -> Option<String> {
+        self.topics
+            .get(topic as usize)
+            .map(|t| t.template.render(inst, kind))
+    }
+
     /// The route of an instrument on a topic, resolving it in symbology the
     /// first time.
     ///

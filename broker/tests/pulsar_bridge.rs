@@ -4,7 +4,6 @@
 //! topics and subscription.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use shm_client::{Event, Start, Subscriber};
@@ -15,13 +14,9 @@ use tickwire_broker::engine::Broker;
 use tickwire_broker::pulsar::BridgeHandle;
 
 mod common;
-use common::{pulsar_url, read_topic, unique};
+use common::{backlog, pulsar_url, read_topic, unique};
 
 const TARGET: &str = "market-data/normalized/equities";
-
-fn admin_addr() -> String {
-    std::env::var("TICKWIRE_PULSAR_ADMIN").unwrap_or_else(|_| "127.0.0.1:8080".into())
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -43,37 +38,6 @@ async fn client() -> Pulsar<TokioExecutor> {
         })
 }
 
-/// A plain HTTP GET against the Pulsar admin API; returns the body.
-fn admin_get(path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        admin_addr()
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    // Chunked bodies: keep the JSON object.
-    match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) if b > a => body[a..=b].to_string(),
-        _ => body,
-    }
-}
-
-fn backlog(topic: &str, subscription: &str) -> u64 {
-    let path = topic.replace("persistent://", "/admin/v2/persistent/");
-    let stats: serde_json::Value =
-        serde_json::from_str(&admin_get(&format!("{path}/stats"))).expect("stats json");
-    stats["subscriptions"][subscription]["msgBacklog"]
-        .as_u64()
-        .unwrap_or(u64::MAX)
-}
-
 struct Node {
     _dir: tempfile::TempDir,
     broker: Broker,
@@ -82,6 +46,10 @@ struct Node {
 }
 
 fn node(bridge: BridgeConfig) -> Node {
+    node_with_template(bridge, &TopicConfig::default().routing_key)
+}
+
+fn node_with_template(bridge: BridgeConfig, routing_key: &str) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = Config::default();
     c.node.dir = Some(dir.path().to_path_buf());
@@ -90,7 +58,7 @@ fn node(bridge: BridgeConfig) -> Node {
         name: TARGET.into(),
         partitions: 2,
         capacity: 1 << 14,
-        ..TopicConfig::default()
+        routing_key: routing_key.into(),
     }];
     // Housekeeping (reader counts for subscribers_notified) every 20 ms.
     c.shards.reclaim_interval_ms = 20;
@@ -326,7 +294,8 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
     cfg.output_topic = output.clone();
     cfg.output_sample_every = 1;
     cfg.target_workflows = vec!["market_intelligence".into()];
-    let mut n = node(cfg);
+    // A template other than the default: the events carry the topic's key.
+    let mut n = node_with_template(cfg, "{exchange}:{symbol}:{kind}");
     let total = 300usize;
     rt.block_on(async {
         let pulsar = client().await;
@@ -426,6 +395,12 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
             "our subscriber was counted: {e}"
         );
         assert_eq!(e["data"]["symbol"], "BTC-USD");
+        let kind = e["data"]["kind"].as_str().expect("kind");
+        assert_eq!(
+            e["routing"]["routing_key"].as_str(),
+            Some(format!("COINBASE:BTC-USD:{kind}").as_str()),
+            "the routing key of the topic's template: {e}"
+        );
         assert_eq!(e["routing"]["delivery_guarantees"], "at_least_once");
         assert_eq!(e["routing"]["target_workflows"][0], "market_intelligence");
     }

@@ -15,7 +15,7 @@ use shm_client::{Event, Start, Subscriber};
 use tickwire_bridge::pulsar::{Pulsar, TokioExecutor};
 
 mod common;
-use common::{pulsar_url, unique};
+use common::{backlog, pulsar_url, unique};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tickwire");
 const TARGET: &str = "market-data/normalized/equities";
@@ -40,13 +40,26 @@ impl NodeProc {
         subscription: &str,
         kind: &str,
     ) -> NodeProc {
+        NodeProc::start_ring(root, name, input, subscription, kind, 2, 65536)
+    }
+
+    /// A node whose target topic has `partitions` rings of `capacity` slots.
+    fn start_ring(
+        root: &Path,
+        name: &str,
+        input: &str,
+        subscription: &str,
+        kind: &str,
+        partitions: u32,
+        capacity: u64,
+    ) -> NodeProc {
         let dir = root.join(name);
         let cfg = root.join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
             format!(
                 "[node]\nid = {name:?}\ndir = {dir:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 0\n\
-                 [[topics]]\nname = {TARGET:?}\npartitions = 2\ncapacity = 65536\n\
+                 [[topics]]\nname = {TARGET:?}\npartitions = {partitions}\ncapacity = {capacity}\n\
                  [bridge]\nenabled = true\nurl = {url:?}\ntopics = [{input:?}]\nsubscription = {subscription:?}\n\
                  subscription_type = {kind:?}\nconsumer_name = {name:?}\ndead_letter_topic = {dlq:?}\nreceiver_queue_size = 100\n",
                 dir = dir.display().to_string(),
@@ -229,6 +242,201 @@ fn a_node_killed_mid_stream_and_restarted_loses_nothing() {
         sent.len()
     );
     node.terminate();
+}
+
+/// Sends `total` JSON messages in producer batches of `batch` (one Pulsar
+/// entry each); returns, in order, each message's dedup key as the bridge
+/// derives it: pulsar-rs gives a whole batch one sequence id, so the key is
+/// `sequence_id << 16 | index in the batch`.
+fn produce_batched(input: &str, total: u64, batch: u32) -> Vec<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(pulsar_url(), TokioExecutor)
+            .build()
+            .await
+            .expect("pulsar (run scripts/services.sh up)");
+        let mut p = pulsar
+            .producer()
+            .with_topic(input)
+            .with_options(tickwire_bridge::pulsar::ProducerOptions {
+                batch_size: Some(batch),
+                block_queue_if_full: true,
+                ..Default::default()
+            })
+            .build()
+            .await
+            .expect("producer");
+        let mut receipts = Vec::new();
+        for i in 0..total {
+            let body = serde_json::json!({"symbol": format!("S{}", i % 16), "exchange": "NASDAQ", "timestamp_ns": tickwire_proto::futex::realtime_ns(), "price": 1.0 + i as f64, "volume": 1});
+            receipts.push(
+                p.send_non_blocking(serde_json::to_vec(&body).expect("json"))
+                    .await
+                    .expect("send"),
+            );
+            if (i + 1) % u64::from(batch) == 0 {
+                p.send_batch().await.expect("batch");
+            }
+        }
+        p.send_batch().await.expect("batch");
+        let mut keys: Vec<u64> = Vec::new();
+        let mut index = 0;
+        for r in receipts {
+            let seq = r.await.expect("receipt").sequence_id;
+            index = match keys.last() {
+                Some(k) if k >> 16 == seq => index + 1,
+                _ => 0,
+            };
+            keys.push(seq << 16 | index);
+        }
+        keys
+    })
+}
+
+/// Ack after commit, pinned to the commit instant: a reader tethered with a
+/// one-hour budget that reads nothing lets the one 256-slot ring take 256
+/// events, then holds the writer, so everything after stays uncommitted
+/// (in the shard's queue, the bridge, the receiver queue). After a SIGKILL
+/// and a restart on the same rings, the uncommitted messages arrive,
+/// redelivered. `batch`: the producer batches that many messages per
+/// Pulsar entry, and the cut falls inside one (an entry is acknowledged
+/// whole, so its committed part comes again: those are the only duplicates).
+fn uncommitted_messages_are_redelivered(batch: Option<u32>) {
+    const CAPACITY: u64 = 256;
+    const TOTAL: u64 = 400;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let root = tempfile::tempdir().expect("tempdir");
+    let input = unique("tw-uncommitted");
+    let sub_name = "tw-uncommitted";
+    let mut node = NodeProc::start_ring(
+        root.path(),
+        "node-a",
+        &input,
+        sub_name,
+        "failover",
+        1,
+        CAPACITY,
+    );
+    // The ring appears once the node runs; the reader registers before any
+    // message is sent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut reader = loop {
+        match Subscriber::builder(TARGET)
+            .node_dir(&node.dir)
+            .start(Start::Sequence(1))
+            .tethered(Duration::from_secs(3600))
+            .open()
+        {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => panic!("the node's ring never appeared: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let order: Vec<u64> = match batch {
+        None => {
+            let mut v: Vec<u64> = produce(input.clone(), TOTAL, 4000)
+                .join()
+                .expect("producer")
+                .into_iter()
+                .collect();
+            v.sort_unstable();
+            v
+        }
+        Some(b) => produce_batched(&input, TOTAL, b),
+    };
+    assert_eq!(order.len() as u64, TOTAL, "every send got a receipt");
+    let uncommitted = TOTAL - CAPACITY;
+    if batch.is_none() {
+        // Pulsar's backlog falls to exactly what is not committed, and stays.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut b = backlog(&input, sub_name);
+        while b != uncommitted && Instant::now() < deadline {
+            assert!(
+                b > uncommitted,
+                "acknowledged more than was committed: backlog {b}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            b = backlog(&input, sub_name);
+        }
+        assert_eq!(b, uncommitted, "the committed messages were acknowledged");
+    }
+    // Time for any wrong acknowledgement to reach Pulsar.
+    std::thread::sleep(Duration::from_millis(1000));
+    if batch.is_none() {
+        assert_eq!(
+            backlog(&input, sub_name),
+            uncommitted,
+            "nothing uncommitted was acknowledged"
+        );
+    }
+    node.kill9();
+    let mut read = |want: &[u64]| {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !want.iter().all(|w| got.contains(w)) && Instant::now() < deadline {
+            let n = reader.poll(1024, |e| match e {
+                Event::Tick(t) => got.push(t.body.source_seq()),
+                other => panic!("tethered reader got {other:?}"),
+            });
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        got
+    };
+    let committed = read(&order[..CAPACITY as usize]);
+    assert_eq!(
+        committed,
+        order[..CAPACITY as usize],
+        "the ring held the first {CAPACITY} messages, in order"
+    );
+    // Restart on the same rings; the reader stays mapped through it.
+    let mut node = NodeProc::start_ring(
+        root.path(),
+        "node-a",
+        &input,
+        sub_name,
+        "failover",
+        1,
+        CAPACITY,
+    );
+    let rest = &order[CAPACITY as usize..];
+    let mut redelivered = read(rest);
+    std::thread::sleep(Duration::from_millis(300));
+    node.terminate();
+    reader.poll(1024, |e| {
+        if let Event::Tick(t) = e {
+            redelivered.push(t.body.source_seq())
+        }
+    });
+    // Duplicates: the committed head of the entry the cut fell in.
+    let dups = match batch {
+        None => 0,
+        Some(b) => (CAPACITY % u64::from(b)) as usize,
+    };
+    assert_eq!(
+        redelivered,
+        order[CAPACITY as usize - dups..],
+        "exactly the uncommitted messages came again, in order ({uncommitted} lost to a \
+         too-early ack would show here), with {dups} duplicates from the cut entry"
+    );
+    eprintln!(
+        "uncommitted at kill: {uncommitted} of {TOTAL}, all redelivered; {dups} duplicates (batch {batch:?})"
+    );
+}
+
+#[test]
+fn messages_not_yet_committed_when_a_node_is_killed_are_redelivered_and_the_committed_ones_are_not()
+{
+    uncommitted_messages_are_redelivered(None);
+}
+
+#[test]
+fn a_producer_batch_is_acknowledged_only_once_all_of_it_is_committed() {
+    uncommitted_messages_are_redelivered(Some(50));
 }
 
 /// Two nodes on one subscription; the node with more events is SIGKILLed

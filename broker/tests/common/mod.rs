@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,6 +12,11 @@ use tickwire_bridge::pulsar::{Consumer, Pulsar, TokioExecutor};
 /// The Pulsar that `scripts/services.sh up` starts (TICKWIRE_PULSAR_URL overrides).
 pub fn pulsar_url() -> String {
     std::env::var("TICKWIRE_PULSAR_URL").unwrap_or_else(|_| "pulsar://127.0.0.1:6650".into())
+}
+
+/// The Pulsar admin endpoint (TICKWIRE_PULSAR_ADMIN overrides).
+pub fn admin_addr() -> String {
+    std::env::var("TICKWIRE_PULSAR_ADMIN").unwrap_or_else(|_| "127.0.0.1:8080".into())
 }
 
 /// A topic name no other test or run uses.
@@ -61,4 +67,37 @@ pub async fn read_topic(
         }
     }
     out
+}
+
+/// A plain HTTP GET against the Pulsar admin API; returns the body.
+pub fn admin_get(path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        admin_addr()
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: keep the JSON object.
+    match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if b > a => body[a..=b].to_string(),
+        _ => body,
+    }
+}
+
+/// The subscription's message backlog from the admin API (`u64::MAX` when
+/// the stats do not name it).
+pub fn backlog(topic: &str, subscription: &str) -> u64 {
+    let path = topic.replace("persistent://", "/admin/v2/persistent/");
+    let stats: serde_json::Value =
+        serde_json::from_str(&admin_get(&format!("{path}/stats"))).expect("stats json");
+    stats["subscriptions"][subscription]["msgBacklog"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
 }
