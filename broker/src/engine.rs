@@ -496,7 +496,12 @@ impl Shard {
                 idle = idle.saturating_add(1);
                 self.idle_wait(idle);
             }
-            if last_housekeeping.elapsed() >= self.reclaim_interval {
+            // The clock is read after a batch, every 64th empty poll while
+            // spinning or yielding, and after every park.
+            let parking = idle >= self.spin_iterations + self.yield_iterations;
+            if (n > 0 || parking || idle.is_multiple_of(64))
+                && last_housekeeping.elapsed() >= self.reclaim_interval
+            {
                 last_housekeeping = Instant::now();
                 self.housekeeping(&mut hist);
             }

@@ -90,7 +90,7 @@ pub struct BridgeHandle {
 }
 
 impl BridgeHandle {
-    /// Starts the bridge on its own thread (a one-worker tokio runtime).
+    /// Starts the bridge on its own thread (a current-thread tokio runtime).
     ///
     /// # Errors
     /// If the thread or runtime cannot start or the target topic is unknown.
@@ -106,8 +106,9 @@ impl BridgeHandle {
         let thread = std::thread::Builder::new()
             .name("tickwire-bridge".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
+                // One thread for the consumer loop and the client's own
+                // tasks: no cross-thread wakeup per message.
+                let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .map_err(|e| e.to_string())?;
