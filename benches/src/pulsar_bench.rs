@@ -27,17 +27,23 @@ use tickwire_proto::futex::realtime_ns;
 const TARGET: &str = "bench/pulsar";
 const RECEIVER_QUEUE: u32 = 1000;
 
-/// Settings.
+/// `tickwire-bench pulsar` settings.
+#[derive(clap::Args)]
 pub struct PulsarBench {
-    /// Pulsar URL.
+    /// Pulsar service URL.
+    #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
     pub url: String,
-    /// Messages in the drain backlog.
+    /// Messages in the drained backlog.
+    #[arg(long, default_value_t = 200_000)]
     pub messages: u64,
     /// Paced rate, msg/s.
+    #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
     /// Seconds of paced sending.
+    #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
     /// Drain trials (interleaved; medians reported).
+    #[arg(long, default_value_t = 3)]
     pub trials: usize,
 }
 

@@ -228,13 +228,7 @@ fn every_kind_of_bad_message_goes_to_the_dead_letter_topic_with_its_reason_and_n
         ("oversized", format!("{{\"symbol\": \"{}\"}}", "X".repeat(2000))),
     ];
     let reasons = rt.block_on(async {
-        let pulsar = client().await;
-        let mut producer = pulsar
-            .producer()
-            .with_topic(&input)
-            .build()
-            .await
-            .expect("producer");
+        let mut producer = producer(&input).await;
         // Five good, every bad one, five good.
         let payloads = (0..5)
             .map(good)
@@ -249,7 +243,7 @@ fn every_kind_of_bad_message_goes_to_the_dead_letter_topic_with_its_reason_and_n
                 .expect("receipt");
         }
         let mut reasons = Vec::new();
-        for (_, props) in read_topic(&pulsar, &dlq, bad.len()).await {
+        for (_, props) in read_topic(&client().await, &dlq, bad.len()).await {
             assert!(
                 props.get("detail").is_some_and(|d| !d.is_empty()),
                 "a detail with the reason"
@@ -298,13 +292,7 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
     let mut n = node_with_template(cfg, "{exchange}:{symbol}:{kind}");
     let total = 300usize;
     rt.block_on(async {
-        let pulsar = client().await;
-        let mut producer = pulsar
-            .producer()
-            .with_topic(&input)
-            .build()
-            .await
-            .expect("producer");
+        let mut producer = producer(&input).await;
         for i in 0..total {
             let now = tickwire_proto::futex::realtime_ns() as i64;
             let m = if i % 2 == 0 {
@@ -405,6 +393,17 @@ fn protobuf_trades_and_quotes_reach_the_rings() {
         assert_eq!(e["routing"]["target_workflows"][0], "market_intelligence");
     }
     n.broker.shutdown();
+}
+
+/// A producer on `topic` with Pulsar's defaults (no batching).
+async fn producer(topic: &str) -> tickwire_bridge::pulsar::Producer<TokioExecutor> {
+    client()
+        .await
+        .producer()
+        .with_topic(topic)
+        .build()
+        .await
+        .expect("producer")
 }
 
 /// Producer options: wait for room rather than fail with SlowDown.

@@ -189,6 +189,17 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
     })
 }
 
+/// Every message that got a receipt reached a ring.
+fn assert_none_lost(sent: &HashSet<u64>, got: &HashSet<u64>, through: &str) {
+    let lost: Vec<_> = sent.difference(got).take(10).collect();
+    assert!(
+        lost.is_empty(),
+        "lost {} of {} through {through} (first: {lost:?})",
+        sent.difference(got).count(),
+        sent.len()
+    );
+}
+
 /// Waits until the union of the nodes' rings holds every id in `want`.
 fn wait_for_all(dirs: &[&Path], want: &HashSet<u64>) -> (HashSet<u64>, usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -230,13 +241,7 @@ fn a_node_killed_mid_stream_and_restarted_loses_nothing() {
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 6000, "every send got a receipt");
     let (got, dups) = wait_for_all(&[&node.dir], &sent);
-    let lost: Vec<_> = sent.difference(&got).take(10).collect();
-    assert!(
-        lost.is_empty(),
-        "lost {} of {} (first: {lost:?})",
-        sent.difference(&got).count(),
-        sent.len()
-    );
+    assert_none_lost(&sent, &got, "a node SIGKILL and restart");
     eprintln!(
         "restart: {} sent, 0 lost, {dups} duplicates (redelivered after the kill)",
         sent.len()
@@ -311,15 +316,18 @@ fn uncommitted_messages_are_redelivered(batch: Option<u32>) {
     let root = tempfile::tempdir().expect("tempdir");
     let input = unique("tw-uncommitted");
     let sub_name = "tw-uncommitted";
-    let mut node = NodeProc::start_ring(
-        root.path(),
-        "node-a",
-        &input,
-        sub_name,
-        "failover",
-        1,
-        CAPACITY,
-    );
+    let start = || {
+        NodeProc::start_ring(
+            root.path(),
+            "node-a",
+            &input,
+            sub_name,
+            "failover",
+            1,
+            CAPACITY,
+        )
+    };
+    let mut node = start();
     // The ring appears once the node runs; the reader registers before any
     // message is sent.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -394,15 +402,7 @@ fn uncommitted_messages_are_redelivered(batch: Option<u32>) {
         "the ring held the first {CAPACITY} messages, in order"
     );
     // Restart on the same rings; the reader stays mapped through it.
-    let mut node = NodeProc::start_ring(
-        root.path(),
-        "node-a",
-        &input,
-        sub_name,
-        "failover",
-        1,
-        CAPACITY,
-    );
+    let mut node = start();
     let rest = &order[CAPACITY as usize..];
     let mut redelivered = read(rest);
     std::thread::sleep(Duration::from_millis(300));
@@ -481,13 +481,7 @@ fn two_nodes(kind: &str) {
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 6000, "every send got a receipt");
     let (got, dups) = wait_for_all(&[&a.dir, &b.dir], &sent);
-    let lost: Vec<_> = sent.difference(&got).take(10).collect();
-    assert!(
-        lost.is_empty(),
-        "lost {} of {} across both nodes (first: {lost:?})",
-        sent.difference(&got).count(),
-        sent.len()
-    );
+    assert_none_lost(&sent, &got, "a node SIGKILL, across both nodes");
     let after = ring_seqs(&survivor_dir).len();
     assert!(
         after > before,
@@ -570,13 +564,14 @@ fn pulsar_restart_mid_stream(kill: bool) {
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 4000, "every message eventually got a receipt");
     let (got, dups) = wait_for_all(&[&node.dir], &sent);
-    let lost: Vec<_> = sent.difference(&got).take(10).collect();
-    assert!(
-        lost.is_empty(),
-        "lost {} of {} across a Pulsar {} (first: {lost:?})",
-        sent.difference(&got).count(),
-        sent.len(),
-        if kill { "SIGKILL" } else { "restart" }
+    assert_none_lost(
+        &sent,
+        &got,
+        if kill {
+            "a Pulsar SIGKILL"
+        } else {
+            "a Pulsar restart"
+        },
     );
     eprintln!(
         "pulsar {}: {} sent, 0 lost, {dups} duplicates",

@@ -10,7 +10,7 @@
 use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tickwire_proto::layout::{ReaderSlot, RegistryBlock, Slot, WaiterBlock, WriterBlock};
 use tickwire_proto::ring::{
-    Clock, Liveness, Read, ReaderCore, ReaderRegistration, RingRef, Tether, WriterCore,
+    Clock, Liveness, Read, ReaderCore, ReaderRegistration, RingRef, Tether, WriterCore, WriterStats,
 };
 
 struct Parts {
@@ -105,6 +105,30 @@ fn body(seq: u64) -> [u64; 7] {
     [seq; 7]
 }
 
+/// Recovers the writer on the calling thread, as the broker opens a ring
+/// before its shard starts (recovered inside the spawned thread, the model
+/// never schedules its commits ahead of a reader).
+fn recover_writer(parts: &'static Parts) -> WriterCore<'static, Locks<'static>, Ticks> {
+    WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default()))
+}
+
+/// Publishes sequences 1..=5 on a new thread, flushes, returns its stats.
+fn spawn_publishing(
+    mut w: WriterCore<'static, Locks<'static>, Ticks>,
+) -> loom::thread::JoinHandle<WriterStats> {
+    loom::thread::spawn(move || {
+        for seq in 1..=5 {
+            w.publish(&body(seq));
+        }
+        w.flush();
+        w.stats()
+    })
+}
+
+fn spawn_writer(parts: &'static Parts) -> loom::thread::JoinHandle<WriterStats> {
+    spawn_publishing(recover_writer(parts))
+}
+
 /// Preemption bound 2 by default (`LOOM_MAX_PREEMPTIONS` overrides).
 fn builder() -> loom::model::Builder {
     let mut b = loom::model::Builder::new();
@@ -121,14 +145,7 @@ fn builder() -> loom::model::Builder {
 fn no_torn_frame_even_when_lapped() {
     builder().check(|| {
         let parts = Parts::new(4, 2);
-        let mut w =
-            WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default()));
-        let writer = loom::thread::spawn(move || {
-            for seq in 1..=5 {
-                w.publish(&body(seq));
-            }
-            w.flush();
-        });
+        let writer = spawn_writer(parts);
         let mut r = ReaderCore::new(parts.ring(), 1);
         r.set_slack(0);
         let mut next = 1;
@@ -161,15 +178,7 @@ fn a_tethered_reader_loses_nothing() {
         let reg =
             ReaderRegistration::claim(parts.ring(), Locks(&parts.locks), 1, true, u64::MAX, 1)
                 .expect("slot");
-        let mut w =
-            WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default()));
-        let writer = loom::thread::spawn(move || {
-            for seq in 1..=5 {
-                w.publish(&body(seq));
-            }
-            w.flush();
-            assert_eq!(w.stats().untethered, 0);
-        });
+        let writer = spawn_writer(parts);
         let other = loom::thread::spawn(move || {
             let mut r = ReaderCore::new(parts.ring(), 5);
             let mut buf = [0u64; 7];
@@ -191,7 +200,7 @@ fn a_tethered_reader_loses_nothing() {
                 Read::Empty => loom::thread::yield_now(),
             }
         }
-        writer.join().expect("writer");
+        assert_eq!(writer.join().expect("writer").untethered, 0);
         other.join().expect("other");
     });
 }
@@ -204,15 +213,7 @@ fn a_stalled_tethered_reader_is_untethered_after_its_budget() {
         let parts = Parts::new(4, 2);
         let mut reg = ReaderRegistration::claim(parts.ring(), Locks(&parts.locks), 1, true, 3, 1)
             .expect("slot");
-        let mut w =
-            WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default()));
-        let writer = loom::thread::spawn(move || {
-            for seq in 1..=5 {
-                w.publish(&body(seq));
-            }
-            w.flush();
-            w.stats()
-        });
+        let writer = spawn_writer(parts);
         let stats = writer.join().expect("writer");
         assert_eq!(stats.untethered, 1);
         assert_eq!(stats.reclaimed, 0);
@@ -238,16 +239,9 @@ fn a_dead_tethered_reader_is_reclaimed() {
                 .expect("slot");
         let index = reg.index();
         std::mem::forget(reg);
-        let mut w =
-            WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default()));
+        let w = recover_writer(parts);
         let dier = loom::thread::spawn(move || parts.locks[index].store(false, Ordering::Release));
-        let writer = loom::thread::spawn(move || {
-            for seq in 1..=5 {
-                w.publish(&body(seq));
-            }
-            w.flush();
-            w.stats()
-        });
+        let writer = spawn_publishing(w);
         dier.join().expect("dier");
         let stats = writer.join().expect("writer");
         assert_eq!(stats.reclaimed, 1);

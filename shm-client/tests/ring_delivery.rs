@@ -15,6 +15,16 @@ fn body(i: u64) -> FrameBody {
     b
 }
 
+/// A one-partition ring of `capacity` slots holding events 1..=`n`.
+fn filled(dir: &std::path::Path, capacity: u64, n: u64) -> TopicWriter {
+    let mut w = TopicWriter::create(dir, TOPIC, 1, capacity).expect("writer");
+    for i in 1..=n {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    w
+}
+
 #[test]
 fn millions_of_events_arrive_in_order_on_every_partition() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -114,11 +124,7 @@ fn a_lapped_reader_gets_the_exact_missing_range() {
 #[test]
 fn a_start_sequence_that_left_the_ring_yields_a_gap_then_the_oldest() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 16).expect("writer");
-    for i in 1..=100 {
-        w.publish(0, &body(i));
-    }
-    w.flush();
+    let _w = filled(dir.path(), 16, 100);
     let mut sub = Subscriber::builder(TOPIC)
         .node_dir(dir.path())
         .start(Start::Sequence(3))
@@ -139,11 +145,7 @@ fn a_start_sequence_that_left_the_ring_yields_a_gap_then_the_oldest() {
 #[test]
 fn latest_starts_after_the_published_sequence() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 16).expect("writer");
-    for i in 1..=5 {
-        w.publish(0, &body(i));
-    }
-    w.flush();
+    let mut w = filled(dir.path(), 16, 5);
     let mut sub = Subscriber::builder(TOPIC)
         .node_dir(dir.path())
         .open()
@@ -207,18 +209,29 @@ fn a_tethered_reader_holds_the_writer_up_to_its_budget_then_is_untethered_and_to
     assert_eq!(w.partition(0).core().stats().gate_waits, 1);
 }
 
-#[test]
-fn a_tethered_reader_that_keeps_up_loses_nothing_with_a_tiny_ring() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 8).expect("writer");
-    let mut sub = Subscriber::builder(TOPIC)
-        .node_dir(dir.path())
+/// An 8-slot ring and a reader tethered to it with `budget`, waiting on the
+/// futex after `spins`; the writer has noticed the reader.
+fn tiny_ring_tethered(
+    dir: &std::path::Path,
+    budget: Duration,
+    spins: u32,
+) -> (TopicWriter, Subscriber) {
+    let mut w = TopicWriter::create(dir, TOPIC, 1, 8).expect("writer");
+    let sub = Subscriber::builder(TOPIC)
+        .node_dir(dir)
         .start(Start::Sequence(1))
-        .tethered(Duration::from_secs(60))
-        .wait(WaitStrategy::Futex { spins: 10 })
+        .tethered(budget)
+        .wait(WaitStrategy::Futex { spins })
         .open()
         .expect("sub");
     w.flush();
+    (w, sub)
+}
+
+#[test]
+fn a_tethered_reader_that_keeps_up_loses_nothing_with_a_tiny_ring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut w, mut sub) = tiny_ring_tethered(dir.path(), Duration::from_secs(60), 10);
     let n = 200_000u64;
     let writer = std::thread::spawn(move || {
         for i in 1..=n {
@@ -249,15 +262,7 @@ fn a_tethered_reader_that_keeps_up_loses_nothing_with_a_tiny_ring() {
 #[test]
 fn a_sleeping_tethered_reader_is_woken_when_the_writer_reaches_it_mid_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 8).expect("writer");
-    let mut sub = Subscriber::builder(TOPIC)
-        .node_dir(dir.path())
-        .start(Start::Sequence(1))
-        .tethered(Duration::from_secs(5))
-        .wait(WaitStrategy::Futex { spins: 0 })
-        .open()
-        .expect("sub");
-    w.flush();
+    let (mut w, mut sub) = tiny_ring_tethered(dir.path(), Duration::from_secs(5), 0);
     let n = 200u64;
     let writer = std::thread::spawn(move || {
         // Let the reader fall asleep first.

@@ -26,58 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Shared-memory cases: max_1x1, paced_1x1, ingest_1x1, fanout_N.
-    Shm {
-        /// Seconds per case and system (split over the trials in max_1x1 and paced_1x1).
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Fan-out reader counts (comma-separated).
-        #[arg(long, value_delimiter = ',', default_values_t = vec![4usize, 16])]
-        consumers: Vec<usize>,
-        /// Writer pace for paced_1x1 and ingest_1x1 (events/s).
-        #[arg(long, default_value_t = 100_000)]
-        rate: u64,
-        /// Writer pace for the fan-out cases (events/s).
-        #[arg(long, default_value_t = 1_000_000)]
-        fanout_rate: u64,
-        /// Cases to run (comma-separated; default all).
-        #[arg(long, value_delimiter = ',')]
-        cases: Vec<String>,
-        /// Core the writer runs on.
-        #[arg(long, default_value_t = 0)]
-        writer_core: usize,
-        /// Core the reader process(es) and the ingest shard run on.
-        #[arg(long, default_value_t = 1)]
-        reader_core: usize,
-        /// Ring capacity in slots for the 1:1 cases, tickwire and plain ring
-        /// alike (16384 x 64 B = 1 MiB, this machine's L2). Fan-out uses at
-        /// least 2^20 so that untethered readers on a shared core keep up.
-        #[arg(long, default_value_t = 1 << 14)]
-        capacity: u64,
-        /// Interleaved trials for max_1x1 and paced_1x1 (median reported).
-        #[arg(long, default_value_t = 5)]
-        trials: usize,
-        /// Tether budget of the lossless tickwire readers, ms.
-        #[arg(long, default_value_t = 1000)]
-        tether_ms: u64,
-    },
+    Shm(Shm),
     /// The Pulsar bridge beside Pulsar's own consumer (needs scripts/services.sh up).
-    Pulsar {
-        /// Seconds of paced sending.
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Messages in the drained backlog.
-        #[arg(long, default_value_t = 200_000)]
-        messages: u64,
-        /// Paced rate, msg/s.
-        #[arg(long, default_value_t = 10_000)]
-        rate: u64,
-        /// Drain trials (interleaved, medians).
-        #[arg(long, default_value_t = 3)]
-        trials: usize,
-        /// Pulsar service URL.
-        #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
-        url: String,
-    },
+    Pulsar(benches::pulsar_bench::PulsarBench),
     /// Internal: a reader process.
     #[command(name = "__reader", hide = true)]
     Reader {
@@ -131,42 +82,14 @@ fn main() -> ExitCode {
             };
             res.map(|v| println!("{v}"))
         }
-        Cmd::Pulsar {
-            seconds,
-            messages,
-            rate,
-            trials,
-            url,
-        } => benches::pulsar_bench::run(&benches::pulsar_bench::PulsarBench {
-            url,
-            messages,
-            rate,
-            seconds,
-            trials: trials.max(1),
-        }),
-        Cmd::Shm {
-            seconds,
-            consumers,
-            rate,
-            fanout_rate,
-            cases,
-            writer_core,
-            reader_core,
-            capacity,
-            trials,
-            tether_ms,
-        } => shm(Shm {
-            seconds,
-            consumers,
-            rate,
-            fanout_rate,
-            cases,
-            writer_core,
-            reader_core,
-            capacity,
-            trials: trials.max(1),
-            tether_ms,
-        }),
+        Cmd::Pulsar(mut b) => {
+            b.trials = b.trials.max(1);
+            benches::pulsar_bench::run(&b)
+        }
+        Cmd::Shm(mut b) => {
+            b.trials = b.trials.max(1);
+            shm(b)
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,16 +100,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// `tickwire-bench shm` settings.
+#[derive(clap::Args)]
 struct Shm {
+    /// Seconds per case and system (split over the trials in max_1x1 and paced_1x1).
+    #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Fan-out reader counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4usize, 16])]
     consumers: Vec<usize>,
+    /// Writer pace for paced_1x1 and ingest_1x1 (events/s).
+    #[arg(long, default_value_t = 100_000)]
     rate: u64,
+    /// Writer pace for the fan-out cases (events/s).
+    #[arg(long, default_value_t = 1_000_000)]
     fanout_rate: u64,
+    /// Cases to run (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
+    /// Core the writer runs on.
+    #[arg(long, default_value_t = 0)]
     writer_core: usize,
+    /// Core the reader process(es) and the ingest shard run on.
+    #[arg(long, default_value_t = 1)]
     reader_core: usize,
+    /// Ring capacity in slots for the 1:1 cases, tickwire and plain ring
+    /// alike (16384 x 64 B = 1 MiB, this machine's L2). Fan-out uses at
+    /// least 2^20 so that untethered readers on a shared core keep up.
+    #[arg(long, default_value_t = 1 << 14)]
     capacity: u64,
+    /// Interleaved trials for max_1x1 and paced_1x1 (median reported).
+    #[arg(long, default_value_t = 5)]
     trials: usize,
+    /// Tether budget of the lossless tickwire readers, ms.
+    #[arg(long, default_value_t = 1000)]
     tether_ms: u64,
 }
 
