@@ -141,7 +141,12 @@ isForceGCAllowWhenNoSpace=true
 EOF
 }
 
-pulsar_ready() { curl -sf --max-time 5 "http://127.0.0.1:$pulsar_http/admin/v2/brokers/health" | grep -q ok; }
+# Healthy, and the standalone has created public/default (it does so after
+# the health check first passes: a producer would get "Namespace not found").
+pulsar_ready() {
+    curl -sf --max-time 5 "http://127.0.0.1:$pulsar_http/admin/v2/brokers/health" | grep -q ok &&
+        curl -sf --max-time 5 "http://127.0.0.1:$pulsar_http/admin/v2/namespaces/public" | grep -q '"public/default"'
+}
 
 pulsar_up() {
     local pidf="$state/pulsar.pid" log="$state/pulsar.log"
