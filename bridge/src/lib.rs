@@ -257,9 +257,16 @@ pub enum BridgeError {
     Pulsar(#[from] pulsar::Error),
 }
 
-/// A stable 16-bit id for a producer name (FNV-1a folded).
-pub fn source_id(producer: &str) -> u16 {
-    let h = tickwire_proto::layout::topic_hash(producer);
+/// A stable 16-bit id for a producer on one topic partition (FNV-1a over
+/// both names, folded). A producer's sequence ids are per partition (a
+/// partitioned producer numbers each partition from 0), so the partition is
+/// part of the source: (`source_id`, [`source_seq`]) is the dedup key.
+pub fn source_id(producer: &str, topic: &str) -> u16 {
+    use tickwire_proto::layout::{FNV_OFFSET, fnv1a};
+    let h = fnv1a(
+        fnv1a(fnv1a(FNV_OFFSET, producer.as_bytes()), &[0]),
+        topic.as_bytes(),
+    );
     (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
 }
 
@@ -653,7 +660,7 @@ pub async fn run<S: Sink>(
         received += 1;
         let meta = msg.metadata();
         let (src, seq) = (
-            source_id(&meta.producer_name),
+            source_id(&meta.producer_name, &msg.topic),
             source_seq(meta, msg.message_id().batch_index),
         );
         let slot = acker

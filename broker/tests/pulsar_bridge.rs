@@ -14,7 +14,7 @@ use tickwire_broker::engine::Broker;
 use tickwire_broker::pulsar::BridgeHandle;
 
 mod common;
-use common::{backlog, pulsar_url, read_topic, unique};
+use common::{backlog, create_partitioned, pulsar_url, read_topic, unique};
 
 const TARGET: &str = "market-data/normalized/equities";
 
@@ -118,32 +118,46 @@ fn read_ticks(sub: &mut Subscriber, n: usize) -> Vec<(String, f64, u64, u16)> {
     got
 }
 
-#[test]
-fn json_messages_reach_the_rings_exactly_in_per_key_order_and_are_acked_after_commit() {
+/// JSON messages on `inputs` (several topics, partitioned ones among them)
+/// through one `kind` subscription: exactly the sent messages reach the
+/// rings, no duplicate by source identity, per-key order where the type
+/// promises it, and every message acknowledged once committed.
+fn json_ingest(kind: SubscriptionType, inputs: &[String], per_input: usize) {
     let rt = runtime();
-    let input = unique("tw-json");
     let dlq = unique("tw-json-dlq");
-    let sub_name = "tickwire-json";
-    let mut n = node(bridge_config(&input, &dlq, sub_name, Format::Json));
-    let total = 2000usize;
+    let sub_name = format!("tickwire-json-{kind:?}");
+    let mut cfg = bridge_config(&inputs[0], &dlq, &sub_name, Format::Json);
+    cfg.topics = inputs.to_vec();
+    cfg.subscription_type = kind;
+    let mut n = node(cfg);
+    let total = per_input * inputs.len();
+    let keyed = tickwire_bridge::pulsar::ProducerOptions {
+        routing_policy: Some(tickwire_bridge::pulsar::routing_policy::RoutingPolicy::RoundRobin),
+        ..blocking()
+    };
     let receipts = rt.block_on(async {
         let pulsar = client().await;
-        let mut producer = pulsar.producer().with_topic(&input).with_name(format!("json-producer-{}", std::process::id())).with_options(blocking()).build().await.expect("producer");
-        // Receipts are awaited in windows: the client refuses too many in flight.
         let mut ok = 0;
-        let mut window = Vec::new();
-        for i in 0..total {
-            let symbol = format!("SYM{}", i % 10);
-            let body = serde_json::json!({
-                "symbol": symbol, "exchange": "NASDAQ", "currency": "USD",
-                "timestamp_ns": tickwire_proto::futex::realtime_ns(), "price": 100.0 + i as f64, "volume": 10 + i,
-            });
-            let f = producer.create_message().with_key(symbol).with_content(serde_json::to_vec(&body).expect("json")).send_non_blocking().await.expect("send");
-            window.push(f);
-            if window.len() == 256 || i + 1 == total {
-                for f in window.drain(..) {
-                    if f.await.is_ok() {
-                        ok += 1;
+        for (k, input) in inputs.iter().enumerate() {
+            // Unbatched (Key_Shared needs it) and keyed: a partitioned topic
+            // routes each key to one partition (pulsar-rs's default policy
+            // would spread one key round-robin, with no order to keep).
+            let mut producer = pulsar.producer().with_topic(input).with_name(format!("json-producer-{}-{k}", std::process::id())).with_options(keyed.clone()).build().await.expect("producer");
+            // Receipts are awaited in windows: the client refuses too many in flight.
+            let mut window = Vec::new();
+            for i in 0..per_input {
+                let symbol = format!("T{k}SYM{}", i % 10);
+                let body = serde_json::json!({
+                    "symbol": symbol, "exchange": "NASDAQ", "currency": "USD",
+                    "timestamp_ns": tickwire_proto::futex::realtime_ns(), "price": 100.0 + i as f64, "volume": 10 + i,
+                });
+                let f = producer.create_message().with_key(symbol).with_content(serde_json::to_vec(&body).expect("json")).send_non_blocking().await.expect("send");
+                window.push(f);
+                if window.len() == 256 || i + 1 == per_input {
+                    for f in window.drain(..) {
+                        if f.await.is_ok() {
+                            ok += 1;
+                        }
                     }
                 }
             }
@@ -155,53 +169,88 @@ fn json_messages_reach_the_rings_exactly_in_per_key_order_and_are_acked_after_co
     assert_eq!(
         ticks.len(),
         total,
-        "exactly the sent messages reach the rings"
+        "{kind:?}: exactly the sent messages reach the rings"
     );
-    // Per-key order (Failover keeps it) and no duplicates by source identity.
+    // No duplicates by source identity (producer + partition, sequence), and
+    // per-key order where the subscription type keeps it.
+    let ordered = kind != SubscriptionType::Shared;
     let mut last: HashMap<&str, f64> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     for (sym, price, seq, src) in &ticks {
-        assert!(seen.insert((*src, *seq)), "duplicate source sequence {seq}");
+        assert!(
+            seen.insert((*src, *seq)),
+            "{kind:?}: duplicate source ({src}, {seq})"
+        );
         let prev = last.insert(sym.as_str(), *price);
         assert!(
-            prev.is_none_or(|p| p < *price),
-            "{sym}: {price} after {prev:?}"
+            !ordered || prev.is_none_or(|p| p < *price),
+            "{kind:?}: {sym}: {price} after {prev:?}"
         );
     }
+    assert_eq!(last.len(), 10 * inputs.len(), "every key arrived");
     let extra = n.sub.poll(10, |_| {});
     assert_eq!(extra, 0, "nothing beyond the sent messages");
-    // Acknowledged after commit: once the bridge has acked all, the
-    // subscription's backlog is empty.
+    // Acknowledged after commit: once the bridge has acked all, every
+    // subscription backlog is empty.
     let stats = n.bridge.as_ref().map(|b| b.stats.clone()).expect("bridge");
+    let acked = || stats.acked.load(std::sync::atomic::Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stats.acked.load(std::sync::atomic::Ordering::Relaxed) < total as u64
-        && Instant::now() < deadline
-    {
+    while acked() < total as u64 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(
-        stats.acked.load(std::sync::atomic::Ordering::Relaxed),
-        total as u64
-    );
+    assert_eq!(acked(), total as u64, "{kind:?}: acknowledged");
     n.bridge
         .take()
         .map(BridgeHandle::stop)
         .transpose()
         .expect("bridge stop");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut b = backlog(&input, sub_name);
-    while b != 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        b = backlog(&input, sub_name);
+    for input in inputs {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut b = backlog(input, &sub_name);
+        while b != 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            b = backlog(input, &sub_name);
+        }
+        assert_eq!(b, 0, "{kind:?}: {input}: all messages acknowledged");
     }
-    assert_eq!(b, 0, "all messages acknowledged");
     assert_eq!(
         stats
             .dead_lettered
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    eprintln!(
+        "{kind:?}: {total} messages on {} topics, {} ack commands",
+        inputs.len(),
+        stats
+            .ack_commands
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     n.broker.shutdown();
+}
+
+fn partitioned(name: &str, partitions: u32) -> String {
+    let t = unique(name);
+    create_partitioned(&t, partitions);
+    t
+}
+
+#[test]
+fn json_messages_reach_the_rings_exactly_in_per_key_order_and_are_acked_after_commit() {
+    // A plain topic and a partitioned one, through one Failover subscription.
+    let inputs = [unique("tw-json"), partitioned("tw-json-parts", 3)];
+    json_ingest(SubscriptionType::Failover, &inputs, 1000);
+}
+
+#[test]
+fn exclusive_key_shared_and_shared_subscriptions_ingest_a_partitioned_topic_exactly() {
+    for kind in [
+        SubscriptionType::Exclusive,
+        SubscriptionType::KeyShared,
+        SubscriptionType::Shared,
+    ] {
+        json_ingest(kind, &[partitioned("tw-json-kinds", 2)], 500);
+    }
 }
 
 #[test]

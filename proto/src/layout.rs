@@ -195,8 +195,16 @@ unsafe impl ShmSafe for Slot {}
 
 /// FNV-1a, 64-bit: the topic hash recorded in ring headers.
 pub fn topic_hash(topic: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in topic.bytes() {
+    fnv1a(FNV_OFFSET, topic.as_bytes())
+}
+
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, 64-bit, continued from `h` over `bytes` (start from
+/// [`FNV_OFFSET`]), so several strings hash without joining them.
+pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

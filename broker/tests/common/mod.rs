@@ -71,11 +71,31 @@ pub async fn read_topic(
 
 /// A plain HTTP GET against the Pulsar admin API; returns the body.
 pub fn admin_get(path: &str) -> String {
+    admin("GET", path, "")
+}
+
+/// Creates `topic` as a partitioned topic of `partitions` partitions.
+pub fn create_partitioned(topic: &str, partitions: u32) {
+    let path = topic.replace("persistent://", "/admin/v2/persistent/");
+    let status = admin(
+        "PUT",
+        &format!("{path}/partitions"),
+        &partitions.to_string(),
+    );
+    assert!(
+        status.is_empty() || !status.contains("reason"),
+        "creating {topic}: {status}"
+    );
+}
+
+/// One admin request; returns the body.
+fn admin(method: &str, path: &str, body: &str) -> String {
     let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin connect");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        admin_addr()
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        admin_addr(),
+        body.len()
     )
     .expect("write");
     let mut out = String::new();
@@ -91,13 +111,17 @@ pub fn admin_get(path: &str) -> String {
     }
 }
 
-/// The subscription's message backlog from the admin API (`u64::MAX` when
-/// the stats do not name it).
+/// The subscription's message backlog from the admin API, over all
+/// partitions of a partitioned topic (`u64::MAX` when the stats do not name
+/// the subscription).
 pub fn backlog(topic: &str, subscription: &str) -> u64 {
     let path = topic.replace("persistent://", "/admin/v2/persistent/");
-    let stats: serde_json::Value =
-        serde_json::from_str(&admin_get(&format!("{path}/stats"))).expect("stats json");
-    stats["subscriptions"][subscription]["msgBacklog"]
-        .as_u64()
+    ["stats", "partitioned-stats"]
+        .iter()
+        .find_map(|kind| {
+            let stats: serde_json::Value =
+                serde_json::from_str(&admin_get(&format!("{path}/{kind}"))).ok()?;
+            stats["subscriptions"][subscription]["msgBacklog"].as_u64()
+        })
         .unwrap_or(u64::MAX)
 }
