@@ -519,11 +519,11 @@ impl Shard {
             let Some(job) = self.shared.shards[self.index].queue.pop() else {
                 break;
             };
-            if self
-                .rings
-                .get(job.ring as usize)
-                .is_some_and(|(_, _, r)| r.at_gate())
-                && n > 0
+            if n > 0
+                && self
+                    .rings
+                    .get(job.ring as usize)
+                    .is_some_and(|(_, _, r)| r.at_gate())
             {
                 // The writer may wait for a tethered reader: what is
                 // committed so far is acknowledged first, not held.
