@@ -231,7 +231,8 @@ pub fn ingest(run: &Run, tether_ms: u64) -> Result<Vec<serde_json::Value>, Strin
         b.kind = w[6] as u8;
         b.flags = (w[6] >> 8) as u8;
         b.source_id = (w[6] >> 16) as u16;
-        b.reserved = ((w[6] >> 32) as u32).to_le_bytes();
+        b.source_id_hi = (w[6] >> 32) as u16;
+        b.reserved = ((w[6] >> 48) as u16).to_le_bytes();
         while ingest.try_send(&route, &b, None).is_err() {
             std::hint::spin_loop();
         }

@@ -188,7 +188,7 @@ pub trait Sink: Send {
     fn try_send(
         &mut self,
         event: &MarketEvent,
-        source_id: u16,
+        source_id: u32,
         source_seq: u64,
         token: u64,
     ) -> Result<(), SinkError>;
@@ -257,17 +257,17 @@ pub enum BridgeError {
     Pulsar(#[from] pulsar::Error),
 }
 
-/// A stable 16-bit id for a producer on one topic partition (FNV-1a over
+/// A stable 32-bit id for a producer on one topic partition (FNV-1a over
 /// both names, folded). A producer's sequence ids are per partition (a
 /// partitioned producer numbers each partition from 0), so the partition is
 /// part of the source: (`source_id`, [`source_seq`]) is the dedup key.
-pub fn source_id(producer: &str, topic: &str) -> u16 {
+pub fn source_id(producer: &str, topic: &str) -> u32 {
     use tickwire_proto::layout::{FNV_OFFSET, fnv1a};
     let h = fnv1a(
         fnv1a(fnv1a(FNV_OFFSET, producer.as_bytes()), &[0]),
         topic.as_bytes(),
     );
-    (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
+    (h ^ (h >> 32)) as u32
 }
 
 /// The sequence of one message at its producer, unique per message and the

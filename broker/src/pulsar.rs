@@ -34,7 +34,7 @@ impl Sink for IngestSink {
     fn try_send(
         &mut self,
         e: &MarketEvent,
-        source_id: u16,
+        source_id: u32,
         source_seq: u64,
         token: u64,
     ) -> Result<(), SinkError> {
@@ -43,7 +43,7 @@ impl Sink for IngestSink {
             .resolver()
             .route(self.topic, &e.instrument)
             .map_err(|err| SinkError::Rejected(err.to_string()))?;
-        let body = FrameBody {
+        let mut body = FrameBody {
             ts_event: e.ts_event,
             source_seq,
             px_a: e.px_a,
@@ -51,9 +51,9 @@ impl Sink for IngestSink {
             size_a: e.size_a,
             size_b: e.size_b,
             kind: e.kind.code(),
-            source_id,
             ..FrameBody::default()
         };
+        body.set_source_id(source_id);
         match self.ingest.try_send(&route, &body, Some(token)) {
             Ok(()) => Ok(()),
             Err(err) if err.is_backpressure() => Err(SinkError::Backpressure),

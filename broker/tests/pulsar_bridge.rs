@@ -98,7 +98,7 @@ fn bridge_config(input: &str, dlq: &str, subscription: &str, format: Format) -> 
 
 /// (symbol, price, source_seq) of every tick read until `n` arrive or a
 /// generous deadline passes (a liveness bound, not a speed check).
-fn read_ticks(sub: &mut Subscriber, n: usize) -> Vec<(String, f64, u64, u16)> {
+fn read_ticks(sub: &mut Subscriber, n: usize) -> Vec<(String, f64, u64, u32)> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while got.len() < n && Instant::now() < deadline {

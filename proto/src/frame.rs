@@ -20,8 +20,9 @@
 //!  44  ts_ingest_delta  i32  ingest time - ts_event, ns, saturating (as DBN's ts_in_delta)
 //!  48  kind             u8   Kind
 //!  49  flags            u8   FLAG_* bits
-//!  50  source_id        u16  which source produced it (0 = synthetic feed)
-//!  52  reserved         [u8; 4]  zero; a minor layout version may give them meaning
+//!  50  source_id        u16  which source produced it, low half (0 = synthetic feed)
+//!  52  source_id_hi     u16  high half of the 32-bit source id (layout 1.1; 0 before)
+//!  54  reserved         [u8; 2]  zero; a minor layout version may give them meaning
 //! ```
 //!
 //! The body is defined with rkyv: [`FrameBody`] is the native value and
@@ -128,10 +129,13 @@ pub struct FrameBody {
     pub kind: u8,
     /// `FLAG_*` bits.
     pub flags: u8,
-    /// Source identity (with `source_seq`, the dedup key across redeliveries).
+    /// Source identity, low 16 bits (with `source_seq`, the dedup key
+    /// across redeliveries); see [`FrameBody::set_source_id`].
     pub source_id: u16,
+    /// Source identity, high 16 bits (layout 1.1).
+    pub source_id_hi: u16,
     /// Zero.
-    pub reserved: [u8; 4],
+    pub reserved: [u8; 2],
 }
 
 // The archived form is the documented layout: check every offset.
@@ -150,7 +154,8 @@ const _: () = {
     assert!(offset_of!(ArchivedFrameBody, kind) == 48);
     assert!(offset_of!(ArchivedFrameBody, flags) == 49);
     assert!(offset_of!(ArchivedFrameBody, source_id) == 50);
-    assert!(offset_of!(ArchivedFrameBody, reserved) == 52);
+    assert!(offset_of!(ArchivedFrameBody, source_id_hi) == 52);
+    assert!(offset_of!(ArchivedFrameBody, reserved) == 54);
     assert!(size_of::<FrameBody>() == BODY_SIZE);
 };
 
@@ -187,6 +192,13 @@ impl FrameBody {
         }
     }
 
+    /// Sets the 32-bit source id (both halves).
+    #[inline]
+    pub fn set_source_id(&mut self, id: u32) {
+        self.source_id = id as u16;
+        self.source_id_hi = (id >> 16) as u16;
+    }
+
     /// The body as the seven little-endian words the writer stores, i.e.
     /// exactly the bytes of its archived form.
     #[inline]
@@ -194,7 +206,8 @@ impl FrameBody {
         let tail = (self.kind as u64)
             | (self.flags as u64) << 8
             | (self.source_id as u64) << 16
-            | (u32::from_le_bytes(self.reserved) as u64) << 32;
+            | (self.source_id_hi as u64) << 32
+            | (u16::from_le_bytes(self.reserved) as u64) << 48;
         [
             self.ts_event,
             self.source_seq,
@@ -260,10 +273,11 @@ impl ArchivedFrameBody {
         self.source_seq.to_native()
     }
 
-    /// The source id.
+    /// The 32-bit source id (its high half is 0 in frames written before
+    /// layout 1.1).
     #[inline]
-    pub fn source_id(&self) -> u16 {
-        self.source_id.to_native()
+    pub fn source_id(&self) -> u32 {
+        u32::from(self.source_id_hi.to_native()) << 16 | u32::from(self.source_id.to_native())
     }
 
     /// Flag bits.
@@ -355,9 +369,9 @@ mod tests {
             FrameBody::quote(7, 1_700_000_000_123_456_789, (-5, 10), (150_250_000_000, 3));
         body.source_seq = 0xdead_beef_0102_0304;
         body.flags = FLAG_SNAPSHOT | FLAG_REDELIVERED;
-        body.source_id = 0x1234;
+        body.set_source_id(0x5678_1234);
         body.ts_ingest_delta = -77;
-        body.reserved = [1, 2, 3, 4];
+        body.reserved = [3, 4];
         let archived = rkyv::to_bytes::<rkyv::rancor::Error>(&body).expect("serialize");
         let words = body.to_words();
         let mut ours = Vec::new();
@@ -369,7 +383,7 @@ mod tests {
         assert_eq!(view.instrument_id(), 7);
         assert_eq!(view.px_b(), 150_250_000_000);
         assert_eq!(view.ts_ingest(), body.ts_event - 77);
-        assert_eq!(view.source_id(), 0x1234);
+        assert_eq!(view.source_id(), 0x5678_1234);
         assert_eq!(view.kind(), Some(Kind::Quote));
         let back: FrameBody =
             rkyv::deserialize::<FrameBody, rkyv::rancor::Error>(view).expect("de");

@@ -23,7 +23,8 @@ pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"TKWRING\0");
 /// Major layout version: a reader refuses any other.
 pub const RING_MAJOR: u16 = 1;
 /// Minor layout version: only adds fields in reserved space.
-pub const RING_MINOR: u16 = 0;
+/// 1.1: the frame body's `source_id_hi` (a 32-bit source id).
+pub const RING_MINOR: u16 = 1;
 /// Written as a native u32; reads back as this value only on a machine of the
 /// same byte order.
 pub const ENDIAN_MARKER: u32 = 0x0102_0304;

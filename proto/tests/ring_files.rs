@@ -144,7 +144,7 @@ fn structurally_bad_ring_files_give_clear_errors() {
     assert!(msg.contains("not a tickwire ring file"), "{msg}");
     let msg = corrupt(|f| f.write_all_at(&9u16.to_le_bytes(), 8).expect("w"));
     assert!(
-        msg.contains("layout version 9.0 is not supported (this build knows 1.0)"),
+        msg.contains("layout version 9.1 is not supported (this build knows 1.1)"),
         "{msg}"
     );
     let msg = corrupt(|f| {
