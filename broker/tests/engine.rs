@@ -232,20 +232,12 @@ fn a_restart_bumps_the_epoch_and_readers_resume_without_duplicates_or_silent_gap
         let mut count = 0u64;
         let mut per_partition: HashMap<u32, u64> = HashMap::new();
         while count < sent_total {
-            let k = sub.poll(4096, |e| match e {
-                Event::Tick(t) => {
-                    let n = per_partition.entry(t.partition).or_insert(0);
-                    assert_eq!(
-                        t.seq,
-                        *n + 1,
-                        "sequences continue across restarts on partition {}",
-                        t.partition
-                    );
-                    *n = t.seq;
-                }
-                other => panic!("{other:?}"),
-            });
-            count += k as u64;
+            let k = poll_in_sequence(
+                &mut sub,
+                &mut per_partition,
+                "sequences continue across restarts",
+            );
+            count += k;
             if k == 0 {
                 sub.wait_for_data(Duration::from_millis(10));
             }
@@ -253,20 +245,8 @@ fn a_restart_bumps_the_epoch_and_readers_resume_without_duplicates_or_silent_gap
         // The resumed reader gets exactly what it had not seen.
         let mut fresh = 0u64;
         loop {
-            let k = resumed.poll(4096, |e| match e {
-                Event::Tick(t) => {
-                    let n = seen.entry(t.partition).or_insert(0);
-                    assert_eq!(
-                        t.seq,
-                        *n + 1,
-                        "no duplicate, no silent gap on partition {}",
-                        t.partition
-                    );
-                    *n = t.seq;
-                    fresh += 1;
-                }
-                other => panic!("{other:?}"),
-            });
+            let k = poll_in_sequence(&mut resumed, &mut seen, "no duplicate, no silent gap");
+            fresh += k;
             if k == 0 {
                 break;
             }
@@ -339,4 +319,17 @@ fn a_changed_partition_count_is_refused_with_both_counts() {
             .contains("partition count is 2 on disk but 3 was requested"),
         "{err}"
     );
+}
+
+/// One poll; every tick must follow the last sequence seen on its
+/// partition (kept in `last`). Returns the ticks read.
+fn poll_in_sequence(sub: &mut Subscriber, last: &mut HashMap<u32, u64>, what: &str) -> u64 {
+    sub.poll(4096, |e| match e {
+        Event::Tick(t) => {
+            let n = last.entry(t.partition).or_insert(0);
+            assert_eq!(t.seq, *n + 1, "{what} on partition {}", t.partition);
+            *n = t.seq;
+        }
+        other => panic!("{other:?}"),
+    }) as u64
 }
