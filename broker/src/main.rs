@@ -134,6 +134,9 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
                 reclaimed = s.reclaimed,
                 "stats"
             );
+            if let Some(b) = &bridge {
+                log_bridge(&b.stats, "pulsar bridge");
+            }
             last = Instant::now();
             last_events = s.events;
         }
@@ -146,13 +149,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
             tracing::error!(error = %e, "pulsar bridge failed");
             failure = Some(e);
         }
-        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        tracing::info!(
-            received = n(&stats.received),
-            acked = n(&stats.acked),
-            dead_lettered = n(&stats.dead_lettered),
-            "pulsar bridge stopped"
-        );
+        log_bridge(&stats, "pulsar bridge stopped");
     }
     if let Some(f) = feed {
         match f.join() {
@@ -287,4 +284,21 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         );
     }
     Ok(())
+}
+
+/// The bridge's counters as one log line.
+fn log_bridge(stats: &tickwire_bridge::BridgeStats, what: &str) {
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    tracing::info!(
+        received = n(&stats.received),
+        committed = n(&stats.committed),
+        acked = n(&stats.acked),
+        ack_commands = n(&stats.ack_commands),
+        dead_lettered = n(&stats.dead_lettered),
+        backpressure = n(&stats.backpressure),
+        reconnects = n(&stats.reconnects),
+        events_out = n(&stats.events_out),
+        events_dropped = n(&stats.events_dropped),
+        "{what}"
+    );
 }
