@@ -217,22 +217,8 @@ pub fn ingest(run: &Run, tether_ms: u64) -> Result<Vec<serde_json::Value>, Strin
         let w = payload(i, ts);
         // The router overwrites the instrument id (word 5's low half) with
         // the route's; keep word 5 intact by giving it the same value.
-        let mut b = FrameBody {
-            ts_event: w[0],
-            source_seq: w[1],
-            px_a: w[2] as i64,
-            px_b: w[3] as i64,
-            ..FrameBody::default()
-        };
-        b.size_a = w[4] as u32;
-        b.size_b = (w[4] >> 32) as u32;
-        b.instrument_id = w[5] as u32;
-        b.ts_ingest_delta = (w[5] >> 32) as i32;
-        b.kind = w[6] as u8;
-        b.flags = (w[6] >> 8) as u8;
-        b.source_id = (w[6] >> 16) as u16;
-        b.source_id_hi = (w[6] >> 32) as u16;
-        b.reserved = ((w[6] >> 48) as u16).to_le_bytes();
+        // The first seven payload words are the frame body.
+        let b = FrameBody::from_words(&std::array::from_fn(|k| w[k]));
         while ingest.try_send(&route, &b, None).is_err() {
             std::hint::spin_loop();
         }

@@ -194,16 +194,10 @@ pub trait Sink: Send {
     ) -> Result<(), SinkError>;
     /// Calls `done` for every event committed since the last call.
     fn drain(&mut self, done: &mut dyn FnMut(Committed));
-    /// The routing key the sink routed `event` by (for the output events;
-    /// called only for sampled messages). Default: `{symbol}.{exchange}.{kind}`.
-    fn routing_key(&mut self, event: &MarketEvent) -> String {
-        format!(
-            "{}.{}.{}",
-            event.instrument.symbol,
-            event.instrument.exchange,
-            event.kind.name()
-        )
-    }
+    /// The routing key the sink routed `event` by, rendered with its
+    /// topic's template (for the output events; called only for sampled
+    /// messages).
+    fn routing_key(&mut self, event: &MarketEvent) -> String;
 }
 
 /// Where a committed event landed.

@@ -199,6 +199,17 @@ impl FrameBody {
         self.source_id_hi = (id >> 16) as u16;
     }
 
+    /// The native body of seven stored words: the inverse of
+    /// [`to_words`](Self::to_words).
+    pub fn from_words(words: &[u64; BODY_WORDS]) -> FrameBody {
+        match rkyv::deserialize::<FrameBody, rkyv::rancor::Infallible>(
+            ArchivedFrameBody::from_words(words),
+        ) {
+            Ok(b) => b,
+            Err(never) => match never {},
+        }
+    }
+
     /// The body as the seven little-endian words the writer stores, i.e.
     /// exactly the bytes of its archived form.
     #[inline]
@@ -388,6 +399,7 @@ mod tests {
         let back: FrameBody =
             rkyv::deserialize::<FrameBody, rkyv::rancor::Error>(view).expect("de");
         assert_eq!(back, body);
+        assert_eq!(FrameBody::from_words(&words), body);
     }
 
     #[test]
