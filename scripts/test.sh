@@ -51,9 +51,17 @@ step "services (PostgreSQL, Redis, Apache Pulsar on 127.0.0.1)"
 scripts/services.sh up
 
 step "workspace tests (unit, integration, doc)"
+# --no-fail-fast: every test binary runs even when an earlier one failed, so
+# one failure never hides the others; the script still fails at the end.
 test_log=$(mktemp)
-cargo test --workspace --release 2>&1 | tee "$test_log"
+status=0
+cargo test --workspace --release --no-fail-fast 2>&1 | tee "$test_log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$test_log"
+if [ "$status" -ne 0 ]; then
+    grep -E '^(test .* FAILED|error: .*test)' "$test_log" | sort -u >&2 || true
+    echo "test.sh: some tests failed (cargo test exited $status)" >&2
+fi
 rm -f "$test_log"
+exit "$status"

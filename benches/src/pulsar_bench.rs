@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use shm_client::{Event, Start, Subscriber};
 use tickwire_bridge::pulsar::{ProducerOptions, Pulsar, TokioExecutor};
-use tickwire_bridge::{BridgeConfig, Format, SubscriptionType};
+use tickwire_bridge::{BridgeConfig, Format, InitialPosition, SubscriptionType};
 use tickwire_broker::config::{Config, TopicConfig};
 use tickwire_broker::engine::Broker;
 use tickwire_broker::pulsar::BridgeHandle;
@@ -223,6 +223,8 @@ fn tw_node(url: &str, topic: &str, sub: &str) -> Result<TwNode, String> {
         receiver_queue_size: RECEIVER_QUEUE,
         // Like the Python consumer: consume, commit, acknowledge; no side output.
         output_topic: String::new(),
+        // Messages may be produced before the subscription exists.
+        initial_position: InitialPosition::Earliest,
         ..BridgeConfig::default()
     };
     let broker = Broker::start(&c).map_err(|e| e.to_string())?;

@@ -7,11 +7,8 @@ use tickwire_proto::Kind;
 use tickwire_proto::frame::{UNDEF_PRICE, price_from_f64};
 use tickwire_proto::symbology::Instrument;
 
-/// The protobuf types generated from `proto/proto/market_data.proto`.
-pub mod pb {
-    #![allow(missing_docs, clippy::all)]
-    include!(concat!(env!("OUT_DIR"), "/tickwire.v1.rs"));
-}
+/// The protobuf types (generated once, in `tickwire-proto`).
+pub use tickwire_proto::pb;
 
 /// Payload encodings the bridge accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

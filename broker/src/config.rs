@@ -110,8 +110,9 @@ pub struct TopicConfig {
     pub partitions: u32,
     /// Slots per partition ring, a power of two.
     pub capacity: u64,
-    /// Routing key template: `{symbol}`, `{exchange}`, `{currency}`, `{kind}`.
-    pub routing_key: String,
+    /// Routing key template: `{symbol}`, `{exchange}`, `{currency}`, `{kind}`
+    /// (parsed when the file is read).
+    pub routing_key: crate::router::RoutingTemplate,
 }
 
 /// The synthetic feed.
@@ -136,6 +137,14 @@ pub struct SyntheticConfig {
 pub struct StatsConfig {
     /// Seconds between stats log lines (0 = off).
     pub log_interval_secs: u64,
+}
+
+/// `$TICKWIRE_NODE_DIR` when set and not empty: the node directory every
+/// tickwire command and shm-client use unless told otherwise.
+pub fn env_node_dir() -> Option<PathBuf> {
+    std::env::var_os("TICKWIRE_NODE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The spec's example topic, used by default.
@@ -174,7 +183,7 @@ impl Default for TopicConfig {
             name: DEFAULT_TOPIC.into(),
             partitions: 4,
             capacity: 1 << 16,
-            routing_key: "{symbol}.{exchange}.{kind}".into(),
+            routing_key: crate::router::RoutingTemplate::default(),
         }
     }
 }
@@ -238,7 +247,11 @@ impl Config {
         Ok(c)
     }
 
-    /// The node directory.
+    /// The node directory: `node.dir`, else `/dev/shm/tickwire/<node.id>`.
+    /// `tickwire serve` puts `--node-dir`, then `$TICKWIRE_NODE_DIR`
+    /// ([`env_node_dir`]), above both; `tickwire tail` and shm-client use
+    /// `--node-dir`, then `$TICKWIRE_NODE_DIR`, then
+    /// `/dev/shm/tickwire/default`.
     pub fn node_dir(&self) -> PathBuf {
         self.node.dir.clone().unwrap_or_else(|| {
             Path::new(tickwire_proto::file::DEFAULT_SHM_ROOT).join(&self.node.id)
@@ -329,9 +342,6 @@ impl Config {
                     format!("{} is not a power of two in 4..=1073741824", t.capacity),
                 );
             }
-            if let Err(why) = crate::router::RoutingTemplate::parse(&t.routing_key) {
-                return bad(&key("routing_key"), why);
-            }
         }
         if self.synthetic.enabled && !self.topics.iter().any(|t| t.name == self.synthetic.topic) {
             return bad(
@@ -343,10 +353,10 @@ impl Config {
             );
         }
         if self.bridge.enabled {
-            if let Err(why) = self.bridge.validate() {
+            if let Err(e) = self.bridge.validate() {
                 return Err(ConfigError::Invalid {
-                    key: "bridge".into(),
-                    why,
+                    key: format!("bridge.{}", e.key),
+                    why: e.why,
                 });
             }
             if !self
@@ -401,7 +411,7 @@ mod tests {
         )
         .expect_err("template");
         assert!(
-            e.to_string().contains("topics[0].routing_key") && e.to_string().contains("{sym}"),
+            e.to_string().contains("routing_key") && e.to_string().contains("{sym}"),
             "{e}"
         );
         let e = Config::parse("[synthetic]\ntopic = \"nope\"\n", Path::new("x.toml"))

@@ -12,12 +12,13 @@
 //! is as large as the number of acknowledgeable events it may have in
 //! flight, so a shard never waits on a source.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use tickwire_proto::file::{PartitionWriter, RingParams};
 use tickwire_proto::frame::{BODY_WORDS, FrameBody, SLOT_SIZE, ingest_delta};
@@ -25,7 +26,7 @@ use tickwire_proto::futex::{monotonic_ns, realtime_ns};
 use tickwire_proto::symbology::SymbologyWriter;
 
 use crate::config::{Config, IdleStrategy};
-use crate::router::{Resolver, Route, RoutingTemplate, TopicRoute};
+use crate::router::{Resolver, Route, TopicRoute};
 
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -99,16 +100,30 @@ struct Job {
     ack: Option<(u32, u64)>,
 }
 
+/// What a shard shares with producers and with stats readers. Fields that
+/// different threads write sit on their own cache lines: `parked` (the
+/// shard writes it, every producer reads it), the per-batch counters (the
+/// shard writes them, stats read them), and the queue (its own head and
+/// tail are padded inside `ArrayQueue`).
 struct ShardShared {
     queue: ArrayQueue<Job>,
-    parked: AtomicBool,
+    parked: CachePadded<AtomicBool>,
+    counters: CachePadded<ShardCounters>,
     thread: OnceLock<std::thread::Thread>,
+    latency: Mutex<Histogram<u64>>,
+}
+
+/// Written by the shard thread only (Relaxed), read by [`Broker::stats`].
+#[derive(Default)]
+struct ShardCounters {
     events: AtomicU64,
     batches: AtomicU64,
     gate_waits: AtomicU64,
     untethered: AtomicU64,
     reclaimed: AtomicU64,
-    latency: Mutex<Histogram<u64>>,
+    /// Completions that could not be handed back: a bug if ever non-zero
+    /// (a source's queue holds as many as it may have in flight).
+    lost_completions: AtomicU64,
 }
 
 /// Where a topic partition lives.
@@ -119,9 +134,11 @@ struct Placement {
 }
 
 struct Shared {
-    shards: Vec<ShardShared>,
+    shards: Vec<CachePadded<ShardShared>>,
     /// placements[topic][partition]
     placements: Vec<Vec<Placement>>,
+    /// readers[topic][partition]: reader slots in use, counted at housekeeping.
+    readers: Vec<Vec<AtomicU32>>,
     completions: Mutex<Vec<Arc<ArrayQueue<Completion>>>>,
     sinks: OnceLock<Vec<Arc<ArrayQueue<Completion>>>>,
 }
@@ -143,6 +160,13 @@ pub struct BrokerStats {
     pub reclaimed: u64,
     /// Events waiting in shard queues.
     pub queued: usize,
+    /// Per topic (configuration order): the most reader slots in use on any
+    /// of its partitions, as of the last housekeeping (a subscriber takes
+    /// one on each partition it reads).
+    pub readers: Vec<u32>,
+    /// Completions a shard could not hand back to its source. Always 0
+    /// unless there is a bug; logged as an error when it happens.
+    pub lost_completions: u64,
 }
 
 /// A running broker.
@@ -196,33 +220,31 @@ impl Broker {
         let topics: Vec<TopicRoute> = config
             .topics
             .iter()
-            .map(|t| {
-                // Validated above.
-                let template = RoutingTemplate::parse(&t.routing_key).unwrap_or_else(|_| {
-                    RoutingTemplate::parse("{symbol}").unwrap_or_else(|_| unreachable!())
-                });
-                TopicRoute {
-                    name: t.name.clone(),
-                    partitions: t.partitions,
-                    template,
-                }
+            .map(|t| TopicRoute {
+                name: t.name.clone(),
+                partitions: t.partitions,
+                template: t.routing_key.clone(),
             })
+            .collect();
+        let readers = config
+            .topics
+            .iter()
+            .map(|t| (0..t.partitions).map(|_| AtomicU32::new(0)).collect())
             .collect();
         let shared = Arc::new(Shared {
             shards: (0..n_shards)
-                .map(|_| ShardShared {
-                    queue: ArrayQueue::new(config.shards.queue_capacity),
-                    parked: AtomicBool::new(false),
-                    thread: OnceLock::new(),
-                    events: AtomicU64::new(0),
-                    batches: AtomicU64::new(0),
-                    gate_waits: AtomicU64::new(0),
-                    untethered: AtomicU64::new(0),
-                    reclaimed: AtomicU64::new(0),
-                    latency: Mutex::new(new_histogram()),
+                .map(|_| {
+                    CachePadded::new(ShardShared {
+                        queue: ArrayQueue::new(config.shards.queue_capacity),
+                        parked: CachePadded::new(AtomicBool::new(false)),
+                        counters: CachePadded::new(ShardCounters::default()),
+                        thread: OnceLock::new(),
+                        latency: Mutex::new(new_histogram()),
+                    })
                 })
                 .collect(),
             placements,
+            readers,
             completions: Mutex::new(Vec::new()),
             sinks: OnceLock::new(),
         });
@@ -270,7 +292,11 @@ impl Broker {
     }
 
     /// A new ingest handle for one source. `max_in_flight` bounds the events
-    /// sent with an ack token and not yet drained as completions.
+    /// sent with an ack token and not yet drained as completions: the
+    /// source's completion queue holds exactly that many, so a shard can
+    /// always hand a completion back. The handle is owned by one source
+    /// (sending and draining take `&mut self`); a second source asks for its
+    /// own handle.
     pub fn ingest(&self, max_in_flight: usize) -> Ingest {
         let completions = Arc::new(ArrayQueue::new(max_in_flight.max(1)));
         let mut all = self
@@ -285,7 +311,7 @@ impl Broker {
             resolver: self.resolver.clone(),
             completions,
             source,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight: 0,
             max_in_flight: max_in_flight.max(1),
         }
     }
@@ -295,17 +321,30 @@ impl Broker {
         let mut s = BrokerStats::default();
         let mut h = new_histogram();
         for sh in &self.shared.shards {
-            s.events += sh.events.load(Ordering::Relaxed);
-            s.batches += sh.batches.load(Ordering::Relaxed);
-            s.gate_waits += sh.gate_waits.load(Ordering::Relaxed);
-            s.untethered += sh.untethered.load(Ordering::Relaxed);
-            s.reclaimed += sh.reclaimed.load(Ordering::Relaxed);
+            let c = &sh.counters;
+            s.events += c.events.load(Ordering::Relaxed);
+            s.batches += c.batches.load(Ordering::Relaxed);
+            s.gate_waits += c.gate_waits.load(Ordering::Relaxed);
+            s.untethered += c.untethered.load(Ordering::Relaxed);
+            s.reclaimed += c.reclaimed.load(Ordering::Relaxed);
+            s.lost_completions += c.lost_completions.load(Ordering::Relaxed);
             s.queued += sh.queue.len();
             if let Ok(l) = sh.latency.lock() {
                 let _ = h.add(&*l);
             }
         }
         s.ingest_to_commit = Some(h);
+        s.readers = self
+            .shared
+            .readers
+            .iter()
+            .map(|ps| {
+                ps.iter()
+                    .map(|r| r.load(Ordering::Relaxed))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
         s
     }
 
@@ -333,6 +372,26 @@ impl Drop for Broker {
     }
 }
 
+/// A completion that cannot be handed back: a bug. Its message would never
+/// be acknowledged upstream, so it is counted and logged loudly.
+#[cold]
+fn lost_completion(shared: &Shared, shard: usize, source: u32, c: &Completion, why: &'static str) {
+    shared.shards[shard]
+        .counters
+        .lost_completions
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::error!(
+        shard,
+        source,
+        token = c.token,
+        topic = c.topic,
+        partition = c.partition,
+        seq = c.seq,
+        why,
+        "BUG: a commit completion could not be handed back; its message will not be acknowledged upstream"
+    );
+}
+
 fn new_histogram() -> Histogram<u64> {
     // 1 ns .. 60 s at 3 significant digits; these bounds are valid.
     Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| unreachable!())
@@ -340,12 +399,18 @@ fn new_histogram() -> Histogram<u64> {
 
 /// One source's way into the broker: resolve, route and send events, and
 /// collect commit completions for the ones sent with an ack token.
+///
+/// Owned by one source: [`try_send`](Self::try_send) and
+/// [`drain_completions`](Self::drain_completions) take `&mut self`, so the
+/// in-flight count is checked and raised in one step by one owner and can
+/// never exceed the completion queue (two threads sharing a handle cannot
+/// both pass the check).
 pub struct Ingest {
     shared: Arc<Shared>,
     resolver: Resolver,
     completions: Arc<ArrayQueue<Completion>>,
     source: u32,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: usize,
     max_in_flight: usize,
 }
 
@@ -364,7 +429,7 @@ impl Ingest {
     /// nothing was sent; slow down and retry); [`SendError::UnknownRoute`].
     #[inline]
     pub fn try_send(
-        &self,
+        &mut self,
         route: &Route,
         body: &FrameBody,
         ack: Option<u64>,
@@ -383,7 +448,7 @@ impl Ingest {
                 partition,
             });
         };
-        if ack.is_some() && self.in_flight.load(Ordering::Relaxed) >= self.max_in_flight {
+        if ack.is_some() && self.in_flight >= self.max_in_flight {
             return Err(SendError::InFlight(self.max_in_flight));
         }
         let mut body = *body;
@@ -400,7 +465,7 @@ impl Ingest {
             return Err(SendError::QueueFull(place.shard as usize));
         }
         if ack.is_some() {
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.in_flight += 1;
         }
         // SeqCst: pairs with the shard's SeqCst store of `parked` before its
         // last look at the queue: either it sees our job or we see it parked.
@@ -414,19 +479,19 @@ impl Ingest {
 
     /// Calls `f` for each committed event sent with an ack token; returns
     /// how many.
-    pub fn drain_completions(&self, mut f: impl FnMut(Completion)) -> usize {
+    pub fn drain_completions(&mut self, mut f: impl FnMut(Completion)) -> usize {
         let mut n = 0;
         while let Some(c) = self.completions.pop() {
             n += 1;
             f(c);
         }
-        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        self.in_flight = self.in_flight.saturating_sub(n);
         n
     }
 
     /// Events sent with an ack token and not yet drained.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight
     }
 }
 
@@ -555,7 +620,7 @@ impl Shard {
             return 0;
         }
         self.finish_batch();
-        let me = &self.shared.shards[self.index];
+        let me = &self.shared.shards[self.index].counters;
         me.events.fetch_add(n as u64, Ordering::Relaxed);
         me.batches.fetch_add(1, Ordering::Relaxed);
         n
@@ -594,7 +659,16 @@ impl Shard {
                         }
                         match &late {
                             Some((_, q)) => q,
-                            None => continue,
+                            None => {
+                                lost_completion(
+                                    &self.shared,
+                                    self.index,
+                                    source,
+                                    &c,
+                                    "unknown source",
+                                );
+                                continue;
+                            }
                         }
                     }
                 };
@@ -602,8 +676,17 @@ impl Shard {
                     c.epoch = w.epoch();
                     c.readers = self.readers.get(ring as usize).copied().unwrap_or(0);
                 }
-                // Cannot be full: a source has at most `capacity` acks in flight.
-                let _ = sink.push(c);
+                // Cannot be full: a source has at most `capacity` acks in
+                // flight (`Ingest` checks and counts them with `&mut self`).
+                if let Err(c) = sink.push(c) {
+                    lost_completion(
+                        &self.shared,
+                        self.index,
+                        source,
+                        &c,
+                        "completion queue full",
+                    );
+                }
             }
         }
     }
@@ -632,17 +715,25 @@ impl Shard {
     fn housekeeping(&mut self, hist: &mut Histogram<u64>) {
         let me = &self.shared.shards[self.index];
         let (mut gate_waits, mut untethered, mut reclaimed) = (0, 0, 0);
-        for (i, (_, _, w)) in self.rings.iter_mut().enumerate() {
+        for (i, (topic, partition, w)) in self.rings.iter_mut().enumerate() {
             w.reclaim_dead();
             self.readers[i] = w.live_readers();
+            if let Some(r) = self
+                .shared
+                .readers
+                .get(*topic as usize)
+                .and_then(|t| t.get(*partition as usize))
+            {
+                r.store(self.readers[i], Ordering::Relaxed);
+            }
             let s = w.core().stats();
             gate_waits += s.gate_waits;
             untethered += s.untethered;
             reclaimed += s.reclaimed;
         }
-        me.gate_waits.store(gate_waits, Ordering::Relaxed);
-        me.untethered.store(untethered, Ordering::Relaxed);
-        me.reclaimed.store(reclaimed, Ordering::Relaxed);
+        me.counters.gate_waits.store(gate_waits, Ordering::Relaxed);
+        me.counters.untethered.store(untethered, Ordering::Relaxed);
+        me.counters.reclaimed.store(reclaimed, Ordering::Relaxed);
         if let Ok(mut l) = me.latency.try_lock() {
             let _ = l.add(&*hist);
             hist.reset();

@@ -31,7 +31,8 @@ enum Command {
         /// TOML configuration (see config/tickwire.toml).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Override the node directory.
+        /// The node directory (overrides $TICKWIRE_NODE_DIR and the config's
+        /// node.dir; default /dev/shm/tickwire/<node.id>).
         #[arg(long)]
         node_dir: Option<PathBuf>,
     },
@@ -47,6 +48,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log reader that went away (`serve 2>&1 | head -1`) must never
+        // take the broker down: tracing's own report of a failed write
+        // would panic on the same closed stderr.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -56,7 +61,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tickwire: {e}");
+            // Never panics, even on a closed stderr.
+            let _ = writeln!(std::io::stderr(), "tickwire: {e}");
             ExitCode::FAILURE
         }
     }
@@ -69,12 +75,10 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    if let Some(d) = node_dir {
+    if let Some(d) = node_dir.or_else(tickwire_broker::config::env_node_dir) {
         cfg.node.dir = Some(d);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let stop = shutdown_flag()?;
     let broker = Broker::start(&cfg)?;
     tracing::info!(
         node_dir = %broker.node_dir().display(),
@@ -82,7 +86,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
         config = %config.as_ref().map_or("embedded defaults".to_string(), |p| p.display().to_string()),
         "tickwire serving; read with `tickwire tail <topic>` or the shm-client crate"
     );
-    let feed = if cfg.synthetic.enabled {
+    let mut feed = if cfg.synthetic.enabled {
         let mut ingest = broker.ingest(1);
         let topic = ingest
             .resolver()
@@ -90,13 +94,12 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
             .ok_or("synthetic topic missing")?;
         let s = cfg.synthetic.clone();
         let stop = stop.clone();
-        tracing::info!(topic = %s.topic, rate = s.rate, instruments = synthetic::instruments().len(), "synthetic feed on");
+        let source_id = synthetic::source_id(&cfg.node.id);
+        tracing::info!(topic = %s.topic, rate = s.rate, instruments = synthetic::instruments().len(), source_id, "synthetic feed on");
         Some(
             std::thread::Builder::new()
                 .name("tickwire-synthetic".into())
-                .spawn(move || {
-                    synthetic::run(ingest, topic, s.seed, s.quote_ratio, s.rate, stop)
-                })?,
+                .spawn(move || synthetic::run(ingest, topic, &s, source_id, stop))?,
         )
     } else {
         None
@@ -110,60 +113,139 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
         None
     };
     let interval = Duration::from_secs(cfg.stats.log_interval_secs);
-    let mut last = Instant::now();
-    let mut last_events = 0;
+    let mut window = StatsWindow::new(&broker);
+    let mut failure: Option<AnyError> = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         if bridge.as_ref().is_some_and(|b| b.is_finished()) {
             break;
         }
-        if !interval.is_zero() && last.elapsed() >= interval {
-            let s = broker.stats();
-            let rate = (s.events - last_events) as f64 / last.elapsed().as_secs_f64();
-            let (p50, p99, max) = s.ingest_to_commit.as_ref().map_or((0, 0, 0), |h| {
-                (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
-            });
-            tracing::info!(
-                events = s.events,
-                events_per_sec = rate as u64,
-                ingest_to_commit_p50_ns = p50,
-                ingest_to_commit_p99_ns = p99,
-                ingest_to_commit_max_ns = max,
-                queued = s.queued,
-                untethered = s.untethered,
-                reclaimed = s.reclaimed,
-                "stats"
-            );
+        if feed.as_ref().is_some_and(|f| f.is_finished()) {
+            // The feed only ends early on an error: say it now, not at exit.
+            if let Some(Err(e)) = feed.take().map(join_feed) {
+                tracing::error!(error = %e, "synthetic feed failed; stopping");
+                failure = Some(e);
+                break;
+            }
+        }
+        if !interval.is_zero() && window.elapsed() >= interval {
+            window.log(&broker, &cfg);
             if let Some(b) = &bridge {
                 log_bridge(&b.stats, "pulsar bridge");
             }
-            last = Instant::now();
-            last_events = s.events;
         }
     }
     tracing::info!("shutting down");
-    let mut failure = None;
     if let Some(b) = bridge {
         let stats = b.stats.clone();
         if let Err(e) = b.stop() {
             tracing::error!(error = %e, "pulsar bridge failed");
-            failure = Some(e);
+            failure = Some(e.into());
         }
         log_bridge(&stats, "pulsar bridge stopped");
     }
     if let Some(f) = feed {
-        match f.join() {
-            Ok(Ok(sent)) => tracing::info!(sent, "synthetic feed stopped"),
-            Ok(Err(e)) => tracing::error!(error = %e, "synthetic feed failed"),
-            Err(_) => tracing::error!("synthetic feed panicked"),
+        match join_feed(f) {
+            Ok(sent) => tracing::info!(sent, "synthetic feed stopped"),
+            Err(e) => {
+                tracing::error!(error = %e, "synthetic feed failed");
+                failure = Some(e);
+            }
         }
     }
     let events = broker.stats().events;
     broker.shutdown();
     tracing::info!(events, "stopped");
     match failure {
-        Some(e) => Err(e.into()),
+        Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The feed thread's result.
+fn join_feed(
+    f: std::thread::JoinHandle<Result<u64, tickwire_proto::Error>>,
+) -> Result<u64, AnyError> {
+    match f.join() {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err("synthetic feed panicked".into()),
+    }
+}
+
+/// A flag set by the first SIGINT or SIGTERM (graceful shutdown); a second
+/// one ends the process at once, for a shutdown that takes too long.
+fn shutdown_flag() -> Result<Arc<AtomicBool>, AnyError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(stop)
+}
+
+/// What the periodic stats line reports: rates and latency over the last
+/// interval (not since start), and the readers of each topic.
+struct StatsWindow {
+    since: Instant,
+    events: u64,
+    hist: Option<hdrhistogram::Histogram<u64>>,
+}
+
+impl StatsWindow {
+    fn new(broker: &Broker) -> StatsWindow {
+        let s = broker.stats();
+        StatsWindow {
+            since: Instant::now(),
+            events: s.events,
+            hist: s.ingest_to_commit,
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    fn log(&mut self, broker: &Broker, cfg: &Config) {
+        let s = broker.stats();
+        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
+        let interval_events = s.events.saturating_sub(self.events);
+        // The interval's histogram: everything now minus everything then.
+        let mut interval = s.ingest_to_commit.clone();
+        if let (Some(now), Some(before)) = (interval.as_mut(), self.hist.as_ref()) {
+            let _ = now.subtract(before);
+        }
+        let (p50, p99, max) = interval.as_ref().map_or((0, 0, 0), |h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+        });
+        let readers: Vec<String> = cfg
+            .topics
+            .iter()
+            .zip(&s.readers)
+            .map(|(t, r)| format!("{}={r}", t.name))
+            .collect();
+        tracing::info!(
+            events = s.events,
+            interval_secs = format!("{secs:.1}"),
+            events_per_sec = (interval_events as f64 / secs) as u64,
+            ingest_to_commit_p50_ns = p50,
+            ingest_to_commit_p99_ns = p99,
+            ingest_to_commit_max_ns = max,
+            queued = s.queued,
+            readers = %readers.join(" "),
+            untethered = s.untethered,
+            reclaimed = s.reclaimed,
+            "stats (rates and latency over the interval)"
+        );
+        if s.lost_completions > 0 {
+            tracing::error!(
+                lost_completions = s.lost_completions,
+                "completions lost (a bug): those messages are not acknowledged upstream"
+            );
+        }
+        self.since = Instant::now();
+        self.events = s.events;
+        self.hist = s.ingest_to_commit;
     }
 }
 
@@ -297,6 +379,8 @@ fn log_bridge(stats: &tickwire_bridge::BridgeStats, what: &str) {
         dead_lettered = n(&stats.dead_lettered),
         backpressure = n(&stats.backpressure),
         reconnects = n(&stats.reconnects),
+        connected = n(&stats.connected),
+        connect_failures = n(&stats.connect_failures),
         events_out = n(&stats.events_out),
         events_dropped = n(&stats.events_dropped),
         "{what}"

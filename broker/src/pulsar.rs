@@ -2,9 +2,10 @@
 //! and a thread that runs the bridge on its own small tokio runtime.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
-use tickwire_bridge::{BridgeConfig, BridgeStats, Committed, MarketEvent, Sink, SinkError};
+use tickwire_bridge::{
+    BridgeConfig, BridgeStats, CancellationToken, Committed, MarketEvent, Sink, SinkError,
+};
 use tickwire_proto::FrameBody;
 
 use crate::engine::{Broker, Ingest};
@@ -42,7 +43,7 @@ impl Sink for IngestSink {
             .ingest
             .resolver()
             .route(self.topic, &e.instrument)
-            .map_err(|err| SinkError::Rejected(err.to_string()))?;
+            .map_err(|err| SinkError::Rejected(Box::new(err)))?;
         let mut body = FrameBody {
             ts_event: e.ts_event,
             source_seq,
@@ -57,7 +58,7 @@ impl Sink for IngestSink {
         match self.ingest.try_send(&route, &body, Some(token)) {
             Ok(()) => Ok(()),
             Err(err) if err.is_backpressure() => Err(SinkError::Backpressure),
-            Err(err) => Err(SinkError::Rejected(err.to_string())),
+            Err(err) => Err(SinkError::Rejected(Box::new(err))),
         }
     }
 
@@ -83,7 +84,7 @@ impl Sink for IngestSink {
 
 /// A running bridge.
 pub struct BridgeHandle {
-    stop: Arc<AtomicBool>,
+    cancel: CancellationToken,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
     /// Its counters.
     pub stats: Arc<BridgeStats>,
@@ -100,9 +101,9 @@ impl BridgeHandle {
             &cfg.target_topic,
             cfg.receiver_queue_size as usize * 4,
         )?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let cancel = CancellationToken::new();
         let stats = Arc::new(BridgeStats::default());
-        let (s2, st2) = (stop.clone(), stats.clone());
+        let (c2, st2) = (cancel.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name("tickwire-bridge".into())
             .spawn(move || {
@@ -112,12 +113,12 @@ impl BridgeHandle {
                     .enable_all()
                     .build()
                     .map_err(|e| e.to_string())?;
-                rt.block_on(tickwire_bridge::run(cfg, sink, st2, s2))
+                rt.block_on(tickwire_bridge::run(cfg, sink, st2, c2))
                     .map_err(|e| e.to_string())
             })
             .map_err(|e| e.to_string())?;
         Ok(BridgeHandle {
-            stop,
+            cancel,
             thread: Some(thread),
             stats,
         })
@@ -128,12 +129,13 @@ impl BridgeHandle {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Stops the bridge after it acknowledged what was committed.
+    /// Stops the bridge after it acknowledged what was committed (a
+    /// connection attempt in progress is abandoned at once).
     ///
     /// # Errors
     /// The bridge's own error, if it had stopped on one.
     pub fn stop(mut self) -> Result<(), String> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cancel.cancel();
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err("bridge thread panicked".into()),
@@ -144,7 +146,7 @@ impl BridgeHandle {
 
 impl Drop for BridgeHandle {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cancel.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

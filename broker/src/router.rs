@@ -7,9 +7,66 @@ use tickwire_proto::Kind;
 use tickwire_proto::symbology::{Instrument, SymbologyWriter};
 
 /// A parsed routing-key template such as `{symbol}.{exchange}.{kind}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// In the configuration it is a string, parsed once when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct RoutingTemplate {
+    source: String,
     parts: Vec<Part>,
+}
+
+/// Why a routing-key template was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// The template is the empty string.
+    #[error("routing key template is empty")]
+    Empty,
+    /// A `{` with no `}` after it.
+    #[error("{template:?}: '{{' without '}}'")]
+    Unclosed {
+        /// The template.
+        template: String,
+    },
+    /// A placeholder that is not one of the four.
+    #[error(
+        "{template:?}: unknown placeholder {{{name}}} (use {{symbol}}, {{exchange}}, {{currency}}, {{kind}})"
+    )]
+    UnknownPlaceholder {
+        /// The template.
+        template: String,
+        /// The placeholder's name.
+        name: String,
+    },
+}
+
+impl TryFrom<String> for RoutingTemplate {
+    type Error = TemplateError;
+    fn try_from(s: String) -> Result<Self, TemplateError> {
+        RoutingTemplate::parse(&s)
+    }
+}
+
+impl std::fmt::Display for RoutingTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl Default for RoutingTemplate {
+    /// `{symbol}.{exchange}.{kind}`: one instrument's trades and quotes each
+    /// keep their order.
+    fn default() -> Self {
+        RoutingTemplate {
+            source: "{symbol}.{exchange}.{kind}".into(),
+            parts: vec![
+                Part::Symbol,
+                Part::Lit(".".into()),
+                Part::Exchange,
+                Part::Lit(".".into()),
+                Part::Kind,
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,8 +83,8 @@ impl RoutingTemplate {
     /// `{currency}` and `{kind}`.
     ///
     /// # Errors
-    /// A message naming the unknown placeholder or the unclosed brace.
-    pub fn parse(t: &str) -> Result<RoutingTemplate, String> {
+    /// [`TemplateError`] naming the unknown placeholder or the unclosed brace.
+    pub fn parse(t: &str) -> Result<RoutingTemplate, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = t;
         while let Some(open) = rest.find('{') {
@@ -35,7 +92,7 @@ impl RoutingTemplate {
                 parts.push(Part::Lit(rest[..open].to_string()));
             }
             let Some(close) = rest[open..].find('}') else {
-                return Err(format!("{t:?}: '{{' without '}}'"));
+                return Err(TemplateError::Unclosed { template: t.into() });
             };
             let name = &rest[open + 1..open + close];
             parts.push(match name {
@@ -43,7 +100,12 @@ impl RoutingTemplate {
                 "exchange" => Part::Exchange,
                 "currency" => Part::Currency,
                 "kind" => Part::Kind,
-                other => return Err(format!("{t:?}: unknown placeholder {{{other}}} (use {{symbol}}, {{exchange}}, {{currency}}, {{kind}})")),
+                other => {
+                    return Err(TemplateError::UnknownPlaceholder {
+                        template: t.into(),
+                        name: other.into(),
+                    });
+                }
             });
             rest = &rest[open + close + 1..];
         }
@@ -51,9 +113,12 @@ impl RoutingTemplate {
             parts.push(Part::Lit(rest.to_string()));
         }
         if parts.is_empty() {
-            return Err("routing key template is empty".into());
+            return Err(TemplateError::Empty);
         }
-        Ok(RoutingTemplate { parts })
+        Ok(RoutingTemplate {
+            source: t.into(),
+            parts,
+        })
     }
 
     /// The rendered key, e.g. `AAPL.NASDAQ.trade`.
@@ -218,6 +283,7 @@ mod tests {
             size_decimals: 0,
         };
         assert_eq!(t.render(&i, Kind::Trade), "AAPL.NASDAQ.trade");
+        assert_eq!(t, RoutingTemplate::default());
         assert!(t.partition(&i, Kind::Trade, 8) < 8);
         assert!(RoutingTemplate::parse("{symbol}.{venue}").is_err());
         assert!(RoutingTemplate::parse("{symbol").is_err());

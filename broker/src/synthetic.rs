@@ -152,28 +152,53 @@ struct Book {
     lot: u32,
 }
 
+/// The synthetic feed's `source_id` on a node: FNV-1a of
+/// `tickwire-synthetic/<node id>`, folded to 32 bits (never 0), so two
+/// nodes' feeds, and the feed and a Pulsar producer, are different sources.
+pub fn source_id(node_id: &str) -> u32 {
+    use tickwire_proto::layout::{FNV_OFFSET, fnv1a};
+    let h = fnv1a(
+        fnv1a(FNV_OFFSET, b"tickwire-synthetic/"),
+        node_id.as_bytes(),
+    );
+    ((h ^ (h >> 32)) as u32).max(1)
+}
+
 /// Generates the feed's frames; `run` paces them into the broker.
+///
+/// Every frame carries the feed's [`source_id`] and a `source_seq` that
+/// starts at the wall-clock time the generator was made (ns since the Unix
+/// epoch) and goes up by one per event. A restarted feed therefore starts
+/// far above where the last run ended (unless it sent more than 10^9
+/// events per second of its life, or the clock was stepped back by more
+/// than the last run lasted), so (`source_id`, `source_seq`) never repeats
+/// for two different events: the duplicate rule holds for this source too.
 pub struct Generator {
     books: Vec<Book>,
     rng: Rng,
     quote_ratio: f64,
     seq: u64,
+    source_id: u32,
 }
 
 impl Generator {
-    /// Resolves every instrument on `topic` and seeds prices.
+    /// Resolves every instrument on `topic` and seeds prices. When the
+    /// symbology table fills up, the instruments that fit are traded and
+    /// the rest are left out, with an error logged at once.
     ///
     /// # Errors
-    /// A symbology error (full table).
+    /// A symbology error when not one instrument could be resolved.
     pub fn new(
         ingest: &mut Ingest,
         topic: u32,
         seed: u64,
         quote_ratio: f64,
+        source_id: u32,
     ) -> Result<Generator, tickwire_proto::Error> {
         let mut rng = Rng::new(seed);
         let mut books = Vec::new();
-        for &(exchange, currency, size_decimals, typical, tickers) in VENUES {
+        let total = instruments().len();
+        'venues: for &(exchange, currency, size_decimals, typical, tickers) in VENUES {
             for s in tickers {
                 let inst = Instrument {
                     symbol: s.to_string(),
@@ -181,7 +206,15 @@ impl Generator {
                     currency: currency.into(),
                     size_decimals,
                 };
-                let route = ingest.resolver().route(topic, &inst)?;
+                let route = match ingest.resolver().route(topic, &inst) {
+                    Ok(r) => r,
+                    Err(e @ tickwire_proto::Error::SymbologyFull { .. }) if !books.is_empty() => {
+                        tracing::error!(error = %e, served = books.len(), left_out = total - books.len(),
+                            "synthetic feed: symbology table is full; trading only the instruments that fit (raise node.symbology_capacity)");
+                        break 'venues;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let price = typical * (0.2 + 3.0 * rng.unit());
                 let tick = if price > 1000.0 {
                     0.5
@@ -207,7 +240,8 @@ impl Generator {
             books,
             rng,
             quote_ratio,
-            seq: 0,
+            seq: realtime_ns(),
+            source_id,
         })
     }
 
@@ -249,21 +283,25 @@ impl Generator {
             t
         };
         body.source_seq = self.seq;
+        body.set_source_id(self.source_id);
         (b.route, body)
     }
 }
 
 /// Runs the feed until `stop`: `rate` events per second (0 = unpaced),
 /// waiting when the shards push back. Returns the number of events sent.
+///
+/// # Errors
+/// As [`Generator::new`], or a route the broker does not know.
 pub fn run(
     mut ingest: Ingest,
     topic: u32,
-    seed: u64,
-    quote_ratio: f64,
-    rate: u64,
+    cfg: &crate::config::SyntheticConfig,
+    source_id: u32,
     stop: Arc<AtomicBool>,
 ) -> Result<u64, tickwire_proto::Error> {
-    let mut generator = Generator::new(&mut ingest, topic, seed, quote_ratio)?;
+    let rate = cfg.rate;
+    let mut generator = Generator::new(&mut ingest, topic, cfg.seed, cfg.quote_ratio, source_id)?;
     let start = Instant::now();
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {

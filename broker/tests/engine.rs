@@ -43,7 +43,13 @@ fn routes(ingest: &mut Ingest, n: usize) -> Vec<Route> {
 
 /// Sends `body` along `route`, retrying on backpressure while draining
 /// completions into `done`.
-fn send(ingest: &Ingest, route: &Route, body: &FrameBody, token: u64, done: &mut Vec<Completion>) {
+fn send(
+    ingest: &mut Ingest,
+    route: &Route,
+    body: &FrameBody,
+    token: u64,
+    done: &mut Vec<Completion>,
+) {
     loop {
         match ingest.try_send(route, body, Some(token)) {
             Ok(()) => return,
@@ -77,7 +83,7 @@ fn two_million_events_through_two_shards_arrive_in_order_with_a_completion_each(
             let route = &rs[(i % rs.len() as u64) as usize];
             let mut body = FrameBody::trade(0, i, i as i64, 1);
             body.source_seq = i;
-            send(&ingest, route, &body, i, &mut done);
+            send(&mut ingest, route, &body, i, &mut done);
         }
         while done.len() < n as usize {
             ingest.drain_completions(|c| done.push(c));
@@ -216,7 +222,7 @@ fn a_restart_bumps_the_epoch_and_readers_resume_without_duplicates_or_silent_gap
             let id = sent_total + i + 1;
             let mut body = FrameBody::trade(0, id, 1, 1);
             body.source_seq = id;
-            send(&ingest, &rs[(i % 16) as usize], &body, id, &mut done);
+            send(&mut ingest, &rs[(i % 16) as usize], &body, id, &mut done);
         }
         while done.len() < 10_000 {
             ingest.drain_completions(|c| done.push(c));

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use shm_client::{Event, Start, Subscriber};
 use tickwire_bridge::pulsar::{Pulsar, TokioExecutor};
-use tickwire_bridge::{BridgeConfig, Format, SubscriptionType};
+use tickwire_bridge::{BridgeConfig, Format, InitialPosition, SubscriptionType};
 use tickwire_broker::config::{Config, TopicConfig};
 use tickwire_broker::engine::Broker;
 use tickwire_broker::pulsar::BridgeHandle;
+use tickwire_broker::router::RoutingTemplate;
 
 mod common;
 use common::{backlog, create_partitioned, pulsar_url, read_topic, unique};
@@ -46,7 +47,7 @@ struct Node {
 }
 
 fn node(bridge: BridgeConfig) -> Node {
-    node_with_template(bridge, &TopicConfig::default().routing_key)
+    node_with_template(bridge, &TopicConfig::default().routing_key.to_string())
 }
 
 fn node_with_template(bridge: BridgeConfig, routing_key: &str) -> Node {
@@ -58,7 +59,7 @@ fn node_with_template(bridge: BridgeConfig, routing_key: &str) -> Node {
         name: TARGET.into(),
         partitions: 2,
         capacity: 1 << 14,
-        routing_key: routing_key.into(),
+        routing_key: RoutingTemplate::parse(routing_key).expect("template"),
     }];
     // Housekeeping (reader counts for subscribers_notified) every 20 ms.
     c.shards.reclaim_interval_ms = 20;
@@ -92,6 +93,8 @@ fn bridge_config(input: &str, dlq: &str, subscription: &str, format: Format) -> 
         format,
         target_topic: TARGET.into(),
         dead_letter_topic: dlq.into(),
+        // Messages may be produced before the subscription exists.
+        initial_position: InitialPosition::Earliest,
         ..BridgeConfig::default()
     }
 }

@@ -2,8 +2,10 @@
 //! Pulsar from `scripts/services.sh up`: a node killed with SIGKILL
 //! mid-stream and restarted, and two nodes sharing one feed where the active
 //! one is killed. Loss is counted against the sends the producer got a
-//! receipt for, by the producer's sequence id, which every frame carries as
-//! `source_seq`; duplicates are counted and reported.
+//! receipt for, by a unique message number carried in the body (as the
+//! price, `1 + n`, which the frame keeps exactly): never by the receipt's
+//! sequence id, which a resend after a lost receipt changes. Duplicates are
+//! counted and reported.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -61,7 +63,7 @@ impl NodeProc {
                 "[node]\nid = {name:?}\ndir = {dir:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 0\n\
                  [[topics]]\nname = {TARGET:?}\npartitions = {partitions}\ncapacity = {capacity}\n\
                  [bridge]\nenabled = true\nurl = {url:?}\ntopics = [{input:?}]\nsubscription = {subscription:?}\n\
-                 subscription_type = {kind:?}\nconsumer_name = {name:?}\ndead_letter_topic = {dlq:?}\nreceiver_queue_size = 100\n",
+                 subscription_type = {kind:?}\ninitial_position = \"earliest\"\nconsumer_name = {name:?}\ndead_letter_topic = {dlq:?}\nreceiver_queue_size = 100\n",
                 dir = dir.display().to_string(),
                 url = pulsar_url(),
                 dlq = format!("{input}-dlq"),
@@ -94,8 +96,13 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
-/// Every source sequence in a node's rings (ring files outlive the process).
-fn ring_seqs(dir: &Path) -> Vec<u64> {
+/// The message number a producer put in a body: the price is `1 + n`.
+fn message_id(px: i64) -> u64 {
+    (px / tickwire_proto::frame::PRICE_SCALE - 1) as u64
+}
+
+/// Every message number in a node's rings (ring files outlive the process).
+fn ring_ids(dir: &Path) -> Vec<u64> {
     let Ok(mut sub) = Subscriber::builder(TARGET)
         .node_dir(dir)
         .start(Start::Earliest)
@@ -106,11 +113,11 @@ fn ring_seqs(dir: &Path) -> Vec<u64> {
     let mut out = Vec::new();
     loop {
         let n = sub.poll(4096, |e| match e {
-            Event::Tick(t) => out.push(t.body.source_seq()),
+            Event::Tick(t) => out.push(message_id(t.body.px_a())),
             Event::Gap { from, to, .. } => {
                 panic!("ring lost {from}..={to}: capacity too small for the test")
             }
-            Event::Untethered { .. } => {}
+            _ => {}
         });
         if n == 0 {
             break;
@@ -120,8 +127,9 @@ fn ring_seqs(dir: &Path) -> Vec<u64> {
 }
 
 /// Sends `total` JSON messages from a background thread at about `rate`/s;
-/// returns the sequence ids that got a receipt. A send that fails (Pulsar
-/// restarting) is retried until it gets a receipt or 120 s pass.
+/// returns the numbers of the messages that got a receipt (message `n` has
+/// price `1 + n`). A send that fails (Pulsar restarting) is retried, with
+/// the same number, until it gets a receipt or 120 s pass.
 fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<HashSet<u64>> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -171,13 +179,13 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
                     let mut retry = Vec::new();
                     for (k, f) in window.drain(..) {
                         match f.await {
-                            Ok(receipt) => {
-                                acked.insert(receipt.sequence_id);
+                            Ok(_) => {
+                                acked.insert(k);
                             }
                             Err(_) => retry.push(k),
                         }
                     }
-                    // Messages without a receipt are sent again (new sequence ids).
+                    // Messages without a receipt are sent again (same numbers).
                     if let Some(&first) = retry.first() {
                         i = i.min(first);
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -204,7 +212,7 @@ fn assert_none_lost(sent: &HashSet<u64>, got: &HashSet<u64>, through: &str) {
 fn wait_for_all(dirs: &[&Path], want: &HashSet<u64>) -> (HashSet<u64>, usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let all: Vec<u64> = dirs.iter().flat_map(|d| ring_seqs(d)).collect();
+        let all: Vec<u64> = dirs.iter().flat_map(|d| ring_ids(d)).collect();
         let set: HashSet<u64> = all.iter().copied().collect();
         let dups = all.len() - set.len();
         if want.is_subset(&set) || Instant::now() >= deadline {
@@ -228,7 +236,7 @@ fn a_node_killed_mid_stream_and_restarted_loses_nothing() {
         let mut n = 0;
         while n < 1000 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
-            n = ring_seqs(&node.dir).len();
+            n = ring_ids(&node.dir).len();
         }
         n
     };
@@ -453,8 +461,8 @@ fn two_nodes(kind: &str) {
     let (mut na, mut nb) = (0, 0);
     while na + nb < 1000 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
-        na = ring_seqs(&a.dir).len();
-        nb = ring_seqs(&b.dir).len();
+        na = ring_ids(&a.dir).len();
+        nb = ring_ids(&b.dir).len();
     }
     assert!(
         na + nb >= 1000,
@@ -477,12 +485,12 @@ fn two_nodes(kind: &str) {
     } else {
         a.dir.clone()
     };
-    let before = ring_seqs(&survivor_dir).len();
+    let before = ring_ids(&survivor_dir).len();
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 6000, "every send got a receipt");
     let (got, dups) = wait_for_all(&[&a.dir, &b.dir], &sent);
     assert_none_lost(&sent, &got, "a node SIGKILL, across both nodes");
-    let after = ring_seqs(&survivor_dir).len();
+    let after = ring_ids(&survivor_dir).len();
     assert!(
         after > before,
         "the survivor took over ({before} -> {after})"
@@ -553,11 +561,11 @@ fn pulsar_restart_mid_stream(kill: bool) {
     let mut node = NodeProc::start(root.path(), "node-a", &input, "tw-pulsar-restart");
     let producer = produce(input.clone(), 4000, 1000);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ring_seqs(&node.dir).len() < 1000 && Instant::now() < deadline {
+    while ring_ids(&node.dir).len() < 1000 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        ring_seqs(&node.dir).len() >= 1000,
+        ring_ids(&node.dir).len() >= 1000,
         "the node ingested before the restart"
     );
     restart_pulsar(kill);

@@ -23,6 +23,15 @@ pub mod file;
 #[cfg(not(loom))]
 pub mod symbology;
 
+/// The `tickwire.v1` protobuf messages from `proto/market_data.proto`
+/// (feature `protobuf`): generated here once, for every crate that speaks
+/// protobuf.
+#[cfg(feature = "protobuf")]
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/tickwire.v1.rs"));
+}
+
 #[cfg(not(loom))]
 pub use error::{Error, Result};
 pub use frame::{ArchivedFrameBody, FrameBody, Kind};

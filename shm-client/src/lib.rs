@@ -220,6 +220,7 @@ pub struct SubscriberBuilder {
 /// `$TICKWIRE_NODE_DIR`, else `/dev/shm/tickwire/default`.
 pub fn default_node_dir() -> PathBuf {
     std::env::var_os("TICKWIRE_NODE_DIR")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(tickwire_proto::file::DEFAULT_SHM_ROOT).join("default"))
 }
