@@ -49,6 +49,7 @@ pub fn run(
             partitions: 1,
             capacity: run.capacity,
             slot_size: SLOT_SIZE as u32,
+            modes: Default::default(),
         },
     )
     .map_err(|e| e.to_string())?;
@@ -132,6 +133,7 @@ pub fn reader(
             Event::Tick(t) => running &= tally.take(t.body.words()),
             Event::Gap { .. } => gaps += 1,
             Event::Untethered { .. } => untethered += 1,
+            _ => {}
         });
         if n == 0 && !spin {
             sub.wait_for_data(Duration::from_millis(10));

@@ -71,10 +71,15 @@ pub(crate) async fn setup(
     Ok((pulsar, consumer, dlq))
 }
 
-/// Runs `op` until it succeeds (backoff 100 ms doubling to 5 s), counting
-/// failures in `stats.connect_failures`; `None` as soon as `cancel` fires,
-/// even in the middle of an attempt (the client's own connection retries
-/// would otherwise go on for as long as Pulsar is unreachable).
+/// How long one connect-and-subscribe attempt may take before it counts as
+/// failed and is started again (the client retries an unreachable broker
+/// inside one attempt, silently, for as long as it is unreachable).
+pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `op` until it succeeds (backoff 100 ms doubling to 5 s; an attempt
+/// that takes over [`ATTEMPT_TIMEOUT`] fails), counting failures in
+/// `stats.connect_failures`; `None` as soon as `cancel` fires, even in the
+/// middle of an attempt.
 pub(crate) async fn retry<T, F, Fut>(
     cancel: &CancellationToken,
     stats: &BridgeStats,
@@ -88,12 +93,21 @@ where
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = tokio::select! {
-            r = op() => r,
+            r = tokio::time::timeout(ATTEMPT_TIMEOUT, op()) => r,
             _ = cancel.cancelled() => return None,
         };
         match attempt {
-            Ok(v) => return Some(v),
-            Err(e) => {
+            Ok(Ok(v)) => return Some(v),
+            Err(_) => {
+                let failures = stats.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    step = what,
+                    failures,
+                    timeout_secs = ATTEMPT_TIMEOUT.as_secs(),
+                    "pulsar not reachable; retrying"
+                )
+            }
+            Ok(Err(e)) => {
                 let failures = stats.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(error = %e, step = what, failures, backoff_ms = backoff.as_millis() as u64, "pulsar not available; retrying")
             }

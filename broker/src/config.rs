@@ -62,6 +62,16 @@ pub struct NodeConfig {
     pub dir: Option<PathBuf>,
     /// Symbology table capacity (instruments).
     pub symbology_capacity: u32,
+    /// Mode of the data files it creates (`.ring`, `symbology`): readers
+    /// need read access.
+    pub data_file_mode: u32,
+    /// Mode of the reader-state files it creates (`.readers`): readers
+    /// need read and write access.
+    pub reader_file_mode: u32,
+    /// Group to give the files it creates (a name or a numeric id), so
+    /// readers running as other users in that group can read; default the
+    /// broker's own group.
+    pub group: Option<String>,
 }
 
 /// What a shard does when it has nothing to do.
@@ -139,6 +149,43 @@ pub struct StatsConfig {
     pub log_interval_secs: u64,
 }
 
+/// The most ring and symbology bytes one node may configure (1 TiB): a
+/// typo in a capacity or partition count is refused before anything is
+/// created. Whether the node directory can hold them is checked at start.
+pub const MAX_FILE_BYTES: u64 = 1 << 40;
+
+/// Physical memory in bytes (0 if unknown).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return 0;
+    }
+    (pages as u64).saturating_mul(size as u64)
+}
+
+/// A group name, or a numeric id, to its gid.
+fn resolve_group(g: &str) -> Option<u32> {
+    if let Ok(id) = g.parse::<u32>() {
+        return Some(id);
+    }
+    let name = std::ffi::CString::new(g).ok()?;
+    // SAFETY: getgrnam with a NUL-terminated name; the result, if any,
+    // points to static storage we read at once (the broker resolves its
+    // group once, at start, on one thread).
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return None;
+    }
+    // SAFETY: non-null result of getgrnam.
+    Some(unsafe { (*gr).gr_gid })
+}
+
 /// `$TICKWIRE_NODE_DIR` when set and not empty: the node directory every
 /// tickwire command and shm-client use unless told otherwise.
 pub fn env_node_dir() -> Option<PathBuf> {
@@ -156,6 +203,9 @@ impl Default for NodeConfig {
             id: "default".into(),
             dir: None,
             symbology_capacity: tickwire_proto::symbology::DEFAULT_SYMBOLOGY_CAPACITY,
+            data_file_mode: 0o640,
+            reader_file_mode: 0o660,
+            group: None,
         }
     }
 }
@@ -258,6 +308,53 @@ impl Config {
         })
     }
 
+    /// The modes and group the broker creates files with; the group name
+    /// is resolved here.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for `node.group` naming no group.
+    pub fn file_modes(&self) -> Result<tickwire_proto::file::FileModes, ConfigError> {
+        let group = match &self.node.group {
+            None => None,
+            Some(g) => Some(resolve_group(g).ok_or_else(|| ConfigError::Invalid {
+                key: "node.group".into(),
+                why: format!("{g:?} is not a group on this machine (see /etc/group)"),
+            })?),
+        };
+        Ok(tickwire_proto::file::FileModes {
+            data: self.node.data_file_mode,
+            readers: self.node.reader_file_mode,
+            group,
+        })
+    }
+
+    /// Bytes of shared memory (or disk) the rings and symbology take.
+    pub fn file_bytes(&self) -> u64 {
+        let rings: u64 = self
+            .topics
+            .iter()
+            .map(|t| {
+                (tickwire_proto::layout::HEADER_SIZE as u64
+                    + t.capacity
+                        .saturating_mul(tickwire_proto::frame::SLOT_SIZE as u64)
+                    + tickwire_proto::layout::READERS_FILE_SIZE as u64)
+                    .saturating_mul(t.partitions as u64)
+            })
+            .fold(0u64, u64::saturating_add);
+        rings.saturating_add(
+            tickwire_proto::symbology::SYMBOLOGY_HEADER as u64
+                + self.node.symbology_capacity as u64
+                    * tickwire_proto::symbology::ENTRY_SIZE as u64,
+        )
+    }
+
+    /// Bytes the shards' ingest queues take.
+    pub fn queue_bytes(&self) -> u64 {
+        (self.shards.count as u64)
+            .saturating_mul(self.shards.queue_capacity as u64)
+            .saturating_mul(crate::engine::JOB_BYTES as u64)
+    }
+
     /// Checks every value once.
     ///
     /// # Errors
@@ -290,6 +387,17 @@ impl Config {
                 "node.symbology_capacity",
                 format!("{} is not in 1..=16777216", self.node.symbology_capacity),
             );
+        }
+        for (key, mode) in [
+            ("node.data_file_mode", self.node.data_file_mode),
+            ("node.reader_file_mode", self.node.reader_file_mode),
+        ] {
+            if mode > 0o777 || mode & 0o600 != 0o600 {
+                return bad(
+                    key,
+                    format!("{mode:#o} must be at most 0o777 and give the owner read and write"),
+                );
+            }
         }
         let s = &self.shards;
         if s.count == 0 || s.count > 256 {
@@ -373,6 +481,30 @@ impl Config {
                 );
             }
         }
+        let memory = physical_memory();
+        if memory > 0 && self.queue_bytes() > memory / 2 {
+            return bad(
+                "shards.queue_capacity",
+                format!(
+                    "{} shards x {} events x {} bytes = {} bytes of ingest queues, more than half of this machine's {} bytes of memory",
+                    self.shards.count,
+                    self.shards.queue_capacity,
+                    crate::engine::JOB_BYTES,
+                    self.queue_bytes(),
+                    memory
+                ),
+            );
+        }
+        if self.file_bytes() > MAX_FILE_BYTES {
+            return bad(
+                "topics",
+                format!(
+                    "the rings and symbology would take {} bytes (partitions x capacity x 64 per topic), above the {} bytes tickwire allows",
+                    self.file_bytes(),
+                    MAX_FILE_BYTES
+                ),
+            );
+        }
         if !(0.0..=1.0).contains(&self.synthetic.quote_ratio) {
             return bad(
                 "synthetic.quote_ratio",
@@ -417,5 +549,34 @@ mod tests {
         let e = Config::parse("[synthetic]\ntopic = \"nope\"\n", Path::new("x.toml"))
             .expect_err("synthetic topic");
         assert!(e.to_string().contains("synthetic.topic"), "{e}");
+    }
+
+    #[test]
+    fn configurations_that_cannot_fit_are_refused_before_anything_starts() {
+        let e = Config::parse(
+            "[[topics]]\nname = \"a\"\npartitions = 4096\ncapacity = 1073741824\n[synthetic]\nenabled = false\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("256 TiB of rings");
+        assert!(
+            e.to_string().contains("topics") && e.to_string().contains("bytes"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[shards]\ncount = 256\nqueue_capacity = 16777216\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("queues larger than memory");
+        assert!(e.to_string().contains("shards.queue_capacity"), "{e}");
+        let e = Config::parse("[node]\ndata_file_mode = 0o1777\n", Path::new("x.toml"))
+            .expect_err("mode");
+        assert!(e.to_string().contains("node.data_file_mode"), "{e}");
+        let c = Config::parse(
+            "[node]\ngroup = \"no-such-group-here\"\n",
+            Path::new("x.toml"),
+        )
+        .expect("parses");
+        let e = c.file_modes().expect_err("unknown group");
+        assert!(e.to_string().contains("node.group"), "{e}");
     }
 }

@@ -37,6 +37,18 @@ pub enum BrokerError {
     /// A ring or the symbology file could not be opened.
     #[error(transparent)]
     Shm(#[from] tickwire_proto::Error),
+    /// The node directory cannot hold the rings.
+    #[error(
+        "no space left on device: the rings and symbology need {need} more bytes in {dir}, which has {available} free (a tmpfs such as /dev/shm is sized by its mount options)"
+    )]
+    NoSpace {
+        /// Node directory.
+        dir: std::path::PathBuf,
+        /// Bytes still to create.
+        need: u64,
+        /// Bytes free there.
+        available: u64,
+    },
     /// A shard thread could not be started.
     #[error("cannot start shard thread {shard}: {source}")]
     Thread {
@@ -92,6 +104,9 @@ pub struct Completion {
     /// housekeeping): the subscribers this event was made available to.
     pub readers: u32,
 }
+
+/// Bytes one queued event takes in a shard's ingest queue.
+pub const JOB_BYTES: usize = std::mem::size_of::<Job>();
 
 struct Job {
     ring: u32,
@@ -187,8 +202,10 @@ impl Broker {
     /// other parameters; I/O errors.
     pub fn start(config: &Config) -> Result<Broker, BrokerError> {
         config.validate()?;
+        let modes = config.file_modes()?;
         let dir = config.node_dir();
-        let symbology = SymbologyWriter::open(&dir, config.node.symbology_capacity)?;
+        check_space(config, &dir)?;
+        let symbology = SymbologyWriter::open_with(&dir, config.node.symbology_capacity, modes)?;
         let n_shards = config.shards.count;
         let mut rings: Vec<Vec<(u32, u32, PartitionWriter)>> =
             (0..n_shards).map(|_| Vec::new()).collect();
@@ -205,8 +222,18 @@ impl Broker {
                         partitions: t.partitions,
                         capacity: t.capacity,
                         slot_size: SLOT_SIZE as u32,
+                        modes,
                     },
                 )?;
+                tracing::info!(
+                    topic = %t.name,
+                    partition = p,
+                    ring = if w.created() { "created" } else { "resumed" },
+                    epoch = w.epoch(),
+                    next_seq = w.next_seq(),
+                    capacity = t.capacity,
+                    "ring open"
+                );
                 let shard = next_shard % n_shards;
                 next_shard += 1;
                 ps.push(Placement {
@@ -260,9 +287,9 @@ impl Broker {
                 .name(format!("tickwire-shard-{i}"))
                 .spawn(move || {
                     if let Some(c) = core
-                        && !core_affinity::set_for_current(c)
+                        && let Err(why) = pin_to(c.id)
                     {
-                        tracing::warn!(shard = i, core = c.id, "could not pin shard");
+                        tracing::warn!(shard = i, core = c.id, reason = %why, "could not pin shard; it runs unpinned");
                     }
                     shard.run();
                 })
@@ -270,7 +297,14 @@ impl Broker {
             let _ = shared.shards[i].thread.set(handle.thread().clone());
             threads.push(handle);
         }
-        tracing::info!(node_dir = %dir.display(), shards = n_shards, topics = config.topics.len(), "rings open");
+        tracing::info!(
+            node_dir = %dir.display(),
+            shards = n_shards,
+            topics = config.topics.len(),
+            shared_memory_bytes = config.file_bytes(),
+            ingest_queue_bytes = config.queue_bytes(),
+            "rings open"
+        );
         Ok(Broker {
             resolver: Resolver::new(Arc::new(topics), Arc::new(Mutex::new(symbology))),
             shared,
@@ -370,6 +404,91 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.stop_and_join();
     }
+}
+
+/// Pins the calling thread to one core, saying why not when it cannot.
+fn pin_to(core: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity(0) fills our set for this thread.
+    let have =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) }
+            == 0;
+    if core >= libc::CPU_SETSIZE as usize {
+        return Err(format!("core {core} is beyond CPU_SETSIZE"));
+    }
+    // SAFETY: core < CPU_SETSIZE (checked).
+    if have && !unsafe { libc::CPU_ISSET(core, &allowed) } {
+        let list: Vec<String> = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: i < CPU_SETSIZE.
+            .filter(|&i| unsafe { libc::CPU_ISSET(i, &allowed) })
+            .map(|i| i.to_string())
+            .collect();
+        return Err(format!(
+            "core {core} is not among the cores this process may run on ({})",
+            list.join(",")
+        ));
+    }
+    // SAFETY: core < CPU_SETSIZE.
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: sched_setaffinity(0) on this thread with a valid set.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// Refuses to start when the node directory's file system cannot hold the
+/// rings and symbology that do not exist yet.
+fn check_space(config: &Config, dir: &std::path::Path) -> Result<(), BrokerError> {
+    use tickwire_proto::file::{partition_paths, readers_path};
+    let mut need = 0u64;
+    for t in &config.topics {
+        let ring = tickwire_proto::layout::HEADER_SIZE as u64 + t.capacity * SLOT_SIZE as u64;
+        for p in partition_paths(dir, &t.name, t.partitions) {
+            if !p.exists() {
+                need += ring;
+            }
+            if !readers_path(&p).exists() {
+                need += tickwire_proto::layout::READERS_FILE_SIZE as u64;
+            }
+        }
+    }
+    if !dir.join(tickwire_proto::symbology::SYMBOLOGY_FILE).exists() {
+        need += tickwire_proto::symbology::SYMBOLOGY_HEADER as u64
+            + config.node.symbology_capacity as u64 * tickwire_proto::symbology::ENTRY_SIZE as u64;
+    }
+    if need == 0 {
+        return Ok(());
+    }
+    // The nearest existing ancestor tells the file system it will be on.
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => return Ok(()),
+        }
+    }
+    let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statvfs is plain integers; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs with a NUL-terminated path and a struct to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Ok(());
+    }
+    let available = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    if need > available {
+        return Err(BrokerError::NoSpace {
+            dir: dir.to_path_buf(),
+            need,
+            available,
+        });
+    }
+    Ok(())
 }
 
 /// A completion that cannot be handed back: a bug. Its message would never

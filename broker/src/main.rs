@@ -274,16 +274,56 @@ struct TailArgs {
     /// Start: latest, earliest, or a sequence number.
     #[arg(long, default_value = "latest")]
     start: String,
-    /// Node directory (default: $TICKWIRE_NODE_DIR or /dev/shm/tickwire/default).
+    /// Node directory (default: $TICKWIRE_NODE_DIR, else /dev/shm/tickwire/default).
     #[arg(long)]
     node_dir: Option<PathBuf>,
-    /// Exit after this many seconds without an event.
-    #[arg(long)]
-    idle_timeout: Option<f64>,
+    /// Exit after this many seconds without an event (a finite number, 0 or more).
+    #[arg(long, value_parser = parse_idle_timeout)]
+    idle_timeout: Option<Duration>,
     /// At exit, print a JSON summary to stderr: counts, gaps, and the
     /// ingest -> read latency (HDR percentiles).
     #[arg(long)]
     stats: bool,
+}
+
+/// How `tail` ended when it could not write its output.
+#[derive(Debug)]
+enum TailError {
+    /// The reader of stdout went away (`tail | head`): exit quietly, as a
+    /// process killed by SIGPIPE would.
+    ClosedPipe,
+    /// Any other write error (a full disk, /dev/full): an error.
+    Write(std::io::Error),
+}
+
+impl std::fmt::Display for TailError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TailError::ClosedPipe => f.write_str("stdout closed"),
+            TailError::Write(e) => write!(f, "writing to stdout: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TailError {}
+
+impl From<std::io::Error> for TailError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            TailError::ClosedPipe
+        } else {
+            TailError::Write(e)
+        }
+    }
+}
+
+/// `--idle-timeout`: a finite, non-negative number of seconds.
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} must be a finite number of seconds, 0 or more"))
 }
 
 fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
@@ -300,64 +340,104 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         })?),
     };
     let filter = Filter::default()
-        .symbols(a.symbols)
-        .exchanges(a.exchanges)
-        .currencies(a.currencies)
+        .symbols(a.symbols.clone())
+        .exchanges(a.exchanges.clone())
+        .currencies(a.currencies.clone())
         .kinds(kinds);
-    let mut b = Subscriber::builder(&a.topic)
-        .start(start)
-        .filter(filter)
-        .wait(WaitStrategy::Futex { spins: 100 });
-    if let Some(d) = a.node_dir {
-        b = b.node_dir(d);
+    let dir = a
+        .node_dir
+        .clone()
+        .unwrap_or_else(shm_client::default_node_dir);
+    let open = |start: Start| {
+        Subscriber::builder(&a.topic)
+            .node_dir(&dir)
+            .start(start)
+            .filter(filter.clone())
+            .wait(WaitStrategy::Futex { spins: 100 })
+            .open()
+    };
+    let mut sub = open(start)?;
+    if let Some(e) = sub.symbology_error() {
+        // Without symbology, symbols print as null and sizes unscaled.
+        return Err(format!("cannot resolve instruments: {e}").into());
     }
-    let mut sub = b.open()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let stop = shutdown_flag()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
     let mut last_event = Instant::now();
-    let idle = a.idle_timeout.map(Duration::from_secs_f64);
+    let idle = a.idle_timeout;
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| e.to_string())?;
-    while !stop.load(Ordering::Relaxed) && a.count.is_none_or(|c| printed < c) {
-        let want = a.count.map_or(1024, |c| (c - printed).min(1024) as usize);
-        let mut open = true;
-        let n = sub.poll(want, |e| {
-            if let Event::Tick(t) = &e {
-                printed += 1;
-                if a.stats {
-                    let _ = latency.record(
-                        tickwire_proto::futex::realtime_ns()
-                            .saturating_sub(t.body.ts_ingest())
-                            .max(1),
-                    );
+    say_what_we_wait_for(&mut sub, &a, start, &dir);
+    let result: Result<(), TailError> = (|| {
+        while !stop.load(Ordering::Relaxed) && a.count.is_none_or(|c| printed < c) {
+            let want = a.count.map_or(1024, |c| (c - printed).min(1024) as usize);
+            let mut written = Ok(());
+            let mut replaced = false;
+            let n = sub.poll(want, |e| {
+                match &e {
+                    Event::Tick(t) => {
+                        printed += 1;
+                        if a.stats {
+                            let _ = latency.record(
+                                tickwire_proto::futex::realtime_ns()
+                                    .saturating_sub(t.body.ts_ingest())
+                                    .max(1),
+                            );
+                        }
+                    }
+                    Event::Replaced { .. } => replaced = true,
+                    _ => {}
                 }
+                if written.is_ok() {
+                    written = tail::write_event(&mut out, &a.topic, &e, a.json);
+                }
+            });
+            written?;
+            if replaced {
+                out.flush()?;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tickwire tail: the rings of {} in {} were replaced; following the new ones from their start",
+                    a.topic,
+                    dir.display()
+                );
+                sub = loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    match open(Start::Earliest) {
+                        Ok(s) => break s,
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                };
+                continue;
             }
-            open &= tail::write_event(&mut out, &a.topic, &e, a.json);
-        });
-        if !open {
-            return Ok(());
+            if n == 0 {
+                out.flush()?;
+                if idle.is_some_and(|d| last_event.elapsed() >= d) {
+                    break;
+                }
+                sub.wait_for_data(Duration::from_millis(100));
+            } else {
+                last_event = Instant::now();
+            }
         }
-        if n == 0 {
-            if out.flush().is_err() {
-                return Ok(());
-            }
-            if idle.is_some_and(|d| last_event.elapsed() >= d) {
-                break;
-            }
-            sub.wait_for_data(Duration::from_millis(100));
-        } else {
-            last_event = Instant::now();
-        }
+        out.flush()?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {}
+        // As a process killed by SIGPIPE: quietly, with its status.
+        Err(TailError::ClosedPipe) => std::process::exit(141),
+        Err(e) => return Err(e.into()),
     }
-    let _ = out.flush();
     if a.stats {
         let s = sub.stats();
         let q = |p: f64| latency.value_at_quantile(p);
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "{}",
             serde_json::json!({
                 "topic": a.topic, "ticks": s.delivered, "filtered": s.filtered, "gaps": s.gaps, "lost": s.lost, "untethered": s.untethered,
@@ -366,6 +446,39 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         );
     }
     Ok(())
+}
+
+/// Says once, on stderr, when `tail` is going to wait for something that
+/// is not there yet: no live writer, a start beyond what was published, a
+/// filter no known instrument passes.
+fn say_what_we_wait_for(sub: &mut Subscriber, a: &TailArgs, start: Start, dir: &std::path::Path) {
+    let mut err = std::io::stderr();
+    if sub.live_writers() == 0 {
+        let _ = writeln!(
+            err,
+            "tickwire tail: no writer is running for {} in {} (is `tickwire serve` running with this node directory?); waiting for one",
+            a.topic,
+            dir.display()
+        );
+    }
+    if let Start::Sequence(seq) = start {
+        let published = sub.published();
+        if published.iter().all(|&(_, p)| seq > p + 1) {
+            let highest = published.iter().map(|&(_, p)| p).max().unwrap_or(0);
+            let _ = writeln!(
+                err,
+                "tickwire tail: waiting for sequence {seq}: the partitions have published up to {highest}"
+            );
+        }
+    }
+    if sub.matching_instruments() == Some(0) {
+        let known = sub.symbology().map_or(0, |s| s.count());
+        let _ = writeln!(
+            err,
+            "tickwire tail: none of the {known} instruments known now matches --symbol {:?} --exchange {:?} --currency {:?} (names match ignoring case); waiting for one to appear",
+            a.symbols, a.exchanges, a.currencies
+        );
+    }
 }
 
 /// The bridge's counters as one log line.

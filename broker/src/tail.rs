@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use shm_client::{Event, Kind, Tick};
+use shm_client::{CloseReason, Event, Kind, Tick};
 use tickwire_proto::frame::price_to_f64;
 
 /// Formats a UTC-ns timestamp as RFC 3339 with nanoseconds.
@@ -25,6 +25,25 @@ pub fn event_json(topic: &str, event: &Event<'_>) -> serde_json::Value {
         Event::Untethered { partition } => {
             serde_json::json!({"type": "untethered", "topic": topic, "partition": partition})
         }
+        Event::Closed { partition, reason } => {
+            serde_json::json!({"type": "closed", "topic": topic, "partition": partition, "reason": close_reason(*reason)})
+        }
+        Event::Reopened { partition, epoch } => {
+            serde_json::json!({"type": "reopened", "topic": topic, "partition": partition, "epoch": epoch})
+        }
+        Event::Replaced { partition, removed } => {
+            serde_json::json!({"type": "replaced", "topic": topic, "partition": partition, "removed": removed})
+        }
+        other => {
+            serde_json::json!({"type": "unknown", "topic": topic, "debug": format!("{other:?}")})
+        }
+    }
+}
+
+fn close_reason(r: CloseReason) -> &'static str {
+    match r {
+        CloseReason::EndOfStream => "end_of_stream",
+        CloseReason::WriterDied => "writer_died",
     }
 }
 
@@ -102,15 +121,31 @@ pub fn event_line(event: &Event<'_>) -> String {
             to,
         } => format!("p{partition} GAP {from}..={to} ({} lost)", to - from + 1),
         Event::Untethered { partition } => format!("p{partition} UNTETHERED"),
+        Event::Closed { partition, reason } => {
+            format!("p{partition} CLOSED ({})", close_reason(*reason))
+        }
+        Event::Reopened { partition, epoch } => format!("p{partition} REOPENED epoch {epoch}"),
+        Event::Replaced { partition, removed } => format!(
+            "p{partition} {}",
+            if *removed { "REMOVED" } else { "REPLACED" }
+        ),
+        other => format!("{other:?}"),
     }
 }
 
-/// Writes an event; `false` when the output is closed (a pipe into `head`).
-pub fn write_event(out: &mut impl Write, topic: &str, event: &Event<'_>, json: bool) -> bool {
-    let r = if json {
+/// Writes an event.
+///
+/// # Errors
+/// The write's error (a closed pipe is `BrokenPipe`).
+pub fn write_event(
+    out: &mut impl Write,
+    topic: &str,
+    event: &Event<'_>,
+    json: bool,
+) -> std::io::Result<()> {
+    if json {
         writeln!(out, "{}", event_json(topic, event))
     } else {
         writeln!(out, "{}", event_line(event))
-    };
-    r.is_ok()
+    }
 }

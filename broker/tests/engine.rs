@@ -305,8 +305,11 @@ fn a_second_broker_on_the_same_node_directory_is_refused() {
         .err()
         .expect("refused");
     assert!(
-        err.to_string().contains("another writer holds this file"),
-        "{err}"
+        err.to_string().contains(&format!(
+            "another writer (pid {}) holds this file",
+            std::process::id()
+        )),
+        "the holder's pid is named: {err}"
     );
     broker.shutdown();
 }

@@ -68,10 +68,67 @@ pub enum Error {
         need: u64,
     },
     /// Another process holds the writer lock.
-    #[error("{path}: another writer holds this file (a ring has exactly one writer)")]
+    #[error(
+        "{path}: another writer (pid {pid}) holds this file (a ring has exactly one writer; is another tickwire serve running on this node directory?)"
+    )]
     WriterLocked {
         /// The file.
         path: PathBuf,
+        /// The holder's pid as it recorded it (0 if unknown).
+        pid: u64,
+    },
+    /// Permission denied, with the file's mode and group and who we are.
+    #[error("{op} {path}: permission denied: {detail}")]
+    Permission {
+        /// What we were doing.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Mode, owner, group, our ids and what access is needed.
+        detail: String,
+    },
+    /// The file system has no room for a file.
+    #[error("no space left on device: need {need} bytes for {path}")]
+    NoSpace {
+        /// The file.
+        path: PathBuf,
+        /// Bytes it needs.
+        need: u64,
+    },
+    /// A ring file is shorter than its slots need.
+    #[error(
+        "{path}: file is {len} bytes, but its {capacity} slots of {slot_size} bytes after the header need {need}"
+    )]
+    SlotsShort {
+        /// The file.
+        path: PathBuf,
+        /// Actual length.
+        len: u64,
+        /// Needed length.
+        need: u64,
+        /// Slots.
+        capacity: u64,
+        /// Bytes per slot.
+        slot_size: u32,
+    },
+    /// The ring holds what its protocol cannot have written: refused
+    /// rather than continued at a wrong sequence.
+    #[error(
+        "{path}: corrupt ring, refusing to continue it: {what} (delete the ring's files to start it anew)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The field and what is wrong with it.
+        what: String,
+    },
+    /// A tethered reader needs write access to the reader-state file.
+    #[error("{path}: a tethered reader needs write access to this reader-state file: {detail}")]
+    ReadOnlyReaders {
+        /// The reader-state file.
+        path: PathBuf,
+        /// Mode, owner, group and our ids.
+        detail: String,
     },
     /// An existing ring was created with different parameters.
     #[error(
@@ -115,6 +172,13 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Error {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            return Error::Permission {
+                op,
+                path: path.to_path_buf(),
+                detail: crate::file::describe_access(path),
+            };
+        }
         Error::Io {
             op,
             path: path.to_path_buf(),

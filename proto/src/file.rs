@@ -1,11 +1,24 @@
 //! Ring files: creating, re-opening, validating and mapping them, and the
-//! locks that make one writer and liveness-tracked readers.
+//! locks that make one writer and liveness-tracked readers (the layout is
+//! drawn in [`crate::layout`]).
 //!
 //! Files live under a node directory, by default `/dev/shm/tickwire/<node-id>/`:
-//! `<topic, '/' as '~'>.<partition>.ring` and one `symbology` file.
+//! `<topic, '/' as '~'>.<partition>.ring` (data), `<..>.<partition>.readers`
+//! (reader state) and one `symbology` file.
+//!
+//! - [`PartitionWriter`] owns a ring opened for writing and the writer's
+//!   protocol state; [`PartitionReader`] owns a ring opened for reading and
+//!   one reader's cursor and reader slot. Every view either hands out
+//!   borrows from it, so no safe code can keep a reference to a mapping
+//!   after it is unmapped.
+//! - A reader maps the data file read-only: nothing a reader does can change
+//!   the header or a slot. It writes only the reader-state file. A reader
+//!   without write access to that file reads untethered, takes no reader
+//!   slot and cannot block on the futex (it polls).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -14,16 +27,24 @@ use crate::error::{Error, Result};
 use crate::futex::realtime_ns;
 use crate::layout::{
     ENDIAN_MARKER, HEADER_SIZE, LIVENESS_LOCK_BASE, MAX_CAPACITY, MIN_CAPACITY, READER_SLOTS,
-    RING_MAGIC, RING_MAJOR, RING_MINOR, RingHeader, Slot, StaticBlock, topic_hash, valid_slot_size,
+    READERS_FILE_SIZE, READERS_MAGIC, RING_MAGIC, RING_MAJOR, RING_MINOR, ReadersHeader,
+    ReadersStatic, RingHeader, Slot, StaticBlock, WRITER_CLOSED, topic_hash, valid_slot_size,
 };
-use crate::ring::{Clock, Liveness, RingRef};
+use crate::ring::{Clock, Liveness, Read, ReaderCore, ReaderRegistration, RingRef, Tether};
+use crate::shm::Region;
 
 /// Default root for node directories.
 pub const DEFAULT_SHM_ROOT: &str = "/dev/shm/tickwire";
 
-/// The file name of a topic partition's ring inside a node directory.
+/// The data file name of a topic partition's ring inside a node directory:
+/// the topic with `/` replaced by `~`, then `.<partition>.ring`.
 pub fn ring_file_name(topic: &str, partition: u32) -> String {
     format!("{}.{partition}.ring", topic.replace('/', "~"))
+}
+
+/// The reader-state file that goes with a data file: `.ring` -> `.readers`.
+pub fn readers_path(ring_path: &Path) -> PathBuf {
+    ring_path.with_extension("readers")
 }
 
 /// Checks a topic name: 1..=200 bytes of `[A-Za-z0-9._-/]`, no `..`, not
@@ -50,6 +71,28 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// Permissions of the files a writer creates (applied when it creates
+/// them; an existing file keeps its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileModes {
+    /// Data files (`.ring`, `symbology`): readers need read access.
+    pub data: u32,
+    /// Reader-state files (`.readers`): readers need read and write access.
+    pub readers: u32,
+    /// Group id to give the files (`None`: the writer's own group).
+    pub group: Option<u32>,
+}
+
+impl Default for FileModes {
+    fn default() -> Self {
+        FileModes {
+            data: 0o640,
+            readers: 0o660,
+            group: None,
+        }
+    }
+}
+
 /// What a writer asks for when it creates or re-opens a ring.
 #[derive(Debug, Clone)]
 pub struct RingParams {
@@ -63,33 +106,78 @@ pub struct RingParams {
     pub capacity: u64,
     /// Bytes per slot (64 for ticks).
     pub slot_size: u32,
+    /// Modes and group of files it creates.
+    pub modes: FileModes,
 }
 
-/// A mapped ring file. The writer maps it read-write; a reader maps the
-/// header read-write (its reader slot) and the slots read-only.
+impl RingParams {
+    /// Bytes the ring's two files take.
+    pub fn file_bytes(&self) -> u64 {
+        HEADER_SIZE as u64
+            + self.capacity.saturating_mul(self.slot_size as u64)
+            + READERS_FILE_SIZE as u64
+    }
+}
+
+/// The device and inode of a file: tells a replaced file from the one mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+}
+
+impl Identity {
+    fn of(file: &File, path: &Path) -> Result<Identity> {
+        let m = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+        Ok(Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// Whether the ring at a path is still the one that was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStatus {
+    /// The same file is at the path.
+    Same,
+    /// Nothing is at the path any more (the topic or node directory was removed).
+    Removed,
+    /// Another file is at the path (the ring was deleted and created anew).
+    Replaced,
+}
+
+/// A mapped ring: its data file (the writer maps it read-write, a reader
+/// read-only) and its reader-state file.
 pub struct RingFile {
     path: PathBuf,
     file: File,
-    header: MmapRaw,
-    slots: MmapRaw,
+    data: MmapRaw,
+    readers_file: Option<File>,
+    readers: ReadersMemory,
     statics: StaticBlock,
+    identity: Identity,
+    writable: bool,
 }
 
-// SAFETY: the mappings are plain shared memory accessed only through atomics
-// (and the immutable static block); the handles may move between threads.
-unsafe impl Send for RingFile {}
-// SAFETY: see above; all shared access is atomic.
-unsafe impl Sync for RingFile {}
+/// Where the reader state lives: the mapped `.readers` file, or (for a
+/// reader without write access to it) private memory nobody else sees.
+enum ReadersMemory {
+    Mapped(MmapRaw),
+    Private(Box<ReadersHeader>),
+}
 
 impl RingFile {
     /// Creates the ring if it does not exist, or re-opens it (never
-    /// truncating or recreating it), and takes the writer lock.
+    /// truncating or recreating it), and takes the writer lock. Returns the
+    /// file and whether it was created now.
     ///
     /// # Errors
     /// [`Error::WriterLocked`] if another writer holds it; [`Error::Mismatch`]
     /// if it exists with another partition count, capacity or slot size;
-    /// any validation error of [`RingFile::open_reader`].
-    pub fn open_writer(dir: &Path, params: &RingParams) -> Result<RingFile> {
+    /// [`Error::NoSpace`] if the file system cannot hold it; any validation
+    /// error of [`RingFile::open_reader`].
+    pub fn open_writer(dir: &Path, params: &RingParams) -> Result<(RingFile, bool)> {
         validate_topic(&params.topic)?;
         validate_capacity(params.capacity, "capacity")?;
         if !valid_slot_size(params.slot_size) {
@@ -109,15 +197,13 @@ impl RingFile {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         let path = dir.join(ring_file_name(&params.topic, params.partition));
-        if !path.exists() {
-            create_ring_file(&path, params)?;
-        }
+        let created = !path.exists() && create_ring_file(&path, params)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;
-        lock_exclusive(&file, &path)?;
+        lock_writer(&file, &path)?;
         let statics = validate(&file, &path)?;
         let check = |what, on_disk: u64, requested: u64| {
             if on_disk != requested {
@@ -148,44 +234,90 @@ impl RingFile {
             params.slot_size as u64,
         )?;
         check("topic hash", statics.topic_hash, topic_hash(&params.topic))?;
-        let (header, slots) = map(&file, &path, &statics, true)?;
+        let data = MmapOptions::new()
+            .len(data_len(&statics))
+            .map_raw(&file)
+            .map_err(|e| Error::io("map", &path, e))?;
+        // Only the writer (holding the lock) creates or replaces the
+        // reader-state file, so two creators never fight over it.
+        let rpath = readers_path(&path);
+        let readers_file = match open_readers(&rpath, &statics, true) {
+            Ok(f) => f,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                create_readers_file(&rpath, &statics, params.modes)?
+            }
+            Err(e @ Error::Io { .. }) => return Err(e),
+            // Left from another ring, or damaged: reader state is only
+            // liveness and cursors, so a fresh file loses nothing.
+            Err(_) => create_readers_file(&rpath, &statics, params.modes)?,
+        };
+        let readers = map_readers(&readers_file, &rpath, true)?;
+        let identity = Identity::of(&file, &path)?;
         let rf = RingFile {
             path,
             file,
-            header,
-            slots,
+            data,
+            readers_file: Some(readers_file),
+            readers: ReadersMemory::Mapped(readers),
             statics,
+            identity,
+            writable: true,
         };
         rf.header().writer.writer_pid.store(
             std::process::id() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        Ok(rf)
+        Ok((rf, created))
     }
 
-    /// Opens an existing ring as a reader and validates it.
+    /// Opens an existing ring as a reader and validates it: the data file
+    /// read-only, the reader-state file read-write when this process may
+    /// write it (else reader state is private and the reader cannot
+    /// register; see [`RingFile::can_register`]).
     ///
     /// # Errors
-    /// I/O errors, and a clear error for a wrong magic, an unknown major
-    /// version, another byte order, impossible sizes or a short file.
+    /// I/O errors (a permission error names the file, its mode and group),
+    /// and a clear error for a wrong magic, an unknown major version,
+    /// another byte order, impossible sizes, a short file, or a missing or
+    /// mismatched reader-state file.
     pub fn open_reader(path: &Path) -> Result<RingFile> {
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
         let statics = validate(&file, path)?;
-        let (header, slots) = map(&file, path, &statics, false)?;
+        let data = MmapOptions::new()
+            .len(data_len(&statics))
+            .map_raw_read_only(&file)
+            .map_err(|e| Error::io("map", path, e))?;
+        let rpath = readers_path(path);
+        let (readers_file, readers) = match open_readers(&rpath, &statics, true) {
+            Ok(f) => {
+                let m = map_readers(&f, &rpath, true)?;
+                (Some(f), ReadersMemory::Mapped(m))
+            }
+            Err(Error::Permission { .. }) => {
+                // No write access: validate it is readable and matching,
+                // then keep reader state private.
+                open_readers(&rpath, &statics, false)?;
+                (None, ReadersMemory::Private(Box::new(zeroed_readers())))
+            }
+            Err(e) => return Err(e),
+        };
+        let identity = Identity::of(&file, path)?;
         Ok(RingFile {
             path: path.to_path_buf(),
             file,
-            header,
-            slots,
+            data,
+            readers_file,
+            readers,
             statics,
+            identity,
+            writable: false,
         })
     }
 
-    /// The file's path.
+    /// The data file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -195,33 +327,157 @@ impl RingFile {
         &self.statics
     }
 
-    /// The mapped header.
+    /// The data file's header (read-only for readers: only atomics' loads
+    /// are ever made through it outside the writer).
     pub fn header(&self) -> &RingHeader {
-        // SAFETY: the header mapping is HEADER_SIZE >= size_of::<RingHeader>()
-        // bytes, page-aligned, and `RingHeader` is `ShmSafe` (valid for any
-        // bytes, only mutated through atomics).
-        unsafe { &*(self.header.as_ptr() as *const RingHeader) }
+        match Region::of(&self.data).get::<RingHeader>(0) {
+            Some(h) => h,
+            // The mapping is data_len() >= HEADER_SIZE bytes, page-aligned.
+            None => unreachable!("ring mapping smaller than its header"),
+        }
+    }
+
+    fn readers_header(&self) -> &ReadersHeader {
+        match &self.readers {
+            ReadersMemory::Mapped(m) => match Region::of(m).get::<ReadersHeader>(0) {
+                Some(h) => h,
+                None => unreachable!("reader-state mapping smaller than its header"),
+            },
+            ReadersMemory::Private(b) => b,
+        }
     }
 
     /// The ring, for the protocol in [`crate::ring`].
     pub fn ring(&self) -> RingRef<'_> {
         let h = self.header();
-        // SAFETY: the slot mapping is `capacity * 64` bytes (validated
-        // against the file length), page-aligned, and `Slot` is `ShmSafe`.
-        let slots = unsafe {
-            std::slice::from_raw_parts(
-                self.slots.as_ptr() as *const Slot,
-                self.statics.capacity as usize,
-            )
+        let r = self.readers_header();
+        let Some(slots) =
+            Region::of(&self.data).slice::<Slot>(HEADER_SIZE, self.statics.capacity as usize)
+        else {
+            unreachable!("ring mapping shorter than its validated length")
         };
-        RingRef::new(&h.writer, &h.waiter, &h.registry, &h.readers, slots)
+        let ring = RingRef::new(&h.writer, &r.waiter, &r.registry, &r.readers, slots);
+        if self.writable {
+            ring
+        } else {
+            ring.read_only()
+        }
     }
 
-    /// A liveness-lock handle on this file's descriptor.
+    /// Whether this process may take a reader slot (it can write the
+    /// reader-state file): needed for tethered reading and futex waits.
+    pub fn can_register(&self) -> bool {
+        self.readers_file.is_some()
+    }
+
+    /// A liveness-lock handle on the reader-state file.
     pub fn liveness(&self) -> FileLiveness {
         FileLiveness {
-            fd: self.file.as_raw_fd(),
+            fd: self.readers_file.as_ref().map_or(-1, |f| f.as_raw_fd()),
         }
+    }
+
+    /// Whether a process holds the writer lock now (a syscall: call it when
+    /// idle, not per event).
+    pub fn writer_alive(&self) -> bool {
+        ofd_lock(
+            self.file.as_raw_fd(),
+            libc::F_OFD_GETLK,
+            libc::F_RDLCK,
+            WRITER_LOCK_BYTE,
+        )
+        .is_some_and(|t| t != libc::F_UNLCK)
+    }
+
+    /// Whether the writer closed the ring gracefully.
+    pub fn writer_closed(&self) -> bool {
+        self.ring().writer_state() == WRITER_CLOSED
+    }
+
+    /// Whether the path still names this file (a syscall: when idle).
+    pub fn status(&self) -> FileStatus {
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.dev() == self.identity.dev && m.ino() == self.identity.ino => {
+                FileStatus::Same
+            }
+            Ok(_) => FileStatus::Replaced,
+            Err(_) => FileStatus::Removed,
+        }
+    }
+}
+
+fn zeroed_readers() -> ReadersHeader {
+    // SAFETY: `ReadersHeader` is `ShmSafe`: integers and atomics of
+    // integers, for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+fn data_len(s: &StaticBlock) -> usize {
+    (HEADER_SIZE as u64 + s.capacity * s.slot_size as u64) as usize
+}
+
+/// The byte of the data file the writer's OFD lock covers.
+const WRITER_LOCK_BYTE: u64 = 0;
+
+/// One OFD lock call on one byte; for `F_OFD_GETLK` returns the type that
+/// would block (`F_UNLCK` if none), else `Some(F_UNLCK)` on success.
+fn ofd_lock(fd: RawFd, cmd: i32, kind: i32, byte: u64) -> Option<i32> {
+    if fd < 0 {
+        return None;
+    }
+    let mut fl: libc::flock = {
+        // SAFETY: `flock` is plain integers; all-zero is a valid value.
+        unsafe { std::mem::zeroed() }
+    };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: an OFD lock command with a valid flock struct on a descriptor
+    // we own.
+    let rc = unsafe { libc::fcntl(fd, cmd, &mut fl) };
+    if rc != 0 {
+        return None;
+    }
+    Some(if cmd == libc::F_OFD_GETLK {
+        fl.l_type as i32
+    } else {
+        libc::F_UNLCK
+    })
+}
+
+/// Takes the ring's writer lock: an OFD write lock on byte 0 of the data
+/// file (a reader can ask whether it is held without taking anything).
+fn lock_writer(file: &File, path: &Path) -> Result<()> {
+    if ofd_lock(
+        file.as_raw_fd(),
+        libc::F_OFD_SETLK,
+        libc::F_WRLCK,
+        WRITER_LOCK_BYTE,
+    )
+    .is_some()
+    {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    Err(
+        if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+            Error::WriterLocked {
+                path: path.to_path_buf(),
+                pid: read_writer_pid(file),
+            }
+        } else {
+            Error::io("lock", path, err)
+        },
+    )
+}
+
+/// The pid the current writer recorded in the header (0 if unreadable).
+fn read_writer_pid(file: &File) -> u64 {
+    let mut b = [0u8; 8];
+    match std::os::unix::fs::FileExt::read_exact_at(file, &mut b, 128 + 24) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 0,
     }
 }
 
@@ -235,17 +491,12 @@ fn validate_capacity(capacity: u64, field: &'static str) -> Result<()> {
     Ok(())
 }
 
-fn create_ring_file(path: &Path, params: &RingParams) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io("create", &tmp, e))?;
+/// Creates a ring's data file under a temporary name, with its space
+/// allocated up front (a tmpfs that cannot hold it fails here, with the
+/// size, instead of a bus error later), and renames it into place unless
+/// another process created it meanwhile. Returns whether it did.
+fn create_ring_file(path: &Path, params: &RingParams) -> Result<bool> {
     let len = HEADER_SIZE as u64 + params.capacity * params.slot_size as u64;
-    file.set_len(len).map_err(|e| Error::io("size", &tmp, e))?;
     let statics = StaticBlock {
         magic: RING_MAGIC,
         major: RING_MAJOR,
@@ -270,22 +521,119 @@ fn create_ring_file(path: &Path, params: &RingParams) -> Result<()> {
             std::mem::size_of::<StaticBlock>(),
         )
     };
-    std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0)
-        .map_err(|e| Error::io("write header", &tmp, e))?;
-    drop(file);
-    // Appear atomically, and never replace a ring another process created
-    // meanwhile.
-    let from =
-        std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid {
-            what: "path",
-            why: "contains NUL".into(),
-        })?;
-    let to = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        Error::Invalid {
-            what: "path",
-            why: "contains NUL".into(),
+    create_file(
+        path,
+        len,
+        bytes,
+        params.modes.data,
+        params.modes.group,
+        false,
+    )
+}
+
+/// Creates (or replaces) a ring's reader-state file, paired with the data
+/// file by its `created_ns`.
+fn create_readers_file(path: &Path, statics: &StaticBlock, modes: FileModes) -> Result<File> {
+    let head = ReadersStatic {
+        magic: READERS_MAGIC,
+        major: RING_MAJOR,
+        minor: RING_MINOR,
+        reader_slots: READER_SLOTS as u32,
+        endian: ENDIAN_MARKER,
+        reserved0: 0,
+        ring_created_ns: statics.created_ns,
+        reserved: [0; 12],
+    };
+    // SAFETY: `ReadersStatic` is `#[repr(C)]` integers filling its 128
+    // bytes (const-asserted), so every byte is initialised.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &head as *const ReadersStatic as *const u8,
+            std::mem::size_of::<ReadersStatic>(),
+        )
+    };
+    create_file(
+        path,
+        READERS_FILE_SIZE as u64,
+        bytes,
+        modes.readers,
+        modes.group,
+        true,
+    )?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))
+}
+
+/// Writes `head` at the start of a new file of `len` bytes (allocated with
+/// `posix_fallocate`), sets its mode and group, and renames it to `path`:
+/// replacing what is there when `replace`, else only if nothing is (returns
+/// `false` when another process created it first).
+pub(crate) fn create_file(
+    path: &Path,
+    len: u64,
+    head: &[u8],
+    mode: u32,
+    group: Option<u32>,
+    replace: bool,
+) -> Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!(
+        "{}.tmp-{}",
+        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+        std::process::id()
+    ));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io("create", &tmp, e))?;
+    let cleanup = |e: Error| {
+        let _ = std::fs::remove_file(&tmp);
+        e
+    };
+    allocate(&file, &tmp, path, len).map_err(cleanup)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, head, 0)
+        .map_err(|e| cleanup(Error::io("write header", &tmp, e)))?;
+    if let Some(gid) = group {
+        // SAFETY: fchown on a descriptor we own; -1 leaves the owner as is.
+        if unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, gid) } != 0 {
+            return Err(cleanup(Error::io(
+                "set group of",
+                path,
+                std::io::Error::last_os_error(),
+            )));
         }
-    })?;
+    }
+    // Set explicitly: the umask must not narrow what readers need.
+    // SAFETY: fchmod on a descriptor we own.
+    if unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) } != 0 {
+        return Err(cleanup(Error::io(
+            "set mode of",
+            path,
+            std::io::Error::last_os_error(),
+        )));
+    }
+    drop(file);
+    if replace {
+        std::fs::rename(&tmp, path)
+            .map_err(|e| cleanup(Error::io("rename into place", path, e)))?;
+        return Ok(true);
+    }
+    // Appear atomically, and never replace a file another process created
+    // meanwhile.
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Error::Invalid {
+            what: "path",
+            why: format!("{} contains NUL", p.display()),
+        })
+    };
+    let (from, to) = (cstr(&tmp).map_err(cleanup)?, cstr(path).map_err(cleanup)?);
     // SAFETY: both are valid NUL-terminated paths.
     let rc = unsafe {
         libc::renameat2(
@@ -302,12 +650,111 @@ fn create_ring_file(path: &Path, params: &RingParams) -> Result<()> {
         if err.raw_os_error() != Some(libc::EEXIST) {
             return Err(Error::io("rename into place", path, err));
         }
+        return Ok(false);
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Allocates a file's blocks now: on tmpfs a sparse file that later cannot
+/// be backed is a SIGBUS, not an error.
+fn allocate(file: &File, tmp: &Path, path: &Path, len: u64) -> Result<()> {
+    // SAFETY: posix_fallocate on a descriptor we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(Error::NoSpace {
+            path: path.to_path_buf(),
+            need: len,
+        }),
+        // A file system without fallocate: size it (sparse) instead.
+        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len).map_err(|e| Error::io("size", tmp, e)),
+        e => Err(Error::io(
+            "allocate",
+            tmp,
+            std::io::Error::from_raw_os_error(e),
+        )),
+    }
+}
+
+/// Opens and validates a reader-state file against its data file.
+fn open_readers(path: &Path, statics: &StaticBlock, write: bool) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    len_at_least(&file, path, READERS_FILE_SIZE as u64)?;
+    let mut buf = [0u8; std::mem::size_of::<ReadersStatic>()];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)
+        .map_err(|e| Error::io("read header", path, e))?;
+    // SAFETY: `ReadersStatic` is plain integers: any bytes are a valid value;
+    // read_unaligned copes with the buffer's alignment.
+    let h: ReadersStatic =
+        unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const ReadersStatic) };
+    if h.magic != READERS_MAGIC {
+        return Err(Error::BadMagic {
+            path: path.to_path_buf(),
+            what: "reader-state",
+            found: h.magic,
+            expected: READERS_MAGIC,
+        });
+    }
+    if h.major != RING_MAJOR {
+        return Err(Error::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found_major: h.major,
+            found_minor: h.minor,
+            known_major: RING_MAJOR,
+            known_minor: RING_MINOR,
+        });
+    }
+    let bad = |field, value: u64, expected: String| {
+        Err(Error::BadHeader {
+            path: path.to_path_buf(),
+            field,
+            value,
+            expected,
+        })
+    };
+    if h.endian != ENDIAN_MARKER {
+        return bad("endian", h.endian as u64, format!("{ENDIAN_MARKER:#x}"));
+    }
+    if h.reader_slots as usize != READER_SLOTS {
+        return bad(
+            "reader_slots",
+            h.reader_slots as u64,
+            format!("{READER_SLOTS}"),
+        );
+    }
+    if h.ring_created_ns != statics.created_ns {
+        return bad(
+            "ring_created_ns",
+            h.ring_created_ns,
+            format!(
+                "{}, the data file's created_ns (this reader-state file belongs to another ring)",
+                statics.created_ns
+            ),
+        );
+    }
+    Ok(file)
+}
+
+fn map_readers(file: &File, path: &Path, write: bool) -> Result<MmapRaw> {
+    let o = {
+        let mut o = MmapOptions::new();
+        o.len(READERS_FILE_SIZE);
+        o
+    };
+    if write {
+        o.map_raw(file)
+    } else {
+        o.map_raw_read_only(file)
+    }
+    .map_err(|e| Error::io("map", path, e))
 }
 
 /// Takes the exclusive writer lock (`flock`, non-blocking) on a file.
-pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+pub(crate) fn lock_exclusive(file: &File, path: &Path, pid: impl Fn() -> u64) -> Result<()> {
     // SAFETY: flock on a descriptor we own.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -315,6 +762,7 @@ pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
         return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             Error::WriterLocked {
                 path: path.to_path_buf(),
+                pid: pid(),
             }
         } else {
             Error::io("lock", path, err)
@@ -416,38 +864,20 @@ fn validate(file: &File, path: &Path) -> Result<StaticBlock> {
     }
     let need = HEADER_SIZE as u64 + s.capacity * s.slot_size as u64;
     if len < need {
-        return Err(Error::Short {
+        return Err(Error::SlotsShort {
             path: path.to_path_buf(),
             len,
             need,
+            capacity: s.capacity,
+            slot_size: s.slot_size,
         });
     }
     Ok(s)
 }
 
-fn map(file: &File, path: &Path, s: &StaticBlock, writer: bool) -> Result<(MmapRaw, MmapRaw)> {
-    let header = MmapOptions::new()
-        .len(HEADER_SIZE)
-        .map_raw(file)
-        .map_err(|e| Error::io("map header", path, e))?;
-    let opts = {
-        let mut o = MmapOptions::new();
-        o.offset(HEADER_SIZE as u64)
-            .len((s.capacity * s.slot_size as u64) as usize);
-        o
-    };
-    let slots = if writer {
-        opts.map_raw(file)
-    } else {
-        opts.map_raw_read_only(file)
-    }
-    .map_err(|e| Error::io("map slots", path, e))?;
-    Ok((header, slots))
-}
-
-/// Liveness locks: OFD write locks on byte `LIVENESS_LOCK_BASE + index`.
-/// The kernel drops them when the owning open file description closes, which
-/// includes the process dying.
+/// Liveness locks: OFD write locks on byte `LIVENESS_LOCK_BASE + index` of
+/// the reader-state file. The kernel drops them when the owning open file
+/// description closes, which includes the process dying.
 #[derive(Clone, Copy, Debug)]
 pub struct FileLiveness {
     fd: RawFd,
@@ -455,16 +885,13 @@ pub struct FileLiveness {
 
 impl FileLiveness {
     fn fcntl(&self, index: usize, kind: i32) -> bool {
-        let mut fl: libc::flock = {
-            // SAFETY: `flock` is plain integers; all-zero is a valid value.
-            unsafe { std::mem::zeroed() }
-        };
-        fl.l_type = kind as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = (LIVENESS_LOCK_BASE + index as u64) as libc::off_t;
-        fl.l_len = 1;
-        // SAFETY: F_OFD_SETLK with a valid flock struct on our descriptor.
-        unsafe { libc::fcntl(self.fd, libc::F_OFD_SETLK, &mut fl) == 0 }
+        ofd_lock(
+            self.fd,
+            libc::F_OFD_SETLK,
+            kind,
+            LIVENESS_LOCK_BASE + index as u64,
+        )
+        .is_some()
     }
 }
 
@@ -497,29 +924,42 @@ pub fn partition_paths(dir: &Path, topic: &str, partitions: u32) -> Vec<PathBuf>
 }
 
 /// A ring opened for writing together with its protocol state: what a
-/// broker shard owns for each partition.
+/// broker shard owns for each partition. On drop it closes the stream
+/// gracefully (readers see the end of the stream).
 pub struct PartitionWriter {
     // Field order matters: `core` borrows `file`'s mapping and is dropped
-    // before it.
+    // before it. The 'static lifetime never leaves this type: `core()`
+    // hands it out shortened to a borrow of `self`.
     core: crate::ring::WriterCore<'static, FileLiveness, MonotonicClock>,
     file: RingFile,
+    created: bool,
 }
 
 impl PartitionWriter {
     /// Creates or re-opens the ring (see [`RingFile::open_writer`]) and
-    /// recovers its sequence: the epoch is bumped and sequences continue
-    /// after the last committed stamp.
+    /// recovers its sequence: what the last writer left is checked, the
+    /// epoch is bumped and sequences continue after the last committed stamp.
     ///
     /// # Errors
-    /// As [`RingFile::open_writer`].
+    /// As [`RingFile::open_writer`]; [`Error::Corrupt`] naming the file and
+    /// the field when the ring holds what the protocol cannot have written.
     pub fn open(dir: &Path, params: &RingParams) -> Result<PartitionWriter> {
-        let file = RingFile::open_writer(dir, params)?;
-        // SAFETY: the ring references point into `file`'s mappings, which stay
-        // at fixed addresses until `file` drops; `core` is dropped first
-        // (field order) and the 'static lifetime never leaves this type.
+        let (file, created) = RingFile::open_writer(dir, params)?;
+        // SAFETY: the ring references point into `file`'s mappings, which
+        // stay at fixed addresses until `file` drops; `core` is dropped
+        // first (field order) and every accessor shortens 'static to a
+        // borrow of `self`.
         let ring = unsafe { std::mem::transmute::<RingRef<'_>, RingRef<'static>>(file.ring()) };
-        let core = crate::ring::WriterCore::recover(ring, file.liveness(), MonotonicClock);
-        Ok(PartitionWriter { core, file })
+        let core = crate::ring::WriterCore::recover(ring, file.liveness(), MonotonicClock)
+            .map_err(|e| Error::Corrupt {
+                path: file.path().to_path_buf(),
+                what: e.to_string(),
+            })?;
+        Ok(PartitionWriter {
+            core,
+            file,
+            created,
+        })
     }
 
     /// Writes and commits one frame body; returns its sequence.
@@ -546,8 +986,8 @@ impl PartitionWriter {
         self.core.reclaim_dead()
     }
 
-    /// The protocol state.
-    pub fn core(&self) -> &crate::ring::WriterCore<'static, FileLiveness, MonotonicClock> {
+    /// The protocol state, borrowed from this writer.
+    pub fn core(&self) -> &crate::ring::WriterCore<'_, FileLiveness, MonotonicClock> {
         &self.core
     }
 
@@ -556,11 +996,21 @@ impl PartitionWriter {
         &self.file
     }
 
+    /// Whether this open created the ring (else it resumed an existing one).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The next sequence [`publish`](Self::publish) will assign.
+    pub fn next_seq(&self) -> u64 {
+        self.core.next_seq()
+    }
+
     /// Reader slots currently owned (live or not yet reclaimed).
     pub fn live_readers(&self) -> u32 {
         self.file
-            .header()
-            .readers
+            .ring()
+            .readers()
             .iter()
             .filter(|r| {
                 crate::layout::unpack_state(r.state_gen.load(std::sync::atomic::Ordering::Acquire))
@@ -572,6 +1022,187 @@ impl PartitionWriter {
 
     /// The current epoch.
     pub fn epoch(&self) -> u64 {
-        self.core.ring().epoch()
+        self.file.ring().epoch()
+    }
+}
+
+impl Drop for PartitionWriter {
+    fn drop(&mut self) {
+        self.core.close();
+    }
+}
+
+/// Where a [`PartitionReader`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// After the last published sequence.
+    Latest,
+    /// The oldest sequence the ring still holds.
+    Earliest,
+    /// This sequence (one that left the ring reads as a gap).
+    Sequence(u64),
+}
+
+/// A ring opened for reading with one reader's protocol state: its cursor
+/// and, when registered, its reader slot. What shm-client holds per
+/// partition.
+pub struct PartitionReader {
+    // Field order matters: `reg` and `core` borrow `file`'s mappings and
+    // are dropped before it. The 'static lifetime never leaves this type.
+    reg: Option<ReaderRegistration<'static, FileLiveness>>,
+    core: ReaderCore<'static>,
+    file: RingFile,
+}
+
+impl PartitionReader {
+    /// Opens the ring at `path` and places the cursor. With `register`,
+    /// takes a reader slot (tethered with `tether_budget_ns`, else
+    /// untethered) when this process may write the reader-state file.
+    ///
+    /// # Errors
+    /// As [`RingFile::open_reader`]; [`Error::ReadersFull`] when a tethered
+    /// reader finds every slot taken; [`Error::ReadOnlyReaders`] when a
+    /// tethered reader may not write the reader-state file.
+    pub fn open(
+        path: &Path,
+        start: StartAt,
+        tether_budget_ns: Option<u64>,
+        slack: Option<u64>,
+    ) -> Result<PartitionReader> {
+        let file = RingFile::open_reader(path)?;
+        if tether_budget_ns.is_some() && !file.can_register() {
+            return Err(Error::ReadOnlyReaders {
+                path: readers_path(path),
+                detail: describe_access(&readers_path(path)),
+            });
+        }
+        // SAFETY: as in `PartitionWriter::open`: the references point into
+        // `file`'s mappings (or its boxed private reader state), which stay
+        // put until `file` drops, after `reg` and `core` (field order).
+        let ring = unsafe { std::mem::transmute::<RingRef<'_>, RingRef<'static>>(file.ring()) };
+        let published = ring.published();
+        let cursor = match start {
+            StartAt::Latest => published + 1,
+            StartAt::Earliest => published.saturating_sub(ring.capacity() - 1).max(1),
+            StartAt::Sequence(s) => s.max(1),
+        };
+        let mut core = ReaderCore::new(ring, cursor);
+        if let Some(s) = slack {
+            core.set_slack(s);
+        }
+        let reg = if file.can_register() {
+            ReaderRegistration::claim(
+                ring,
+                file.liveness(),
+                cursor,
+                tether_budget_ns.is_some(),
+                tether_budget_ns.unwrap_or(0),
+                std::process::id() as u64,
+            )
+        } else {
+            None
+        };
+        if reg.is_none() && tether_budget_ns.is_some() {
+            return Err(Error::ReadersFull {
+                path: readers_path(path),
+                slots: ring.readers().len(),
+            });
+        }
+        Ok(PartitionReader { reg, core, file })
+    }
+
+    /// Reads the frame at the cursor into `out` (a seqlock read).
+    #[inline]
+    pub fn try_read(&mut self, out: &mut [u64; crate::frame::BODY_WORDS]) -> Read {
+        self.core.try_read(out)
+    }
+
+    /// Whether the slot at the cursor holds a committed frame.
+    #[inline]
+    pub fn ready(&self) -> bool {
+        self.core.ready()
+    }
+
+    /// The next sequence to read.
+    #[inline]
+    pub fn cursor(&self) -> u64 {
+        self.core.cursor()
+    }
+
+    /// Publishes the cursor to the writer (once per poll), if registered.
+    #[inline]
+    pub fn store_cursor(&self, cursor: u64) {
+        if let Some(r) = &self.reg {
+            r.store_cursor(cursor);
+        }
+    }
+
+    /// Whether the writer untethered this reader since the last call.
+    #[inline]
+    pub fn check_tether(&mut self) -> Tether {
+        match self.reg.as_mut() {
+            Some(r) => r.check(),
+            None => Tether::Unchanged,
+        }
+    }
+
+    /// Whether this reader holds a reader slot (it can block on the futex).
+    pub fn is_registered(&self) -> bool {
+        self.reg.is_some()
+    }
+
+    /// The ring, borrowed from this reader.
+    pub fn ring(&self) -> RingRef<'_> {
+        self.core.ring()
+    }
+
+    /// The file.
+    pub fn file(&self) -> &RingFile {
+        &self.file
+    }
+
+    /// Sets the waiter flag in the ring's futex word, asking the writer to
+    /// wake blocked readers after its next batch (SeqCst: pairs with the
+    /// writer's SeqCst fence between its commit and its look at the flag).
+    /// `false` for an unregistered reader, whose reader state is private:
+    /// nobody would wake it.
+    pub fn arm_wait(&self) -> bool {
+        if self.reg.is_none() {
+            return false;
+        }
+        self.core
+            .ring()
+            .waiter_word()
+            .fetch_or(1, std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+
+    /// The futex word and the value to wait on (flag set), after
+    /// [`arm_wait`](Self::arm_wait); `None` for an unregistered reader.
+    pub fn wait_word(&self) -> Option<(&std::sync::atomic::AtomicU32, u32)> {
+        self.reg.as_ref()?;
+        let w = self.core.ring().waiter_word();
+        Some((w, w.load(std::sync::atomic::Ordering::Relaxed) | 1))
+    }
+}
+
+/// Mode, owner and group of a file, and this process's ids: for a
+/// permission error a user can act on.
+pub(crate) fn describe_access(path: &Path) -> String {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            use std::os::unix::fs::PermissionsExt;
+            format!(
+                "mode {:04o}, owner uid {}, group gid {}; this process runs as uid {uid}, gid {gid} \
+                 (readers need read access to the .ring and symbology files and read-write access to the \
+                 .readers file: run as the broker's user, or in the group set by node.group)",
+                m.permissions().mode() & 0o7777,
+                m.uid(),
+                m.gid()
+            )
+        }
+        Err(e) => format!("cannot stat it: {e}"),
     }
 }

@@ -1,37 +1,75 @@
-//! The ring file: header blocks, reader slots and the slot array.
+//! The ring's two files: the data file (header and slots, written only by
+//! the writer, mapped read-only by readers) and the reader-state file (the
+//! futex word, the registry and the reader slots: the only memory a reader
+//! writes). Layout 2.0.
 //!
 //! ```text
-//!  offset        size            block (each on its own 128-byte block: no false sharing)
-//!  0             128             StaticBlock   written once before the file is renamed into place
-//!  128           128             WriterBlock   epoch, published sequence, epoch start   (writer writes)
-//!  256           128             WaiterBlock   futex word: wake epoch << 1 | waiter flag (readers flag, writer wakes)
-//!  384           128             RegistryBlock generation, bumped when a reader joins, leaves or tethers
-//!  512           64 x 128        ReaderSlot[64] one per reader: state+generation, cursor, tether budget,
-//!                                              group fields (reserved for consumer groups)
-//!  HEADER_SIZE   capacity x slot_size   slots, page-aligned; slot i holds every seq with seq & mask == i
+//!  <topic>.<partition>.ring      data file, mode 0640 by default (readers need read access only)
+//!  offset   size                  block
+//!  0        128                   StaticBlock   written once, before the file is renamed into place
+//!  128      128                   WriterBlock   epoch, published sequence, epoch start, writer pid, state
+//!  256      HEADER_SIZE - 256     zero (room for minor versions)
+//!  4096     capacity x slot_size  slots, page-aligned; slot i holds every seq with seq & (capacity-1) == i
+//!
+//!  <topic>.<partition>.readers   reader-state file, mode 0660 by default (readers need read and write)
+//!  offset   size                  block
+//!  0        128                   ReadersStatic magic, version, reader slot count, the data file's created_ns
+//!  128      128                   WaiterBlock   futex word: wake epoch << 1 | waiter flag (readers flag, writer wakes)
+//!  256      128                   RegistryBlock generation, bumped when a reader joins, leaves or tethers
+//!  384      64 x 128              ReaderSlot[64] state+generation, cursor, tether budget, pid, group fields
 //! ```
 //!
-//! Liveness: reader slot `i` is owned by whoever holds the OFD write lock on
-//! byte `LIVENESS_LOCK_BASE + i` of the file; the kernel drops it when the
-//! process dies. The writer holds `flock(LOCK_EX)` on the whole file.
+//! Every block starts on its own 128-byte boundary (no false sharing between
+//! the writer's and the readers' fields). All integers are little-endian:
+//! tickwire runs on little-endian machines, and the endian marker makes an
+//! opener of another byte order refuse the file instead of misreading it.
+//!
+//! ## Locks (all advisory, all dropped by the kernel when the holder dies)
+//!
+//! - Writer: an OFD write lock (`fcntl(F_OFD_SETLK)`) on byte 0 of the data
+//!   file, held while the ring is open for writing. A reader asks
+//!   `F_OFD_GETLK` to learn whether a writer is alive (it takes nothing).
+//! - Reader slot `i`: an OFD write lock on byte [`LIVENESS_LOCK_BASE`]` + i`
+//!   of the reader-state file (locks may lie beyond a file's end). The
+//!   writer reclaims a slot whose lock it can take.
+//!
+//! ## Versions
+//!
+//! The major version changes when a reader of the old layout would misread
+//! the new one; an opener refuses any major but its own and prints both
+//! versions. A minor version only gives meaning to bytes that were zero.
+//! 2.0 split the reader state out of the ring file (1.x had one file that
+//! every reader mapped read-write) and added the writer's `state` word.
+//!
+//! ## Files
+//!
+//! `<topic>` is the topic name with every `/` replaced by `~` (topic names
+//! never contain `~`), e.g. `market-data~normalized~equities.0.ring`. The
+//! topic hash in the static block is FNV-1a 64 ([`topic_hash`]) of the
+//! topic name's UTF-8 bytes.
 
 use crate::shm::ShmSafe;
 use crate::sync::{AtomicU32, AtomicU64};
 
 /// `b"TKWRING\0"` as a little-endian u64.
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"TKWRING\0");
+/// `b"TKWRDRS\0"` as a little-endian u64: the reader-state file's magic.
+pub const READERS_MAGIC: u64 = u64::from_le_bytes(*b"TKWRDRS\0");
 /// Major layout version: a reader refuses any other.
-pub const RING_MAJOR: u16 = 1;
-/// Minor layout version: only adds fields in reserved space.
-/// 1.1: the frame body's `source_id_hi` (a 32-bit source id).
-pub const RING_MINOR: u16 = 1;
-/// Written as a native u32; reads back as this value only on a machine of the
-/// same byte order.
+/// 2.0: reader state in its own file; the writer's `state` word.
+pub const RING_MAJOR: u16 = 2;
+/// Minor layout version: only gives meaning to bytes that were zero.
+pub const RING_MINOR: u16 = 0;
+/// Written as a native u32 (bytes `04 03 02 01` on a little-endian
+/// machine); reads back as this value only on a machine of the same byte
+/// order.
 pub const ENDIAN_MARKER: u32 = 0x0102_0304;
-/// Number of reader slots in a ring header.
+/// Number of reader slots in the reader-state file.
 pub const READER_SLOTS: usize = 64;
-/// Bytes of the header; slots start here (page-aligned).
-pub const HEADER_SIZE: usize = 12 * 1024;
+/// Bytes of the data file's header; slots start here (page-aligned).
+pub const HEADER_SIZE: usize = 4096;
+/// Bytes of the reader-state file.
+pub const READERS_FILE_SIZE: usize = core::mem::size_of::<ReadersHeader>();
 /// Byte offset of the first liveness lock (locks may lie beyond the file's end).
 pub const LIVENESS_LOCK_BASE: u64 = 1 << 40;
 /// Smallest ring capacity in slots.
@@ -43,6 +81,16 @@ pub const MAX_CAPACITY: u64 = 1 << 30;
 pub const fn valid_slot_size(size: u32) -> bool {
     size >= 64 && size.is_multiple_of(64) && size <= 4096
 }
+
+/// Writer state: no writer has opened the ring yet.
+pub const WRITER_NONE: u64 = 0;
+/// Writer state: a writer has the ring open (or died with it open: a reader
+/// tells the two apart with the writer lock).
+pub const WRITER_OPEN: u64 = 1;
+/// Writer state: the writer closed the ring gracefully; everything up to
+/// `published` is the whole stream until a writer opens it again
+/// (Aeron's end-of-stream position).
+pub const WRITER_CLOSED: u64 = 2;
 
 /// Reader slot state: nobody owns it.
 pub const STATE_FREE: u32 = 0;
@@ -106,8 +154,34 @@ pub struct WriterBlock {
     pub published: AtomicU64,
     /// First sequence written under the current epoch.
     pub epoch_start_seq: AtomicU64,
-    /// Process id of the current writer (informational only).
+    /// Process id of the current writer (informational only: liveness is
+    /// the writer lock).
     pub writer_pid: AtomicU64,
+    /// [`WRITER_NONE`], [`WRITER_OPEN`] or [`WRITER_CLOSED`] (Release).
+    pub state: AtomicU64,
+}
+
+/// Fields of the reader-state file written once, when it is created.
+#[repr(C, align(128))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadersStatic {
+    /// [`READERS_MAGIC`].
+    pub magic: u64,
+    /// [`RING_MAJOR`].
+    pub major: u16,
+    /// [`RING_MINOR`].
+    pub minor: u16,
+    /// [`READER_SLOTS`].
+    pub reader_slots: u32,
+    /// [`ENDIAN_MARKER`].
+    pub endian: u32,
+    /// Zero.
+    pub reserved0: u32,
+    /// The data file's `created_ns`: pairs the two files (a reader-state
+    /// file left from another ring is refused).
+    pub ring_created_ns: u64,
+    /// Zero: room for minor versions (and no padding bytes in the block).
+    pub reserved: [u64; 12],
 }
 
 /// The futex word blocked readers wait on.
@@ -147,13 +221,20 @@ pub struct ReaderSlot {
     pub untethered_count: AtomicU64,
 }
 
-/// The header as a whole, exactly as it lies at offset 0 of a ring file.
+/// The data file's header blocks, exactly as they lie at offset 0.
 #[repr(C)]
 pub struct RingHeader {
     /// Written once.
     pub statics: StaticBlock,
     /// Writer fields.
     pub writer: WriterBlock,
+}
+
+/// The reader-state file, exactly as it lies at offset 0.
+#[repr(C)]
+pub struct ReadersHeader {
+    /// Written once.
+    pub statics: ReadersStatic,
     /// Futex word.
     pub waiter: WaiterBlock,
     /// Reader registry generation.
@@ -175,13 +256,44 @@ pub struct Slot {
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
     assert!(size_of::<StaticBlock>() == 128);
+    assert!(size_of::<ReadersStatic>() == 128);
     assert!(size_of::<ReaderSlot>() == 128);
+    assert!(offset_of!(StaticBlock, magic) == 0);
+    assert!(offset_of!(StaticBlock, major) == 8);
+    assert!(offset_of!(StaticBlock, minor) == 10);
+    assert!(offset_of!(StaticBlock, header_size) == 12);
+    assert!(offset_of!(StaticBlock, slot_size) == 16);
+    assert!(offset_of!(StaticBlock, endian) == 20);
+    assert!(offset_of!(StaticBlock, capacity) == 24);
+    assert!(offset_of!(StaticBlock, partition) == 32);
+    assert!(offset_of!(StaticBlock, partitions) == 36);
+    assert!(offset_of!(StaticBlock, topic_hash) == 40);
+    assert!(offset_of!(StaticBlock, reader_slots) == 48);
+    assert!(offset_of!(StaticBlock, created_ns) == 56);
     assert!(offset_of!(RingHeader, writer) == 128);
-    assert!(offset_of!(RingHeader, waiter) == 256);
-    assert!(offset_of!(RingHeader, registry) == 384);
-    assert!(offset_of!(RingHeader, readers) == 512);
-    assert!(size_of::<RingHeader>() == 512 + READER_SLOTS * 128);
+    assert!(offset_of!(WriterBlock, epoch) == 0);
+    assert!(offset_of!(WriterBlock, published) == 8);
+    assert!(offset_of!(WriterBlock, epoch_start_seq) == 16);
+    assert!(offset_of!(WriterBlock, writer_pid) == 24);
+    assert!(offset_of!(WriterBlock, state) == 32);
+    assert!(size_of::<RingHeader>() == 256);
     assert!(size_of::<RingHeader>() <= HEADER_SIZE);
+    assert!(offset_of!(ReadersStatic, reader_slots) == 12);
+    assert!(offset_of!(ReadersStatic, endian) == 16);
+    assert!(offset_of!(ReadersStatic, ring_created_ns) == 24);
+    assert!(offset_of!(ReadersHeader, waiter) == 128);
+    assert!(offset_of!(ReadersHeader, registry) == 256);
+    assert!(offset_of!(ReadersHeader, readers) == 384);
+    assert!(offset_of!(ReaderSlot, state_gen) == 0);
+    assert!(offset_of!(ReaderSlot, cursor) == 8);
+    assert!(offset_of!(ReaderSlot, tether_budget_ns) == 16);
+    assert!(offset_of!(ReaderSlot, pid) == 24);
+    assert!(offset_of!(ReaderSlot, group_id) == 32);
+    assert!(offset_of!(ReaderSlot, member) == 40);
+    assert!(offset_of!(ReaderSlot, selector) == 44);
+    assert!(offset_of!(ReaderSlot, acked_cursor) == 48);
+    assert!(offset_of!(ReaderSlot, untethered_count) == 56);
+    assert!(size_of::<ReadersHeader>() == 384 + READER_SLOTS * 128);
     assert!(HEADER_SIZE.is_multiple_of(4096));
     assert!(size_of::<Slot>() == crate::frame::SLOT_SIZE);
     assert!(align_of::<Slot>() == 64);
@@ -191,6 +303,8 @@ const _: () = {
 // have the layout of the integer), no pointers, no padding that matters,
 // every bit pattern valid.
 unsafe impl ShmSafe for RingHeader {}
+// SAFETY: as above.
+unsafe impl ShmSafe for ReadersHeader {}
 // SAFETY: as above: one atomic u64 stamp and seven atomic u64 words.
 unsafe impl ShmSafe for Slot {}
 

@@ -24,16 +24,17 @@
 
 use crate::frame::BODY_WORDS;
 use crate::layout::{
-    ReaderSlot, RegistryBlock, STATE_FREE, STATE_TETHERED, STATE_UNTETHERED, Slot, WaiterBlock,
-    WriterBlock, pack_state, unpack_state,
+    ReaderSlot, RegistryBlock, STATE_FREE, STATE_TETHERED, STATE_UNTETHERED, Slot, WRITER_CLOSED,
+    WRITER_OPEN, WaiterBlock, WriterBlock, pack_state, unpack_state,
 };
 use crate::sync::{AtomicU32, Ordering, STAMP_STORE, fence, spin_hint};
 
-/// Set in a stamp while the writer is filling the slot.
+/// Set in a stamp while the writer is filling the slot: `0x8000_0000_0000_0000`.
 pub const WRITING_BIT: u64 = 1 << 63;
 
 /// References to the parts of one ring, wherever they live (a mapped file,
-/// or plain memory in the loom model).
+/// or plain memory in the loom model). It borrows them for `'a`, so it can
+/// never outlive the mapping (or memory) it was made from.
 #[derive(Clone, Copy)]
 pub struct RingRef<'a> {
     writer: &'a WriterBlock,
@@ -42,6 +43,27 @@ pub struct RingRef<'a> {
     readers: &'a [ReaderSlot],
     slots: &'a [Slot],
     mask: u64,
+    /// Whether the writer block and the slots may be stored to (false for
+    /// a reader's read-only mapping: [`WriterCore::recover`] refuses it).
+    writable: bool,
+}
+
+/// Why [`WriterCore::recover`] refused a ring.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoverError {
+    /// The ring was mapped read-only (a reader's view).
+    #[error("the ring is mapped read-only; only its writer may recover it")]
+    ReadOnly,
+    /// What the ring holds cannot have been written by the protocol.
+    #[error("{field} = {value}: {expected}")]
+    Corrupt {
+        /// The field, e.g. `stamp of slot 17` or `published`.
+        field: String,
+        /// What it holds.
+        value: u64,
+        /// What it would have to be.
+        expected: String,
+    },
 }
 
 impl<'a> RingRef<'a> {
@@ -68,7 +90,22 @@ impl<'a> RingRef<'a> {
             readers,
             slots,
             mask: slots.len() as u64 - 1,
+            writable: true,
         }
+    }
+
+    /// The same ring, marked as mapped read-only: no writer may recover it.
+    pub(crate) fn read_only(mut self) -> Self {
+        self.writable = false;
+        self
+    }
+
+    /// The writer's state word: [`WRITER_OPEN`], [`WRITER_CLOSED`] or
+    /// [`crate::layout::WRITER_NONE`].
+    pub fn writer_state(&self) -> u64 {
+        // Acquire: pairs with the Release store in `WriterCore::close`, so
+        // a reader that sees CLOSED also sees every committed frame.
+        self.writer.state.load(Ordering::Acquire)
     }
 
     /// Number of slots.
@@ -160,26 +197,35 @@ pub struct WriterCore<'a, L: Liveness, C: Clock> {
 }
 
 impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
-    /// Takes over a ring: finds the last committed stamp, bumps the epoch and
-    /// continues the sequence after it, reclaiming slots of dead readers.
-    pub fn recover(ring: RingRef<'a>, liveness: L, clock: C) -> Self {
-        let mut last = 0u64;
-        for s in ring.slots {
-            let st = s.stamp.load(Ordering::Acquire);
-            if st & WRITING_BIT == 0 {
-                last = last.max(st);
-            } else {
-                // A slot the previous writer died filling: its sequence was
-                // never committed, the one before it may have been.
-                last = last.max((st & !WRITING_BIT).saturating_sub(1));
-            }
+    /// Takes over a ring: checks what the last writer left, finds the last
+    /// committed stamp, bumps the epoch and continues the sequence after it,
+    /// reclaiming slots of dead readers.
+    ///
+    /// # Errors
+    /// [`RecoverError::ReadOnly`] for a reader's view;
+    /// [`RecoverError::Corrupt`] when a stamp sits in a slot its sequence
+    /// does not map to, the stamps are not the last `capacity` sequences of
+    /// one stream, or `published` is beyond every committed stamp: what the
+    /// protocol can never leave behind, so the sequence cannot be trusted.
+    pub fn recover(ring: RingRef<'a>, liveness: L, clock: C) -> Result<Self, RecoverError> {
+        if !ring.writable {
+            return Err(RecoverError::ReadOnly);
         }
-        let last = last.max(ring.published());
+        let last = scan_stamps(&ring)?;
+        let published = ring.published();
+        if published > last {
+            return Err(RecoverError::Corrupt {
+                field: "published".into(),
+                value: published,
+                expected: format!("at most {last}, the highest committed stamp"),
+            });
+        }
         ring.writer.epoch.fetch_add(1, Ordering::AcqRel);
         ring.writer
             .epoch_start_seq
             .store(last + 1, Ordering::Release);
         ring.writer.published.store(last, Ordering::Release);
+        ring.writer.state.store(WRITER_OPEN, Ordering::Release);
         let mut w = WriterCore {
             ring,
             liveness,
@@ -192,7 +238,23 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
         };
         w.reclaim_dead();
         w.gate = w.compute_gate().0;
-        w
+        Ok(w)
+    }
+
+    /// Ends the stream gracefully: publishes what was written, marks the
+    /// ring closed (readers see the end of the stream once they have read
+    /// up to `published`) and wakes blocked readers so they notice. A later
+    /// [`recover`](Self::recover) reopens it.
+    pub fn close(&mut self) {
+        self.flush();
+        // Release: a reader that sees CLOSED (Acquire) sees every frame.
+        self.ring
+            .writer
+            .state
+            .store(WRITER_CLOSED, Ordering::Release);
+        fence(Ordering::SeqCst);
+        let w = self.ring.waiter.word.load(Ordering::Relaxed);
+        self.wake(w);
     }
 
     /// The ring.
@@ -402,6 +464,68 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
             self.stats.gate_wait_ns += self.clock.now_ns().saturating_sub(start);
         }
     }
+}
+
+/// Checks every stamp and returns the last committed sequence: a committed
+/// stamp `s` must sit in slot `s & mask` and be one of the last `capacity`
+/// sequences (`s > max - capacity`); a stamp with the WRITING mark (the last
+/// writer died filling it) must be the sequence after them, and is not
+/// committed.
+fn scan_stamps(ring: &RingRef<'_>) -> Result<u64, RecoverError> {
+    let cap = ring.capacity();
+    let corrupt = |i: usize, st: u64, expected: String| RecoverError::Corrupt {
+        field: format!("stamp of slot {i}"),
+        value: st,
+        expected,
+    };
+    let mut max = 0u64;
+    for (i, s) in ring.slots.iter().enumerate() {
+        let st = s.stamp.load(Ordering::Acquire);
+        let seq = st & !WRITING_BIT;
+        if seq != 0 && seq & ring.mask != i as u64 {
+            return Err(corrupt(
+                i,
+                st,
+                format!("a sequence that maps to slot {i} (seq & {})", ring.mask),
+            ));
+        }
+        if st & WRITING_BIT == 0 {
+            max = max.max(st);
+        }
+    }
+    let oldest = max.saturating_sub(cap - 1).max(1);
+    for (i, s) in ring.slots.iter().enumerate() {
+        let st = s.stamp.load(Ordering::Acquire);
+        if st == 0 {
+            // Never written: only possible for sequences not reached yet.
+            if max >= cap {
+                return Err(corrupt(
+                    i,
+                    st,
+                    format!("a written slot: sequences up to {max} have filled the ring"),
+                ));
+            }
+        } else if st & WRITING_BIT != 0 {
+            let seq = st & !WRITING_BIT;
+            if seq != max + 1 {
+                return Err(corrupt(
+                    i,
+                    st,
+                    format!(
+                        "the WRITING mark only on the sequence after the last committed one ({})",
+                        max + 1
+                    ),
+                ));
+            }
+        } else if st < oldest {
+            return Err(corrupt(
+                i,
+                st,
+                format!("one of the last {cap} sequences ({oldest}..={max})"),
+            ));
+        }
+    }
+    Ok(max)
 }
 
 /// What one read attempt found.

@@ -1,10 +1,17 @@
 //! The symbology table: instrument id -> (symbol, exchange, currency, size scale).
 //!
 //! ```text
-//!  offset   size          block
-//!  0        64            static: magic u64, major u16, minor u16, entry_size u32,
-//!                                 capacity u32, reserved
-//!  64       64            count: AtomicU32 (entries committed; stored with Release)
+//!  offset   size          block (SymbologyHeader; all integers little-endian)
+//!  0        8             magic        b"TKWSYMB\0"
+//!  8        2             major        1: a reader refuses any other major
+//!  10       2             minor        1 (1.1 added endian and writer_pid; 1.0 files have 0 there)
+//!  12       4             entry_size   64
+//!  16       4             capacity     entries the file holds, 1..=2^24
+//!  20       4             endian       0x01020304 written natively (1.1; 0 in 1.0 files)
+//!  24       8             writer_pid   pid of the broker holding the writer lock (informational)
+//!  32       32            reserved     zero
+//!  64       4             count        AtomicU32: entries committed (stored with Release)
+//!  68       4028          zero
 //!  4096     capacity x 64 entries; id N lives at entry N - 1 (id 0 = unknown)
 //!
 //!  entry (64 bytes)
@@ -29,14 +36,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
-use crate::shm::ShmSafe;
+use crate::shm::{Region, ShmSafe};
 
 /// `b"TKWSYMB\0"`.
 pub const SYMBOLOGY_MAGIC: u64 = u64::from_le_bytes(*b"TKWSYMB\0");
 /// Major layout version.
 pub const SYMBOLOGY_MAJOR: u16 = 1;
-/// Minor layout version.
-pub const SYMBOLOGY_MINOR: u16 = 0;
+/// Minor layout version. 1.1: `endian` and `writer_pid`.
+pub const SYMBOLOGY_MINOR: u16 = 1;
 /// Bytes before the first entry.
 pub const SYMBOLOGY_HEADER: usize = 4096;
 /// Bytes per entry.
@@ -52,6 +59,54 @@ pub const MAX_SYMBOL: usize = 32;
 pub const MAX_EXCHANGE: usize = 16;
 /// Maximum currency length.
 pub const MAX_CURRENCY: usize = 8;
+
+/// The file's header, exactly as it lies at offset 0.
+#[repr(C, align(64))]
+pub struct SymbologyHeader {
+    /// [`SYMBOLOGY_MAGIC`].
+    pub magic: u64,
+    /// [`SYMBOLOGY_MAJOR`].
+    pub major: u16,
+    /// [`SYMBOLOGY_MINOR`] of the writer that created the file.
+    pub minor: u16,
+    /// [`ENTRY_SIZE`].
+    pub entry_size: u32,
+    /// Entries the file holds.
+    pub capacity: u32,
+    /// [`crate::layout::ENDIAN_MARKER`] (1.1; 0 in 1.0 files).
+    pub endian: u32,
+    /// The writer's pid (1.1).
+    pub writer_pid: std::sync::atomic::AtomicU64,
+    /// Zero.
+    pub reserved: [u64; 4],
+    /// Entries committed, on its own cache line.
+    pub count: CountBlock,
+}
+
+/// The committed-entry count.
+#[repr(C, align(64))]
+pub struct CountBlock {
+    /// Stored with Release after the entries it covers.
+    pub count: AtomicU32,
+}
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(offset_of!(SymbologyHeader, magic) == 0);
+    assert!(offset_of!(SymbologyHeader, major) == 8);
+    assert!(offset_of!(SymbologyHeader, minor) == 10);
+    assert!(offset_of!(SymbologyHeader, entry_size) == 12);
+    assert!(offset_of!(SymbologyHeader, capacity) == 16);
+    assert!(offset_of!(SymbologyHeader, endian) == 20);
+    assert!(offset_of!(SymbologyHeader, writer_pid) == 24);
+    assert!(offset_of!(SymbologyHeader, count) == 64);
+    assert!(size_of::<SymbologyHeader>() == 128);
+    assert!(size_of::<SymbologyHeader>() <= SYMBOLOGY_HEADER);
+};
+
+// SAFETY: `#[repr(C)]` integers and atomics of integers, no pointers, every
+// bit pattern valid.
+unsafe impl ShmSafe for SymbologyHeader {}
 
 /// One entry as stored.
 #[repr(C)]
@@ -159,15 +214,31 @@ struct Mapped {
 }
 
 impl Mapped {
-    fn count_atomic(&self) -> &AtomicU32 {
-        // SAFETY: offset 64 is inside the 4096-byte header, 4-aligned, and
-        // only ever accessed atomically.
-        unsafe { &*(self.map.as_ptr().add(64) as *const AtomicU32) }
+    fn header(&self) -> &SymbologyHeader {
+        match Region::of(&self.map).get::<SymbologyHeader>(0) {
+            Some(h) => h,
+            None => unreachable!("symbology mapping smaller than its header"),
+        }
     }
 
+    fn count_atomic(&self) -> &AtomicU32 {
+        &self.header().count.count
+    }
+
+    /// A committed entry (callers pass `index < count`): a reference to
+    /// that entry only, never to ones the writer may still be filling.
+    fn entry(&self, index: u32) -> Option<&Entry> {
+        if index >= self.capacity {
+            return None;
+        }
+        Region::of(&self.map).get::<Entry>(SYMBOLOGY_HEADER + index as usize * ENTRY_SIZE)
+    }
+
+    /// Where the writer stores entry `index` (`index < capacity`).
     fn entry_ptr(&self, index: u32) -> *mut Entry {
-        // SAFETY: callers pass index < capacity, and the file holds
-        // SYMBOLOGY_HEADER + capacity * ENTRY_SIZE bytes (validated).
+        debug_assert!(index < self.capacity);
+        // SAFETY: index < capacity and the mapping holds SYMBOLOGY_HEADER +
+        // capacity * ENTRY_SIZE bytes (validated), so the offset is in bounds.
         unsafe {
             self.map
                 .as_mut_ptr()
@@ -208,23 +279,32 @@ fn open_and_validate(path: &Path, write: bool) -> Result<Mapped> {
             known_minor: SYMBOLOGY_MINOR,
         });
     }
+    let bad = |field, value: u64, expected: String| {
+        Err(Error::BadHeader {
+            path: path.to_path_buf(),
+            field,
+            value,
+            expected,
+        })
+    };
+    let endian = u32_at(20);
+    if minor >= 1 && endian != crate::layout::ENDIAN_MARKER {
+        return bad(
+            "endian",
+            endian as u64,
+            format!(
+                "{:#x}: the file was written on a machine of another byte order",
+                crate::layout::ENDIAN_MARKER
+            ),
+        );
+    }
     let entry_size = u32_at(12);
     if entry_size as usize != ENTRY_SIZE {
-        return Err(Error::BadHeader {
-            path: path.to_path_buf(),
-            field: "entry_size",
-            value: entry_size as u64,
-            expected: format!("{ENTRY_SIZE}"),
-        });
+        return bad("entry_size", entry_size as u64, format!("{ENTRY_SIZE}"));
     }
     let capacity = u32_at(16);
     if capacity == 0 || capacity > 1 << 24 {
-        return Err(Error::BadHeader {
-            path: path.to_path_buf(),
-            field: "capacity",
-            value: capacity as u64,
-            expected: "1..=16777216".into(),
-        });
+        return bad("capacity", capacity as u64, "1..=16777216".into());
     }
     let need = SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64;
     if len < need {
@@ -294,10 +374,9 @@ impl Symbology {
         if id == 0 || id > self.count() {
             return None;
         }
-        // SAFETY: id - 1 < count <= capacity, the entry was fully written
-        // before the count that covers it (Acquire above), and is never
-        // written again.
-        Some(unsafe { &*self.m.entry_ptr(id - 1) })
+        // id - 1 < count <= capacity; the entry was fully written before the
+        // count that covers it (Acquire above), and is never written again.
+        self.m.entry(id - 1)
     }
 
     /// Path of the file.
@@ -323,39 +402,46 @@ impl SymbologyWriter {
     /// # Errors
     /// [`Error::WriterLocked`] if another broker holds it; validation errors.
     pub fn open(dir: &Path, capacity: u32) -> Result<SymbologyWriter> {
+        SymbologyWriter::open_with(dir, capacity, crate::file::FileModes::default())
+    }
+
+    /// [`open`](Self::open), creating the file with these modes and group.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); [`Error::NoSpace`] when it cannot be allocated.
+    pub fn open_with(
+        dir: &Path,
+        capacity: u32,
+        modes: crate::file::FileModes,
+    ) -> Result<SymbologyWriter> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         let path = dir.join(SYMBOLOGY_FILE);
         if !path.exists() {
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| Error::io("create", &tmp, e))?;
-            f.set_len(SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64)
-                .map_err(|e| Error::io("size", &tmp, e))?;
             let mut head = Vec::with_capacity(24);
             head.extend_from_slice(&SYMBOLOGY_MAGIC.to_le_bytes());
             head.extend_from_slice(&SYMBOLOGY_MAJOR.to_le_bytes());
             head.extend_from_slice(&SYMBOLOGY_MINOR.to_le_bytes());
             head.extend_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
             head.extend_from_slice(&capacity.to_le_bytes());
-            std::os::unix::fs::FileExt::write_all_at(&f, &head, 0)
-                .map_err(|e| Error::io("write header", &tmp, e))?;
-            drop(f);
-            if std::fs::hard_link(&tmp, &path).is_err() && !path.exists() {
-                return Err(Error::io(
-                    "link into place",
-                    &path,
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            let _ = std::fs::remove_file(&tmp);
+            head.extend_from_slice(&crate::layout::ENDIAN_MARKER.to_le_bytes());
+            crate::file::create_file(
+                &path,
+                SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64,
+                &head,
+                modes.data,
+                modes.group,
+                false,
+            )?;
         }
         let m = open_and_validate(&path, true)?;
-        crate::file::lock_exclusive(&m.file, &path)?;
+        crate::file::lock_exclusive(&m.file, &path, || {
+            m.header()
+                .writer_pid
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })?;
+        m.header()
+            .writer_pid
+            .store(std::process::id() as u64, Ordering::Relaxed);
         let count = m.count_atomic().load(Ordering::Acquire);
         if count > m.capacity {
             return Err(Error::BadHeader {
@@ -367,8 +453,9 @@ impl SymbologyWriter {
         }
         let mut ids = HashMap::with_capacity(count as usize);
         for i in 0..count {
-            // SAFETY: i < count <= capacity; we are the only writer.
-            let e = unsafe { &*m.entry_ptr(i) };
+            let Some(e) = m.entry(i) else {
+                break;
+            };
             ids.insert(
                 (
                     e.symbol().to_string(),

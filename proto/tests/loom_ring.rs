@@ -37,6 +37,7 @@ impl Parts {
                 published: a64(),
                 epoch_start_seq: a64(),
                 writer_pid: a64(),
+                state: a64(),
             },
             waiter: WaiterBlock {
                 word: AtomicU32::new(0),
@@ -109,7 +110,10 @@ fn body(seq: u64) -> [u64; 7] {
 /// before its shard starts (recovered inside the spawned thread, the model
 /// never schedules its commits ahead of a reader).
 fn recover_writer(parts: &'static Parts) -> WriterCore<'static, Locks<'static>, Ticks> {
-    WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default()))
+    match WriterCore::recover(parts.ring(), Locks(&parts.locks), Ticks(Default::default())) {
+        Ok(w) => w,
+        Err(e) => panic!("a fresh ring is refused: {e}"),
+    }
 }
 
 /// Publishes sequences 1..=5 on a new thread, flushes, returns its stats.

@@ -7,8 +7,9 @@ use tickwire_proto::{ArchivedFrameBody, Kind};
 
 use crate::Error;
 
-/// What a subscriber wants. Empty lists mean "any". Matching of symbols,
-/// exchanges and currencies is exact and case-sensitive.
+/// What a subscriber wants. Empty lists mean "any". Symbols, exchanges and
+/// currencies match whole names, ignoring ASCII case (`nasdaq` matches
+/// `NASDAQ`, `aapl` matches `AAPL`): one rule for all three.
 ///
 /// ```
 /// use shm_client::{Filter, Kind};
@@ -70,9 +71,18 @@ impl Filter {
         self
     }
 
+    /// Whether the filter resolves names or sizes through the symbology
+    /// table (symbols, exchanges, currencies, minimum volume).
+    pub fn needs_symbology(&self) -> bool {
+        !(self.symbols.is_empty() && self.exchanges.is_empty() && self.currencies.is_empty())
+            || self.min_volume.is_some()
+    }
+
     /// Whether an instrument passes the symbol/exchange/currency part.
     pub fn instrument_matches(&self, e: &Entry) -> bool {
-        let any_of = |list: &[String], v: &str| list.is_empty() || list.iter().any(|x| x == v);
+        let any_of = |list: &[String], v: &str| {
+            list.is_empty() || list.iter().any(|x| x.eq_ignore_ascii_case(v))
+        };
         any_of(&self.symbols, e.symbol())
             && any_of(&self.exchanges, e.exchange())
             && any_of(&self.currencies, e.currency())
@@ -144,6 +154,18 @@ impl CompiledFilter {
             c.refresh(s);
         }
         Ok(c)
+    }
+
+    /// How many instruments known now pass the name part of the filter
+    /// (`None` when it does not filter by name).
+    pub(crate) fn matching_instruments(&mut self, s: Option<&Symbology>) -> Option<u32> {
+        if !self.by_instrument {
+            return None;
+        }
+        if let Some(s) = s {
+            self.refresh(s);
+        }
+        Some(self.bitmap.iter().map(|w| w.count_ones()).sum())
     }
 
     #[cold]

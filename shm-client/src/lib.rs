@@ -21,12 +21,13 @@
 //! sub.poll(1024, |event| match event {
 //!     Event::Tick(t) => println!("{} {:?} @ {:?}", t.seq, t.symbol(), t.price()),
 //!     Event::Gap { partition, from, to } => eprintln!("lost {from}..={to} on partition {partition}"),
-//!     Event::Untethered { partition } => eprintln!("partition {partition}: no longer tethered"),
+//!     other => eprintln!("{other:?}"), // untethered, writer closed or replaced
 //! });
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod filter;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use std::path::{Path, PathBuf};
@@ -34,9 +35,9 @@ use std::time::Duration;
 
 use filter::CompiledFilter;
 pub use filter::Filter;
-use tickwire_proto::file::{FileLiveness, RingFile, partition_paths};
+use tickwire_proto::file::{FileStatus, PartitionReader, RingFile, StartAt, partition_paths};
 use tickwire_proto::frame::BODY_WORDS;
-use tickwire_proto::ring::{Read, ReaderCore, ReaderRegistration, Tether};
+use tickwire_proto::ring::{Read, Tether};
 pub use tickwire_proto::symbology::{Entry, Symbology};
 pub use tickwire_proto::{ArchivedFrameBody, FrameBody, Kind};
 use tickwire_proto::{frame, futex};
@@ -116,10 +117,16 @@ pub enum Error {
     /// A filter is invalid.
     #[error("invalid filter: {0}")]
     Filter(String),
+    /// The filter names symbols or venues, and the node's symbology table
+    /// (which maps them to instrument ids) cannot be read.
+    #[error("the filter needs the node's symbology table, which cannot be used: {0}")]
+    Symbology(String),
 }
 
-/// One event, in order per partition.
+/// One event, in order per partition. More kinds may come in later
+/// versions: match with a `_` arm.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum Event<'a> {
     /// A trade or a quote.
     Tick(Tick<'a>),
@@ -140,6 +147,43 @@ pub enum Event<'a> {
         /// Partition.
         partition: u32,
     },
+    /// The partition's writer is gone and this subscriber has read
+    /// everything it committed: it closed the stream gracefully
+    /// ([`CloseReason::EndOfStream`]) or died ([`CloseReason::WriterDied`]).
+    /// Reading goes on if a writer opens the same ring again (a broker
+    /// restart on the same node directory): the sequence continues under a
+    /// new epoch, and [`Event::Reopened`] says so.
+    Closed {
+        /// Partition.
+        partition: u32,
+        /// How the writer went.
+        reason: CloseReason,
+    },
+    /// A writer opened the ring again after [`Event::Closed`].
+    Reopened {
+        /// Partition.
+        partition: u32,
+        /// The new writer's epoch.
+        epoch: u64,
+    },
+    /// The ring file this subscriber maps was removed, or replaced by a new
+    /// ring (the node directory was deleted and the broker started again):
+    /// nothing more will ever arrive on this mapping. Open a new subscriber.
+    Replaced {
+        /// Partition.
+        partition: u32,
+        /// Removed (nothing at the path) or replaced (another file there).
+        removed: bool,
+    },
+}
+
+/// Why a partition's writer is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The writer marked the end of the stream (a graceful shutdown).
+    EndOfStream,
+    /// The writer died: its lock is gone but it never marked the end.
+    WriterDied,
 }
 
 /// A trade or quote, borrowed from the subscriber's one-slot copy.
@@ -200,6 +244,14 @@ pub struct Stats {
     pub lost: u64,
     /// Times a partition was untethered.
     pub untethered: u64,
+}
+
+/// What the subscriber last told the caller about a partition's writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterSeen {
+    Live,
+    Closed,
+    Replaced,
 }
 
 /// Builds a [`Subscriber`].
@@ -286,14 +338,20 @@ impl SubscriberBuilder {
                 dir,
             });
         }
-        let p0 = RingFile::open_reader(&first)?;
-        let count = p0.statics().partitions;
-        drop(p0);
+        let count = RingFile::open_reader(&first)?.statics().partitions;
         let wanted: Vec<u32> = self
             .partitions
             .clone()
             .unwrap_or_else(|| (0..count).collect());
-        let symbology = Symbology::open(&dir).ok();
+        let (symbology, symbology_error) = match Symbology::open(&dir) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e)),
+        };
+        if let Some(e) = &symbology_error
+            && self.filter.needs_symbology()
+        {
+            return Err(Error::Symbology(e.to_string()));
+        }
         let filter = CompiledFilter::compile(&self.filter, symbology.as_ref())?;
         let paths = partition_paths(&dir, &self.topic, count);
         let mut parts = Vec::with_capacity(wanted.len());
@@ -305,14 +363,7 @@ impl SubscriberBuilder {
                     partition: p,
                 });
             };
-            let file = RingFile::open_reader(path)?;
-            if file.statics().slot_size as usize != frame::SLOT_SIZE {
-                return Err(Error::SlotSize {
-                    path: path.clone(),
-                    slot_size: file.statics().slot_size,
-                });
-            }
-            parts.push(Part::open(file, p, &self)?);
+            parts.push(Part::open(path, p, &self)?);
         }
         Ok(Subscriber {
             parts,
@@ -320,36 +371,25 @@ impl SubscriberBuilder {
             buf: [0; BODY_WORDS],
             filter,
             symbology,
+            symbology_error,
             wait: self.wait,
             stats: Stats::default(),
+            last_check: std::time::Instant::now(),
         })
     }
 }
 
 struct Part {
     partition: u32,
-    // Field order matters: `reg` and `core` borrow the mapping inside
-    // `file` and are dropped before it.
-    reg: Option<ReaderRegistration<'static, FileLiveness>>,
-    core: ReaderCore<'static>,
+    reader: PartitionReader,
     stored: u64,
-    file: RingFile,
+    seen: WriterSeen,
+    /// A writer-state event waiting to be delivered on the next poll.
+    pending: Option<Found>,
 }
 
 impl Part {
-    fn open(file: RingFile, partition: u32, b: &SubscriberBuilder) -> Result<Part, Error> {
-        // SAFETY: the ring references point into `file`'s mappings, which
-        // live at fixed addresses until `file` is dropped; `Part` drops `reg`
-        // and `core` before `file` (field order) and never hands out the
-        // 'static lifetime.
-        let ring = unsafe {
-            std::mem::transmute::<
-                tickwire_proto::ring::RingRef<'_>,
-                tickwire_proto::ring::RingRef<'static>,
-            >(file.ring())
-        };
-        let published = ring.published();
-        let oldest = published.saturating_sub(ring.capacity() - 1).max(1);
+    fn open(path: &Path, partition: u32, b: &SubscriberBuilder) -> Result<Part, Error> {
         let start = b
             .positions
             .iter()
@@ -357,37 +397,67 @@ impl Part {
             .find(|(p, _)| *p == partition)
             .map(|&(_, s)| Start::Sequence(s))
             .unwrap_or(b.start);
-        let cursor = match start {
-            Start::Latest => published + 1,
-            Start::Earliest => oldest,
-            Start::Sequence(s) => s.max(1),
+        let start = match start {
+            Start::Latest => StartAt::Latest,
+            Start::Earliest => StartAt::Earliest,
+            Start::Sequence(s) => StartAt::Sequence(s),
         };
-        let mut core = ReaderCore::new(ring, cursor);
-        if let Some(s) = b.slack {
-            core.set_slack(s);
-        }
         let budget = b.tether.map(|d| d.as_nanos().min(u64::MAX as u128) as u64);
-        let reg = ReaderRegistration::claim(
-            ring,
-            file.liveness(),
-            cursor,
-            budget.is_some(),
-            budget.unwrap_or(0),
-            std::process::id() as u64,
-        );
-        if reg.is_none() && budget.is_some() {
-            return Err(Error::Shm(tickwire_proto::Error::ReadersFull {
-                path: file.path().to_path_buf(),
-                slots: ring.readers().len(),
-            }));
+        let reader = PartitionReader::open(path, start, budget, b.slack)?;
+        let slot_size = reader.file().statics().slot_size;
+        if slot_size as usize != frame::SLOT_SIZE {
+            return Err(Error::SlotSize {
+                path: path.to_path_buf(),
+                slot_size,
+            });
         }
+        let stored = reader.cursor();
         Ok(Part {
             partition,
-            reg,
-            core,
-            stored: cursor,
-            file,
+            reader,
+            stored,
+            seen: WriterSeen::Live,
+            pending: None,
         })
+    }
+
+    /// Looks at the writer and the file (syscalls: only when idle) and
+    /// queues what changed: closed, reopened, replaced.
+    fn check_writer(&mut self) {
+        if self.pending.is_some() || self.seen == WriterSeen::Replaced {
+            return;
+        }
+        let file = self.reader.file();
+        let status = file.status();
+        if status != FileStatus::Same {
+            self.seen = WriterSeen::Replaced;
+            self.pending = Some(Found::Replaced(
+                self.partition,
+                status == FileStatus::Removed,
+            ));
+            return;
+        }
+        let alive = file.writer_alive();
+        match (self.seen, alive) {
+            (WriterSeen::Live, false) => {
+                // Only once everything committed has been read.
+                if self.reader.ready() {
+                    return;
+                }
+                let reason = if file.writer_closed() {
+                    CloseReason::EndOfStream
+                } else {
+                    CloseReason::WriterDied
+                };
+                self.seen = WriterSeen::Closed;
+                self.pending = Some(Found::Closed(self.partition, reason));
+            }
+            (WriterSeen::Closed, true) => {
+                self.seen = WriterSeen::Live;
+                self.pending = Some(Found::Reopened(self.partition, self.reader.ring().epoch()));
+            }
+            _ => {}
+        }
     }
 }
 
@@ -398,8 +468,10 @@ pub struct Subscriber {
     buf: [u64; BODY_WORDS],
     filter: CompiledFilter,
     symbology: Option<Symbology>,
+    symbology_error: Option<tickwire_proto::Error>,
     wait: WaitStrategy,
     stats: Stats,
+    last_check: std::time::Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -407,7 +479,46 @@ enum Found {
     Tick(u32, u64),
     Gap(u32, u64, u64),
     Untethered(u32),
+    Closed(u32, CloseReason),
+    Reopened(u32, u64),
+    Replaced(u32, bool),
 }
+
+impl Found {
+    fn of(e: &Event<'_>) -> Found {
+        match *e {
+            Event::Tick(t) => Found::Tick(t.partition, t.seq),
+            Event::Gap {
+                partition,
+                from,
+                to,
+            } => Found::Gap(partition, from, to),
+            Event::Untethered { partition } => Found::Untethered(partition),
+            Event::Closed { partition, reason } => Found::Closed(partition, reason),
+            Event::Reopened { partition, epoch } => Found::Reopened(partition, epoch),
+            Event::Replaced { partition, removed } => Found::Replaced(partition, removed),
+        }
+    }
+
+    /// The event, for every kind but a tick (whose body is in the buffer).
+    fn notice(self) -> Option<Event<'static>> {
+        Some(match self {
+            Found::Tick(..) => return None,
+            Found::Gap(partition, from, to) => Event::Gap {
+                partition,
+                from,
+                to,
+            },
+            Found::Untethered(partition) => Event::Untethered { partition },
+            Found::Closed(partition, reason) => Event::Closed { partition, reason },
+            Found::Reopened(partition, epoch) => Event::Reopened { partition, epoch },
+            Found::Replaced(partition, removed) => Event::Replaced { partition, removed },
+        })
+    }
+}
+
+/// How often an idle subscriber looks at its writers (a few syscalls).
+const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 impl Subscriber {
     /// Starts building a subscriber for `topic`.
@@ -447,9 +558,7 @@ impl Subscriber {
         for _ in 0..n_parts {
             let part = &mut parts[*next];
             *next = if *next + 1 == n_parts { 0 } else { *next + 1 };
-            if let Some(reg) = part.reg.as_mut()
-                && reg.check() == Tether::Untethered
-            {
+            if part.reader.check_tether() == Tether::Untethered {
                 stats.untethered += 1;
                 n += 1;
                 f(Event::Untethered {
@@ -458,7 +567,7 @@ impl Subscriber {
             }
             while n < max && budget > 0 {
                 budget -= 1;
-                match part.core.try_read(buf) {
+                match part.reader.try_read(buf) {
                     Read::Frame(seq) => {
                         let body = ArchivedFrameBody::from_words(buf);
                         if filter.matches(body, symbology.as_ref()) {
@@ -474,7 +583,13 @@ impl Subscriber {
                             stats.filtered += 1;
                         }
                     }
-                    Read::Empty => break,
+                    Read::Empty => {
+                        if let Some(e) = part.pending.take().and_then(Found::notice) {
+                            n += 1;
+                            f(e);
+                        }
+                        break;
+                    }
                     Read::Lapped { from, to } => {
                         stats.gaps += 1;
                         stats.lost += to - from + 1;
@@ -487,12 +602,10 @@ impl Subscriber {
                     }
                 }
             }
-            let c = part.core.cursor();
+            let c = part.reader.cursor();
             if c != part.stored {
                 part.stored = c;
-                if let Some(reg) = &part.reg {
-                    reg.store_cursor(c);
-                }
+                part.reader.store_cursor(c);
             }
             if n >= max {
                 break;
@@ -510,17 +623,7 @@ impl Subscriber {
     fn poll_found(&mut self, out: &mut Option<Found>) {
         // One event at most; the body stays in `self.buf`.
         let mut got: Option<Found> = None;
-        self.poll(1, |e| {
-            got = Some(match e {
-                Event::Tick(t) => Found::Tick(t.partition, t.seq),
-                Event::Gap {
-                    partition,
-                    from,
-                    to,
-                } => Found::Gap(partition, from, to),
-                Event::Untethered { partition } => Found::Untethered(partition),
-            })
-        });
+        self.poll(1, |e| got = Some(Found::of(&e)));
         *out = got;
     }
 
@@ -532,13 +635,34 @@ impl Subscriber {
                 body: ArchivedFrameBody::from_words(&self.buf),
                 symbology: self.symbology.as_ref(),
             }),
-            Found::Gap(partition, from, to) => Event::Gap {
-                partition,
-                from,
-                to,
+            other => match other.notice() {
+                Some(e) => e,
+                None => unreachable!("only ticks have no notice"),
             },
-            Found::Untethered(partition) => Event::Untethered { partition },
         }
+    }
+
+    /// Looks at every partition's writer and file (a few syscalls each):
+    /// whether the writer closed the stream, died, came back, or the ring
+    /// was removed or replaced. What changed is delivered by the next
+    /// [`poll`](Self::poll) as [`Event::Closed`], [`Event::Reopened`] or
+    /// [`Event::Replaced`], after every event committed before it.
+    /// [`recv`](Self::recv), [`recv_timeout`](Self::recv_timeout) and
+    /// [`wait_for_data`](Self::wait_for_data) call it when idle (every
+    /// 100 ms); a caller that only polls calls it itself when idle. `poll`
+    /// never makes a syscall.
+    pub fn check_writers(&mut self) {
+        self.last_check = std::time::Instant::now();
+        for p in &mut self.parts {
+            p.check_writer();
+        }
+    }
+
+    /// Whether any partition has an event waiting: data or a writer notice.
+    fn anything_ready(parts: &[Part]) -> bool {
+        parts
+            .iter()
+            .any(|p| p.reader.ready() || p.pending.is_some())
     }
 
     /// The next event, if one is there now.
@@ -575,8 +699,22 @@ impl Subscriber {
     /// Waits, per the strategy, until some partition may have data or
     /// `timeout` passes. Spurious returns are possible.
     pub fn wait_for_data(&mut self, timeout: Duration) {
-        let ready = |parts: &[Part]| parts.iter().any(|p| p.core.ready());
-        match self.wait {
+        if self.last_check.elapsed() >= CHECK_EVERY {
+            self.check_writers();
+        }
+        let ready = Self::anything_ready;
+        // Without a reader slot (no write access to the reader state) the
+        // futex cannot be armed: nobody would wake us. Yield instead.
+        let wait = match self.wait {
+            WaitStrategy::Futex { spins }
+                if !self.parts.iter().all(|p| p.reader.is_registered()) =>
+            {
+                WaitStrategy::SpinThenYield { spins }
+            }
+            w => w,
+        };
+        let timeout = timeout.min(CHECK_EVERY);
+        match wait {
             WaitStrategy::BusySpin => {
                 let end = std::time::Instant::now() + timeout;
                 while !ready(&self.parts) && std::time::Instant::now() < end {
@@ -604,23 +742,20 @@ impl Subscriber {
                     }
                     std::hint::spin_loop();
                 }
+                // Flags each ring's waiter word (SeqCst: pairs with the
+                // writer's SeqCst fence between its commit and its look at
+                // the flag, so either it sees our flag or we see its commit
+                // below).
                 for p in &self.parts {
-                    // SeqCst: pairs with the writer's SeqCst fence between
-                    // its commit and its look at the flag, so either it sees
-                    // our flag or we see its commit below.
-                    p.core
-                        .ring()
-                        .waiter_word()
-                        .fetch_or(1, std::sync::atomic::Ordering::SeqCst);
+                    p.reader.arm_wait();
                 }
                 if ready(&self.parts) {
                     return;
                 }
-                let words = self.parts.iter().map(|p| {
-                    let w = p.core.ring().waiter_word();
-                    (w, w.load(std::sync::atomic::Ordering::Relaxed) | 1)
-                });
-                futex::wait_any(words, timeout.as_nanos().min(u64::MAX as u128) as u64);
+                futex::wait_any(
+                    self.parts.iter().filter_map(|p| p.reader.wait_word()),
+                    timeout.as_nanos().min(u64::MAX as u128) as u64,
+                );
             }
         }
     }
@@ -635,7 +770,7 @@ impl Subscriber {
     pub fn positions(&self) -> Vec<(u32, u64)> {
         self.parts
             .iter()
-            .map(|p| (p.partition, p.core.cursor()))
+            .map(|p| (p.partition, p.reader.cursor()))
             .collect()
     }
 
@@ -649,7 +784,7 @@ impl Subscriber {
     pub fn lag(&self) -> u64 {
         self.parts
             .iter()
-            .map(|p| (p.core.ring().published() + 1).saturating_sub(p.core.cursor()))
+            .map(|p| (p.reader.ring().published() + 1).saturating_sub(p.reader.cursor()))
             .sum()
     }
 
@@ -659,7 +794,7 @@ impl Subscriber {
         self.parts
             .iter()
             .find(|p| p.partition == partition)
-            .map(|p| p.core.ring().epoch())
+            .map(|p| p.reader.ring().epoch())
     }
 
     /// The symbology table, when the node has one.
@@ -667,11 +802,41 @@ impl Subscriber {
         self.symbology.as_ref()
     }
 
+    /// How many instruments in the node's symbology pass the filter's
+    /// symbol, exchange and currency lists now (`None` when the filter has
+    /// none): 0 means nothing can arrive until such an instrument appears.
+    pub fn matching_instruments(&mut self) -> Option<u32> {
+        self.filter.matching_instruments(self.symbology.as_ref())
+    }
+
+    /// How many of the subscribed partitions have a live writer now (a
+    /// syscall each).
+    pub fn live_writers(&self) -> usize {
+        self.parts
+            .iter()
+            .filter(|p| p.reader.file().writer_alive())
+            .count()
+    }
+
+    /// (partition, last published sequence) for each partition.
+    pub fn published(&self) -> Vec<(u32, u64)> {
+        self.parts
+            .iter()
+            .map(|p| (p.partition, p.reader.ring().published()))
+            .collect()
+    }
+
+    /// Why the symbology table could not be opened (missing, corrupt, of
+    /// another version), if it could not: ticks then carry no symbols.
+    pub fn symbology_error(&self) -> Option<&tickwire_proto::Error> {
+        self.symbology_error.as_ref()
+    }
+
     /// The ring file of a partition (for tools).
     pub fn ring_path(&self, partition: u32) -> Option<&Path> {
         self.parts
             .iter()
             .find(|p| p.partition == partition)
-            .map(|p| p.file.path())
+            .map(|p| p.reader.file().path())
     }
 }

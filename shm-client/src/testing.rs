@@ -1,5 +1,5 @@
 //! A small writer for a topic's rings, for tests, examples and tools that
-//! need data without a broker. It runs the real writer protocol over real
+//! need data without a broker (feature `testing`). It runs the real writer protocol over real
 //! ring files; the broker's shards use the same [`PartitionWriter`].
 
 use std::path::Path;
@@ -37,6 +37,7 @@ impl TopicWriter {
                         partitions,
                         capacity,
                         slot_size: SLOT_SIZE as u32,
+                        modes: Default::default(),
                     },
                 )
             })

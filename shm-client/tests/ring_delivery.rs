@@ -113,6 +113,7 @@ fn a_lapped_reader_gets_the_exact_missing_range() {
         }
         Event::Gap { from, to, .. } => events.push(format!("gap{from}-{to}")),
         Event::Untethered { .. } => events.push("untethered".into()),
+        other => panic!("unexpected {other:?}"),
     });
     assert_eq!(events[0], "gap6-154");
     assert_eq!(events[1], "t155");
@@ -136,7 +137,7 @@ fn a_start_sequence_that_left_the_ring_yields_a_gap_then_the_oldest() {
     sub.poll(100, |e| match e {
         Event::Gap { from, to, .. } => first = Some((from, to)),
         Event::Tick(t) => ticks.push(t.seq),
-        Event::Untethered { .. } => {}
+        other => panic!("unexpected {other:?}"),
     });
     assert_eq!(first, Some((3, 84)));
     assert_eq!(ticks, (85..=100).collect::<Vec<_>>());
@@ -195,6 +196,7 @@ fn a_tethered_reader_holds_the_writer_up_to_its_budget_then_is_untethered_and_to
         Event::Untethered { partition } => events.push(format!("untethered{partition}")),
         Event::Gap { from, to, .. } => events.push(format!("gap{from}-{to}")),
         Event::Tick(t) => events.push(format!("t{}", t.seq)),
+        other => panic!("unexpected {other:?}"),
     });
     assert_eq!(events.first().map(String::as_str), Some("untethered0"));
     assert!(
@@ -362,8 +364,8 @@ fn a_reader_killed_mid_read_changes_nothing_and_its_slot_is_reclaimed() {
     let live_before = w
         .partition(0)
         .file()
-        .header()
-        .readers
+        .ring()
+        .readers()
         .iter()
         .filter(|r| r.state_gen.load(std::sync::atomic::Ordering::Acquire) as u32 != 0)
         .count();
@@ -386,8 +388,8 @@ fn a_reader_killed_mid_read_changes_nothing_and_its_slot_is_reclaimed() {
     let live_after = w
         .partition(0)
         .file()
-        .header()
-        .readers
+        .ring()
+        .readers()
         .iter()
         .filter(|r| r.state_gen.load(std::sync::atomic::Ordering::Acquire) as u32 != 0)
         .count();
@@ -405,8 +407,92 @@ fn a_reader_killed_mid_read_changes_nothing_and_its_slot_is_reclaimed() {
             gaps += 1;
             last = to;
         }
-        Event::Untethered { .. } => panic!("never tethered"),
+        other => panic!("unexpected {other:?}"),
     });
     assert_eq!(last, cap * 20);
     assert!(gaps <= 1);
+}
+
+/// What `recv_timeout` returns next, as a short string.
+fn next(sub: &mut Subscriber) -> String {
+    match sub.recv_timeout(Duration::from_secs(10)) {
+        Some(Event::Tick(t)) => format!("t{}", t.seq),
+        Some(Event::Closed { reason, .. }) => format!("closed {reason:?}"),
+        Some(Event::Reopened { epoch, .. }) => format!("reopened {epoch}"),
+        Some(Event::Replaced { removed, .. }) => format!("replaced removed={removed}"),
+        Some(other) => format!("{other:?}"),
+        None => "nothing for 10 s".into(),
+    }
+}
+
+#[test]
+fn recv_returns_when_the_writer_closes_comes_back_or_the_ring_is_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = filled(dir.path(), 64, 3);
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Earliest)
+        .open()
+        .expect("sub");
+    assert_eq!(next(&mut sub), "t1");
+    drop(w); // a graceful shutdown marks the end of the stream
+    // Everything committed comes first, then the end, once.
+    assert_eq!(next(&mut sub), "t2");
+    assert_eq!(next(&mut sub), "t3");
+    assert_eq!(next(&mut sub), "closed EndOfStream");
+    // A broker restarted on the same rings: the stream goes on.
+    let mut w = TopicWriter::create(dir.path(), TOPIC, 1, 64).expect("restart");
+    assert_eq!(next(&mut sub), "reopened 2");
+    w.publish(0, &body(4));
+    w.flush();
+    assert_eq!(next(&mut sub), "t4");
+    // The node directory removed and a new broker started: the mapped ring
+    // is a deleted file that will never change again.
+    drop(w);
+    assert_eq!(next(&mut sub), "closed EndOfStream");
+    std::fs::remove_dir_all(dir.path()).expect("rm");
+    let _w = TopicWriter::create(dir.path(), TOPIC, 1, 64).expect("new node");
+    assert_eq!(next(&mut sub), "replaced removed=false");
+    // Told once; then quiet.
+    assert!(sub.recv_timeout(Duration::from_millis(300)).is_none());
+}
+
+#[test]
+fn recv_returns_when_the_writer_process_dies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(filled(dir.path(), 64, 2));
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", "writer_child_process", "--nocapture"])
+        .env("TW_WRITER_CHILD_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("child");
+    let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let ready = std::io::BufRead::lines(out)
+        .take(20)
+        .map_while(Result::ok)
+        .any(|l| l.contains("writer ready"));
+    assert!(ready, "the child opened the ring");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(3))
+        .open()
+        .expect("sub");
+    assert_eq!(next(&mut sub), "t3", "the child's one event");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    assert_eq!(next(&mut sub), "closed WriterDied");
+}
+
+/// Run by `recv_returns_when_the_writer_process_dies` as its own process.
+#[test]
+fn writer_child_process() {
+    let Some(dir) = std::env::var_os("TW_WRITER_CHILD_DIR") else {
+        return;
+    };
+    let mut w = TopicWriter::create(std::path::Path::new(&dir), TOPIC, 1, 64).expect("writer");
+    w.publish(0, &body(3));
+    w.flush();
+    println!("writer ready");
+    std::thread::sleep(Duration::from_secs(60));
 }
