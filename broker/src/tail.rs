@@ -2,19 +2,25 @@
 
 use std::io::Write;
 
-use shm_client::{CloseReason, Event, Kind, Tick};
-use tickwire_proto::frame::price_to_f64;
+use shm_client::{CloseReason, Event, Kind};
 
-/// Formats a UTC-ns timestamp as RFC 3339 with nanoseconds.
-pub fn rfc3339(ns: u64) -> String {
-    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
-        .to_string()
+pub use tickwire_proto::json::rfc3339;
+use tickwire_proto::json::{Decimal, TickJson};
+
+/// One event as a JSON object, as one line of text (a tick is a
+/// [`TickJson`], whose prices and sizes are exact decimals).
+pub fn event_json(topic: &str, event: &Event<'_>) -> String {
+    match event {
+        Event::Tick(t) => {
+            let record = TickJson::new(topic, t.partition, t.seq, t.body, t.instrument());
+            serde_json::to_string(&record).unwrap_or_default()
+        }
+        other => notice_json(topic, other).to_string(),
+    }
 }
 
-/// One event as a JSON object (one line).
-pub fn event_json(topic: &str, event: &Event<'_>) -> serde_json::Value {
+fn notice_json(topic: &str, event: &Event<'_>) -> serde_json::Value {
     match event {
-        Event::Tick(t) => tick_json(topic, t),
         Event::Gap {
             partition,
             from,
@@ -47,42 +53,6 @@ fn close_reason(r: CloseReason) -> &'static str {
     }
 }
 
-fn tick_json(topic: &str, t: &Tick<'_>) -> serde_json::Value {
-    let b = t.body;
-    let inst = t.instrument();
-    let size = |raw: u32| inst.map_or(raw as f64, |e| e.real_size(raw));
-    let mut v = serde_json::json!({
-        "type": "tick",
-        "topic": topic,
-        "partition": t.partition,
-        "sequence": t.seq,
-        "symbol": inst.map(|e| e.symbol()),
-        "exchange": inst.map(|e| e.exchange()),
-        "currency": inst.map(|e| e.currency()),
-        "instrument_id": b.instrument_id(),
-        "kind": b.kind().map_or("unknown", Kind::name),
-        "ts_event": rfc3339(b.ts_event()),
-        "ts_event_ns": b.ts_event(),
-        "ts_ingest_ns": b.ts_ingest(),
-        "source_id": b.source_id(),
-        "source_seq": b.source_seq(),
-        "flags": b.flags(),
-    });
-    match b.kind() {
-        Some(Kind::Quote) => {
-            v["bid_price"] = serde_json::json!(price_to_f64(b.px_a()));
-            v["bid_size"] = serde_json::json!(size(b.size_a()));
-            v["ask_price"] = serde_json::json!(price_to_f64(b.px_b()));
-            v["ask_size"] = serde_json::json!(size(b.size_b()));
-        }
-        _ => {
-            v["price"] = serde_json::json!(price_to_f64(b.px_a()));
-            v["size"] = serde_json::json!(size(b.size_a()));
-        }
-    }
-    v
-}
-
 /// One event as a human-readable line.
 pub fn event_line(event: &Event<'_>) -> String {
     match event {
@@ -93,8 +63,9 @@ pub fn event_line(event: &Event<'_>) -> String {
                 || format!("#{}", b.instrument_id()),
                 |e| format!("{} {} {}", e.symbol(), e.exchange(), e.currency()),
             );
-            let px = |p: i64| price_to_f64(p).map_or("-".to_string(), |v| v.to_string());
-            let sz = |s: u32| inst.map_or(s as f64, |e| e.real_size(s)).to_string();
+            let px = |p: i64| Decimal::price(p).map_or("-".to_string(), |v| v.to_string());
+            let decimals = inst.map_or(0, |e| e.size_decimals());
+            let sz = |s: u32| Decimal::size(s, decimals).to_string();
             let what = match b.kind() {
                 Some(Kind::Quote) => format!(
                     "quote {} x {} / {} x {}",
