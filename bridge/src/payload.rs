@@ -169,6 +169,22 @@ struct Fields {
     sizes_raw: bool,
 }
 
+/// Parses `data` as a JSON and as a protobuf payload under the default
+/// limits: the fuzz target `payload` and its corpus replay run this. It
+/// must return (with a [`Reject`] or an event) for every input.
+pub fn parse_both_formats(data: &[u8]) {
+    let limits = crate::BridgeConfig::default().limits();
+    let now = 1_800_000_000_000_000_000;
+    for format in [Format::Json, Format::Protobuf] {
+        if let Ok(e) = parse(format, data, &limits, now) {
+            assert!(
+                e.instrument.validate().is_ok(),
+                "an accepted event has a valid instrument"
+            );
+        }
+    }
+}
+
 /// Parses and validates one payload. `now_ns` is the current UTC time.
 ///
 /// # Errors

@@ -1,10 +1,17 @@
 //! Who produced a message and its sequence there: the dedup key every
 //! frame carries as `source_id` and `source_seq`.
 
-/// A stable 32-bit id for a producer on one topic partition (FNV-1a over
-/// both names, folded). A producer's sequence ids are per partition (a
-/// partitioned producer numbers each partition from 0), so the partition is
-/// part of the source: (`source_id`, [`source_seq`]) is the dedup key.
+/// A stable 32-bit id for a producer on one topic partition. A producer's
+/// sequence ids are per partition (a partitioned producer numbers each
+/// partition from 0), so the partition is part of the source:
+/// (`source_id`, [`source_seq`]) is the dedup key.
+///
+/// Exactly: `h` = FNV-1a 64 (offset basis `0xcbf29ce484222325`, prime
+/// `0x100000001b3`) over the producer name's UTF-8 bytes, one zero byte,
+/// then the full topic partition name as the consumer reports it (e.g.
+/// `persistent://public/default/md-partition-2`); `source_id = (h ^ (h >> 32))
+/// as u32`. The synthetic feed's id is built the same way over
+/// `tickwire-synthetic/<node id>` (see the broker's `synthetic::source_id`).
 pub fn source_id(producer: &str, topic: &str) -> u32 {
     use tickwire_proto::layout::{FNV_OFFSET, fnv1a};
     let h = fnv1a(

@@ -20,6 +20,8 @@ pub(crate) mod sync;
 pub mod error;
 #[cfg(not(loom))]
 pub mod file;
+#[cfg(all(feature = "fuzzing", not(loom)))]
+pub mod fuzzing;
 #[cfg(all(feature = "json", not(loom)))]
 pub mod json;
 #[cfg(not(loom))]

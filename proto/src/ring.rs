@@ -21,6 +21,59 @@
 //!
 //! Everything here compiles against [`crate::sync`], so `tests/loom_ring.rs`
 //! model-checks this very code.
+//!
+//! # Reading a ring from another language
+//!
+//! The files are drawn in [`crate::layout`], the slot and body in
+//! [`crate::frame`]. All words are little-endian; atomic loads below are
+//! 8-byte aligned loads with the stated ordering (on x86-64 a plain `mov`
+//! plus a compiler barrier for Acquire).
+//!
+//! Opening:
+//! 1. Map `<topic>.<p>.ring` read-only. Check magic, `major == 2`
+//!    (refuse another major, accept any minor), `endian`, `header_size`,
+//!    `slot_size`, `capacity` (a power of two), and that the file is
+//!    `header_size + capacity * slot_size` bytes.
+//! 2. Optionally map `<topic>.<p>.readers` read-write to take a reader slot
+//!    (needed to be tethered, to be counted as a reader, and to block on the
+//!    futex). A reader that takes no slot is supported: it reads exactly as
+//!    below, never writes anything, and polls instead of blocking.
+//! 3. Choose the first sequence: Latest = `published + 1`; Earliest =
+//!    `max(1, published - capacity + 1)` (the oldest the ring can still hold;
+//!    after a writer restart the ring keeps the previous epoch's frames and
+//!    sequences continue, so Earliest may return frames from before it);
+//!    or a saved sequence.
+//!
+//! Reading sequence `seq` (slot `i = seq & (capacity - 1)` at byte
+//! `header_size + i * slot_size`; its first 8 bytes are the stamp):
+//! 1. `st = load_acquire(stamp)`.
+//! 2. `st == seq`: committed. Copy the 56 body bytes, then an Acquire fence,
+//!    then `st2 = load(stamp)`. If `st2 == seq` the copy is good: deliver it,
+//!    `seq += 1`. Else the writer overwrote the slot during the copy: you
+//!    were lapped (step 4), drop the copy.
+//! 3. Let `s = st & !WRITING_BIT` (`WRITING_BIT = 1 << 63` is set while the
+//!    writer fills a slot). `s <= seq` (including `st == 0`, never written,
+//!    and `seq | WRITING_BIT`, being written now): not written yet; wait and
+//!    try again.
+//! 4. `s > seq`: lapped: the writer has already reused the slot for a later
+//!    sequence. `head = max(published, s)`; every sequence from `seq` to
+//!    `max(1, head - capacity + 1) - 1` (at least) is lost. Report the gap
+//!    and continue at `head - capacity + 1` or later (this implementation
+//!    adds `capacity / 8` of slack so the next read is not lapped at once).
+//!
+//! `published` (writer block offset 8) is the last sequence of the writer's
+//! last batch (Release): use it for Latest starts and lag, never as the
+//! signal that a slot is ready (the stamp is). `state` (offset 32) is 2 when
+//! the writer closed the stream gracefully; a writer is alive while it holds
+//! the OFD lock on byte 0 of the data file (ask with `F_OFD_GETLK`). A
+//! message id is (topic, partition, epoch, sequence): `epoch` (offset 0)
+//! goes up by one every time a writer opens the ring.
+//!
+//! Blocking (registered readers only): set bit 0 of the futex word
+//! (reader-state offset 128) with a SeqCst fetch-or, look at the next stamp
+//! once more, then `FUTEX_WAIT` (shared, not private) on the word with the
+//! value you saw, with a timeout. The writer wakes all waiters after a batch
+//! when the bit is set, and clears it.
 
 use crate::frame::BODY_WORDS;
 use crate::layout::{
