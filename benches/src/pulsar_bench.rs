@@ -228,7 +228,7 @@ fn tw_node(url: &str, topic: &str, sub: &str) -> Result<TwNode, String> {
         ..BridgeConfig::default()
     };
     let broker = Broker::start(&c).map_err(|e| e.to_string())?;
-    let bridge = BridgeHandle::start(&broker, c.bridge.clone())?;
+    let bridge = BridgeHandle::start(&broker, c.bridge.clone()).map_err(|e| e.to_string())?;
     Ok(TwNode {
         _dir: dir,
         broker,
@@ -249,7 +249,7 @@ fn tw_drain(url: &str, topic: &str, n: u64) -> Result<Value, String> {
     }
     let elapsed = start.elapsed();
     let acked = stats.acked.load(Ordering::Relaxed);
-    node.bridge.stop()?;
+    node.bridge.stop().map_err(|e| e.to_string())?;
     node.broker.shutdown();
     Ok(json!({"events": acked, "elapsed_ns": elapsed.as_nanos() as u64}))
 }
@@ -391,7 +391,7 @@ pub fn run(b: &PulsarBench) -> Result<(), String> {
     }
     let sent = producer_thread.join().map_err(|_| "producer panicked")??;
     let pyr = py.result()?;
-    node.bridge.stop()?;
+    node.bridge.stop().map_err(|e| e.to_string())?;
     // tickwire's own part: handed to the ingest API -> committed.
     let own = node.broker.stats().ingest_to_commit.map(|h| {
         json!({"p50_ns": h.value_at_quantile(0.5), "p99_ns": h.value_at_quantile(0.99), "p999_ns": h.value_at_quantile(0.999), "max_ns": h.max()})

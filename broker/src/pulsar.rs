@@ -10,6 +10,23 @@ use tickwire_proto::FrameBody;
 
 use crate::engine::{Broker, Ingest};
 
+/// Why the bridge could not start or ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeStartError {
+    /// `bridge.target_topic` is not one of the broker's topics.
+    #[error("bridge target topic {0:?} is not configured")]
+    UnknownTopic(String),
+    /// The bridge's thread or runtime could not start.
+    #[error("cannot start the bridge thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The bridge stopped on an error.
+    #[error(transparent)]
+    Bridge(#[from] tickwire_bridge::BridgeError),
+    /// The bridge thread panicked.
+    #[error("the bridge thread panicked")]
+    Panicked,
+}
+
 /// Routes bridge events into one tickwire topic.
 pub struct IngestSink {
     ingest: Ingest,
@@ -21,12 +38,16 @@ impl IngestSink {
     ///
     /// # Errors
     /// If the topic is not configured.
-    pub fn new(broker: &Broker, topic: &str, max_in_flight: usize) -> Result<IngestSink, String> {
+    pub fn new(
+        broker: &Broker,
+        topic: &str,
+        max_in_flight: usize,
+    ) -> Result<IngestSink, BridgeStartError> {
         let mut ingest = broker.ingest(max_in_flight);
         let topic = ingest
             .resolver()
             .topic(topic)
-            .ok_or_else(|| format!("topic {topic:?} is not configured"))?;
+            .ok_or_else(|| BridgeStartError::UnknownTopic(topic.into()))?;
         Ok(IngestSink { ingest, topic })
     }
 }
@@ -85,7 +106,7 @@ impl Sink for IngestSink {
 /// A running bridge.
 pub struct BridgeHandle {
     cancel: CancellationToken,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), BridgeStartError>>>,
     /// Its counters.
     pub stats: Arc<BridgeStats>,
 }
@@ -95,7 +116,7 @@ impl BridgeHandle {
     ///
     /// # Errors
     /// If the thread or runtime cannot start or the target topic is unknown.
-    pub fn start(broker: &Broker, cfg: BridgeConfig) -> Result<BridgeHandle, String> {
+    pub fn start(broker: &Broker, cfg: BridgeConfig) -> Result<BridgeHandle, BridgeStartError> {
         let sink = IngestSink::new(
             broker,
             &cfg.target_topic,
@@ -112,11 +133,10 @@ impl BridgeHandle {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| e.to_string())?;
-                rt.block_on(tickwire_bridge::run(cfg, sink, st2, c2))
-                    .map_err(|e| e.to_string())
+                    .map_err(BridgeStartError::Thread)?;
+                Ok(rt.block_on(tickwire_bridge::run(cfg, sink, st2, c2))?)
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(BridgeStartError::Thread)?;
         Ok(BridgeHandle {
             cancel,
             thread: Some(thread),
@@ -134,11 +154,11 @@ impl BridgeHandle {
     ///
     /// # Errors
     /// The bridge's own error, if it had stopped on one.
-    pub fn stop(mut self) -> Result<(), String> {
+    pub fn stop(mut self) -> Result<(), BridgeStartError> {
         self.cancel.cancel();
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err("bridge thread panicked".into()),
+            Some(Err(_)) => Err(BridgeStartError::Panicked),
             None => Ok(()),
         }
     }

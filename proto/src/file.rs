@@ -1008,7 +1008,7 @@ impl PartitionWriter {
 
     /// Reader slots currently owned (live or not yet reclaimed).
     pub fn live_readers(&self) -> u32 {
-        self.file
+        self.core
             .ring()
             .readers()
             .iter()
@@ -1021,8 +1021,9 @@ impl PartitionWriter {
     }
 
     /// The current epoch.
+    #[inline]
     pub fn epoch(&self) -> u64 {
-        self.file.ring().epoch()
+        self.core.ring().epoch()
     }
 }
 

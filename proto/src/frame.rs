@@ -14,13 +14,15 @@
 //!   8  source_seq       u64  the source's own sequence (dedup key, with source_id)
 //!  16  px_a             i64  trade: price      quote: bid price   (1e-9 fixed point)
 //!  24  px_b             i64  trade: UNDEF      quote: ask price   (1e-9 fixed point)
+//!                           UNDEF = i64::MAX (0x7fff_ffff_ffff_ffff): no price on that side
 //!  32  size_a           u32  trade: size       quote: bid size    (raw, see symbology scale)
 //!  36  size_b           u32  trade: 0          quote: ask size
 //!  40  instrument_id    u32  symbology id (symbol + exchange + currency); 0 = unknown
 //!  44  ts_ingest_delta  i32  ingest time - ts_event, ns, saturating (as DBN's ts_in_delta)
-//!  48  kind             u8   Kind
-//!  49  flags            u8   FLAG_* bits
-//!  50  source_id        u16  which source produced it, low half (0 = synthetic feed)
+//!  48  kind             u8   Kind: 1 = trade, 2 = quote (others: skip the frame)
+//!  49  flags            u8   bit 0 snapshot, bit 1 redelivered, bit 2 buyer aggressor,
+//!                            bit 3 seller aggressor (trades); others zero
+//!  50  source_id        u16  which source produced it, low half
 //!  52  source_id_hi     u16  high half of the 32-bit source id (layout 1.1; 0 before)
 //!  54  reserved         [u8; 2]  zero; a minor layout version may give them meaning
 //! ```
