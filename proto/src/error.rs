@@ -171,6 +171,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// A header field that cannot be right.
+    pub(crate) fn bad_header<T>(
+        path: &std::path::Path,
+        field: &'static str,
+        value: u64,
+        expected: impl Into<String>,
+    ) -> Result<T> {
+        Err(Error::BadHeader {
+            path: path.to_path_buf(),
+            field,
+            value,
+            expected: expected.into(),
+        })
+    }
+
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Error {
         if source.kind() == std::io::ErrorKind::PermissionDenied {
             return Error::Permission {

@@ -28,7 +28,8 @@ use crate::futex::realtime_ns;
 use crate::layout::{
     ENDIAN_MARKER, HEADER_SIZE, LIVENESS_LOCK_BASE, MAX_CAPACITY, MIN_CAPACITY, READER_SLOTS,
     READERS_FILE_SIZE, READERS_MAGIC, RING_MAGIC, RING_MAJOR, RING_MINOR, ReadersHeader,
-    ReadersStatic, RingHeader, Slot, StaticBlock, WRITER_CLOSED, topic_hash, valid_slot_size,
+    ReadersStatic, RingHeader, Slot, StaticBlock, StaticHeader, WRITER_CLOSED, topic_hash,
+    valid_slot_size,
 };
 use crate::ring::{Clock, Liveness, Read, ReaderCore, ReaderRegistration, RingRef, Tether};
 use crate::shm::Region;
@@ -513,18 +514,10 @@ fn create_ring_file(path: &Path, params: &RingParams) -> Result<bool> {
         created_ns: realtime_ns(),
         reserved: [0; 8],
     };
-    // SAFETY: `StaticBlock` is `#[repr(C)]` integers that fill its 128 bytes
-    // exactly (const-asserted: no padding), so every byte is initialised.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            &statics as *const StaticBlock as *const u8,
-            std::mem::size_of::<StaticBlock>(),
-        )
-    };
     create_file(
         path,
         len,
-        bytes,
+        statics.as_bytes(),
         params.modes.data,
         params.modes.group,
         false,
@@ -544,18 +537,10 @@ fn create_readers_file(path: &Path, statics: &StaticBlock, modes: FileModes) -> 
         ring_created_ns: statics.created_ns,
         reserved: [0; 12],
     };
-    // SAFETY: `ReadersStatic` is `#[repr(C)]` integers filling its 128
-    // bytes (const-asserted), so every byte is initialised.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            &head as *const ReadersStatic as *const u8,
-            std::mem::size_of::<ReadersStatic>(),
-        )
-    };
     create_file(
         path,
         READERS_FILE_SIZE as u64,
-        bytes,
+        head.as_bytes(),
         modes.readers,
         modes.group,
         true,
@@ -676,6 +661,15 @@ fn allocate(file: &File, tmp: &Path, path: &Path, len: u64) -> Result<()> {
     }
 }
 
+/// Reads a static header block from the start of a file (not through a
+/// mapping: it is validated before anything is mapped).
+fn read_header<T: crate::layout::StaticHeader>(file: &File, path: &Path) -> Result<T> {
+    let mut v = T::default();
+    std::os::unix::fs::FileExt::read_exact_at(file, v.as_bytes_mut(), 0)
+        .map_err(|e| Error::io("read header", path, e))?;
+    Ok(v)
+}
+
 /// Opens and validates a reader-state file against its data file.
 fn open_readers(path: &Path, statics: &StaticBlock, write: bool) -> Result<File> {
     let file = OpenOptions::new()
@@ -684,13 +678,7 @@ fn open_readers(path: &Path, statics: &StaticBlock, write: bool) -> Result<File>
         .open(path)
         .map_err(|e| Error::io("open", path, e))?;
     len_at_least(&file, path, READERS_FILE_SIZE as u64)?;
-    let mut buf = [0u8; std::mem::size_of::<ReadersStatic>()];
-    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)
-        .map_err(|e| Error::io("read header", path, e))?;
-    // SAFETY: `ReadersStatic` is plain integers: any bytes are a valid value;
-    // read_unaligned copes with the buffer's alignment.
-    let h: ReadersStatic =
-        unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const ReadersStatic) };
+    let h: ReadersStatic = read_header(&file, path)?;
     if h.magic != READERS_MAGIC {
         return Err(Error::BadMagic {
             path: path.to_path_buf(),
@@ -708,14 +696,7 @@ fn open_readers(path: &Path, statics: &StaticBlock, write: bool) -> Result<File>
             known_minor: RING_MINOR,
         });
     }
-    let bad = |field, value: u64, expected: String| {
-        Err(Error::BadHeader {
-            path: path.to_path_buf(),
-            field,
-            value,
-            expected,
-        })
-    };
+    let bad = |field, value: u64, expected: String| Error::bad_header(path, field, value, expected);
     if h.endian != ENDIAN_MARKER {
         return bad("endian", h.endian as u64, format!("{ENDIAN_MARKER:#x}"));
     }
@@ -789,20 +770,8 @@ pub(crate) fn len_at_least(file: &File, path: &Path, need: u64) -> Result<u64> {
 
 fn validate(file: &File, path: &Path) -> Result<StaticBlock> {
     let len = len_at_least(file, path, HEADER_SIZE as u64)?;
-    let mut buf = [0u8; std::mem::size_of::<StaticBlock>()];
-    std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)
-        .map_err(|e| Error::io("read header", path, e))?;
-    // SAFETY: `StaticBlock` is plain integers: any bytes are a valid value;
-    // read_unaligned copes with the buffer's alignment.
-    let s: StaticBlock = unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const StaticBlock) };
-    let bad = |field, value: u64, expected: String| {
-        Err(Error::BadHeader {
-            path: path.to_path_buf(),
-            field,
-            value,
-            expected,
-        })
-    };
+    let s: StaticBlock = read_header(file, path)?;
+    let bad = |field, value: u64, expected: String| Error::bad_header(path, field, value, expected);
     if s.magic != RING_MAGIC {
         return Err(Error::BadMagic {
             path: path.to_path_buf(),

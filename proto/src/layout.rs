@@ -48,6 +48,8 @@
 //! topic hash in the static block is FNV-1a 64 ([`topic_hash`]) of the
 //! topic name's UTF-8 bytes.
 
+use core::mem::size_of;
+
 use crate::shm::ShmSafe;
 use crate::sync::{AtomicU32, AtomicU64};
 
@@ -307,6 +309,32 @@ unsafe impl ShmSafe for RingHeader {}
 unsafe impl ShmSafe for ReadersHeader {}
 // SAFETY: as above: one atomic u64 stamp and seven atomic u64 words.
 unsafe impl ShmSafe for Slot {}
+
+/// A static header block: plain integers that fill it exactly, so it can be
+/// written and read as bytes.
+///
+/// # Safety
+/// `#[repr(C)]`, made only of integers, no padding bytes (const-asserted
+/// size), every bit pattern valid.
+pub unsafe trait StaticHeader: Copy + Default {
+    /// The block's bytes, as written at the start of its file.
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the implementor is plain integers with no padding (the
+        // trait's contract), so every byte is initialised.
+        unsafe { core::slice::from_raw_parts(self as *const Self as *const u8, size_of::<Self>()) }
+    }
+
+    /// The block as bytes to read into (any bytes are a valid value).
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and every bit pattern is a valid value.
+        unsafe { core::slice::from_raw_parts_mut(self as *mut Self as *mut u8, size_of::<Self>()) }
+    }
+}
+
+// SAFETY: `#[repr(C)]` integers filling 128 bytes (const-asserted).
+unsafe impl StaticHeader for StaticBlock {}
+// SAFETY: as above.
+unsafe impl StaticHeader for ReadersStatic {}
 
 /// FNV-1a, 64-bit: the topic hash recorded in ring headers.
 pub fn topic_hash(topic: &str) -> u64 {

@@ -638,10 +638,15 @@ impl<'a> ReaderCore<'a> {
         self.slack = slack.min(self.ring.capacity() - 1);
     }
 
-    /// Whether the slot for the cursor holds a committed frame (no copy).
+    /// Whether a read at the cursor would return something (no copy): the
+    /// slot holds the cursor's committed frame, or a later sequence (a lap).
+    /// A slot still marked WRITING for the cursor's own sequence is not
+    /// ready: its writer may have died there.
     #[inline]
     pub fn ready(&self) -> bool {
-        self.ring.slot(self.cursor).stamp.load(Ordering::Acquire) & !WRITING_BIT >= self.cursor
+        let st = self.ring.slot(self.cursor).stamp.load(Ordering::Acquire);
+        let seq = st & !WRITING_BIT;
+        seq > self.cursor || (seq == self.cursor && st & WRITING_BIT == 0)
     }
 
     /// Tries to read the frame at the cursor into `out` (a seqlock read).

@@ -279,14 +279,7 @@ fn open_and_validate(path: &Path, write: bool) -> Result<Mapped> {
             known_minor: SYMBOLOGY_MINOR,
         });
     }
-    let bad = |field, value: u64, expected: String| {
-        Err(Error::BadHeader {
-            path: path.to_path_buf(),
-            field,
-            value,
-            expected,
-        })
-    };
+    let bad = |field, value: u64, expected: String| Error::bad_header(path, field, value, expected);
     let endian = u32_at(20);
     if minor >= 1 && endian != crate::layout::ENDIAN_MARKER {
         return bad(

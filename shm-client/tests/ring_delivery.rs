@@ -481,6 +481,15 @@ fn recv_returns_when_the_writer_process_dies() {
     assert_eq!(next(&mut sub), "t3", "the child's one event");
     child.kill().expect("kill");
     child.wait().expect("wait");
+    // As if it died while filling sequence 4: the slot keeps the WRITING
+    // mark (data file offset 4096 + slot 4 x 64), which is not data.
+    let ring = dir.path().join("test~ticks.0.ring");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ring)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &(4u64 | 1 << 63).to_le_bytes(), 4096 + 4 * 64)
+        .expect("mark");
     assert_eq!(next(&mut sub), "closed WriterDied");
 }
 
