@@ -513,3 +513,65 @@ fn restarts_are_logged_and_the_synthetic_feed_never_repeats_a_source_sequence() 
         "source_seq after the restart starts above the last run's"
     );
 }
+
+#[test]
+fn tail_follows_a_broker_restarted_on_a_new_node_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let mut tail = Command::new(BIN)
+        .args([
+            "tail",
+            TOPIC,
+            "--json",
+            "--idle-timeout",
+            "60",
+            "--node-dir",
+        ])
+        .arg(dir.path().join("node"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tail");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = tail.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line)
+                && tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(v) = rx.recv_timeout(Duration::from_millis(200))
+                && pred(&v)
+            {
+                return v;
+            }
+        }
+        panic!("tail never printed {what}");
+    };
+    wait_for("a tick", &|v| v["type"] == "tick");
+    server.terminate();
+    wait_for("the end of the stream", &|v| {
+        v["type"] == "closed" && v["reason"] == "end_of_stream"
+    });
+    std::fs::remove_dir_all(dir.path().join("node")).expect("rm node dir");
+    let server = Server::start(dir.path());
+    wait_for("that the ring was replaced", &|v| v["type"] == "replaced");
+    let first = wait_for("a tick from the new broker", &|v| v["type"] == "tick");
+    assert!(
+        first["sequence"].as_u64().is_some_and(|s| s < 100_000),
+        "read from the new rings' start: {first}"
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
+    server.terminate();
+}

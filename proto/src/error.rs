@@ -31,7 +31,7 @@ pub enum Error {
     },
     /// The file's major layout version is not ours.
     #[error(
-        "{path}: layout version {found_major}.{found_minor} is not supported (this build knows {known_major}.{known_minor})"
+        "{path}: layout version {found_major}.{found_minor} is not supported (this build knows {known_major}.{known_minor}); a file of another layout is never reused: delete the node directory's files to start anew, or run the tickwire that wrote them"
     )]
     UnsupportedVersion {
         /// The file.
