@@ -397,10 +397,16 @@ fn split_offset(s: &str) -> Option<(&str, i64)> {
     let (base, off) = s.split_at(idx);
     let sign = if off.starts_with('-') { -1 } else { 1 };
     let (h, m) = off[1..].split_once(':')?;
-    Some((
-        base,
-        sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
-    ))
+    // RFC 3339: exactly two digits each, hours 00..=23, minutes 00..=59
+    // (anything else, however long, is not an offset: found by fuzzing).
+    let two_digits = |v: &str, max: i64| {
+        (v.len() == 2 && v.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| v.parse::<i64>().ok())
+            .flatten()
+            .filter(|&n| n <= max)
+    };
+    let (h, m) = (two_digits(h, 23)?, two_digits(m, 59)?);
+    Some((base, sign * (h * 3600 + m * 60)))
 }
 
 /// Encodes a protobuf payload (for producers and tests).
@@ -411,6 +417,39 @@ pub fn encode(m: &pb::NormalizedMarketData, buf: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_absurd_utc_offset_is_a_timestamp_reject_not_an_overflow() {
+        let limits = crate::BridgeConfig::default().limits();
+        for ts in [
+            "2026-11-27T13:28:28+99999999999999999:00",
+            "2026-11-27T13:28:28+24:00",
+            "2026-11-27T13:28:28+01:60",
+            "2026-11-27T13:28:28+1:00",
+        ] {
+            let p = format!(
+                r#"{{"symbol":"AAPL","exchange":"NASDAQ","timestamp":"{ts}","price":1,"volume":1}}"#
+            );
+            match parse(
+                Format::Json,
+                p.as_bytes(),
+                &limits,
+                1_800_000_000_000_000_000,
+            ) {
+                Err(Reject::Timestamp(_)) => {}
+                other => panic!("{ts}: {other:?}"),
+            }
+        }
+        let p = r#"{"symbol":"AAPL","exchange":"NASDAQ","timestamp":"2026-11-27T14:28:28+01:00","price":1,"volume":1}"#;
+        let e = parse(
+            Format::Json,
+            p.as_bytes(),
+            &limits,
+            1_800_000_000_000_000_000,
+        )
+        .expect("valid offset");
+        assert_eq!(Some(e.ts_event), humantime_rfc3339("2026-11-27T13:28:28Z"));
+    }
+
     use super::*;
 
     fn limits() -> Limits {
