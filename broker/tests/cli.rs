@@ -34,9 +34,10 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .expect("serve");
+        // The last file the broker creates at start.
         let ring = dir
             .join("node")
-            .join("market-data~normalized~equities.3.ring");
+            .join("market-data~normalized~equities.3.readers");
         let start = Instant::now();
         while !ring.exists() {
             assert!(
@@ -387,10 +388,11 @@ fn serve_and_tail_use_tickwire_node_dir_alike() {
         .stderr(Stdio::null())
         .spawn()
         .expect("serve");
+    // Partition 0's ring appears first; tail waits for the rest.
     let ring = node.join("market-data~normalized~equities.0.ring");
     let start = Instant::now();
     while !ring.exists() && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(1));
     }
     let out = Command::new(BIN)
         .args(["tail", TOPIC, "--count", "3", "--idle-timeout", "30"])

@@ -292,6 +292,14 @@ impl RingFile {
             .map_raw_read_only(&file)
             .map_err(|e| Error::io("map", path, e))?;
         let rpath = readers_path(path);
+        // A writer creating the ring renames the data file into place
+        // first and creates the reader-state file just after: a reader that
+        // comes in between waits for it, briefly.
+        let mut tries = 0;
+        while !rpath.exists() && tries < 100 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            tries += 1;
+        }
         let (readers_file, readers) = match open_readers(&rpath, &statics, true) {
             Ok(f) => {
                 let m = map_readers(&f, &rpath, true)?;

@@ -322,7 +322,9 @@ impl SubscriberBuilder {
         self
     }
 
-    /// Maps the rings and registers a reader slot on each partition.
+    /// Maps the rings and registers a reader slot on each partition. A
+    /// partition whose files are not there yet (a broker that is creating
+    /// them) is waited for, up to a second.
     ///
     /// # Errors
     /// [`Error::NoSuchTopic`] if the node directory has no rings for the
@@ -363,6 +365,13 @@ impl SubscriberBuilder {
                     partition: p,
                 });
             };
+            // A broker that is starting creates the partitions one by one:
+            // give the rest a moment to appear after partition 0.
+            let mut tries = 0;
+            while !path.exists() && tries < 100 {
+                std::thread::sleep(Duration::from_millis(10));
+                tries += 1;
+            }
             parts.push(Part::open(path, p, &self)?);
         }
         Ok(Subscriber {
