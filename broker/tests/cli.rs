@@ -577,3 +577,63 @@ fn tail_follows_a_broker_restarted_on_a_new_node_directory() {
     let _ = tail.wait();
     server.terminate();
 }
+
+#[test]
+fn a_reader_in_another_account_reads_through_the_group_and_is_told_what_access_it_lacks() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    chmod(dir.path(), 0o755);
+    // The binary where `nobody` may run it.
+    let bin = dir.path().join("tickwire");
+    std::fs::copy(BIN, &bin).expect("copy binary");
+    chmod(&bin, 0o755);
+    // Data readable by the group; reader state not writable by it: readers
+    // in the group read untethered, without a reader slot.
+    let server = Server::start_with(dir.path(), "group = \"nogroup\"\nreader_file_mode = 0o640");
+    let as_nobody = || {
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&bin)
+            .args([
+                "tail",
+                TOPIC,
+                "--json",
+                "--count",
+                "3",
+                "--idle-timeout",
+                "30",
+                "--node-dir",
+            ])
+            .arg(dir.path().join("node"))
+            .output()
+            .expect("runuser (util-linux; this test runs as root)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = as_nobody();
+    assert!(ok, "a reader in the group reads: {err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // Take the group's read access away from one ring: the error names the
+    // file, its mode and group, and who the reader is.
+    let ring = dir
+        .path()
+        .join("node")
+        .join("market-data~normalized~equities.0.ring");
+    chmod(&ring, 0o600);
+    let (ok, _, err) = as_nobody();
+    assert!(!ok);
+    assert!(
+        err.contains("permission denied")
+            && err.contains("equities.0.ring")
+            && err.contains("mode 0600")
+            && err.contains("uid 65534"),
+        "{err}"
+    );
+    server.terminate();
+}

@@ -458,27 +458,59 @@ fn ofd_lock(fd: RawFd, cmd: i32, kind: i32, byte: u64) -> Option<i32> {
 /// Takes the ring's writer lock: an OFD write lock on byte 0 of the data
 /// file (a reader can ask whether it is held without taking anything).
 fn lock_writer(file: &File, path: &Path) -> Result<()> {
-    if ofd_lock(
-        file.as_raw_fd(),
-        libc::F_OFD_SETLK,
-        libc::F_WRLCK,
-        WRITER_LOCK_BYTE,
-    )
-    .is_some()
-    {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    Err(
-        if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
-            Error::WriterLocked {
-                path: path.to_path_buf(),
-                pid: read_writer_pid(file),
+    retry_lock(
+        path,
+        || read_writer_pid(file),
+        || {
+            if ofd_lock(
+                file.as_raw_fd(),
+                libc::F_OFD_SETLK,
+                libc::F_WRLCK,
+                WRITER_LOCK_BYTE,
+            )
+            .is_some()
+            {
+                return Ok(true);
             }
-        } else {
-            Error::io("lock", path, err)
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+                _ => Err(err),
+            }
         },
     )
+}
+
+/// How long a writer lock held by someone else is waited for before the
+/// open is refused. A lock outlives its holder's `close` while a process
+/// that forked in that moment still has a copy of the descriptor (until it
+/// execs), or while a killed predecessor is being torn down; a real second
+/// writer is refused after this.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs `try_lock` (Ok(true) taken, Ok(false) held by another) until it
+/// takes the lock or [`LOCK_PATIENCE`] has passed.
+fn retry_lock(
+    path: &Path,
+    pid: impl Fn() -> u64,
+    mut try_lock: impl FnMut() -> std::io::Result<bool>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match try_lock() {
+            Ok(true) => return Ok(()),
+            Ok(false) if start.elapsed() < LOCK_PATIENCE => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Ok(false) => {
+                return Err(Error::WriterLocked {
+                    path: path.to_path_buf(),
+                    pid: pid(),
+                });
+            }
+            Err(e) => return Err(Error::io("lock", path, e)),
+        }
+    }
 }
 
 /// The pid the current writer recorded in the header (0 if unreadable).
@@ -744,20 +776,18 @@ fn map_readers(file: &File, path: &Path, write: bool) -> Result<MmapRaw> {
 
 /// Takes the exclusive writer lock (`flock`, non-blocking) on a file.
 pub(crate) fn lock_exclusive(file: &File, path: &Path, pid: impl Fn() -> u64) -> Result<()> {
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    retry_lock(path, pid, || {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
         let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Error::WriterLocked {
-                path: path.to_path_buf(),
-                pid: pid(),
-            }
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(false)
         } else {
-            Error::io("lock", path, err)
-        });
-    }
-    Ok(())
+            Err(err)
+        }
+    })
 }
 
 /// The file's length, or [`Error::Short`] if below `need`.

@@ -263,18 +263,23 @@ fn readers_map_the_data_read_only_and_files_get_their_modes() {
     // The kernel's view of this process's mappings: the data file is
     // mapped shared and read-only by the reader, the reader state writable.
     let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
-    let perms = |suffix: &str| -> Vec<String> {
+    // Only this test's files: other tests in this process map rings too.
+    let perms = |path: std::path::PathBuf| -> Vec<String> {
+        let path = path.display().to_string();
         maps.lines()
-            .filter(|l| l.ends_with(suffix))
+            .filter(|l| l.ends_with(&path))
             .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
             .collect()
     };
-    let data = perms("md~eq.0.ring");
+    let data = perms(ring_path(dir.path()));
     assert!(
         data.contains(&"r--s".to_string()) && data.contains(&"rw-s".to_string()),
         "the writer's rw and the reader's read-only data mappings: {data:?}"
     );
-    assert_eq!(perms("md~eq.0.readers"), vec!["rw-s", "rw-s"]);
+    assert_eq!(
+        perms(readers_path(&ring_path(dir.path()))),
+        vec!["rw-s", "rw-s"]
+    );
 }
 
 #[test]
