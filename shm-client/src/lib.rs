@@ -712,18 +712,28 @@ impl Subscriber {
             self.check_writers();
         }
         let ready = Self::anything_ready;
-        // Without a reader slot (no write access to the reader state) the
-        // futex cannot be armed: nobody would wake us. Yield instead.
-        let wait = match self.wait {
-            WaitStrategy::Futex { spins }
-                if !self.parts.iter().all(|p| p.reader.is_registered()) =>
-            {
-                WaitStrategy::SpinThenYield { spins }
-            }
-            w => w,
-        };
         let timeout = timeout.min(CHECK_EVERY);
-        match wait {
+        // Without a reader slot (no write access to the reader state) the
+        // futex cannot be armed: nobody would wake us. Sleep-poll instead,
+        // 50 us doubling to 1 ms, so an idle read-only reader costs no CPU.
+        if let WaitStrategy::Futex { spins } = self.wait
+            && !self.parts.iter().all(|p| p.reader.is_registered())
+        {
+            for _ in 0..spins {
+                if ready(&self.parts) {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            let end = std::time::Instant::now() + timeout;
+            let mut nap = Duration::from_micros(50);
+            while !ready(&self.parts) && std::time::Instant::now() < end {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(1));
+            }
+            return;
+        }
+        match self.wait {
             WaitStrategy::BusySpin => {
                 let end = std::time::Instant::now() + timeout;
                 while !ready(&self.parts) && std::time::Instant::now() < end {
