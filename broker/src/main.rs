@@ -12,6 +12,7 @@ use shm_client::{Event, Filter, Kind, Start, Subscriber, WaitStrategy};
 use tickwire_broker::config::Config;
 use tickwire_broker::engine::Broker;
 use tickwire_broker::{synthetic, tail};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -78,7 +79,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
     if let Some(d) = node_dir.or_else(tickwire_broker::config::env_node_dir) {
         cfg.node.dir = Some(d);
     }
-    let stop = shutdown_flag()?;
+    let shutdown = Shutdown::on_signals()?;
     let broker = Broker::start(&cfg)?;
     tracing::info!(
         node_dir = %broker.node_dir().display(),
@@ -93,7 +94,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
             .topic(&cfg.synthetic.topic)
             .ok_or("synthetic topic missing")?;
         let s = cfg.synthetic.clone();
-        let stop = stop.clone();
+        let stop = shutdown.token.clone();
         let source_id = synthetic::source_id(&cfg.node.id);
         tracing::info!(topic = %s.topic, rate = s.rate, instruments = synthetic::instruments().len(), source_id, "synthetic feed on");
         Some(
@@ -115,8 +116,12 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
     let interval = Duration::from_secs(cfg.stats.log_interval_secs);
     let mut window = StatsWindow::new(&broker);
     let mut failure: Option<AnyError> = None;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+    loop {
+        // Woken at once by a signal; otherwise every 250 ms to look at the
+        // feed, the bridge and the stats interval.
+        if shutdown.wait(Duration::from_millis(250)) {
+            break;
+        }
         if bridge.as_ref().is_some_and(|b| b.is_finished()) {
             break;
         }
@@ -172,16 +177,42 @@ fn join_feed(
     }
 }
 
-/// A flag set by the first SIGINT or SIGTERM (graceful shutdown); a second
-/// one ends the process at once, for a shutdown that takes too long.
-fn shutdown_flag() -> Result<Arc<AtomicBool>, AnyError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Registered first, so it sees the flag as the previous signal left it.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
-        signal_hook::flag::register(sig, stop.clone())?;
+/// The process's one shutdown signal: a [`CancellationToken`] cancelled by
+/// the first SIGINT or SIGTERM (a second one ends the process at once), and
+/// a channel the main loop blocks on, so it wakes the moment it fires.
+struct Shutdown {
+    token: CancellationToken,
+    fired: std::sync::mpsc::Receiver<()>,
+}
+
+impl Shutdown {
+    fn on_signals() -> Result<Shutdown, AnyError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let seen = Arc::new(AtomicBool::new(false));
+        for sig in [SIGINT, SIGTERM] {
+            // Registered first, so it sees the flag as the previous signal left it.
+            signal_hook::flag::register_conditional_shutdown(sig, 130, seen.clone())?;
+            signal_hook::flag::register(sig, seen.clone())?;
+        }
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let token = CancellationToken::new();
+        let (tx, fired) = std::sync::mpsc::channel();
+        let t = token.clone();
+        std::thread::Builder::new()
+            .name("tickwire-signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    t.cancel();
+                    let _ = tx.send(());
+                }
+            })?;
+        Ok(Shutdown { token, fired })
     }
-    Ok(stop)
+
+    /// Waits up to `timeout`; `true` once shutdown was asked for.
+    fn wait(&self, timeout: Duration) -> bool {
+        self.token.is_cancelled() || self.fired.recv_timeout(timeout).is_ok()
+    }
 }
 
 /// What the periodic stats line reports: rates and latency over the last
@@ -361,7 +392,8 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         // Without symbology, symbols print as null and sizes unscaled.
         return Err(format!("cannot resolve instruments: {e}").into());
     }
-    let stop = shutdown_flag()?;
+    let shutdown = Shutdown::on_signals()?;
+    let stop = &shutdown.token;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
@@ -371,7 +403,7 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         .map_err(|e| e.to_string())?;
     say_what_we_wait_for(&mut sub, &a, start, &dir);
     let result: Result<(), TailError> = (|| {
-        while !stop.load(Ordering::Relaxed) && a.count.is_none_or(|c| printed < c) {
+        while !stop.is_cancelled() && a.count.is_none_or(|c| printed < c) {
             let want = a.count.map_or(1024, |c| (c - printed).min(1024) as usize);
             let mut written = Ok(());
             let mut replaced = false;
@@ -404,7 +436,7 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
                     dir.display()
                 );
                 sub = loop {
-                    if stop.load(Ordering::Relaxed) {
+                    if stop.is_cancelled() {
                         return Ok(());
                     }
                     match open(Start::Earliest) {

@@ -2,8 +2,6 @@
 //! exchanges and currencies, trades and quotes, random-walk prices, paced at
 //! a configured rate. Deterministic for a seed.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tickwire_proto::frame::{FLAG_BUY_AGGRESSOR, FLAG_SELL_AGGRESSOR, FrameBody, PRICE_SCALE};
@@ -288,7 +286,7 @@ impl Generator {
     }
 }
 
-/// Runs the feed until `stop`: `rate` events per second (0 = unpaced),
+/// Runs the feed until `stop` is cancelled: `rate` events per second (0 = unpaced),
 /// waiting when the shards push back. Returns the number of events sent.
 ///
 /// # Errors
@@ -298,13 +296,13 @@ pub fn run(
     topic: u32,
     cfg: &crate::config::SyntheticConfig,
     source_id: u32,
-    stop: Arc<AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
 ) -> Result<u64, tickwire_proto::Error> {
     let rate = cfg.rate;
     let mut generator = Generator::new(&mut ingest, topic, cfg.seed, cfg.quote_ratio, source_id)?;
     let start = Instant::now();
     let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         // Pace in 1 ms steps: send what is due, then sleep.
         let due = if rate == 0 {
             sent + 1024
@@ -324,7 +322,7 @@ pub fn run(
                     why: e.to_string(),
                 });
             }
-            if stop.load(Ordering::Relaxed) {
+            if stop.is_cancelled() {
                 return Ok(sent);
             }
             backoff += 1;
