@@ -75,6 +75,7 @@ impl Acker {
     pub(crate) async fn send_acks(&mut self, consumer: &mut PulsarConsumer, stats: &BridgeStats) {
         self.tracker.take_acks(&mut self.acks);
         for a in self.acks.drain(..) {
+            tracing::debug!(topic = %a.topic, ledger = a.id.ledger_id, entry = a.id.entry_id, cumulative = a.cumulative, messages = a.messages, "ack");
             let sent = if a.cumulative {
                 consumer.cumulative_ack_with_id(&a.topic, a.id).await
             } else {

@@ -71,15 +71,18 @@ pub(crate) async fn setup(
     Ok((pulsar, consumer, dlq))
 }
 
-/// How long one connect-and-subscribe attempt may take before it counts as
-/// failed and is started again (the client retries an unreachable broker
-/// inside one attempt, silently, for as long as it is unreachable).
-pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an attempt that is still waiting (the client retries an
+/// unreachable broker inside one attempt, silently) is reported and counted.
+pub(crate) const STALL_REPORT: Duration = Duration::from_secs(10);
 
-/// Runs `op` until it succeeds (backoff 100 ms doubling to 5 s; an attempt
-/// that takes over [`ATTEMPT_TIMEOUT`] fails), counting failures in
-/// `stats.connect_failures`; `None` as soon as `cancel` fires, even in the
-/// middle of an attempt.
+/// Runs `op` until it succeeds (backoff 100 ms doubling to 5 s), counting
+/// in `stats.connect_failures` every failed attempt and every
+/// [`STALL_REPORT`] an attempt keeps waiting; `None` as soon as `cancel`
+/// fires, even in the middle of an attempt.
+///
+/// A waiting attempt is never abandoned on a timer: a subscribe dropped
+/// half-way can leave its consumer registered with the broker, where (as
+/// the active Failover consumer) it would take messages nobody reads.
 pub(crate) async fn retry<T, F, Fut>(
     cancel: &CancellationToken,
     stats: &BridgeStats,
@@ -92,22 +95,23 @@ where
 {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let attempt = tokio::select! {
-            r = tokio::time::timeout(ATTEMPT_TIMEOUT, op()) => r,
-            _ = cancel.cancelled() => return None,
-        };
-        match attempt {
-            Ok(Ok(v)) => return Some(v),
-            Err(_) => {
-                let failures = stats.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(
-                    step = what,
-                    failures,
-                    timeout_secs = ATTEMPT_TIMEOUT.as_secs(),
-                    "pulsar not reachable; retrying"
-                )
+        let attempt = op();
+        tokio::pin!(attempt);
+        let mut waited = Duration::ZERO;
+        let result = loop {
+            tokio::select! {
+                r = &mut attempt => break r,
+                _ = tokio::time::sleep(STALL_REPORT) => {
+                    waited += STALL_REPORT;
+                    let failures = stats.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::warn!(step = what, failures, waited_secs = waited.as_secs(), "pulsar not reachable yet; still trying");
+                }
+                _ = cancel.cancelled() => return None,
             }
-            Ok(Err(e)) => {
+        };
+        match result {
+            Ok(v) => return Some(v),
+            Err(e) => {
                 let failures = stats.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(error = %e, step = what, failures, backoff_ms = backoff.as_millis() as u64, "pulsar not available; retrying")
             }

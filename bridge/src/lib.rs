@@ -154,6 +154,7 @@ pub async fn run<S: Sink>(
             }
         };
         stats.received.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(topic = %msg.topic, ledger = msg.message_id().ledger_id, entry = msg.message_id().entry_id, batch = ?msg.message_id().batch_index, "received");
         received += 1;
         let meta = msg.metadata();
         let (src, seq) = (

@@ -21,7 +21,8 @@ pub struct BridgeStats {
     /// Reconnections of the consumer (its stream ended and it subscribed again).
     pub reconnects: AtomicU64,
     /// Attempts to connect or subscribe that failed (Pulsar unreachable or
-    /// not ready); each is retried with backoff until shutdown.
+    /// not ready), plus one for every 10 s an attempt has been waiting;
+    /// each is retried with backoff until shutdown.
     pub connect_failures: AtomicU64,
     /// 1 while the consumer is subscribed, 0 while connecting or retrying.
     pub connected: AtomicU64,

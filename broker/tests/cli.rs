@@ -272,7 +272,7 @@ fn serve_with_pulsar_unreachable_stops_at_once_on_sigterm_and_counts_the_failure
         .stdout(Stdio::null())
         .spawn()
         .expect("serve");
-    // One connection attempt times out after 10 s and is counted.
+    // An attempt still waiting after 10 s is reported and counted.
     std::thread::sleep(Duration::from_millis(11_500));
     sigterm(&child);
     let status = exits_within(&mut child, Duration::from_secs(20));
