@@ -78,24 +78,12 @@ fn restart_bumps_the_epoch_and_continues_the_sequence() {
 
 #[test]
 fn a_writer_that_died_mid_frame_is_recovered_without_a_duplicate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let mut w = PartitionWriter::open(dir.path(), &params(1, 16)).expect("writer");
-        for i in 1..=20u64 {
-            w.publish(&FrameBody::trade(1, i, 1, 1).to_words());
-        }
-        w.flush();
-    }
     // Simulate a crash while filling seq 21: its slot carries the WRITING mark.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(ring_path(dir.path()))
-        .expect("open");
-    let slot_off = 4096 + (21 % 16) * 64;
-    f.write_all_at(&(21u64 | 1 << 63).to_le_bytes(), slot_off)
-        .expect("write");
-    let w = PartitionWriter::open(dir.path(), &params(1, 16)).expect("restart");
+    let w = recover_after(20, |f| {
+        f.write_all_at(&(21u64 | 1 << 63).to_le_bytes(), 4096 + (21 % 16) * 64)
+            .expect("write")
+    })
+    .expect("restart");
     assert_eq!(
         w.core().next_seq(),
         21,
@@ -179,13 +167,13 @@ fn structurally_bad_ring_files_give_clear_errors() {
     assert!(msg.contains("partition = 7"), "{msg}");
 }
 
-/// Writes 40 frames into a 16-slot ring, patches the data file, and
+/// Writes frames 1..=`n` into a 16-slot ring, patches the data file, and
 /// returns what a restarted writer says.
-fn recover_after(patch: impl FnOnce(&std::fs::File)) -> Result<PartitionWriter, Error> {
+fn recover_after(n: u64, patch: impl FnOnce(&std::fs::File)) -> Result<PartitionWriter, Error> {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let mut w = PartitionWriter::open(dir.path(), &params(1, 16)).expect("writer");
-        for i in 1..=40u64 {
+        for i in 1..=n {
             w.publish(&FrameBody::trade(1, i, 1, 1).to_words());
         }
         w.flush();
@@ -210,7 +198,7 @@ fn corrupt_message(r: Result<PartitionWriter, Error>) -> String {
 #[test]
 fn a_restarted_writer_refuses_a_ring_it_cannot_trust_naming_the_file_and_field() {
     // `published` (writer block offset 8, file offset 136) beyond every stamp.
-    let msg = corrupt_message(recover_after(|f| {
+    let msg = corrupt_message(recover_after(40, |f| {
         f.write_all_at(&1_000_000u64.to_le_bytes(), 136).expect("w")
     }));
     assert!(
@@ -218,13 +206,13 @@ fn a_restarted_writer_refuses_a_ring_it_cannot_trust_naming_the_file_and_field()
         "{msg}"
     );
     // One stamp far ahead (would make sequences jump to 2^62).
-    let msg = corrupt_message(recover_after(|f| {
+    let msg = corrupt_message(recover_after(40, |f| {
         f.write_all_at(&(1u64 << 62).to_le_bytes(), 4096)
             .expect("w")
     }));
     assert!(msg.contains("stamp of slot"), "{msg}");
     // A stamp in a slot its sequence does not map to.
-    let msg = corrupt_message(recover_after(|f| {
+    let msg = corrupt_message(recover_after(40, |f| {
         f.write_all_at(&39u64.to_le_bytes(), 4096 + 3 * 64)
             .expect("w")
     }));
@@ -233,7 +221,7 @@ fn a_restarted_writer_refuses_a_ring_it_cannot_trust_naming_the_file_and_field()
         "{msg}"
     );
     // An old stamp left among new ones.
-    let msg = corrupt_message(recover_after(|f| {
+    let msg = corrupt_message(recover_after(40, |f| {
         f.write_all_at(&3u64.to_le_bytes(), 4096 + 3 * 64)
             .expect("w")
     }));
@@ -242,7 +230,7 @@ fn a_restarted_writer_refuses_a_ring_it_cannot_trust_naming_the_file_and_field()
         "{msg}"
     );
     // The unpatched ring resumes where it stopped.
-    let w = recover_after(|_| {}).expect("intact ring");
+    let w = recover_after(40, |_| {}).expect("intact ring");
     assert_eq!(w.next_seq(), 41);
 }
 
