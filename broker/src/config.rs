@@ -50,6 +50,8 @@ pub struct Config {
     pub stats: StatsConfig,
     /// Apache Pulsar in (off by default).
     pub bridge: tickwire_bridge::BridgeConfig,
+    /// The remote edge: gRPC, REST, WebSocket.
+    pub edge: tickwire_api::EdgeConfig,
 }
 
 /// Node identity and where its files live.
@@ -267,6 +269,7 @@ impl Default for Config {
             synthetic: SyntheticConfig::default(),
             stats: StatsConfig::default(),
             bridge: tickwire_bridge::BridgeConfig::default(),
+            edge: tickwire_api::EdgeConfig::default(),
         }
     }
 }
@@ -381,6 +384,11 @@ impl Config {
                     self.node.id
                 ),
             );
+        }
+        if self.edge.enabled
+            && let Err(why) = self.edge.validate()
+        {
+            return bad("edge", why);
         }
         if self.node.symbology_capacity == 0 || self.node.symbology_capacity > 1 << 24 {
             return bad(

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+pub mod edge;
 pub mod engine;
 pub mod pulsar;
 pub mod router;

@@ -105,6 +105,26 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
     } else {
         None
     };
+    // The remote edge runs on its own small tokio runtime, off the shard cores.
+    let edge = if cfg.edge.enabled {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tickwire-edge")
+            .enable_all()
+            .build()?;
+        let engine = std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(
+            &cfg,
+            broker.node_dir().to_path_buf(),
+        ));
+        let e = rt.block_on(tickwire_api::Edge::start(
+            cfg.edge.clone(),
+            engine,
+            shutdown.token.clone(),
+        ))?;
+        Some((rt, e))
+    } else {
+        None
+    };
     let bridge = if cfg.bridge.enabled {
         Some(tickwire_broker::pulsar::BridgeHandle::start(
             &broker,
@@ -141,6 +161,19 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
         }
     }
     tracing::info!("shutting down");
+    // Remote streams are told and closed before the rings stop.
+    shutdown.token.cancel();
+    if let Some((rt, e)) = edge {
+        rt.block_on(async {
+            if tokio::time::timeout(Duration::from_secs(5), e.join())
+                .await
+                .is_err()
+            {
+                tracing::warn!("edge did not stop within 5 s");
+            }
+        });
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
     if let Some(b) = bridge {
         let stats = b.stats.clone();
         if let Err(e) = b.stop() {

@@ -22,7 +22,7 @@ impl Server {
         std::fs::write(
             &cfg,
             format!(
-                "[node]\ndir = {:?}\n{node_extra}\n[synthetic]\nrate = 5000\n[stats]\nlog_interval_secs = 1\n",
+                "[node]\ndir = {:?}\n{node_extra}\n[synthetic]\nrate = 5000\n[stats]\nlog_interval_secs = 1\n[edge]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n",
                 dir.join("node").display().to_string()
             ),
         )
@@ -260,7 +260,7 @@ fn serve_with_pulsar_unreachable_stops_at_once_on_sigterm_and_counts_the_failure
     std::fs::write(
         &cfg,
         format!(
-            "[node]\ndir = {:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 1\n[bridge]\nenabled = true\nurl = \"pulsar://127.0.0.1:1\"\n",
+            "[node]\ndir = {:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 1\n[bridge]\nenabled = true\nurl = \"pulsar://127.0.0.1:1\"\n[edge]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n",
             dir.path().join("node").display().to_string()
         ),
     )

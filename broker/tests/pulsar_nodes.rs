@@ -60,7 +60,7 @@ impl NodeProc {
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nid = {name:?}\ndir = {dir:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 0\n\
+                "[node]\nid = {name:?}\ndir = {dir:?}\n[synthetic]\nenabled = false\n[stats]\nlog_interval_secs = 0\n[edge]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
                  [[topics]]\nname = {TARGET:?}\npartitions = {partitions}\ncapacity = {capacity}\n\
                  [bridge]\nenabled = true\nurl = {url:?}\ntopics = [{input:?}]\nsubscription = {subscription:?}\n\
                  subscription_type = {kind:?}\ninitial_position = \"earliest\"\nconsumer_name = {name:?}\ndead_letter_topic = {dlq:?}\nreceiver_queue_size = 100\n",

@@ -34,7 +34,23 @@ pub mod symbology;
 pub mod pb {
     #![allow(missing_docs, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/tickwire.v1.rs"));
+
+    /// The `MarketDataStream` server whose stream sends pre-encoded batches
+    /// ([`crate::grpc::Encoded`]); clients use [`market_data_stream_client`].
+    #[cfg(feature = "grpc")]
+    pub mod raw {
+        include!(concat!(env!("OUT_DIR"), "/tickwire.v1.MarketDataStream.rs"));
+    }
+
+    /// The encoded `FileDescriptorSet` of the `tickwire.v1` files, for
+    /// server reflection.
+    #[cfg(feature = "grpc")]
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tickwire_descriptor.bin"));
 }
+
+#[cfg(all(feature = "grpc", not(loom)))]
+pub mod grpc;
 
 #[cfg(not(loom))]
 pub use error::{Error, Result};

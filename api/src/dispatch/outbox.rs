@@ -1,0 +1,241 @@
+//! A subscriber's bounded queue of wire-ready frames, between the
+//! dispatcher thread (which fills it) and the connection's writer task
+//! (which empties it onto the socket).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// One message ready for the wire.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Protobuf `StreamResponse` or WebSocket JSON text.
+    pub bytes: Bytes,
+    /// Events it carries (0 for notices).
+    pub events: u32,
+    /// Ingest time of its oldest event (ns since the Unix epoch), 0 if none.
+    pub oldest_ingest_ns: u64,
+}
+
+/// Why a subscriber's stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// Too slow under the DISCONNECT policy.
+    SlowConsumer(String),
+    /// The topic was deleted or its rings replaced.
+    TopicGone(String),
+    /// The subscription was deleted by an administrator.
+    Deleted,
+    /// The edge is shutting down.
+    Shutdown,
+}
+
+impl Closed {
+    /// What the client is told.
+    pub fn reason(&self) -> String {
+        match self {
+            Closed::SlowConsumer(s) => format!("slow consumer: {s}"),
+            Closed::TopicGone(s) => s.clone(),
+            Closed::Deleted => "subscription deleted".into(),
+            Closed::Shutdown => "the broker is shutting down".into(),
+        }
+    }
+}
+
+/// Counters of one subscriber, read by stats.
+#[derive(Debug, Default)]
+pub struct SubCounters {
+    /// Events handed to the transport.
+    pub delivered: AtomicU64,
+    /// Events skipped (slow consumer, paused) or lost to ring overrun.
+    pub dropped: AtomicU64,
+    /// Gap notices sent.
+    pub gaps: AtomicU64,
+    /// Events replaced by a later one of the same instrument (CONFLATE).
+    pub conflated: AtomicU64,
+    /// Last time something was sent (ns since the Unix epoch).
+    pub last_activity_ns: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    events: usize,
+    bytes: usize,
+    closed: Option<Closed>,
+}
+
+/// The bounded queue.
+#[derive(Debug)]
+pub struct Outbox {
+    q: Mutex<Queue>,
+    notify: Arc<Notify>,
+    max_events: usize,
+    max_bytes: usize,
+    /// Counters.
+    pub counters: SubCounters,
+}
+
+/// What the writer gets next.
+#[derive(Debug)]
+pub enum Next {
+    /// A frame to send.
+    Frame(Frame),
+    /// Nothing for the heartbeat interval.
+    Idle,
+    /// The stream is over.
+    Closed(Closed),
+}
+
+impl Outbox {
+    /// A queue bounded in events and bytes, waking its writer through
+    /// `notify` (shared by all subscriptions of one WebSocket connection).
+    pub fn new(max_events: usize, max_bytes: usize, notify: Arc<Notify>) -> Outbox {
+        Outbox {
+            q: Mutex::new(Queue::default()),
+            notify,
+            max_events: max_events.max(1),
+            max_bytes: max_bytes.max(1),
+            counters: SubCounters::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a data frame if it fits within the limits; gives it back if not.
+    ///
+    /// # Errors
+    /// The frame, when the queue is full (or closed).
+    pub fn try_push(&self, f: Frame) -> Result<(), Frame> {
+        let mut q = self.lock();
+        if q.closed.is_some()
+            || (!q.frames.is_empty()
+                && (q.events + f.events as usize > self.max_events
+                    || q.bytes + f.bytes.len() > self.max_bytes))
+        {
+            return Err(f);
+        }
+        q.events += f.events as usize;
+        q.bytes += f.bytes.len();
+        q.frames.push_back(f);
+        drop(q);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Queues a notice (gap, slow consumer, snapshot end) past the limits:
+    /// notices are small and the dispatcher sends at most a few per
+    /// partition before data flows again.
+    pub fn push_notice(&self, f: Frame) {
+        let mut q = self.lock();
+        if q.closed.is_some() {
+            return;
+        }
+        q.bytes += f.bytes.len();
+        q.frames.push_back(f);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Whether the queue is at most half full (room to resume after a stall).
+    pub fn has_room(&self) -> bool {
+        let q = self.lock();
+        q.events * 2 <= self.max_events && q.bytes * 2 <= self.max_bytes
+    }
+
+    /// (events, bytes) queued.
+    pub fn depth(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.events, q.bytes)
+    }
+
+    /// Ends the stream; what is queued is still sent first.
+    pub fn close(&self, why: Closed) {
+        let mut q = self.lock();
+        if q.closed.is_none() {
+            q.closed = Some(why);
+        }
+        drop(q);
+        self.notify.notify_one();
+        // A WebSocket writer shares the notify with other subscriptions:
+        // wake it for sure.
+        self.notify.notify_waiters();
+    }
+
+    /// Whether it was closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
+
+    /// The next frame, without waiting: `Some(Next::Closed)` once drained
+    /// and closed, `None` when there is nothing now.
+    pub fn pop(&self) -> Option<Next> {
+        let mut q = self.lock();
+        match q.frames.pop_front() {
+            Some(f) => {
+                q.events -= f.events as usize;
+                q.bytes -= f.bytes.len();
+                drop(q);
+                self.counters
+                    .delivered
+                    .fetch_add(f.events as u64, Ordering::Relaxed);
+                self.counters
+                    .last_activity_ns
+                    .store(tickwire_proto::futex::realtime_ns(), Ordering::Relaxed);
+                Some(Next::Frame(f))
+            }
+            None => q.closed.clone().map(Next::Closed),
+        }
+    }
+
+    /// The next frame, waiting up to `idle` for one.
+    pub async fn next(&self, idle: Duration) -> Next {
+        let deadline = tokio::time::Instant::now() + idle;
+        loop {
+            let notified = self.notify.notified();
+            if let Some(n) = self.pop() {
+                return n;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.pop().unwrap_or(Next::Idle);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(events: u32, len: usize) -> Frame {
+        Frame {
+            bytes: Bytes::from(vec![0u8; len]),
+            events,
+            oldest_ingest_ns: 0,
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_events_and_bytes() {
+        let o = Outbox::new(10, 1000, Arc::new(Notify::new()));
+        assert!(o.try_push(frame(6, 100)).is_ok());
+        assert!(o.try_push(frame(6, 100)).is_err(), "12 events > 10");
+        assert!(o.try_push(frame(4, 100)).is_ok());
+        let o = Outbox::new(100, 1000, Arc::new(Notify::new()));
+        assert!(o.try_push(frame(1, 900)).is_ok());
+        assert!(o.try_push(frame(1, 200)).is_err(), "1100 bytes > 1000");
+        // One frame larger than the limit still goes into an empty queue.
+        let o = Outbox::new(10, 10, Arc::new(Notify::new()));
+        assert!(o.try_push(frame(50, 5000)).is_ok());
+        assert!(matches!(o.pop(), Some(Next::Frame(f)) if f.events == 50));
+        assert_eq!(o.counters.delivered.load(Ordering::Relaxed), 50);
+        o.close(Closed::Shutdown);
+        assert!(matches!(o.pop(), Some(Next::Closed(Closed::Shutdown))));
+    }
+}

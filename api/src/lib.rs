@@ -1,0 +1,375 @@
+//! tickwire's remote edge: gRPC (`MarketDataStream`, `TopicManager`,
+//! `SubscriptionManager`, reflection, health), REST and WebSocket, all
+//! reading the same rings through one fan-out [`dispatch`]er per topic.
+//!
+//! The edge depends on `proto` and `shm-client`, never on the broker: what
+//! it needs from the engine is the small [`Engine`] trait.
+//!
+//! ```no_run
+//! # async fn f(engine: std::sync::Arc<dyn tickwire_api::Engine>) -> Result<(), Box<dyn std::error::Error>> {
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! let edge = tickwire_api::Edge::start(tickwire_api::EdgeConfig::default(), engine, cancel.clone()).await?;
+//! println!("gRPC on {}, HTTP on {}", edge.grpc_addr, edge.http_addr);
+//! cancel.cancel();
+//! edge.join().await;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod auth;
+pub mod dispatch;
+pub mod error;
+pub mod rest;
+pub mod spec;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+/// A topic as the engine has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicDesc {
+    /// Name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: u32,
+    /// Slots per partition ring.
+    pub capacity: u64,
+}
+
+/// What the edge needs from the engine (the broker implements it).
+pub trait Engine: Send + Sync + 'static {
+    /// The node directory holding the rings.
+    fn node_dir(&self) -> PathBuf;
+    /// The topics the node serves.
+    fn topics(&self) -> Vec<TopicDesc>;
+    /// The topic a request without one means.
+    fn default_topic(&self) -> String;
+}
+
+/// `[edge]` configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Serve the edge at all.
+    pub enabled: bool,
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP (REST and WebSocket) listen address.
+    pub http_addr: SocketAddr,
+    /// Events queued per subscriber before its slow-consumer policy acts.
+    pub queue_events: usize,
+    /// Bytes queued per subscriber before its slow-consumer policy acts.
+    pub queue_bytes: usize,
+    /// Events per batch message.
+    pub max_batch: u32,
+    /// Open gRPC streams at most.
+    pub max_streams: usize,
+    /// WebSocket connections at most.
+    pub max_ws_connections: usize,
+    /// Subscriptions per WebSocket connection.
+    pub max_subscriptions_per_connection: usize,
+    /// Symbols per subscription.
+    pub max_symbols: usize,
+    /// Largest request or WebSocket message, bytes.
+    pub max_request_bytes: usize,
+    /// API keys.
+    pub auth: auth::AuthConfig,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            enabled: true,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            queue_events: 65_536,
+            queue_bytes: 16 << 20,
+            max_batch: 256,
+            max_streams: 4096,
+            max_ws_connections: 4096,
+            max_subscriptions_per_connection: 64,
+            max_symbols: 1024,
+            max_request_bytes: 64 * 1024,
+            auth: auth::AuthConfig::default(),
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Checks the configuration once.
+    ///
+    /// # Errors
+    /// The key and why.
+    pub fn validate(&self) -> Result<(), String> {
+        let loopback = self.grpc_addr.ip().is_loopback() && self.http_addr.ip().is_loopback();
+        if !self.auth.enabled && !loopback && !self.auth.allow_unauthenticated_remote {
+            return Err(format!(
+                "edge: serving {} / {} (not loopback) with auth off is refused: set edge.auth.enabled = true with keys, or edge.auth.allow_unauthenticated_remote = true",
+                self.grpc_addr, self.http_addr
+            ));
+        }
+        if self.auth.enabled && self.auth.keys.is_empty() {
+            return Err("edge.auth: enabled with no keys: nobody could connect".into());
+        }
+        for (k, v) in [
+            ("queue_events", self.queue_events),
+            ("queue_bytes", self.queue_bytes),
+            ("max_batch", self.max_batch as usize),
+            ("max_streams", self.max_streams),
+            ("max_ws_connections", self.max_ws_connections),
+            (
+                "max_subscriptions_per_connection",
+                self.max_subscriptions_per_connection,
+            ),
+            ("max_symbols", self.max_symbols),
+            ("max_request_bytes", self.max_request_bytes),
+        ] {
+            if v == 0 {
+                return Err(format!("edge.{k}: must be at least 1"));
+            }
+        }
+        auth::Auth::new(&self.auth)?;
+        Ok(())
+    }
+}
+
+/// Everything the handlers share.
+pub struct EdgeState {
+    /// Configuration.
+    pub config: EdgeConfig,
+    /// The engine.
+    pub engine: Arc<dyn Engine>,
+    /// Dispatchers.
+    pub hub: dispatch::Hub,
+    /// Keys.
+    pub auth: auth::Auth,
+    /// Request limits.
+    pub limits: spec::RequestLimits,
+    /// The default topic.
+    pub default_topic: String,
+    /// Named subscriptions.
+    pub subscriptions: admin::Subscriptions,
+    /// gRPC stream permits.
+    pub streams: Arc<Semaphore>,
+    /// WebSocket connection permits.
+    pub ws_connections: Arc<Semaphore>,
+    /// For rates in stats.
+    pub rates: Mutex<HashMap<String, (std::time::Instant, u64)>>,
+    /// Start time.
+    pub started: std::time::Instant,
+    /// Shutdown.
+    pub cancel: CancellationToken,
+}
+
+impl EdgeState {
+    /// State for a validated configuration.
+    ///
+    /// # Errors
+    /// An invalid configuration.
+    pub fn new(
+        config: EdgeConfig,
+        engine: Arc<dyn Engine>,
+        cancel: CancellationToken,
+    ) -> Result<Arc<EdgeState>, ApiError> {
+        config.validate().map_err(ApiError::Unavailable)?;
+        let auth = auth::Auth::new(&config.auth).map_err(ApiError::Unavailable)?;
+        let hub = dispatch::Hub::new(
+            engine.node_dir(),
+            dispatch::QueueLimits {
+                max_events: config.queue_events,
+                max_bytes: config.queue_bytes,
+                max_batch: config.max_batch,
+            },
+            cancel.clone(),
+        );
+        Ok(Arc::new(EdgeState {
+            limits: spec::RequestLimits {
+                max_symbols: config.max_symbols,
+            },
+            default_topic: engine.default_topic(),
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            ws_connections: Arc::new(Semaphore::new(config.max_ws_connections)),
+            config,
+            engine,
+            hub,
+            auth,
+            subscriptions: admin::Subscriptions::default(),
+            rates: Mutex::new(HashMap::new()),
+            started: std::time::Instant::now(),
+            cancel,
+        }))
+    }
+}
+
+/// Errors starting the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A listen address cannot be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// gRPC or HTTP.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running edge.
+pub struct Edge {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where HTTP listens.
+    pub http_addr: SocketAddr,
+    /// The shared state.
+    pub state: Arc<EdgeState>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The gRPC server's routes: the three services, reflection and health.
+///
+/// # Errors
+/// A reflection descriptor that does not parse (a build bug).
+pub fn grpc_routes(state: Arc<EdgeState>) -> Result<tonic::service::Routes, String> {
+    use tickwire_proto::pb;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| e.to_string())?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let max = state.config.max_request_bytes;
+    tokio::spawn(async move {
+        health.set_serving::<pb::raw::market_data_stream_server::MarketDataStreamServer<stream::grpc::StreamService>>().await;
+        health.set_serving::<pb::topic_manager_server::TopicManagerServer<stream::grpc::TopicService>>().await;
+        health
+            .set_serving::<pb::subscription_manager_server::SubscriptionManagerServer<
+                stream::grpc::SubscriptionService,
+            >>()
+            .await;
+    });
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes
+        .add_service(
+            pb::raw::market_data_stream_server::MarketDataStreamServer::new(
+                stream::grpc::StreamService::new(state.clone()),
+            )
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::topic_manager_server::TopicManagerServer::new(stream::grpc::TopicService::new(
+                state.clone(),
+            ))
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::subscription_manager_server::SubscriptionManagerServer::new(
+                stream::grpc::SubscriptionService::new(state),
+            )
+            .max_decoding_message_size(max),
+        )
+        .add_service(reflection)
+        .add_service(health_service);
+    Ok(routes.routes())
+}
+
+impl Edge {
+    /// Binds both listeners and serves until `cancel` fires.
+    ///
+    /// # Errors
+    /// An invalid configuration; an address in use.
+    pub async fn start(
+        config: EdgeConfig,
+        engine: Arc<dyn Engine>,
+        cancel: CancellationToken,
+    ) -> Result<Edge, StartError> {
+        let state = EdgeState::new(config.clone(), engine, cancel.clone())
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.grpc_addr,
+                what: "gRPC",
+                source,
+            })?;
+        let http = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.http_addr,
+                what: "HTTP",
+                source,
+            })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
+            addr: config.grpc_addr,
+            what: "gRPC",
+            source,
+        })?;
+        let http_addr = http.local_addr().map_err(|source| StartError::Bind {
+            addr: config.http_addr,
+            what: "HTTP",
+            source,
+        })?;
+        // Start the dispatchers now, so the latest-value table is filled
+        // before the first request.
+        for t in state.engine.topics() {
+            if let Err(e) = state.hub.topic(&t.name) {
+                tracing::warn!(topic = %t.name, error = %e, "no dispatcher for topic yet");
+            }
+        }
+        let routes = grpc_routes(state.clone()).map_err(StartError::Config)?;
+        let c = cancel.clone();
+        let grpc_task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        let app = rest::router(state.clone());
+        let c = cancel.clone();
+        let http_task = tokio::spawn(async move {
+            let r = axum::serve(http, app)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        if !config.auth.enabled {
+            tracing::warn!(grpc = %grpc_addr, http = %http_addr, "edge auth is OFF (loopback only): anyone on this machine can read and administer; set edge.auth for keys");
+        }
+        tracing::info!(grpc = %grpc_addr, http = %http_addr, "edge serving: gRPC (reflection, health), REST /api/v1, WebSocket /api/v1/market-data/stream, /metrics, /health");
+        Ok(Edge {
+            grpc_addr,
+            http_addr,
+            state,
+            tasks: vec![grpc_task, http_task],
+        })
+    }
+
+    /// Waits for the servers and dispatchers to end (after cancel).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let state = self.state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.hub.join()).await;
+    }
+}

@@ -1,0 +1,681 @@
+//! REST (axum): latest value, admin, health, Prometheus metrics, the
+//! OpenAPI document, and the WebSocket upgrade.
+//!
+//! Topic names contain `/`: in a path they are percent-encoded
+//! (`market-data%2Fnormalized%2Fequities`).
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tickwire_proto::json::{Decimal, rfc3339};
+use tickwire_proto::pb;
+
+use crate::EdgeState;
+use crate::auth::Right;
+use crate::error::ApiError;
+
+type S = State<Arc<EdgeState>>;
+
+/// Every route (method, path), as the OpenAPI document lists them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/health"),
+    ("get", "/metrics"),
+    ("get", "/api/v1/openapi.json"),
+    ("get", "/api/v1/market-data/{symbol}/latest"),
+    ("get", "/api/v1/market-data/stream"),
+    ("get", "/api/v1/topics"),
+    ("post", "/api/v1/topics"),
+    ("get", "/api/v1/topics/{topic}"),
+    ("delete", "/api/v1/topics/{topic}"),
+    ("get", "/api/v1/topics/{topic}/stats"),
+    ("get", "/api/v1/subscriptions"),
+    ("post", "/api/v1/subscriptions"),
+    ("get", "/api/v1/subscriptions/{topic}/{name}"),
+    ("delete", "/api/v1/subscriptions/{topic}/{name}"),
+    ("post", "/api/v1/subscriptions/{topic}/{name}/pause"),
+    ("post", "/api/v1/subscriptions/{topic}/{name}/resume"),
+    ("get", "/api/v1/stats/distribution"),
+];
+
+/// The OpenAPI 3 document served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// The HTTP router (REST, WebSocket, health, metrics).
+pub fn router(state: Arc<EdgeState>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/market-data/{symbol}/latest", get(latest))
+        .route("/api/v1/market-data/stream", get(ws))
+        .route("/api/v1/topics", get(list_topics).post(create_topic))
+        .route(
+            "/api/v1/topics/{topic}",
+            get(get_topic).delete(delete_topic),
+        )
+        .route("/api/v1/topics/{topic}/stats", get(topic_stats))
+        .route(
+            "/api/v1/subscriptions",
+            get(list_subscriptions).post(create_subscription),
+        )
+        .route(
+            "/api/v1/subscriptions/{topic}/{name}",
+            get(subscription_stats).delete(delete_subscription),
+        )
+        .route("/api/v1/subscriptions/{topic}/{name}/pause", post(pause))
+        .route("/api/v1/subscriptions/{topic}/{name}/resume", post(resume))
+        .route("/api/v1/stats/distribution", get(distribution))
+        .fallback(|| async {
+            ApiError::NotFound {
+                what: "route",
+                name: "see /api/v1/openapi.json".into(),
+            }
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_request_bytes,
+        ))
+        .with_state(state)
+}
+
+fn key(state: &EdgeState, h: &HeaderMap) -> Result<Option<String>, ApiError> {
+    state.auth.check_http(h)
+}
+
+async fn health(State(state): S) -> Response {
+    let topics: Vec<serde_json::Value> = state
+        .engine
+        .topics()
+        .iter()
+        .map(|t| {
+            let running = state.hub.running().iter().any(|r| r.topic == t.name);
+            serde_json::json!({"topic": t.name, "dispatcher": if running {"running"} else {"stopped"}})
+        })
+        .collect();
+    let ok = topics.iter().all(|t| t["dispatcher"] == "running");
+    let body = serde_json::json!({
+        "status": if ok {"ok"} else {"degraded"},
+        "uptime_secs": state.started.elapsed().as_secs(),
+        "topics": topics,
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(state): S) -> Response {
+    let mut out = String::new();
+    let running = state.hub.running();
+    let mut lines = Vec::new();
+    for (name, help, f) in [
+        (
+            "tickwire_edge_events_total",
+            "Events the edge read from the rings.",
+            0,
+        ),
+        (
+            "tickwire_edge_delivered_total",
+            "Events handed to subscriber queues.",
+            1,
+        ),
+        (
+            "tickwire_edge_dropped_total",
+            "Events a subscriber did not get (slow, paused, overrun).",
+            2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let n = name;
+        for t in &running {
+            let v = match f {
+                0 => t.events.load(Ordering::Relaxed),
+                1 => t.delivered.load(Ordering::Relaxed),
+                _ => t.dropped.load(Ordering::Relaxed),
+            };
+            lines.push(format!("{n}{{topic=\"{}\"}} {v}", t.topic));
+        }
+        out.push_str(&lines.join("\n"));
+        out.push('\n');
+        lines.clear();
+    }
+    let n = "tickwire_edge_subscribers";
+    let _ = writeln!(
+        out,
+        "# HELP {n} Live remote subscriptions.\n# TYPE {n} gauge"
+    );
+    for t in &running {
+        let _ = writeln!(
+            out,
+            "{n}{{topic=\"{}\"}} {}",
+            t.topic,
+            t.subscribers.load(Ordering::Relaxed)
+        );
+    }
+    let n = "tickwire_edge_streams_open";
+    let _ = writeln!(out, "# HELP {n} Open gRPC streams.\n# TYPE {n} gauge");
+    let _ = writeln!(
+        out,
+        "{n} {}",
+        state.config.max_streams - state.streams.available_permits()
+    );
+    for (n, help, pick) in [
+        (
+            "tickwire_edge_dispatch_latency_seconds",
+            "Ingest to dispatch latency.",
+            0,
+        ),
+        (
+            "tickwire_edge_send_latency_seconds",
+            "Ingest to socket write latency (oldest event of each message).",
+            1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {n} {help}\n# TYPE {n} summary");
+        for t in &running {
+            let h = if pick == 0 {
+                &t.dispatch_latency
+            } else {
+                &t.send_latency
+            };
+            let Ok(h) = h.lock() else { continue };
+            for q in [0.5, 0.99, 0.999] {
+                let _ = writeln!(
+                    out,
+                    "{n}{{topic=\"{}\",quantile=\"{q}\"}} {:e}",
+                    t.topic,
+                    h.value_at_quantile(q) as f64 / 1e9
+                );
+            }
+            let _ = writeln!(out, "{n}_count{{topic=\"{}\"}} {}", t.topic, h.len());
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LatestQuery {
+    exchange: Option<String>,
+    currency: Option<String>,
+    topic: Option<String>,
+}
+
+fn nonempty(field: &str, v: &Option<String>, max: usize) -> Result<(), ApiError> {
+    match v {
+        Some(s) if s.is_empty() || s.len() > max => {
+            Err(ApiError::invalid(field, format!("{s:?}: 1 to {max} bytes")))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn latest(
+    State(state): S,
+    headers: HeaderMap,
+    Path(symbol): Path<String>,
+    query: Result<Query<LatestQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    use tickwire_proto::symbology::{MAX_CURRENCY, MAX_EXCHANGE, MAX_SYMBOL};
+    if symbol.is_empty() || symbol.len() > MAX_SYMBOL {
+        return Err(ApiError::invalid(
+            "symbol",
+            format!("{symbol:?}: 1 to {MAX_SYMBOL} bytes"),
+        ));
+    }
+    nonempty("exchange", &q.exchange, MAX_EXCHANGE)?;
+    nonempty("currency", &q.currency, MAX_CURRENCY)?;
+    let topic = q
+        .topic
+        .clone()
+        .unwrap_or_else(|| state.default_topic.clone());
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    let t = state.hub.topic(&topic)?;
+    let sym = state.hub.symbology()?;
+    let mut best: Option<(u32, crate::dispatch::Latest)> = None;
+    let mut venues = Vec::new();
+    {
+        let latest = t
+            .latest
+            .lock()
+            .map_err(|_| ApiError::internal("latest table poisoned"))?;
+        for id in 1..=sym.count() {
+            let Some(e) = sym.get(id) else { continue };
+            if e.symbol() != symbol
+                || q.exchange.as_deref().is_some_and(|x| x != e.exchange())
+                || q.currency.as_deref().is_some_and(|c| c != e.currency())
+            {
+                continue;
+            }
+            let Some(l) = latest.get(&id) else { continue };
+            venues.push(e.exchange().to_string());
+            if best.is_none_or(|(_, b)| l.body().ts_event() > b.body().ts_event()) {
+                best = Some((id, *l));
+            }
+        }
+    }
+    let Some((id, l)) = best else {
+        return Err(ApiError::NotFound {
+            what: "symbol",
+            name: symbol,
+        });
+    };
+    let e = sym
+        .get(id)
+        .ok_or_else(|| ApiError::internal("symbology entry vanished"))?;
+    let b = l.body();
+    let decimals = e.size_decimals();
+    let mut data = serde_json::json!({
+        "symbol": e.symbol(),
+        "exchange": e.exchange(),
+        "currency": e.currency(),
+        "kind": b.kind().map_or("unknown", tickwire_proto::Kind::name),
+        "timestamp": rfc3339(b.ts_event()),
+        "timestamp_ns": b.ts_event(),
+    });
+    let dec = |d: Option<Decimal>| d.map(|d| serde_json::to_value(d).unwrap_or_default());
+    match b.kind() {
+        Some(tickwire_proto::Kind::Quote) => {
+            data["bid_price"] = dec(Decimal::price(b.px_a())).into();
+            data["bid_size"] = dec(Some(Decimal::size(b.size_a(), decimals))).into();
+            data["ask_price"] = dec(Decimal::price(b.px_b())).into();
+            data["ask_size"] = dec(Some(Decimal::size(b.size_b(), decimals))).into();
+        }
+        _ => {
+            data["price"] = dec(Decimal::price(b.px_a())).into();
+            data["volume"] = dec(Some(Decimal::size(b.size_a(), decimals))).into();
+        }
+    }
+    venues.sort();
+    venues.dedup();
+    Ok(Json(serde_json::json!({
+        "symbol": e.symbol(),
+        "data": data,
+        "timestamp": rfc3339(b.ts_event()),
+        "source": e.exchange(),
+        "venues": venues,
+        "topic": topic,
+        "partition": l.partition,
+        "sequence": l.seq,
+        "message_id": format!("{}:{}:{}", l.partition, l.epoch, l.seq),
+    }))
+    .into_response())
+}
+
+async fn ws(
+    State(state): S,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let upgrade = upgrade.map_err(|e| ApiError::invalid("upgrade", e.body_text()))?;
+    let permit = state
+        .ws_connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::Limit(format!(
+                "{} WebSocket connections are open",
+                state.config.max_ws_connections
+            ))
+        })?;
+    let max = state.config.max_request_bytes;
+    Ok(upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            crate::stream::ws::serve(socket, state, k).await;
+            drop(permit);
+        }))
+}
+
+async fn list_topics(State(state): S, headers: HeaderMap) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let topics: Vec<serde_json::Value> = crate::admin::list_topics(&state)
+        .into_iter()
+        .filter(|t| {
+            state
+                .auth
+                .allow(k.as_deref(), &t.topic, Right::Read)
+                .is_ok()
+        })
+        .map(|t| topic_json(&t))
+        .collect();
+    Ok(Json(serde_json::json!({ "topics": topics })).into_response())
+}
+
+fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
+    serde_json::json!({
+        "topic": t.topic, "partitions": t.partitions, "capacity": t.capacity,
+        "retention_policy": t.retention_policy, "enabled": t.enabled, "origin": t.origin,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTopic {
+    topic: String,
+    #[allow(dead_code)]
+    partitions: u32,
+    #[serde(default)]
+    #[allow(dead_code)]
+    capacity: Option<u64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    retention_policy: Option<String>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(
+    r: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    r.map(|Json(v)| v).map_err(|e| {
+        let text = e.body_text();
+        let field = text
+            .split('`')
+            .nth(1)
+            .map_or("body".to_string(), str::to_string);
+        ApiError::invalid(field, text)
+    })
+}
+
+async fn create_topic(
+    State(state): S,
+    headers: HeaderMap,
+    body: Result<Json<CreateTopic>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let c = json_body(body)?;
+    state.auth.allow(k.as_deref(), &c.topic, Right::Admin)?;
+    Err(crate::admin::create_topic_unsupported(&c.topic))
+}
+
+async fn get_topic(
+    State(state): S,
+    headers: HeaderMap,
+    Path(topic): Path<String>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    crate::admin::list_topics(&state)
+        .into_iter()
+        .find(|t| t.topic == topic)
+        .map(|t| Json(topic_json(&t)).into_response())
+        .ok_or(ApiError::NotFound {
+            what: "topic",
+            name: topic,
+        })
+}
+
+async fn delete_topic(
+    State(state): S,
+    headers: HeaderMap,
+    Path(topic): Path<String>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
+    Err(crate::admin::delete_topic_unsupported(&topic))
+}
+
+fn stats_json(s: &pb::TopicStats) -> serde_json::Value {
+    let l = s.latency.unwrap_or_default();
+    serde_json::json!({
+        "topic": s.topic, "partitions": s.partitions, "events": s.events, "bytes": s.bytes,
+        "events_per_sec": s.events_per_sec, "subscribers": s.subscribers,
+        "delivered": s.delivered, "dropped": s.dropped,
+        "latency_us": {"p50": l.p50_us, "p99": l.p99_us, "p999": l.p999_us, "max": l.max_us},
+    })
+}
+
+async fn topic_stats(
+    State(state): S,
+    headers: HeaderMap,
+    Path(topic): Path<String>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    Ok(Json(stats_json(&crate::admin::topic_stats(&state, &topic)?)).into_response())
+}
+
+async fn distribution(State(state): S, headers: HeaderMap) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let mut out = Vec::new();
+    for t in state.engine.topics() {
+        if state.auth.allow(k.as_deref(), &t.name, Right::Read).is_ok() {
+            out.push(stats_json(&crate::admin::topic_stats(&state, &t.name)?));
+        }
+    }
+    Ok(Json(serde_json::json!({ "topics": out, "timestamp": rfc3339(tickwire_proto::futex::realtime_ns()) })).into_response())
+}
+
+fn sub_json(s: &pb::SubscriptionStats) -> serde_json::Value {
+    let status = pb::SubscriptionStatus::try_from(s.status).map_or("ERROR", |x| {
+        x.as_str_name().trim_start_matches("SUBSCRIPTION_STATUS_")
+    });
+    serde_json::json!({
+        "subscription_id": s.subscription_id, "topic": s.topic, "subscription": s.subscription,
+        "status": status, "delivered": s.delivered, "dropped": s.dropped, "gaps": s.gaps,
+        "conflated": s.conflated, "lag": s.lag, "rate_per_sec": s.rate_per_sec,
+        "connections": s.connections,
+        "last_activity": (s.last_activity_ns > 0).then(|| rfc3339(s.last_activity_ns as u64)),
+        "created_at": rfc3339(s.created_at_ns as u64),
+    })
+}
+
+async fn list_subscriptions(State(state): S, headers: HeaderMap) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let subs: Vec<_> = state
+        .subscriptions
+        .all()
+        .iter()
+        .filter(|s| {
+            state
+                .auth
+                .allow(k.as_deref(), &s.topic, Right::Read)
+                .is_ok()
+        })
+        .map(sub_json)
+        .collect();
+    Ok(Json(serde_json::json!({ "subscriptions": subs })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CreateSubscription {
+    topic: String,
+    subscription: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    symbols: Vec<String>,
+    data_types: Vec<String>,
+    filters: Option<serde_json::Value>,
+    start_position: Option<String>,
+    policy: Option<String>,
+    delivery_mode: Option<String>,
+}
+
+fn enum_field<E: Copy>(
+    field: &str,
+    v: Option<&str>,
+    names: &[(&str, E)],
+    default: E,
+) -> Result<E, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(s) => names
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s))
+            .map(|&(_, e)| e)
+            .ok_or_else(|| {
+                let all: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+                ApiError::invalid(field, format!("{s:?} is not one of {}", all.join(", ")))
+            }),
+    }
+}
+
+async fn create_subscription(
+    State(state): S,
+    headers: HeaderMap,
+    body: Result<Json<CreateSubscription>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let c = json_body(body)?;
+    let topic = if c.topic.is_empty() {
+        state.default_topic.clone()
+    } else {
+        c.topic.clone()
+    };
+    state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
+    use pb::{
+        DeliveryMode as D, MessagePosition as M, SlowConsumerPolicy as P, SubscriptionType as T,
+    };
+    let filters = match c.filters {
+        None => None,
+        Some(v) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields, default)]
+            #[derive(Default)]
+            struct F {
+                exchanges: Vec<String>,
+                currencies: Vec<String>,
+                min_price: Option<f64>,
+                max_price: Option<f64>,
+                min_volume: Option<i64>,
+            }
+            let f: F = serde_json::from_value(v)
+                .map_err(|e| ApiError::invalid("filters", e.to_string()))?;
+            Some(pb::FilterCriteria {
+                exchanges: f.exchanges,
+                currencies: f.currencies,
+                min_price: f.min_price,
+                max_price: f.max_price,
+                min_volume: f.min_volume,
+            })
+        }
+    };
+    let r = pb::SubscriptionRequest {
+        topic,
+        subscription: c.subscription,
+        r#type: enum_field(
+            "type",
+            c.kind.as_deref(),
+            &[
+                ("Exclusive", T::Exclusive),
+                ("Shared", T::Shared),
+                ("Failover", T::Failover),
+                ("KeyShared", T::KeyShared),
+                ("Key_Shared", T::KeyShared),
+            ],
+            T::Exclusive,
+        )? as i32,
+        filters,
+        start_position: enum_field(
+            "start_position",
+            c.start_position.as_deref(),
+            &[("Latest", M::Latest), ("Earliest", M::Earliest)],
+            M::Latest,
+        )? as i32,
+        action: pb::SubscriptionAction::Create as i32,
+        symbols: c.symbols,
+        data_types: c.data_types,
+        policy: enum_field(
+            "policy",
+            c.policy.as_deref(),
+            &[
+                ("drop", P::Drop),
+                ("conflate", P::Conflate),
+                ("disconnect", P::Disconnect),
+            ],
+            P::Drop,
+        )? as i32,
+        delivery_mode: enum_field(
+            "delivery_mode",
+            c.delivery_mode.as_deref(),
+            &[
+                ("at_most_once", D::AtMostOnce),
+                ("at_least_once", D::AtLeastOnce),
+                ("exactly_once", D::ExactlyOnce),
+            ],
+            D::AtMostOnce,
+        )? as i32,
+    };
+    let resp = state.subscriptions.manage(&state, r)?;
+    let stats = resp.stats.unwrap_or_default();
+    Ok((StatusCode::CREATED, Json(sub_json(&stats))).into_response())
+}
+
+async fn subscription_stats(
+    State(state): S,
+    headers: HeaderMap,
+    Path((topic, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    Ok(Json(sub_json(&state.subscriptions.stats(&topic, &name)?)).into_response())
+}
+
+async fn delete_subscription(
+    State(state): S,
+    headers: HeaderMap,
+    Path((topic, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
+    state.subscriptions.delete(&topic, &name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn set_paused(
+    state: Arc<EdgeState>,
+    headers: HeaderMap,
+    topic: String,
+    name: String,
+    pause: bool,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
+    let action = if pause {
+        pb::SubscriptionAction::Pause
+    } else {
+        pb::SubscriptionAction::Resume
+    };
+    let r = state.subscriptions.manage(
+        &state,
+        pb::SubscriptionRequest {
+            topic,
+            subscription: name,
+            action: action as i32,
+            ..Default::default()
+        },
+    )?;
+    Ok(Json(sub_json(&r.stats.unwrap_or_default())).into_response())
+}
+
+async fn pause(
+    State(state): S,
+    headers: HeaderMap,
+    Path((topic, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    set_paused(state, headers, topic, name, true).await
+}
+
+async fn resume(
+    State(state): S,
+    headers: HeaderMap,
+    Path((topic, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    set_paused(state, headers, topic, name, false).await
+}

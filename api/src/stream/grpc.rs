@@ -1,0 +1,288 @@
+//! gRPC: `MarketDataStream` (live streams of pre-encoded batches,
+//! `ManageSubscription`) and `TopicManager`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::Stream;
+use tickwire_proto::grpc::{Encoded, notice};
+use tickwire_proto::pb;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::EdgeState;
+use crate::auth::Right;
+use crate::dispatch::outbox::{Closed, Next};
+use crate::dispatch::{SubscriptionHandle, Wire};
+use crate::error::ApiError;
+use crate::spec::SubscriptionSpec;
+
+/// The `MarketDataStream` service.
+pub struct StreamService {
+    state: Arc<EdgeState>,
+}
+
+impl StreamService {
+    /// Over the edge's state.
+    pub fn new(state: Arc<EdgeState>) -> StreamService {
+        StreamService { state }
+    }
+}
+
+type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
+
+/// The frames of one subscription as a response stream: heartbeats when
+/// idle; the end notice and a status when the dispatcher closes it.
+/// Dropping the stream (the client went away) unsubscribes.
+fn frames(sub: SubscriptionHandle, heartbeat: std::time::Duration) -> EncodedStream {
+    Box::pin(futures::stream::unfold(
+        (sub, false),
+        move |(sub, done)| async move {
+            if done {
+                return None;
+            }
+            match sub.outbox.next(heartbeat).await {
+                Next::Frame(f) => {
+                    sub.shared.record_send(f.oldest_ingest_ns);
+                    Some((Ok(Encoded(f.bytes)), (sub, false)))
+                }
+                Next::Idle => Some((
+                    Ok(notice::heartbeat(tickwire_proto::futex::realtime_ns())),
+                    (sub, false),
+                )),
+                Next::Closed(why) => {
+                    let status = match &why {
+                        Closed::SlowConsumer(_) => Status::resource_exhausted(why.reason()),
+                        Closed::TopicGone(_) | Closed::Deleted => Status::not_found(why.reason()),
+                        Closed::Shutdown => Status::unavailable(why.reason()),
+                    };
+                    Some((Err(status), (sub, true)))
+                }
+            }
+        },
+    ))
+}
+
+#[tonic::async_trait]
+impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
+    type StreamMarketDataStream = EncodedStream;
+    type StreamHistoricalDataStream = EncodedStream;
+
+    async fn stream_market_data(
+        &self,
+        request: Request<pb::StreamRequest>,
+    ) -> Result<Response<EncodedStream>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        let spec =
+            SubscriptionSpec::from_request(&r, &self.state.default_topic, &self.state.limits)?;
+        self.state
+            .auth
+            .allow(key.as_deref(), &spec.topic, Right::Read)?;
+        let permit = self
+            .state
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Limit(format!(
+                    "{} streams are open; the limit is {}",
+                    self.state.config.max_streams, self.state.config.max_streams
+                ))
+            })?;
+        let heartbeat = spec.heartbeat;
+        let name = spec.name.clone();
+        let sub = self
+            .state
+            .hub
+            .subscribe(spec, Wire::Grpc, Arc::new(Notify::new()))
+            .await?;
+        self.state.subscriptions.attach(&name, &sub);
+        tracing::debug!(id = sub.id, topic = %sub.topic, "grpc stream opened");
+        let s = frames(sub, heartbeat);
+        // The permit lives as long as the stream.
+        let s = futures::StreamExt::map(s, move |x| {
+            let _ = &permit;
+            x
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn stream_historical_data(
+        &self,
+        request: Request<pb::HistoricalRequest>,
+    ) -> Result<Response<EncodedStream>, Status> {
+        self.state.auth.check_grpc(&request)?;
+        Err(ApiError::Unimplemented(
+            "historical streams need the journal, which this build does not have yet".into(),
+        )
+        .into())
+    }
+
+    async fn manage_subscription(
+        &self,
+        request: Request<pb::SubscriptionRequest>,
+    ) -> Result<Response<pb::SubscriptionResponse>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        let topic = if r.topic.is_empty() {
+            self.state.default_topic.clone()
+        } else {
+            r.topic.clone()
+        };
+        self.state
+            .auth
+            .allow(key.as_deref(), &topic, Right::Admin)?;
+        Ok(Response::new(
+            self.state.subscriptions.manage(&self.state, r)?,
+        ))
+    }
+}
+
+/// The `TopicManager` service.
+pub struct TopicService {
+    state: Arc<EdgeState>,
+}
+
+impl TopicService {
+    /// Over the edge's state.
+    pub fn new(state: Arc<EdgeState>) -> TopicService {
+        TopicService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::topic_manager_server::TopicManager for TopicService {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::TopicInfo>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        self.state
+            .auth
+            .allow(key.as_deref(), &r.topic, Right::Admin)?;
+        Err(crate::admin::create_topic_unsupported(&r.topic).into())
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::TopicRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        self.state
+            .auth
+            .allow(key.as_deref(), &r.topic, Right::Admin)?;
+        Err(crate::admin::delete_topic_unsupported(&r.topic).into())
+    }
+
+    async fn get_topic_stats(
+        &self,
+        request: Request<pb::TopicRequest>,
+    ) -> Result<Response<pb::TopicStats>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        self.state
+            .auth
+            .allow(key.as_deref(), &r.topic, Right::Read)?;
+        Ok(Response::new(crate::admin::topic_stats(
+            &self.state,
+            &r.topic,
+        )?))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let topics = crate::admin::list_topics(&self.state)
+            .into_iter()
+            .filter(|t| {
+                self.state
+                    .auth
+                    .allow(key.as_deref(), &t.topic, Right::Read)
+                    .is_ok()
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+}
+
+/// The `SubscriptionManager` service.
+pub struct SubscriptionService {
+    state: Arc<EdgeState>,
+}
+
+impl SubscriptionService {
+    /// Over the edge's state.
+    pub fn new(state: Arc<EdgeState>) -> SubscriptionService {
+        SubscriptionService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::subscription_manager_server::SubscriptionManager for SubscriptionService {
+    async fn create_subscription(
+        &self,
+        request: Request<pb::SubscriptionRequest>,
+    ) -> Result<Response<pb::SubscriptionResponse>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let mut r = request.into_inner();
+        if r.topic.is_empty() {
+            r.topic = self.state.default_topic.clone();
+        }
+        self.state
+            .auth
+            .allow(key.as_deref(), &r.topic, Right::Admin)?;
+        r.action = pb::SubscriptionAction::Create as i32;
+        Ok(Response::new(
+            self.state.subscriptions.manage(&self.state, r)?,
+        ))
+    }
+
+    async fn delete_subscription(
+        &self,
+        request: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        let topic = if r.topic.is_empty() {
+            self.state.default_topic.clone()
+        } else {
+            r.topic
+        };
+        self.state
+            .auth
+            .allow(key.as_deref(), &topic, Right::Admin)?;
+        self.state.subscriptions.delete(&topic, &r.subscription)?;
+        Ok(Response::new(pb::DeleteResponse { deleted: true }))
+    }
+
+    async fn get_subscription_stats(
+        &self,
+        request: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Result<Response<pb::SubscriptionStats>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let r = request.into_inner();
+        let topic = if r.topic.is_empty() {
+            self.state.default_topic.clone()
+        } else {
+            r.topic
+        };
+        self.state.auth.allow(key.as_deref(), &topic, Right::Read)?;
+        Ok(Response::new(
+            self.state.subscriptions.stats(&topic, &r.subscription)?,
+        ))
+    }
+}
+
+/// Topic stats' subscriber count, for tests and metrics.
+pub fn subscribers(state: &EdgeState, topic: &str) -> u64 {
+    state
+        .hub
+        .topic(topic)
+        .map_or(0, |t| t.subscribers.load(Ordering::Relaxed))
+}

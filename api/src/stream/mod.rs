@@ -1,0 +1,4 @@
+//! Live streams: gRPC and WebSocket writers over the dispatcher's queues.
+
+pub mod grpc;
+pub mod ws;

@@ -1,0 +1,389 @@
+//! WebSocket `/api/v1/market-data/stream`: the spec's `WebSocketMessage`
+//! JSON (`type`, `payload`, `timestamp`), several subscriptions per
+//! connection.
+//!
+//! Client to server:
+//! - `{"type":"subscribe","payload":{"symbols":["AAPL"]}}`: the payload has
+//!   the gRPC `StreamRequest`'s fields (`symbols`, `data_types`,
+//!   `subscription_name`, `filters`, `topic`, `start`, `snapshot`,
+//!   `policy`, `heartbeat_interval_ms`) plus an optional `subscription_id`;
+//!   omitted ones take defaults (all data types, latest, drop).
+//!   `start` is `"latest"`, `"earliest"` or
+//!   `{"message_ids":[{"partition":0,"epoch":1,"sequence":41}]}`.
+//! - `{"type":"unsubscribe","payload":{"subscription_id":"s1"}}`.
+//!
+//! Server to client: `subscribed`, `unsubscribed`, `data` (a batch:
+//! `payload.messages`), `gap`, `slow_consumer`, `snapshot_complete`,
+//! `heartbeat`, `end`, and `error` (naming the field that was wrong; it
+//! changes nothing else).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tickwire_proto::futex::realtime_ns;
+use tickwire_proto::pb;
+use tokio::sync::Notify;
+
+use crate::EdgeState;
+use crate::auth::Right;
+use crate::dispatch::outbox::Next;
+use crate::dispatch::{SubscriptionHandle, Wire, json};
+use crate::error::ApiError;
+use crate::spec::SubscriptionSpec;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    timestamp: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Filters {
+    exchanges: Vec<String>,
+    currencies: Vec<String>,
+    min_price: Option<f64>,
+    max_price: Option<f64>,
+    min_volume: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageIdJson {
+    partition: u32,
+    #[serde(default)]
+    epoch: u64,
+    sequence: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StartJson {
+    Named(String),
+    Ids { message_ids: Vec<MessageIdJson> },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Subscribe {
+    subscription_id: Option<String>,
+    symbols: Vec<String>,
+    data_types: Vec<String>,
+    subscription_name: String,
+    filters: Option<Filters>,
+    topic: String,
+    start: Option<StartJson>,
+    snapshot: bool,
+    policy: Option<String>,
+    heartbeat_interval_ms: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Unsubscribe {
+    subscription_id: String,
+}
+
+/// The `payload` of a `subscribe` as a `StreamRequest`.
+fn to_request(s: Subscribe) -> Result<(Option<String>, pb::StreamRequest), ApiError> {
+    let mut r = pb::StreamRequest {
+        symbols: s.symbols,
+        data_types: s.data_types,
+        subscription_name: s.subscription_name,
+        topic: s.topic,
+        snapshot: s.snapshot,
+        heartbeat_interval_ms: s.heartbeat_interval_ms,
+        ..Default::default()
+    };
+    if let Some(f) = s.filters {
+        r.filters = Some(pb::FilterCriteria {
+            exchanges: f.exchanges,
+            currencies: f.currencies,
+            min_price: f.min_price,
+            max_price: f.max_price,
+            min_volume: f.min_volume,
+        });
+    }
+    match s.start {
+        None => {}
+        Some(StartJson::Named(n)) => {
+            r.start_position = match n.as_str() {
+                "latest" => pb::MessagePosition::Latest,
+                "earliest" => pb::MessagePosition::Earliest,
+                other => {
+                    return Err(ApiError::invalid(
+                        "payload.start",
+                        format!(
+                            "{other:?} is not a start (latest, earliest, or {{\"message_ids\": [..]}})"
+                        ),
+                    ));
+                }
+            } as i32;
+        }
+        Some(StartJson::Ids { message_ids }) => {
+            r.start_position = pb::MessagePosition::MessageId as i32;
+            r.start_message_ids = message_ids
+                .into_iter()
+                .map(|m| pb::MessageId {
+                    partition: m.partition,
+                    epoch: m.epoch,
+                    sequence: m.sequence,
+                })
+                .collect();
+        }
+    }
+    if let Some(p) = s.policy {
+        r.policy = match p.as_str() {
+            "drop" => pb::SlowConsumerPolicy::Drop,
+            "conflate" => pb::SlowConsumerPolicy::Conflate,
+            "disconnect" => pb::SlowConsumerPolicy::Disconnect,
+            other => {
+                return Err(ApiError::invalid(
+                    "payload.policy",
+                    format!("{other:?} is not a policy (drop, conflate, disconnect)"),
+                ));
+            }
+        } as i32;
+    }
+    Ok((s.subscription_id, r))
+}
+
+fn error_message(e: &ApiError, subscription_id: Option<&str>) -> Message {
+    let mut p = e.body()["error"].clone();
+    if let Some(id) = subscription_id {
+        p["subscription_id"] = id.into();
+    }
+    text(json::message("error", p, realtime_ns()))
+}
+
+fn text(bytes: Vec<u8>) -> Message {
+    Message::Text(String::from_utf8(bytes).unwrap_or_default().into())
+}
+
+/// Field names in serde errors start with the payload.
+fn payload_error(e: serde_json::Error) -> ApiError {
+    let msg = e.to_string();
+    let field = msg
+        .split('`')
+        .nth(1)
+        .map_or("payload".to_string(), |f| format!("payload.{f}"));
+    ApiError::invalid(field, msg)
+}
+
+/// Serves one connection until the client leaves or the edge stops.
+pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>) {
+    let (mut tx, mut rx) = socket.split();
+    let notify = Arc::new(Notify::new());
+    let mut subs: HashMap<String, SubscriptionHandle> = HashMap::new();
+    let mut next_id = 1u64;
+    let mut heartbeat = Duration::from_secs(1);
+    let mut last_send = tokio::time::Instant::now();
+    loop {
+        // Everything queued, then wait.
+        let mut ended = Vec::new();
+        let mut sent = false;
+        for (id, s) in &subs {
+            while let Some(n) = s.outbox.pop() {
+                match n {
+                    Next::Frame(f) => {
+                        s.shared.record_send(f.oldest_ingest_ns);
+                        let m = Message::Text(
+                            String::from_utf8(f.bytes.to_vec())
+                                .unwrap_or_default()
+                                .into(),
+                        );
+                        if tx.feed(m).await.is_err() {
+                            return;
+                        }
+                        sent = true;
+                    }
+                    Next::Closed(_) => {
+                        ended.push(id.clone());
+                        break;
+                    }
+                    Next::Idle => break,
+                }
+            }
+        }
+        for id in ended {
+            subs.remove(&id);
+        }
+        if sent {
+            if tx.flush().await.is_err() {
+                return;
+            }
+            last_send = tokio::time::Instant::now();
+        }
+        let notified = notify.notified();
+        tokio::select! {
+            _ = state.cancel.cancelled() => {
+                let _ = tx.send(text(json::message("end", serde_json::json!({"reason": "the broker is shutting down"}), realtime_ns()))).await;
+                let _ = tx.send(Message::Close(None)).await;
+                return;
+            }
+            _ = notified => {}
+            _ = tokio::time::sleep_until(last_send + heartbeat) => {
+                let m = text(json::message("heartbeat", serde_json::json!({"subscriptions": subs.len()}), realtime_ns()));
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+                last_send = tokio::time::Instant::now();
+            }
+            m = rx.next() => {
+                let m = match m {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        let e = ApiError::invalid("message", "binary messages are not understood; send JSON text");
+                        if tx.send(error_message(&e, None)).await.is_err() { return; }
+                        continue;
+                    }
+                    Some(Ok(_)) => continue, // ping/pong: answered by the library
+                };
+                let reply = match handle(&state, key.as_deref(), &m, &mut subs, &mut next_id, &notify).await {
+                    Ok(r) => r,
+                    Err((e, id)) => error_message(&e, id.as_deref()),
+                };
+                heartbeat = subs
+                    .values()
+                    .map(|s| s.heartbeat)
+                    .min()
+                    .unwrap_or(Duration::from_secs(1));
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+type Failed = (ApiError, Option<String>);
+
+async fn handle(
+    state: &Arc<EdgeState>,
+    key: Option<&str>,
+    text_in: &str,
+    subs: &mut HashMap<String, SubscriptionHandle>,
+    next_id: &mut u64,
+    notify: &Arc<Notify>,
+) -> Result<Message, Failed> {
+    let m: ClientMessage = serde_json::from_str(text_in).map_err(|e| {
+        (
+            ApiError::invalid("message", format!("not a WebSocketMessage: {e}")),
+            None,
+        )
+    })?;
+    match m.kind.as_str() {
+        "subscribe" => {
+            let s: Subscribe =
+                serde_json::from_value(m.payload).map_err(|e| (payload_error(e), None))?;
+            let (id, req) = to_request(s).map_err(|e| (e, None))?;
+            let id = match id {
+                Some(id) if id.is_empty() || id.len() > 64 => {
+                    return Err((
+                        ApiError::invalid("payload.subscription_id", "1 to 64 bytes"),
+                        None,
+                    ));
+                }
+                Some(id) => id,
+                None => loop {
+                    let id = format!("s{next_id}");
+                    *next_id += 1;
+                    if !subs.contains_key(&id) {
+                        break id;
+                    }
+                },
+            };
+            if subs.contains_key(&id) {
+                return Err((
+                    ApiError::AlreadyExists {
+                        what: "subscription_id",
+                        name: id.clone(),
+                    },
+                    Some(id),
+                ));
+            }
+            if subs.len() >= state.config.max_subscriptions_per_connection {
+                return Err((
+                    ApiError::Limit(format!(
+                        "{} subscriptions on this connection; the limit is {}",
+                        subs.len(),
+                        state.config.max_subscriptions_per_connection
+                    )),
+                    Some(id),
+                ));
+            }
+            let spec = SubscriptionSpec::from_request(&req, &state.default_topic, &state.limits)
+                .map_err(|e| (prefix_payload(e), Some(id.clone())))?;
+            state
+                .auth
+                .allow(key, &spec.topic, Right::Read)
+                .map_err(|e| (e, Some(id.clone())))?;
+            let name = spec.name.clone();
+            let topic = spec.topic.clone();
+            let sub = state
+                .hub
+                .subscribe(
+                    spec,
+                    Wire::Json {
+                        subscription_id: Arc::from(id.as_str()),
+                    },
+                    notify.clone(),
+                )
+                .await
+                .map_err(|e| (e, Some(id.clone())))?;
+            state.subscriptions.attach(&name, &sub);
+            subs.insert(id.clone(), sub);
+            Ok(text(json::message(
+                "subscribed",
+                serde_json::json!({"subscription_id": id, "topic": topic}),
+                realtime_ns(),
+            )))
+        }
+        "unsubscribe" => {
+            let u: Unsubscribe =
+                serde_json::from_value(m.payload).map_err(|e| (payload_error(e), None))?;
+            if subs.remove(&u.subscription_id).is_none() {
+                return Err((
+                    ApiError::NotFound {
+                        what: "subscription_id",
+                        name: u.subscription_id.clone(),
+                    },
+                    Some(u.subscription_id),
+                ));
+            }
+            Ok(text(json::message(
+                "unsubscribed",
+                serde_json::json!({"subscription_id": u.subscription_id}),
+                realtime_ns(),
+            )))
+        }
+        other => Err((
+            ApiError::invalid(
+                "type",
+                format!("{other:?} is not a message type a client sends (subscribe, unsubscribe)"),
+            ),
+            None,
+        )),
+    }
+}
+
+fn prefix_payload(e: ApiError) -> ApiError {
+    match e {
+        ApiError::Invalid { field, why } => ApiError::Invalid {
+            field: format!("payload.{field}"),
+            why,
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,727 @@
+//! The edge end to end: a real ring written with shm-client's test writer,
+//! the real gRPC and HTTP servers on port 0, a tonic client generated from
+//! proto/, a tokio-tungstenite WebSocket client and plain HTTP requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use shm_client::testing::TopicWriter;
+use tickwire_api::auth::{AuthConfig, Grant, KeyConfig, Right, hash_key};
+use tickwire_api::{Edge, EdgeConfig, Engine, TopicDesc};
+use tickwire_proto::pb;
+use tickwire_proto::pb::market_data_stream_client::MarketDataStreamClient;
+use tickwire_proto::pb::stream_response::Kind as R;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "market-data/normalized/equities";
+
+struct TestEngine {
+    dir: std::path::PathBuf,
+}
+
+impl Engine for TestEngine {
+    fn node_dir(&self) -> std::path::PathBuf {
+        self.dir.clone()
+    }
+    fn topics(&self) -> Vec<TopicDesc> {
+        vec![TopicDesc {
+            name: TOPIC.into(),
+            partitions: 2,
+            capacity: 1024,
+        }]
+    }
+    fn default_topic(&self) -> String {
+        TOPIC.into()
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    writer: TopicWriter,
+    edge: Option<Edge>,
+    cancel: CancellationToken,
+}
+
+impl Fixture {
+    async fn start(tune: impl FnOnce(&mut EdgeConfig)) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = TopicWriter::create(dir.path(), TOPIC, 2, 1024).expect("rings");
+        let mut cfg = EdgeConfig {
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
+            ..EdgeConfig::default()
+        };
+        tune(&mut cfg);
+        let cancel = CancellationToken::new();
+        let engine = Arc::new(TestEngine {
+            dir: dir.path().to_path_buf(),
+        });
+        let edge = Edge::start(cfg, engine, cancel.clone())
+            .await
+            .expect("edge");
+        Fixture {
+            _dir: dir,
+            writer,
+            edge: Some(edge),
+            cancel,
+        }
+    }
+
+    fn edge(&self) -> &Edge {
+        self.edge.as_ref().expect("running")
+    }
+
+    async fn grpc(&self) -> MarketDataStreamClient<tonic::transport::Channel> {
+        MarketDataStreamClient::connect(format!("http://{}", self.edge().grpc_addr))
+            .await
+            .expect("connect")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.edge().http_addr)
+    }
+
+    fn trade(&mut self, partition: u32, symbol: &str, exchange: &str, price: f64) -> u64 {
+        let s = self
+            .writer
+            .publish_trade(partition, symbol, exchange, "USD", price, 100)
+            .expect("publish");
+        self.writer.flush();
+        s
+    }
+
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(e) = self.edge.take() {
+            tokio::time::timeout(Duration::from_secs(10), e.join())
+                .await
+                .expect("edge stops promptly");
+        }
+    }
+}
+
+/// Reads responses until `n` events arrived; returns (events as
+/// (partition, seq, symbol, snapshot), notices).
+async fn collect(
+    s: &mut tonic::Streaming<pb::StreamResponse>,
+    n: usize,
+) -> (Vec<(u32, u64, String, bool)>, Vec<R>) {
+    let mut events = Vec::new();
+    let mut notices = Vec::new();
+    // One deadline for all of it: heartbeats must not keep a stalled wait alive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while events.len() < n {
+        let m = tokio::time::timeout_at(deadline, s.message())
+            .await
+            .expect("no stall")
+            .expect("stream ok")
+            .expect("not ended");
+        match m.kind.expect("kind") {
+            R::Batch(b) => {
+                for m in b.messages {
+                    let md = m.metadata.expect("metadata");
+                    let d = m.data.expect("data");
+                    events.push((md.partition, md.sequence, d.symbol, md.snapshot));
+                }
+            }
+            R::Heartbeat(_) => {}
+            other => notices.push(other),
+        }
+    }
+    (events, notices)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_filtered_events_in_order_with_snapshot_and_earliest() {
+    let mut f = Fixture::start(|_| {}).await;
+    // History before anyone subscribes.
+    let mut before = Vec::new();
+    for i in 0..10 {
+        before.push((0, f.trade(0, "AAPL", "NASDAQ", 150.0 + i as f64)));
+        f.trade(1, "MSFT", "NASDAQ", 300.0);
+    }
+    let mut c = f.grpc().await;
+    // Earliest, AAPL only, with a snapshot first.
+    let mut s = c
+        .stream_market_data(pb::StreamRequest {
+            symbols: vec!["AAPL".into()],
+            start_position: pb::MessagePosition::Earliest as i32,
+            snapshot: true,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    // Live events after subscribing.
+    let mut after = Vec::new();
+    for i in 0..5 {
+        after.push((0, f.trade(0, "AAPL", "NASDAQ", 160.0 + i as f64)));
+        f.trade(1, "MSFT", "NASDAQ", 300.0);
+    }
+    let (events, notices) = collect(&mut s, 1 + 10 + 5).await;
+    // The initial image: AAPL's latest, marked snapshot, then its end.
+    assert_eq!(events[0], (0, 10, "AAPL".into(), true));
+    assert!(matches!(
+        notices[0],
+        R::SnapshotComplete(pb::SnapshotComplete { instruments: 1 })
+    ));
+    // Then every AAPL event from the oldest, in order, no MSFT, no gap, no duplicate.
+    let got: Vec<(u32, u64)> = events[1..].iter().map(|e| (e.0, e.1)).collect();
+    let want: Vec<(u32, u64)> = before.iter().chain(&after).copied().collect();
+    assert_eq!(got, want);
+    assert!(events[1..].iter().all(|e| e.2 == "AAPL" && !e.3));
+    assert_eq!(notices.len(), 1, "{notices:?}");
+
+    // Resume after a message id: only what follows it.
+    let mut s = c
+        .stream_market_data(pb::StreamRequest {
+            symbols: vec!["AAPL".into()],
+            start_position: pb::MessagePosition::MessageId as i32,
+            start_message_ids: vec![pb::MessageId {
+                partition: 0,
+                epoch: 1,
+                sequence: 12,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let (events, _) = collect(&mut s, 3).await;
+    assert_eq!(
+        events.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![13, 14, 15]
+    );
+
+    // Filters: price range and data type.
+    let mut s = c
+        .stream_market_data(pb::StreamRequest {
+            data_types: vec!["trade".into()],
+            filters: Some(pb::FilterCriteria {
+                min_price: Some(500.0),
+                exchanges: vec!["NYSE".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    f.trade(0, "IBM", "NYSE", 100.0); // too cheap
+    f.trade(1, "IBM", "NASDAQ", 900.0); // wrong venue
+    let want = f.trade(1, "IBM", "NYSE", 900.0);
+    let (events, _) = collect(&mut s, 1).await;
+    assert_eq!(events, vec![(1, want, "IBM".into(), false)]);
+
+    // Bad requests name the field; a type this build cannot serve says so.
+    let e = c
+        .stream_market_data(pb::StreamRequest {
+            data_types: vec!["bars".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("data_types[0]"), "{}", e.message());
+    let e = c
+        .stream_market_data(pb::StreamRequest {
+            subscription_type: pb::SubscriptionType::Shared as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    let e = c
+        .stream_market_data(pb::StreamRequest {
+            topic: "no/such/topic".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
+    let mut f = Fixture::start(|c| {
+        c.queue_events = 64;
+        c.queue_bytes = 64 * 1024;
+        c.max_batch = 16;
+    })
+    .await;
+    // Two connections, as two remote programs would have (HTTP/2 flow
+    // control is per connection as well as per stream).
+    let mut fast = f
+        .grpc()
+        .await
+        .stream_market_data(pb::StreamRequest::default())
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut slow = f
+        .grpc()
+        .await
+        .stream_market_data(pb::StreamRequest::default())
+        .await
+        .expect("stream")
+        .into_inner();
+    // The fast client reads each round of 32 events in full (its queue
+    // holds 64); the slow one reads nothing until the end.
+    let rounds = 2000;
+    let per = 32u64;
+    let mut fast_seen = Vec::new();
+    for _ in 0..rounds {
+        for _ in 0..per {
+            f.trade(0, "AAPL", "NASDAQ", 1.0);
+        }
+        let (ev, notices) = collect(&mut fast, per as usize).await;
+        assert!(
+            notices.is_empty(),
+            "the fast client lost nothing: {notices:?}"
+        );
+        fast_seen.extend(ev.into_iter().map(|e| e.1));
+    }
+    let total = rounds * per;
+    assert_eq!(fast_seen, (1..=total).collect::<Vec<_>>());
+    // The slow client: every sequence either arrived or lies in a gap it
+    // was told about, exactly once, in order.
+    let marker = f.trade(1, "END", "NASDAQ", 1.0);
+    let mut covered = Vec::new();
+    let mut slow_notice = false;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), slow.message())
+            .await
+            .expect("no stall")
+            .expect("ok")
+            .expect("open");
+        match m.kind.expect("kind") {
+            R::Batch(b) => {
+                let mut end = false;
+                for m in b.messages {
+                    let md = m.metadata.expect("md");
+                    if md.partition == 1 {
+                        assert_eq!(md.sequence, marker);
+                        end = true;
+                    } else {
+                        covered.push(md.sequence);
+                    }
+                }
+                if end {
+                    break;
+                }
+            }
+            R::Gap(g) => {
+                assert_eq!(g.reason, "slow_consumer");
+                assert_eq!(g.partition, 0);
+                covered.extend(g.from_sequence..=g.to_sequence);
+            }
+            R::SlowConsumer(n) => {
+                assert_eq!(n.policy, "drop");
+                slow_notice = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(slow_notice, "the slow client was told");
+    assert_eq!(
+        covered,
+        (1..=total).collect::<Vec<_>>(),
+        "delivered + gaps = everything, in order"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribe_unsubscribe_and_bad_messages() {
+    let mut f = Fixture::start(|_| {}).await;
+    let url = format!("ws://{}/api/v1/market-data/stream", f.edge().http_addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+    use tokio_tungstenite::tungstenite::Message;
+    async fn next_json(
+        ws: &mut (
+                 impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+                 + Unpin
+             ),
+        skip_heartbeats: bool,
+    ) -> serde_json::Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("no stall")
+                .expect("open")
+                .expect("ok");
+            if let Message::Text(t) = m {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+                if skip_heartbeats && v["type"] == "heartbeat" {
+                    continue;
+                }
+                return v;
+            }
+        }
+    }
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","payload":{"symbols":["AAPL"]}}"#.into(),
+    ))
+    .await
+    .expect("send");
+    let ack = next_json(&mut ws, true).await;
+    assert_eq!(ack["type"], "subscribed");
+    let id = ack["payload"]["subscription_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Bad messages: each names what was wrong and changes nothing.
+    for (bad, field) in [
+        (
+            r#"{"type":"subscribe","payload":{"symbols":["AAPL"],"policy":"block"}}"#,
+            "payload.policy",
+        ),
+        (
+            r#"{"type":"subscribe","payload":{"symbol":["AAPL"]}}"#,
+            "payload.symbol",
+        ),
+        (
+            r#"{"type":"subscribe","payload":{"data_types":["bars"]}}"#,
+            "payload.data_types[0]",
+        ),
+        (r#"{"type":"shout","payload":{}}"#, "type"),
+        (r#"not json"#, "message"),
+    ] {
+        ws.send(Message::Text(bad.into())).await.expect("send");
+        let e = next_json(&mut ws, true).await;
+        assert_eq!(e["type"], "error", "{bad}");
+        assert_eq!(e["payload"]["field"], field, "{bad}: {e}");
+    }
+    let s1 = f.trade(0, "AAPL", "NASDAQ", 150.25);
+    f.trade(0, "MSFT", "NASDAQ", 300.0);
+    let s2 = f.trade(1, "AAPL", "NASDAQ", 150.5);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let d = next_json(&mut ws, true).await;
+        assert_eq!(d["type"], "data", "{d}");
+        assert_eq!(d["payload"]["subscription_id"], id.as_str());
+        for m in d["payload"]["messages"].as_array().expect("messages") {
+            assert_eq!(m["data"]["symbol"], "AAPL");
+            got.push((
+                m["metadata"]["partition"].as_u64().expect("p"),
+                m["metadata"]["sequence"].as_u64().expect("s"),
+                m["data"]["price"].to_string(),
+            ));
+        }
+    }
+    assert_eq!(got, vec![(0, s1, "150.25".into()), (1, s2, "150.5".into())]);
+    ws.send(Message::Text(
+        format!(r#"{{"type":"unsubscribe","payload":{{"subscription_id":"{id}"}}}}"#).into(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_json(&mut ws, true).await["type"], "unsubscribed");
+    ws.send(Message::Text(
+        format!(r#"{{"type":"unsubscribe","payload":{{"subscription_id":"{id}"}}}}"#).into(),
+    ))
+    .await
+    .expect("send");
+    let e = next_json(&mut ws, true).await;
+    assert_eq!(e["type"], "error");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_latest_admin_health_metrics_and_openapi() {
+    let mut f = Fixture::start(|_| {}).await;
+    f.trade(0, "AAPL", "NASDAQ", 150.25);
+    let last = f.trade(1, "AAPL", "XETRA", 151.0);
+    let http = reqwest_free::Client;
+    // Wait for the dispatcher to have read it.
+    let mut v = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (code, body) = http.get(&f.url("/api/v1/market-data/AAPL/latest")).await;
+        if code == 200 {
+            v = body;
+            if v["sequence"] == last {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(v["source"], "XETRA", "{v}");
+    assert_eq!(v["data"]["price"].to_string(), "151");
+    assert_eq!(v["venues"], serde_json::json!(["NASDAQ", "XETRA"]));
+    let (code, v) = http
+        .get(&f.url("/api/v1/market-data/AAPL/latest?exchange=NASDAQ"))
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(v["data"]["price"].to_string(), "150.25");
+    let (code, v) = http
+        .get(&f.url("/api/v1/market-data/AAPL/latest?exchange="))
+        .await;
+    assert_eq!(
+        (code, v["error"]["field"].as_str()),
+        (400, Some("exchange"))
+    );
+    let (code, v) = http
+        .get(&f.url("/api/v1/market-data/AAPL/latest?venue=X"))
+        .await;
+    assert_eq!(code, 400, "{v}");
+    let (code, _) = http.get(&f.url("/api/v1/market-data/NOPE/latest")).await;
+    assert_eq!(code, 404);
+    let (code, v) = http.get(&f.url("/health")).await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("ok")));
+    let (code, v) = http.get(&f.url("/api/v1/topics")).await;
+    assert_eq!(code, 200);
+    assert_eq!(v["topics"][0]["topic"], TOPIC);
+    let enc = TOPIC.replace('/', "%2F");
+    let (code, v) = http
+        .get(&f.url(&format!("/api/v1/topics/{enc}/stats")))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert!(v["events"].as_u64().expect("events") >= 2);
+    let (code, _) = http
+        .post(&f.url("/api/v1/topics"), r#"{"topic":"x","partitions":2}"#)
+        .await;
+    assert_eq!(
+        code, 501,
+        "run-time topics are not in this build, and say so"
+    );
+    // Named subscriptions: create, pause, stats, delete.
+    let (code, v) = http
+        .post(
+            &f.url("/api/v1/subscriptions"),
+            r#"{"subscription":"screen","symbols":["AAPL"]}"#,
+        )
+        .await;
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["status"], "ACTIVE");
+    let (code, _) = http
+        .post(
+            &f.url("/api/v1/subscriptions"),
+            r#"{"subscription":"screen"}"#,
+        )
+        .await;
+    assert_eq!(code, 409);
+    let (code, v) = http
+        .post(
+            &f.url("/api/v1/subscriptions"),
+            r#"{"subscription":"x","policy":"block"}"#,
+        )
+        .await;
+    assert_eq!((code, v["error"]["field"].as_str()), (400, Some("policy")));
+    let (code, v) = http
+        .post(
+            &f.url(&format!("/api/v1/subscriptions/{enc}/screen/pause")),
+            "",
+        )
+        .await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("PAUSED")));
+    let (code, _) = http
+        .delete(&f.url(&format!("/api/v1/subscriptions/{enc}/screen")))
+        .await;
+    assert_eq!(code, 204);
+    let (code, _) = http
+        .get(&f.url(&format!("/api/v1/subscriptions/{enc}/screen")))
+        .await;
+    assert_eq!(code, 404);
+    let (code, text) = http.get_text(&f.url("/metrics")).await;
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("tickwire_edge_events_total{topic=\"market-data/normalized/equities\"}"),
+        "{text}"
+    );
+    // The OpenAPI document lists exactly the routes the router serves.
+    let (code, doc) = http.get(&f.url("/api/v1/openapi.json")).await;
+    assert_eq!(code, 200);
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        for m in ops.as_object().expect("ops").keys() {
+            documented.push((m.clone(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut served: Vec<(String, String)> = tickwire_api::rest::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    served.sort();
+    assert_eq!(documented, served);
+    // And every listed route is served (not the 404 fallback).
+    for (m, p) in tickwire_api::rest::ROUTES {
+        let p = p
+            .replace("{symbol}", "AAPL")
+            .replace("{topic}", &enc)
+            .replace("{name}", "none");
+        let code = http.request(m, &f.url(&p), "{}").await.0;
+        assert!(
+            code != 404 || p.contains("none") || p.contains("stream"),
+            "{m} {p}: {code}"
+        );
+    }
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_checked_on_rest_grpc_and_websocket() {
+    let mut f = Fixture::start(|c| {
+        c.auth = AuthConfig {
+            enabled: true,
+            allow_unauthenticated_remote: false,
+            keys: vec![KeyConfig {
+                name: "reader".into(),
+                sha256: hash_key("k-read"),
+                grants: vec![Grant {
+                    topic: "market-data/*".into(),
+                    rights: vec![Right::Read],
+                }],
+            }],
+        };
+    })
+    .await;
+    f.trade(0, "AAPL", "NASDAQ", 1.0);
+    let http = reqwest_free::Client;
+    let (code, v) = http.get(&f.url("/api/v1/topics")).await;
+    assert_eq!(code, 401);
+    assert!(!v.to_string().contains("k-read"));
+    let (code, _) = http
+        .get_auth(&f.url("/api/v1/topics"), "Bearer wrong")
+        .await;
+    assert_eq!(code, 401);
+    let (code, _) = http
+        .get_auth(&f.url("/api/v1/topics"), "Bearer k-read")
+        .await;
+    assert_eq!(code, 200);
+    let (code, _) = http
+        .request_auth(
+            "post",
+            &f.url("/api/v1/subscriptions"),
+            r#"{"subscription":"s"}"#,
+            "Bearer k-read",
+        )
+        .await;
+    assert_eq!(code, 403, "read may not administer");
+    let mut c = f.grpc().await;
+    let e = c
+        .stream_market_data(pb::StreamRequest::default())
+        .await
+        .expect_err("no key");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut r = tonic::Request::new(pb::StreamRequest::default());
+    r.metadata_mut()
+        .insert("authorization", "Bearer k-read".parse().expect("header"));
+    assert!(c.stream_market_data(r).await.is_ok());
+    let mut r = tonic::Request::new(pb::SubscriptionRequest {
+        subscription: "s".into(),
+        ..Default::default()
+    });
+    r.metadata_mut()
+        .insert("authorization", "Bearer k-read".parse().expect("header"));
+    assert_eq!(
+        c.manage_subscription(r).await.expect_err("denied").code(),
+        tonic::Code::PermissionDenied
+    );
+    let url = format!("ws://{}/api/v1/market-data/stream", f.edge().http_addr);
+    let e = tokio_tungstenite::connect_async(url)
+        .await
+        .expect_err("no key");
+    assert!(e.to_string().contains("401"), "{e}");
+    f.stop().await;
+}
+
+/// A tiny HTTP/1.1 client over tokio (keeps reqwest's build out of the tree).
+mod reqwest_free {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub struct Client;
+
+    impl Client {
+        pub async fn request_auth(
+            &self,
+            method: &str,
+            url: &str,
+            body: &str,
+            auth: &str,
+        ) -> (u16, String) {
+            let rest = url.strip_prefix("http://").expect("http url");
+            let (host, path) = rest
+                .split_once('/')
+                .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+            let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+            let auth = if auth.is_empty() {
+                String::new()
+            } else {
+                format!("authorization: {auth}\r\n")
+            };
+            let req = format!(
+                "{} {path} HTTP/1.1\r\nhost: {host}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                method.to_uppercase(),
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.expect("read");
+            let text = String::from_utf8_lossy(&out).into_owned();
+            let code: u16 = text
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .expect("status");
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let body = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                dechunk(body)
+            } else {
+                body.to_string()
+            };
+            (code, body)
+        }
+        pub async fn request(&self, method: &str, url: &str, body: &str) -> (u16, String) {
+            self.request_auth(method, url, body, "").await
+        }
+        pub async fn get_text(&self, url: &str) -> (u16, String) {
+            self.request("get", url, "").await
+        }
+        pub async fn get(&self, url: &str) -> (u16, serde_json::Value) {
+            let (c, b) = self.request("get", url, "").await;
+            (
+                c,
+                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+            )
+        }
+        pub async fn get_auth(&self, url: &str, auth: &str) -> (u16, serde_json::Value) {
+            let (c, b) = self.request_auth("get", url, "", auth).await;
+            (
+                c,
+                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+            )
+        }
+        pub async fn post(&self, url: &str, body: &str) -> (u16, serde_json::Value) {
+            let (c, b) = self.request("post", url, body).await;
+            (
+                c,
+                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+            )
+        }
+        pub async fn delete(&self, url: &str) -> (u16, serde_json::Value) {
+            let (c, b) = self.request("delete", url, "").await;
+            (
+                c,
+                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+            )
+        }
+    }
+
+    fn dechunk(mut s: &str) -> String {
+        let mut out = String::new();
+        while let Some((len, rest)) = s.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 || rest.len() < n {
+                break;
+            }
+            out.push_str(&rest[..n]);
+            s = rest[n..].trim_start_matches("\r\n");
+        }
+        out
+    }
+}
