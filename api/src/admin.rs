@@ -147,9 +147,7 @@ impl Subscriptions {
         state: &EdgeState,
         mut r: pb::SubscriptionRequest,
     ) -> Result<pb::SubscriptionResponse, ApiError> {
-        if r.topic.is_empty() {
-            r.topic = state.default_topic.clone();
-        }
+        r.topic = state.topic_or_default(&r.topic);
         if r.subscription.is_empty() || r.subscription.len() > 100 {
             return Err(ApiError::invalid(
                 "subscription",

@@ -210,6 +210,17 @@ impl EdgeState {
     }
 }
 
+impl EdgeState {
+    /// The topic a request names, or the default one when it names none.
+    pub fn topic_or_default(&self, topic: &str) -> String {
+        if topic.is_empty() {
+            self.default_topic.clone()
+        } else {
+            topic.to_string()
+        }
+    }
+}
+
 /// Errors starting the edge.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

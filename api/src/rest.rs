@@ -533,11 +533,7 @@ async fn create_subscription(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     let c = json_body(body)?;
-    let topic = if c.topic.is_empty() {
-        state.default_topic.clone()
-    } else {
-        c.topic.clone()
-    };
+    let topic = state.topic_or_default(&c.topic);
     state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
     use pb::{
         DeliveryMode as D, MessagePosition as M, SlowConsumerPolicy as P, SubscriptionType as T,

@@ -244,7 +244,6 @@ async fn grpc_streams_filtered_events_in_order_with_snapshot_and_earliest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "passes alone (30 s) but stalled without CPU in a full clean-clone run: the cause is not found yet (issue 8 note)"]
 async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
     let mut f = Fixture::start(|c| {
         c.queue_events = 64;
@@ -291,8 +290,11 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
     let marker = f.trade(1, "END", "NASDAQ", 1.0);
     let mut covered = Vec::new();
     let mut slow_notice = false;
+    // One deadline for the whole drain: heartbeats must not keep a wait for
+    // a gap notice that never comes alive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), slow.message())
+        let m = tokio::time::timeout_at(deadline, slow.message())
             .await
             .expect("no stall")
             .expect("ok")
@@ -315,6 +317,11 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
             }
             R::Gap(g) => {
                 assert_eq!(g.reason, "slow_consumer");
+                if g.partition == 1 {
+                    // The end marker itself was skipped: told exactly.
+                    assert_eq!((g.from_sequence, g.to_sequence), (marker, marker));
+                    break;
+                }
                 assert_eq!(g.partition, 0);
                 covered.extend(g.from_sequence..=g.to_sequence);
             }

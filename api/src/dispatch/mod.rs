@@ -543,6 +543,7 @@ struct State {
     epochs: HashMap<u32, u64>,
     latest: Vec<Option<Latest>>,
     dirty: Vec<u32>,
+    dirty_mark: Vec<bool>,
     touched: Vec<u32>,
     pb: BytesMut,
     json: Vec<u8>,
@@ -580,6 +581,7 @@ impl Dispatcher {
                 epochs,
                 latest: Vec::new(),
                 dirty: Vec::new(),
+                dirty_mark: Vec::new(),
                 touched: Vec::new(),
                 pb: BytesMut::with_capacity(512),
                 json: Vec::with_capacity(1024),
@@ -717,9 +719,13 @@ impl State {
         if idx < (1 << 24) {
             if self.latest.len() <= idx {
                 self.latest.resize(idx + 1, None);
+                self.dirty_mark.resize(idx + 1, false);
             }
             if self.latest[idx].is_none_or(|l| l.partition != t.partition || l.seq < t.seq) {
-                self.dirty.push(id);
+                // Each changed instrument once per publish, not once per event.
+                if !std::mem::replace(&mut self.dirty_mark[idx], true) {
+                    self.dirty.push(id);
+                }
                 self.latest[idx] = Some(Latest {
                     partition: t.partition,
                     epoch,
@@ -835,6 +841,11 @@ impl State {
         }
         let mut closed = Vec::new();
         for s in self.subs.iter_mut().flatten() {
+            // A feed that went quiet must not hide a gap: report it as soon
+            // as the client has caught up, not with the next event.
+            if !s.paused {
+                report_skipped(s, &self.topic, now);
+            }
             if s.conflating && s.outbox.has_room() {
                 let mut items: Vec<(u32, Item)> = s.conflated.drain().collect();
                 items.sort_by_key(|(_, i)| (i.partition, i.seq));
@@ -882,12 +893,14 @@ impl State {
             && let Ok(mut l) = self.shared.latest.lock()
         {
             for id in self.dirty.drain(..) {
+                if let Some(m) = self.dirty_mark.get_mut(id as usize) {
+                    *m = false;
+                }
                 if let Some(Some(v)) = self.latest.get(id as usize) {
                     l.insert(id, *v);
                 }
             }
         }
-        self.dirty.clear();
         self.shared
             .events
             .fetch_add(std::mem::take(&mut self.events), Ordering::Relaxed);
@@ -1235,6 +1248,22 @@ fn send_gap(
     );
 }
 
+/// Sends the gap notices of what a subscriber skipped once its queue has
+/// room again; false while it has not (nothing may be sent before them).
+fn report_skipped(s: &mut LiveSub, topic: &str, now: u64) -> bool {
+    if s.skipped.is_empty() {
+        return true;
+    }
+    if !s.outbox.has_room() {
+        return false;
+    }
+    for (p, from, to, reason) in std::mem::take(&mut s.skipped) {
+        send_gap(s, topic, p, from, to, reason, now);
+    }
+    s.slow_noticed = false;
+    true
+}
+
 /// Seals a subscriber's batch into a frame and offers it to the queue,
 /// applying the slow-consumer policy when it is full. Returns the events
 /// dropped.
@@ -1260,23 +1289,16 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
         return events as u64;
     }
     // What was skipped is reported before anything after it.
-    if !s.skipped.is_empty() {
-        if s.outbox.has_room() {
-            for (p, from, to, reason) in std::mem::take(&mut s.skipped) {
-                send_gap(s, topic, p, from, to, reason, now);
-            }
-            s.slow_noticed = false;
-        } else {
-            for (p, from, to) in ranges {
-                s.skip(p, from, to, "slow_consumer");
-            }
-            s.items.clear();
-            s.outbox
-                .counters
-                .dropped
-                .fetch_add(events as u64, Ordering::Relaxed);
-            return events as u64;
+    if !report_skipped(s, topic, now) {
+        for (p, from, to) in ranges {
+            s.skip(p, from, to, "slow_consumer");
         }
+        s.items.clear();
+        s.outbox
+            .counters
+            .dropped
+            .fetch_add(events as u64, Ordering::Relaxed);
+        return events as u64;
     }
     let items = std::mem::take(&mut s.items);
     let Err(_) = s.outbox.try_push(frame) else {

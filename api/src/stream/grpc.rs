@@ -126,11 +126,7 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
         let key = self.state.auth.check_grpc(&request)?;
         let r = request.into_inner();
-        let topic = if r.topic.is_empty() {
-            self.state.default_topic.clone()
-        } else {
-            r.topic.clone()
-        };
+        let topic = self.state.topic_or_default(&r.topic);
         self.state
             .auth
             .allow(key.as_deref(), &topic, Right::Admin)?;
@@ -231,9 +227,7 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
         let key = self.state.auth.check_grpc(&request)?;
         let mut r = request.into_inner();
-        if r.topic.is_empty() {
-            r.topic = self.state.default_topic.clone();
-        }
+        r.topic = self.state.topic_or_default(&r.topic);
         self.state
             .auth
             .allow(key.as_deref(), &r.topic, Right::Admin)?;
@@ -249,11 +243,7 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let key = self.state.auth.check_grpc(&request)?;
         let r = request.into_inner();
-        let topic = if r.topic.is_empty() {
-            self.state.default_topic.clone()
-        } else {
-            r.topic
-        };
+        let topic = self.state.topic_or_default(&r.topic);
         self.state
             .auth
             .allow(key.as_deref(), &topic, Right::Admin)?;
@@ -267,11 +257,7 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
     ) -> Result<Response<pb::SubscriptionStats>, Status> {
         let key = self.state.auth.check_grpc(&request)?;
         let r = request.into_inner();
-        let topic = if r.topic.is_empty() {
-            self.state.default_topic.clone()
-        } else {
-            r.topic
-        };
+        let topic = self.state.topic_or_default(&r.topic);
         self.state.auth.allow(key.as_deref(), &topic, Right::Read)?;
         Ok(Response::new(
             self.state.subscriptions.stats(&topic, &r.subscription)?,
