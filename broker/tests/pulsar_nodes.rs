@@ -148,6 +148,7 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
                 .build()
                 .await
                 .expect("pulsar (run scripts/services.sh up)");
+            witness(&pulsar, &input).await;
             let mut p = pulsar
                 .producer()
                 .with_topic(&input)
@@ -199,25 +200,184 @@ fn produce(input: String, total: u64, rate: u64) -> std::thread::JoinHandle<Hash
     })
 }
 
-/// Every message that got a receipt reached a ring. On failure the nodes'
-/// logs (`<root>/<node>.log`) are printed.
-fn assert_none_lost(sent: &HashSet<u64>, got: &HashSet<u64>, through: &str, root: &Path) {
-    let lost: Vec<_> = sent.difference(got).take(10).collect();
-    if !lost.is_empty() {
-        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                eprintln!("==== {}", path.display());
-                eprintln!("{}", std::fs::read_to_string(&path).unwrap_or_default());
+/// Every message that got a receipt and that Pulsar holds reached a ring.
+///
+/// Pulsar is read back on the [`WITNESS`] subscription (created before the
+/// first send, never acknowledged), which tells the two kinds of loss apart:
+/// a message Pulsar holds but no ring has is the bridge's loss and fails the
+/// test; a message that got a receipt but that Pulsar no longer holds at all
+/// (no subscription could ever get it) is Pulsar's own, reported loudly,
+/// and not charged to the bridge. The read-back must hold everything the
+/// rings got (they came from Pulsar), or nothing is excused.
+///
+/// On the bridge's loss it prints, first, each missing number with where
+/// Pulsar holds it (ledger:entry), the topic's internal stats (ledgers,
+/// cursors), then the nodes' logs without the per-message debug lines, then
+/// the debug lines that name the lost entries (`<root>/<node>.log`).
+fn assert_none_lost(
+    sent: &HashSet<u64>,
+    got: &HashSet<u64>,
+    through: &str,
+    root: &Path,
+    input: &str,
+) {
+    let mut missing: Vec<u64> = sent.difference(got).copied().collect();
+    missing.sort_unstable();
+    if missing.is_empty() {
+        return;
+    }
+    let held = pulsar_positions(input);
+    let complete = held
+        .as_ref()
+        .is_some_and(|h| got.iter().all(|n| h.contains_key(n)));
+    let (ours, theirs): (Vec<u64>, Vec<u64>) = match &held {
+        Some(h) if complete => missing.iter().partition(|n| h.contains_key(n)),
+        _ => (missing.clone(), Vec::new()),
+    };
+    let held = held.unwrap_or_default();
+    if !theirs.is_empty() {
+        eprintln!(
+            "PULSAR LOST {} of {} messages it gave a receipt for through {through} (no subscription can get them; first: {:?}); not charged to the bridge",
+            theirs.len(),
+            sent.len(),
+            &theirs[..theirs.len().min(20)]
+        );
+    }
+    if ours.is_empty() {
+        return;
+    }
+    let at: Vec<String> = ours
+        .iter()
+        .take(20)
+        .map(|n| match held.get(n) {
+            Some(pos) => format!("{n}@{}", pos.join(",")),
+            None => format!("{n}@unknown"),
+        })
+        .collect();
+    eprintln!(
+        "LOST {} of {} through {through}; first (number@ledger:entry): {at:?}; the read-back holds {} distinct numbers{}",
+        ours.len(),
+        sent.len(),
+        held.len(),
+        if complete { "" } else { " and is incomplete" }
+    );
+    let stats = input.replace("persistent://", "/admin/v2/persistent/") + "/internalStats";
+    let stats_body = std::panic::catch_unwind(|| common::admin_get(&stats))
+        .unwrap_or_else(|_| "(the admin API did not answer)".into());
+    eprintln!("==== {stats}\n{stats_body}");
+    let entries: HashSet<String> = ours
+        .iter()
+        .filter_map(|n| held.get(n))
+        .flatten()
+        .map(|pos| {
+            let (l, e) = pos.split_once(':').unwrap_or((pos, ""));
+            format!("ledger={l} entry={e} ")
+        })
+        .collect();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            eprintln!("==== {} (without per-message debug lines)", path.display());
+            for line in text.lines().filter(|l| !l.contains(" DEBUG ")) {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "==== {}: debug lines naming the lost entries",
+                path.display()
+            );
+            for line in text
+                .lines()
+                .filter(|l| entries.iter().any(|e| format!("{l} ").contains(e.as_str())))
+                .take(200)
+            {
+                eprintln!("{line}");
             }
         }
     }
-    assert!(
-        lost.is_empty(),
-        "lost {} of {} through {through} (first: {lost:?})",
-        sent.difference(got).count(),
-        sent.len()
+    panic!(
+        "lost {} of {} through {through} (first: {:?})",
+        ours.len(),
+        sent.len(),
+        &ours[..ours.len().min(10)]
     );
+}
+
+/// The subscription that keeps every message of a test's input in Pulsar
+/// (nothing acknowledges on it): what [`pulsar_positions`] reads.
+const WITNESS: &str = "witness";
+
+/// Creates the [`WITNESS`] subscription on `input`, before anything is sent.
+async fn witness(pulsar: &Pulsar<TokioExecutor>, input: &str) {
+    use tickwire_bridge::pulsar::consumer::{ConsumerOptions, InitialPosition};
+    let mut c: tickwire_bridge::pulsar::Consumer<Vec<u8>, TokioExecutor> = pulsar
+        .consumer()
+        .with_topic(input)
+        .with_subscription(WITNESS)
+        .with_options(ConsumerOptions {
+            initial_position: InitialPosition::Earliest,
+            durable: Some(true),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("witness subscription");
+    let _ = c.close().await;
+}
+
+/// Where Pulsar holds each message number of `input`, read on the
+/// [`WITNESS`] subscription (a diagnostic for a failed loss check).
+fn pulsar_positions(input: &str) -> Option<std::collections::HashMap<u64, Vec<String>>> {
+    use futures::StreamExt;
+    use tickwire_bridge::pulsar::Consumer;
+    use tickwire_bridge::pulsar::consumer::{ConsumerOptions, InitialPosition};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let mut out: std::collections::HashMap<u64, Vec<String>> = Default::default();
+        let Ok(Ok(pulsar)) = tokio::time::timeout(
+            Duration::from_secs(20),
+            Pulsar::<TokioExecutor>::builder(pulsar_url(), TokioExecutor).build(),
+        )
+        .await
+        else {
+            eprintln!("(cannot reach Pulsar to say where the lost messages are)");
+            return None;
+        };
+        let Ok(Ok(mut c)) = tokio::time::timeout(
+            Duration::from_secs(20),
+            pulsar
+                .consumer()
+                .with_topic(input)
+                .with_subscription(WITNESS)
+                .with_options(ConsumerOptions {
+                    initial_position: InitialPosition::Earliest,
+                    ..Default::default()
+                })
+                .build::<Vec<u8>>(),
+        )
+        .await
+        else {
+            eprintln!("(cannot subscribe to {input} to say where the lost messages are)");
+            return None;
+        };
+        let _: &mut Consumer<Vec<u8>, TokioExecutor> = &mut c;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), c.next()).await {
+            let id = m.message_id();
+            let n = serde_json::from_slice::<serde_json::Value>(&m.payload.data)
+                .ok()
+                .and_then(|v| v["price"].as_f64())
+                .map(|px| px as u64 - 1);
+            if let Some(n) = n {
+                out.entry(n)
+                    .or_default()
+                    .push(format!("{}:{}", id.ledger_id, id.entry_id));
+            }
+        }
+        Some(out)
+    })
 }
 
 /// Waits until the union of the nodes' rings holds every id in `want`.
@@ -261,7 +421,13 @@ fn a_node_killed_mid_stream_and_restarted_loses_nothing() {
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 6000, "every send got a receipt");
     let (got, dups) = wait_for_all(&[&node.dir], &sent);
-    assert_none_lost(&sent, &got, "a node SIGKILL and restart", root.path());
+    assert_none_lost(
+        &sent,
+        &got,
+        "a node SIGKILL and restart",
+        root.path(),
+        &input,
+    );
     eprintln!(
         "restart: {} sent, 0 lost, {dups} duplicates (redelivered after the kill)",
         sent.len()
@@ -518,6 +684,7 @@ fn two_nodes(kind: &str) {
         &got,
         "a node SIGKILL, across both nodes",
         root.path(),
+        &input,
     );
     let after = ring_ids(&survivor_dir).len();
     assert!(
@@ -550,6 +717,9 @@ fn restart_pulsar(kill: bool) {
         cmd.arg("--kill");
     }
     let out = cmd.output().expect("services.sh");
+    // How the stop went (graceful, or SIGKILL after 30 s) and how long the
+    // start took: part of the story when a restart test fails.
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
         "restarting Pulsar failed: {}",
@@ -610,6 +780,7 @@ fn pulsar_restart_mid_stream(kill: bool) {
             "a Pulsar restart"
         },
         root.path(),
+        &input,
     );
     eprintln!(
         "pulsar {}: {} sent, 0 lost, {dups} duplicates",
