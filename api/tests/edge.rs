@@ -68,6 +68,16 @@ impl Fixture {
         }
     }
 
+    /// Queues of 64 events: a stalled client backs up quickly.
+    async fn small_queues() -> Fixture {
+        Fixture::start(|c| {
+            c.queue_events = 64;
+            c.queue_bytes = 64 * 1024;
+            c.max_batch = 16;
+        })
+        .await
+    }
+
     fn edge(&self) -> &Edge {
         self.edge.as_ref().expect("running")
     }
@@ -101,6 +111,20 @@ impl Fixture {
     }
 }
 
+/// The next response on an open stream, before `deadline`.
+async fn next_kind(
+    s: &mut tonic::Streaming<pb::StreamResponse>,
+    deadline: tokio::time::Instant,
+) -> R {
+    tokio::time::timeout_at(deadline, s.message())
+        .await
+        .expect("no stall")
+        .expect("stream ok")
+        .expect("not ended")
+        .kind
+        .expect("kind")
+}
+
 /// Reads responses until `n` events arrived; returns (events as
 /// (partition, seq, symbol, snapshot), notices).
 async fn collect(
@@ -112,12 +136,7 @@ async fn collect(
     // One deadline for all of it: heartbeats must not keep a stalled wait alive.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while events.len() < n {
-        let m = tokio::time::timeout_at(deadline, s.message())
-            .await
-            .expect("no stall")
-            .expect("stream ok")
-            .expect("not ended");
-        match m.kind.expect("kind") {
+        match next_kind(s, deadline).await {
             R::Batch(b) => {
                 for m in b.messages {
                     let md = m.metadata.expect("metadata");
@@ -245,46 +264,15 @@ async fn grpc_streams_filtered_events_in_order_with_snapshot_and_earliest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
-    let mut f = Fixture::start(|c| {
-        c.queue_events = 64;
-        c.queue_bytes = 64 * 1024;
-        c.max_batch = 16;
-    })
-    .await;
+    let mut f = Fixture::small_queues().await;
     // Two connections, as two remote programs would have (HTTP/2 flow
     // control is per connection as well as per stream).
-    let mut fast = f
-        .grpc()
-        .await
-        .stream_market_data(pb::StreamRequest::default())
-        .await
-        .expect("stream")
-        .into_inner();
-    let mut slow = f
-        .grpc()
-        .await
-        .stream_market_data(pb::StreamRequest::default())
-        .await
-        .expect("stream")
-        .into_inner();
+    let mut fast = stream_with(&f, pb::SlowConsumerPolicy::Drop).await;
+    let mut slow = stream_with(&f, pb::SlowConsumerPolicy::Drop).await;
     // The fast client reads each round of 32 events in full (its queue
     // holds 64); the slow one reads nothing until the end.
-    let rounds = 2000;
-    let per = 32u64;
-    let mut fast_seen = Vec::new();
-    for _ in 0..rounds {
-        for _ in 0..per {
-            f.trade(0, "AAPL", "NASDAQ", 1.0);
-        }
-        let (ev, notices) = collect(&mut fast, per as usize).await;
-        assert!(
-            notices.is_empty(),
-            "the fast client lost nothing: {notices:?}"
-        );
-        fast_seen.extend(ev.into_iter().map(|e| e.1));
-    }
-    let total = rounds * per;
-    assert_eq!(fast_seen, (1..=total).collect::<Vec<_>>());
+    let total = 2000 * 32;
+    paced_by_a_fast_client(&mut f, &mut fast, 2000).await;
     // The slow client: every sequence either arrived or lies in a gap it
     // was told about, exactly once, in order.
     let marker = f.trade(1, "END", "NASDAQ", 1.0);
@@ -294,12 +282,7 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
     // a gap notice that never comes alive.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let m = tokio::time::timeout_at(deadline, slow.message())
-            .await
-            .expect("no stall")
-            .expect("ok")
-            .expect("open");
-        match m.kind.expect("kind") {
+        match next_kind(&mut slow, deadline).await {
             R::Batch(b) => {
                 let mut end = false;
                 for m in b.messages {
@@ -732,4 +715,227 @@ mod reqwest_free {
         }
         out
     }
+}
+
+/// A stream with `policy` on its own connection.
+async fn stream_with(
+    f: &Fixture,
+    policy: pb::SlowConsumerPolicy,
+) -> tonic::Streaming<pb::StreamResponse> {
+    f.grpc()
+        .await
+        .stream_market_data(pb::StreamRequest {
+            policy: policy as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner()
+}
+
+/// Publishes `rounds` rounds of 32 trades over four symbols (price = the
+/// round's number, so the latest per symbol is known), each round read in
+/// full by `fast`, which must get every one in order.
+async fn paced_by_a_fast_client(
+    f: &mut Fixture,
+    fast: &mut tonic::Streaming<pb::StreamResponse>,
+    rounds: u64,
+) {
+    let mut seen = Vec::new();
+    for r in 0..rounds {
+        for k in 0..32u64 {
+            f.trade(
+                0,
+                ["AAPL", "MSFT", "GOOG", "AMZN"][(k % 4) as usize],
+                "NASDAQ",
+                (r + 1) as f64,
+            );
+        }
+        let (ev, notices) = collect(fast, 32).await;
+        assert!(
+            notices.is_empty(),
+            "the fast client lost nothing: {notices:?}"
+        );
+        seen.extend(ev.into_iter().map(|e| e.1));
+    }
+    assert_eq!(
+        seen,
+        (1..=rounds * 32).collect::<Vec<_>>(),
+        "the fast client got everything in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_conflating_client_ends_with_the_latest_price_of_every_instrument() {
+    let mut f = Fixture::small_queues().await;
+    let mut fast = stream_with(&f, pb::SlowConsumerPolicy::Drop).await;
+    let mut slow = stream_with(&f, pb::SlowConsumerPolicy::Conflate).await;
+    let rounds = 2000;
+    paced_by_a_fast_client(&mut f, &mut fast, rounds).await;
+    // The last word on each symbol: a price no round used.
+    let last: Vec<u64> = ["AAPL", "MSFT", "GOOG", "AMZN"]
+        .iter()
+        .map(|s| f.trade(0, s, "NASDAQ", 99_999.0))
+        .collect();
+    let final_seq = *last.iter().max().expect("four");
+    // Drain the slow client until it has the final sequence.
+    let mut by_symbol: std::collections::HashMap<String, Vec<(u64, f64)>> = Default::default();
+    let (mut conflated, mut notices, mut gaps) = (0u64, 0u64, 0u64);
+    let mut prev = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    'drain: loop {
+        match next_kind(&mut slow, deadline).await {
+            R::Batch(b) => {
+                for m in b.messages {
+                    let md = m.metadata.expect("md");
+                    let d = m.data.expect("data");
+                    assert!(
+                        md.sequence > prev,
+                        "in sequence order: {} after {prev}",
+                        md.sequence
+                    );
+                    prev = md.sequence;
+                    conflated += u64::from(md.conflated);
+                    by_symbol
+                        .entry(d.symbol)
+                        .or_default()
+                        .push((md.sequence, d.price));
+                    if md.sequence == final_seq {
+                        break 'drain;
+                    }
+                }
+            }
+            R::SlowConsumer(n) => {
+                assert_eq!(n.policy, "conflate");
+                notices += 1;
+            }
+            R::Gap(_) => gaps += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        notices > 0,
+        "the slow client was told it is being conflated"
+    );
+    assert!(conflated > 0, "some events arrived marked conflated");
+    assert_eq!(
+        gaps, 0,
+        "conflation leaves no gap: each instrument's latest arrives"
+    );
+    for (sym, seq) in ["AAPL", "MSFT", "GOOG", "AMZN"].iter().zip(&last) {
+        let got = by_symbol.get(*sym).expect("every instrument arrived");
+        assert_eq!(
+            got.last(),
+            Some(&(*seq, 99_999.0)),
+            "{sym}: the latest price arrived last"
+        );
+    }
+    let total: usize = by_symbol.values().map(Vec::len).sum();
+    assert!(
+        total < (rounds * 32) as usize,
+        "it was conflated, not sent in full ({total})"
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_under_disconnect_is_told_and_ended_while_another_gets_everything() {
+    let mut f = Fixture::small_queues().await;
+    let mut fast = stream_with(&f, pb::SlowConsumerPolicy::Drop).await;
+    let mut slow = stream_with(&f, pb::SlowConsumerPolicy::Disconnect).await;
+    paced_by_a_fast_client(&mut f, &mut fast, 2000).await;
+    // The slow client: what was queued, then the end notice, then
+    // RESOURCE_EXHAUSTED; never a gap.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut prev = 0u64;
+    let mut ended = None;
+    let status = loop {
+        match tokio::time::timeout_at(deadline, slow.message())
+            .await
+            .expect("no stall")
+        {
+            Ok(Some(m)) => match m.kind.expect("kind") {
+                R::Batch(b) => {
+                    assert!(ended.is_none(), "nothing after the end notice");
+                    for m in b.messages {
+                        let s = m.metadata.expect("md").sequence;
+                        assert_eq!(s, prev + 1, "no gap before the end");
+                        prev = s;
+                    }
+                }
+                R::End(e) => ended = Some(e.reason),
+                R::Gap(g) => panic!("a disconnect policy never skips: {g:?}"),
+                _ => {}
+            },
+            Ok(None) => panic!("the stream must end with a status, not silently"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let reason = ended.expect("an end notice came first");
+    assert!(reason.contains("slow"), "the end notice says why: {reason}");
+    // The other client carries on.
+    f.trade(0, "AAPL", "NASDAQ", 7.0);
+    let (ev, _) = collect(&mut fast, 1).await;
+    assert_eq!(ev[0].1, 2000 * 32 + 1);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_each_get_their_symbols_in_order() {
+    let mut f = Fixture::start(|_| {}).await;
+    let symbols: Vec<String> = (0..50).map(|i| format!("S{i:02}")).collect();
+    // Stream k takes symbols k % 50 and (k + 1) % 50, over 10 connections.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(f.grpc().await);
+    }
+    let mut streams = Vec::new();
+    for k in 0..1000usize {
+        let want = vec![symbols[k % 50].clone(), symbols[(k + 1) % 50].clone()];
+        let s = clients[k % 10]
+            .stream_market_data(pb::StreamRequest {
+                symbols: want.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("stream")
+            .into_inner();
+        streams.push((want, s));
+    }
+    // 20 trades per symbol, alternating partitions by symbol.
+    let mut published: std::collections::HashMap<String, Vec<(u32, u64)>> = Default::default();
+    for round in 0..20 {
+        for (i, s) in symbols.iter().enumerate() {
+            let p = (i % 2) as u32;
+            let seq = f.trade(p, s, "NASDAQ", (round + 1) as f64);
+            published.entry(s.clone()).or_default().push((p, seq));
+        }
+    }
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|(want, mut s)| {
+            tokio::spawn(async move {
+                let (ev, notices) = collect(&mut s, 40).await;
+                (want, ev, notices)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (want, ev, notices) = t.await.expect("task");
+        assert!(notices.is_empty(), "{want:?}: no notices: {notices:?}");
+        for sym in &want {
+            let got: Vec<(u32, u64)> = ev
+                .iter()
+                .filter(|e| &e.2 == sym)
+                .map(|e| (e.0, e.1))
+                .collect();
+            assert_eq!(
+                &got, &published[sym],
+                "{sym}: every event, in order, nothing else"
+            );
+        }
+        assert_eq!(ev.len(), 40, "{want:?}: only its symbols");
+    }
+    f.stop().await;
 }

@@ -9,6 +9,7 @@
 //! `i` jumping counts lost events. `ts` is CLOCK_MONOTONIC at publish: one
 //! clock for all processes, so `now - ts` in the reader is one-way latency.
 
+pub mod edge;
 pub mod ice;
 pub mod plain;
 pub mod pulsar_bench;
@@ -206,9 +207,18 @@ impl ReaderProc {
     /// # Errors
     /// If it cannot start or exits before READY.
     pub fn spawn(args: &[String]) -> Result<ReaderProc, String> {
+        ReaderProc::spawn_cmd("__reader", args)
+    }
+
+    /// Starts `tickwire-bench <cmd> <args>` (a hidden subcommand) and waits
+    /// for its READY line.
+    ///
+    /// # Errors
+    /// If it cannot start or exits before READY.
+    pub fn spawn_cmd(cmd: &str, args: &[String]) -> Result<ReaderProc, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
-            .arg("__reader")
+            .arg(cmd)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

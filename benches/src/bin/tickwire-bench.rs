@@ -29,6 +29,11 @@ enum Cmd {
     Shm(Shm),
     /// The Pulsar bridge beside Pulsar's own consumer (needs scripts/services.sh up).
     Pulsar(benches::pulsar_bench::PulsarBench),
+    /// The remote edge (gRPC, WebSocket, REST) beside NATS and the bare servers.
+    Edge(benches::edge::EdgeBench),
+    /// Internal: an edge client process.
+    #[command(name = "__edge_client", hide = true)]
+    EdgeClient(benches::edge::ClientArgs),
     /// Internal: a reader process.
     #[command(name = "__reader", hide = true)]
     Reader {
@@ -86,6 +91,8 @@ fn main() -> ExitCode {
             b.trials = b.trials.max(1);
             benches::pulsar_bench::run(&b)
         }
+        Cmd::Edge(b) => benches::edge::run(&b),
+        Cmd::EdgeClient(a) => benches::edge::client(&a).map(|v| println!("{v}")),
         Cmd::Shm(mut b) => {
             b.trials = b.trials.max(1);
             shm(b)

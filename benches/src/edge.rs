@@ -1,0 +1,1153 @@
+//! `tickwire-bench edge`: the remote edge (gRPC and WebSocket streams, REST
+//! latest) beside NATS and the bare servers, in one run.
+//!
+//! Layout on this 2-core machine (printed in every row):
+//!
+//! ```text
+//!  core 0  server side: tickwire's shard, dispatcher and edge runtime
+//!          | nats-server | the bare tonic / axum server
+//!  core 1  the publisher thread (tickwire Ingest::try_send | async-nats publish)
+//!          and the client process (every stream on one tokio thread)
+//! ```
+//!
+//! Events are trades on `symbols` instruments (`SYM000`.. on `XBEN`), one
+//! partition. A tickwire client counts the events in each batch and checks
+//! sequence contiguity when it subscribes to everything; gap notices count
+//! the skipped range otherwise. NATS gets one 64-byte message per event on
+//! `md.<symbol>.XBEN.trade` carrying a per-subject sequence (loss = jumps)
+//! and the publish time. Latency is receive time minus ingest time (tickwire:
+//! the broker's `ingest_time_ns`; NATS: the publish time), CLOCK_REALTIME on
+//! one machine. The bare servers send the same pre-encoded 64-event batch
+//! over and over: the machine's ceiling for the wire alone (no latency or
+//! loss is measured there).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tickwire_proto::futex::realtime_ns;
+
+use crate::{ReaderProc, pin};
+
+const TOPIC: &str = "bench/edge";
+const EXCHANGE: &str = "XBEN";
+/// Events per batch of the bare servers.
+const PLAIN_BATCH: usize = 64;
+
+/// `tickwire-bench edge` settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EdgeBench {
+    /// Seconds measured per case and system (after a 1 s settle).
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Cases (comma-separated; default all): grpc_1, grpc_8, ws_1, ws_8,
+    /// fanout_1000, rest_latest.
+    #[arg(long, value_delimiter = ',')]
+    pub cases: Vec<String>,
+    /// Offered rate for the 1- and 8-subscriber cases, events/s (the
+    /// publisher's pace; what is delivered and lost is measured).
+    #[arg(long, default_value_t = 2_000_000)]
+    pub rate: u64,
+    /// Offered rate for fanout_1000, events/s.
+    #[arg(long, default_value_t = 200_000)]
+    pub fanout_rate: u64,
+    /// Instruments published.
+    #[arg(long, default_value_t = 100)]
+    pub symbols: usize,
+    /// Symbols each fanout_1000 subscriber takes.
+    #[arg(long, default_value_t = 10)]
+    pub symbols_per_subscriber: usize,
+    /// Subscribers in the fan-out case.
+    #[arg(long, default_value_t = 1000)]
+    pub fanout: usize,
+    /// Server core.
+    #[arg(long, default_value_t = 0)]
+    pub server_core: usize,
+    /// Publisher and client core.
+    #[arg(long, default_value_t = 1)]
+    pub client_core: usize,
+    /// Port for the nats-server this bench starts.
+    #[arg(long, default_value_t = 14222)]
+    pub nats_port: u16,
+}
+
+impl EdgeBench {
+    fn wants(&self, case: &str) -> bool {
+        self.cases.is_empty() || self.cases.iter().any(|c| c == case)
+    }
+
+    fn layout(&self) -> Value {
+        json!({"server": self.server_core, "publisher": self.client_core, "clients": self.client_core})
+    }
+}
+
+/// One case as the client process runs it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// tickwire | plain_grpc | plain_ws | nats
+    #[arg(long)]
+    pub system: String,
+    /// grpc | ws | mixed (alternating) | nats
+    #[arg(long)]
+    pub transport: String,
+    /// gRPC address.
+    #[arg(long, default_value = "")]
+    pub grpc: String,
+    /// HTTP address (WebSocket).
+    #[arg(long, default_value = "")]
+    pub http: String,
+    /// NATS URL.
+    #[arg(long, default_value = "")]
+    pub nats: String,
+    /// Streams (subscribers).
+    #[arg(long)]
+    pub streams: usize,
+    /// Symbols per stream (0: everything).
+    #[arg(long, default_value_t = 0)]
+    pub per_stream: usize,
+    /// Instruments published.
+    #[arg(long)]
+    pub symbols: usize,
+    /// Seconds measured.
+    #[arg(long)]
+    pub seconds: f64,
+    /// Core.
+    #[arg(long)]
+    pub core: usize,
+}
+
+/// The symbol name of instrument `i`.
+fn symbol(i: usize) -> String {
+    format!("SYM{i:03}")
+}
+
+/// The symbols stream `k` takes (empty: everything).
+fn symbols_of(k: usize, per: usize, total: usize) -> Vec<String> {
+    (0..per).map(|j| symbol((k * per + j) % total)).collect()
+}
+
+/// Runs the chosen cases; prints one JSON line per case and system.
+///
+/// # Errors
+/// A server or client that fails to start.
+pub fn run(b: &EdgeBench) -> Result<(), String> {
+    // Every server thread started from here inherits core 0.
+    pin(b.server_core);
+    let tw = TwServer::start(b)?;
+    let nats = NatsServer::start(b)?;
+    let plain = PlainServer::start()?;
+    let cases: [(&str, &str, usize, usize, u64); 5] = [
+        ("grpc_1", "grpc", 1, 0, b.rate),
+        ("grpc_8", "grpc", 8, 0, b.rate),
+        ("ws_1", "ws", 1, 0, b.rate),
+        ("ws_8", "ws", 8, 0, b.rate),
+        (
+            "fanout_1000",
+            "mixed",
+            b.fanout,
+            b.symbols_per_subscriber,
+            b.fanout_rate,
+        ),
+    ];
+    for (case, transport, streams, per, rate) in cases {
+        if !b.wants(case) {
+            continue;
+        }
+        let client = |system: &str, transport: &str| ClientArgs {
+            system: system.into(),
+            transport: transport.into(),
+            grpc: tw.grpc.to_string(),
+            http: tw.http.to_string(),
+            nats: nats.url(),
+            streams,
+            per_stream: per,
+            symbols: b.symbols,
+            seconds: b.seconds,
+            core: b.client_core,
+        };
+        // tickwire.
+        let r = with_publisher(b, rate, Publisher::Tickwire(&tw), || {
+            spawn_client(&client("tickwire", transport))
+        })?;
+        emit(case, "tickwire", b, rate, &r);
+        // NATS, same subjects, same publisher pace and core.
+        let r = with_publisher(b, rate, Publisher::Nats(&nats), || {
+            spawn_client(&client("nats", "nats"))
+        })?;
+        emit(case, "nats", b, rate, &r);
+        // The bare server: the wire's ceiling (1 and 8 subscribers).
+        if per == 0 {
+            let (system, addr_kind) = if transport == "ws" {
+                ("plain_ws", "ws")
+            } else {
+                ("plain_grpc", "grpc")
+            };
+            let mut a = client(system, addr_kind);
+            a.grpc = plain.grpc.to_string();
+            a.http = plain.http.to_string();
+            let r = spawn_client(&a)?;
+            emit(case, system, b, 0, &r);
+        }
+    }
+    if b.wants("rest_latest") {
+        rest_latest(b, &tw, &plain)?;
+    }
+    tw.stop();
+    Ok(())
+}
+
+fn emit(case: &str, system: &str, b: &EdgeBench, offered: u64, r: &Value) {
+    let mut v = json!({
+        "bench": "edge",
+        "case": case,
+        "system": system,
+        "offered_per_sec": offered,
+        "cores": b.layout(),
+    });
+    if let (Some(o), Some(more)) = (v.as_object_mut(), r.as_object()) {
+        for (k, x) in more {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    println!("{v}");
+}
+
+// ------------------------------------------------------------------ servers
+
+/// tickwire: a broker with one partition and the edge on loopback.
+struct TwServer {
+    broker: tickwire_broker::engine::Broker,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl TwServer {
+    fn start(b: &EdgeBench) -> Result<TwServer, String> {
+        use tickwire_broker::config::{Config, IdleStrategy, TopicConfig};
+        let dir = crate::tw::fresh_dir("edge");
+        let mut cfg = Config::default();
+        cfg.node.dir = Some(dir);
+        cfg.synthetic.enabled = false;
+        cfg.shards.count = 1;
+        cfg.shards.pin = true;
+        cfg.shards.cores = vec![b.server_core];
+        // The shard shares core 0 with the dispatcher and the edge.
+        cfg.shards.idle = IdleStrategy::Adaptive;
+        cfg.topics = vec![TopicConfig {
+            name: TOPIC.into(),
+            partitions: 1,
+            capacity: 1 << 21,
+            ..TopicConfig::default()
+        }];
+        cfg.edge.grpc_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+        cfg.edge.http_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+        let broker =
+            tickwire_broker::engine::Broker::start(&cfg).map_err(|e| format!("broker: {e}"))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-edge")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let engine = Arc::new(tickwire_broker::edge::BrokerEngine::new(
+            &cfg,
+            broker.node_dir().to_path_buf(),
+        ));
+        let edge = rt
+            .block_on(tickwire_api::Edge::start(
+                cfg.edge.clone(),
+                engine,
+                cancel.clone(),
+            ))
+            .map_err(|e| format!("edge: {e}"))?;
+        Ok(TwServer {
+            grpc: edge.grpc_addr,
+            http: edge.http_addr,
+            broker,
+            rt,
+            cancel,
+        })
+    }
+
+    fn stop(self) {
+        self.cancel.cancel();
+        self.rt.shutdown_timeout(Duration::from_secs(2));
+        self.broker.shutdown();
+    }
+}
+
+/// Debian's nats-server on core 0.
+struct NatsServer {
+    child: Child,
+    port: u16,
+}
+
+impl NatsServer {
+    fn start(b: &EdgeBench) -> Result<NatsServer, String> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or("nats-server is not installed (apt-get install nats-server)")?;
+        let child = Command::new("taskset")
+            .args(["-c", &b.server_core.to_string(), bin])
+            .args(["-a", "127.0.0.1", "-p", &b.nats_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("nats-server: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", b.nats_port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("nats-server did not listen within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(NatsServer {
+            child,
+            port: b.nats_port,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bare servers: a tonic `MarketDataStream` and an axum WebSocket route
+/// that send one pre-encoded 64-event batch over and over, and a REST route
+/// with a fixed body the size of tickwire's latest answer.
+struct PlainServer {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn plain_messages() -> Vec<tickwire_proto::pb::MarketDataMessage> {
+    use tickwire_proto::pb;
+    (0..PLAIN_BATCH)
+        .map(|i| pb::MarketDataMessage {
+            event_id: format!("0000beef-{i}"),
+            timestamp: 1_795_786_108_123_456_789,
+            data: Some(pb::NormalizedMarketData {
+                symbol: symbol(i),
+                exchange: EXCHANGE.into(),
+                currency: "USD".into(),
+                kind: "trade".into(),
+                timestamp_ns: 1_795_786_108_123_456_789,
+                price: 150.25,
+                volume: 100,
+                ..Default::default()
+            }),
+            metadata: Some(pb::MessageMetadata {
+                topic: TOPIC.into(),
+                partition: 0,
+                epoch: 1,
+                sequence: i as u64 + 1,
+                message_id: format!("0:1:{}", i + 1),
+                ingest_time_ns: 0,
+                send_time_ns: 0,
+                ..Default::default()
+            }),
+        })
+        .collect()
+}
+
+struct PlainGrpc {
+    batch: tickwire_proto::grpc::Encoded,
+}
+
+type PlainStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<tickwire_proto::grpc::Encoded, tonic::Status>>
+            + Send
+            + 'static,
+    >,
+>;
+
+#[tonic::async_trait]
+impl tickwire_proto::pb::raw::market_data_stream_server::MarketDataStream for PlainGrpc {
+    type StreamMarketDataStream = PlainStream;
+    type StreamHistoricalDataStream = PlainStream;
+
+    async fn stream_market_data(
+        &self,
+        _r: tonic::Request<tickwire_proto::pb::StreamRequest>,
+    ) -> Result<tonic::Response<PlainStream>, tonic::Status> {
+        let batch = self.batch.clone();
+        Ok(tonic::Response::new(Box::pin(
+            futures::stream::repeat_with(move || Ok(batch.clone())),
+        )))
+    }
+
+    async fn stream_historical_data(
+        &self,
+        _r: tonic::Request<tickwire_proto::pb::HistoricalRequest>,
+    ) -> Result<tonic::Response<PlainStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bare server"))
+    }
+
+    async fn manage_subscription(
+        &self,
+        _r: tonic::Request<tickwire_proto::pb::SubscriptionRequest>,
+    ) -> Result<tonic::Response<tickwire_proto::pb::SubscriptionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bare server"))
+    }
+}
+
+impl PlainServer {
+    fn start() -> Result<PlainServer, String> {
+        use prost::Message;
+        use tickwire_proto::pb;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-plain")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let messages = plain_messages();
+        let resp = pb::StreamResponse {
+            kind: Some(pb::stream_response::Kind::Batch(pb::MarketDataBatch {
+                messages: messages.clone(),
+            })),
+        };
+        let batch = tickwire_proto::grpc::Encoded(bytes::Bytes::from(resp.encode_to_vec()));
+        let ws_batch: String = json!({
+            "type": "data",
+            "payload": {"subscription_id": "s1", "messages": messages.iter().map(|m| {
+                let d = m.data.clone().unwrap_or_default();
+                let md = m.metadata.clone().unwrap_or_default();
+                json!({"event_id": m.event_id, "timestamp": m.timestamp,
+                    "data": {"symbol": d.symbol, "exchange": d.exchange, "currency": d.currency, "kind": d.kind,
+                        "timestamp": "2026-11-27T13:28:28.123456789Z", "timestamp_ns": d.timestamp_ns, "price": d.price, "volume": d.volume},
+                    "metadata": {"topic": md.topic, "partition": md.partition, "epoch": md.epoch, "sequence": md.sequence,
+                        "message_id": md.message_id, "ingest_time_ns": 0, "send_time_ns": 0, "snapshot": false,
+                        "conflated": false, "source_id": 0, "source_seq": 0}})
+            }).collect::<Vec<_>>()},
+            "timestamp": "2026-11-27T13:28:28.123470000Z",
+        })
+        .to_string();
+        let (grpc, http) = rt
+            .block_on(async move {
+                let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let (ga, ha) = (gl.local_addr()?, hl.local_addr()?);
+                let svc =
+                    pb::raw::market_data_stream_server::MarketDataStreamServer::new(PlainGrpc {
+                        batch,
+                    });
+                tokio::spawn(async move {
+                    let _ = tonic::transport::Server::builder()
+                        .tcp_nodelay(true)
+                        .add_service(svc)
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(gl))
+                        .await;
+                });
+                let ws_batch = Arc::new(ws_batch);
+                let body = Arc::new(plain_latest_body());
+                let app = axum::Router::new()
+                    .route(
+                        "/api/v1/market-data/stream",
+                        axum::routing::get({
+                            let ws_batch = ws_batch.clone();
+                            move |ws: axum::extract::ws::WebSocketUpgrade| {
+                                let ws_batch = ws_batch.clone();
+                                async move {
+                                    ws.on_upgrade(move |mut socket| async move {
+                                        use axum::extract::ws::Message;
+                                        // Wait for the subscribe message, then stream.
+                                        let _ = socket.recv().await;
+                                        let text: axum::extract::ws::Utf8Bytes =
+                                            ws_batch.as_str().into();
+                                        while socket.send(Message::Text(text.clone())).await.is_ok()
+                                        {
+                                        }
+                                    })
+                                }
+                            }
+                        }),
+                    )
+                    .route(
+                        "/api/v1/market-data/{symbol}/latest",
+                        axum::routing::get(move || {
+                            let body = body.clone();
+                            async move {
+                                (
+                                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                                    body.as_str().to_string(),
+                                )
+                            }
+                        }),
+                    );
+                tokio::spawn(async move {
+                    let _ = axum::serve(hl, app).await;
+                });
+                Ok::<_, std::io::Error>((ga, ha))
+            })
+            .map_err(|e| format!("bare servers: {e}"))?;
+        Ok(PlainServer {
+            grpc,
+            http,
+            _rt: rt,
+        })
+    }
+}
+
+/// A body the size and shape of tickwire's latest answer.
+fn plain_latest_body() -> String {
+    json!({"symbol": "SYM001", "exchange": EXCHANGE, "currency": "USD",
+        "data": {"symbol": "SYM001", "exchange": EXCHANGE, "currency": "USD", "kind": "trade",
+            "timestamp": "2026-11-27T13:28:28.123456789Z", "timestamp_ns": 1_795_786_108_123_456_789u64,
+            "price": 150.25, "volume": 100},
+        "venues": [EXCHANGE], "timestamp": "2026-11-27T13:28:28.123470000Z"})
+    .to_string()
+}
+
+// ---------------------------------------------------------------- publisher
+
+enum Publisher<'a> {
+    Tickwire(&'a TwServer),
+    Nats(&'a NatsServer),
+}
+
+/// Runs a paced publisher on the client core while `f` runs the clients;
+/// returns `f`'s result with the publisher's achieved rate.
+fn with_publisher(
+    b: &EdgeBench,
+    rate: u64,
+    p: Publisher<'_>,
+    f: impl FnOnce() -> Result<Value, String>,
+) -> Result<Value, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (core, symbols) = (b.client_core, b.symbols);
+    let handle: std::thread::JoinHandle<Result<(), String>> = match p {
+        Publisher::Tickwire(tw) => {
+            let mut ingest = tw.broker.ingest(1);
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                pin(core);
+                let topic = ingest.resolver().topic(TOPIC).ok_or("topic")?;
+                let routes = (0..symbols)
+                    .map(|i| {
+                        ingest.resolver().route(
+                            topic,
+                            &tickwire_proto::symbology::Instrument {
+                                symbol: symbol(i),
+                                exchange: EXCHANGE.into(),
+                                currency: "USD".into(),
+                                size_decimals: 0,
+                            },
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                paced(rate, &stop, &sent, |n| {
+                    let r = &routes[n as usize % routes.len()];
+                    let body = tickwire_proto::FrameBody::trade(
+                        0,
+                        realtime_ns(),
+                        (100 + (n % 1000) as i64) * tickwire_proto::frame::PRICE_SCALE,
+                        100,
+                    );
+                    ingest.try_send(r, &body, None).is_ok()
+                });
+                Ok(())
+            })
+        }
+        Publisher::Nats(nats) => {
+            let url = nats.url();
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                pin(core);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(async move {
+                    let client = async_nats::connect(url)
+                        .await
+                        .map_err(|e| format!("nats publisher: {e}"))?;
+                    let subjects: Vec<async_nats::Subject> = (0..symbols)
+                        .map(|i| format!("md.{}.{EXCHANGE}.trade", symbol(i)).into())
+                        .collect();
+                    let mut seqs = vec![0u64; symbols];
+                    let start = Instant::now();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let due = if rate == 0 {
+                            u64::MAX
+                        } else {
+                            (start.elapsed().as_secs_f64() * rate as f64) as u64
+                        };
+                        if n >= due {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        let burst = (due - n).min(256);
+                        for _ in 0..burst {
+                            let k = n as usize % symbols;
+                            seqs[k] += 1;
+                            let mut p = [0u8; 64];
+                            p[..8].copy_from_slice(&seqs[k].to_le_bytes());
+                            p[8..16].copy_from_slice(&realtime_ns().to_le_bytes());
+                            let _ = client
+                                .publish(subjects[k].clone(), bytes::Bytes::copy_from_slice(&p))
+                                .await;
+                            n += 1;
+                        }
+                        sent.store(n, Ordering::Relaxed);
+                    }
+                    let _ = client.flush().await;
+                    Ok::<(), String>(())
+                })
+            })
+        }
+    };
+    let t0 = Instant::now();
+    let s0 = sent.load(Ordering::Relaxed);
+    let r = f();
+    let published = sent.load(Ordering::Relaxed) - s0;
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let joined = handle
+        .join()
+        .map_err(|_| "publisher panicked".to_string())?;
+    joined?;
+    let mut v = r?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "published_per_sec".into(),
+            json!((published as f64 / secs).round()),
+        );
+    }
+    Ok(v)
+}
+
+/// Calls `send(n)` at `rate` per second (0: as fast as it goes) until
+/// `stop`; a refused send is retried (counted once it goes).
+fn paced(rate: u64, stop: &AtomicBool, sent: &AtomicU64, mut send: impl FnMut(u64) -> bool) {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let due = if rate == 0 {
+            n + 64
+        } else {
+            (start.elapsed().as_secs_f64() * rate as f64) as u64
+        };
+        if n >= due {
+            // Ahead of the pace: the clients share this core.
+            std::thread::yield_now();
+            continue;
+        }
+        let burst = (due - n).min(256);
+        for _ in 0..burst {
+            if send(n) {
+                n += 1;
+            } else {
+                // The shard's queue is full: give the core back.
+                std::thread::yield_now();
+                break;
+            }
+        }
+        sent.store(n, Ordering::Relaxed);
+    }
+}
+
+// ------------------------------------------------------------------ clients
+
+fn spawn_client(a: &ClientArgs) -> Result<Value, String> {
+    let args: Vec<String> = vec![
+        "--system".into(),
+        a.system.clone(),
+        "--transport".into(),
+        a.transport.clone(),
+        "--grpc".into(),
+        a.grpc.clone(),
+        "--http".into(),
+        a.http.clone(),
+        "--nats".into(),
+        a.nats.clone(),
+        "--streams".into(),
+        a.streams.to_string(),
+        "--per-stream".into(),
+        a.per_stream.to_string(),
+        "--symbols".into(),
+        a.symbols.to_string(),
+        "--seconds".into(),
+        a.seconds.to_string(),
+        "--core".into(),
+        a.core.to_string(),
+    ];
+    ReaderProc::spawn_cmd("__edge_client", &args)?.result()
+}
+
+/// What every stream task adds to.
+struct Shared {
+    measuring: AtomicBool,
+    done: AtomicBool,
+    connected: AtomicU64,
+    events: AtomicU64,
+    lost: AtomicU64,
+    gap_notices: AtomicU64,
+    slow_notices: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One stream's tally: sequence contiguity (when it takes everything) and
+/// latency samples while measuring.
+struct Tally {
+    hist: Histogram<u64>,
+    last: HashMap<u64, u64>,
+    contiguous: bool,
+}
+
+impl Tally {
+    fn new(contiguous: bool) -> Tally {
+        Tally {
+            hist: Histogram::new_with_bounds(1, 120_000_000_000, 3)
+                .unwrap_or_else(|_| unreachable!()),
+            last: HashMap::new(),
+            contiguous,
+        }
+    }
+
+    /// One event on `key` (partition or subject) with sequence `seq`.
+    fn event(&mut self, sh: &Shared, key: u64, seq: u64, ingest_ns: u64, now: u64) {
+        let m = sh.measuring.load(Ordering::Relaxed);
+        if self.contiguous
+            && let Some(prev) = self.last.insert(key, seq)
+            && m
+            && seq > prev + 1
+        {
+            sh.lost.fetch_add(seq - prev - 1, Ordering::Relaxed);
+        }
+        if m {
+            sh.events.fetch_add(1, Ordering::Relaxed);
+            if ingest_ns > 0 {
+                let _ = self.hist.record(now.saturating_sub(ingest_ns).max(1));
+            }
+        }
+    }
+}
+
+/// The parts of a `StreamResponse` the client reads (prost skips the rest).
+mod lite {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Response {
+        #[prost(message, optional, tag = "1")]
+        pub batch: Option<Batch>,
+        #[prost(message, optional, tag = "2")]
+        pub gap: Option<Gap>,
+        #[prost(message, optional, tag = "4")]
+        pub slow: Option<Slow>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Batch {
+        #[prost(message, repeated, tag = "1")]
+        pub messages: Vec<Msg>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Msg {
+        #[prost(message, optional, tag = "4")]
+        pub metadata: Option<Meta>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Meta {
+        #[prost(uint32, tag = "2")]
+        pub partition: u32,
+        #[prost(uint64, tag = "4")]
+        pub sequence: u64,
+        #[prost(int64, tag = "6")]
+        pub ingest_time_ns: i64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Gap {
+        #[prost(uint64, tag = "3")]
+        pub from_sequence: u64,
+        #[prost(uint64, tag = "4")]
+        pub to_sequence: u64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Slow {
+        #[prost(string, tag = "1")]
+        pub policy: String,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WsMsg {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    payload: WsPayload,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct WsPayload {
+    #[serde(default)]
+    messages: Vec<WsTick>,
+    #[serde(default)]
+    notice: String,
+    #[serde(default)]
+    from_sequence: u64,
+    #[serde(default)]
+    to_sequence: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct WsTick {
+    metadata: WsMeta,
+}
+
+#[derive(serde::Deserialize)]
+struct WsMeta {
+    partition: u64,
+    sequence: u64,
+    #[serde(default)]
+    ingest_time_ns: u64,
+}
+
+/// The client process: opens the streams on one tokio thread, settles for
+/// 1 s, measures for `seconds`, prints one JSON line.
+///
+/// # Errors
+/// When no stream connects.
+pub fn client(a: &ClientArgs) -> Result<Value, String> {
+    pin(a.core);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    println!("READY");
+    let sh = Arc::new(Shared {
+        measuring: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+        connected: AtomicU64::new(0),
+        events: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        gap_notices: AtomicU64::new(0),
+        slow_notices: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let a2 = a.clone();
+    let sh2 = sh.clone();
+    let (hist, elapsed) = rt.block_on(async move {
+        let a = a2;
+        let sh = sh2;
+        let nats = if a.transport == "nats" {
+            Some(
+                async_nats::ConnectOptions::new()
+                    .subscription_capacity(1 << 16)
+                    .connect(a.nats.clone())
+                    .await
+                    .map_err(|e| format!("nats client: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let mut tasks = Vec::new();
+        for k in 0..a.streams {
+            let syms = if a.per_stream == 0 {
+                Vec::new()
+            } else {
+                symbols_of(k, a.per_stream, a.symbols)
+            };
+            let transport = match a.transport.as_str() {
+                "mixed" if k % 2 == 1 => "ws".to_string(),
+                "mixed" => "grpc".to_string(),
+                t => t.to_string(),
+            };
+            let sh = sh.clone();
+            let a = a.clone();
+            let nats = nats.clone();
+            let contiguous = (a.per_stream == 0 && a.system == "tickwire") || transport == "nats";
+            tasks.push(tokio::spawn(async move {
+                let mut t = Tally::new(contiguous);
+                let r = match transport.as_str() {
+                    "grpc" => grpc_stream(&a, &syms, &sh, &mut t).await,
+                    "ws" => ws_stream(&a, &syms, &sh, &mut t).await,
+                    _ => match nats {
+                        Some(c) => nats_stream(&c, &syms, &sh, &mut t).await,
+                        None => Err("no nats client".into()),
+                    },
+                };
+                if let Err(e) = r
+                    && sh.errors.fetch_add(1, Ordering::Relaxed) == 0
+                {
+                    eprintln!("edge client: stream {k}: {e}");
+                }
+                t.hist
+            }));
+        }
+        // Settle: every stream connected (or 10 s), then 1 s more.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (sh.connected.load(Ordering::Relaxed) as usize) < a.streams
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sh.measuring.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(a.seconds)).await;
+        sh.measuring.store(false, Ordering::Relaxed);
+        let elapsed = t0.elapsed();
+        sh.done.store(true, Ordering::Relaxed);
+        let mut hist =
+            Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3).map_err(|e| e.to_string())?;
+        for t in tasks {
+            if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(5), t).await {
+                let _ = hist.add(&h);
+            }
+        }
+        Ok::<_, String>((hist, elapsed))
+    })?;
+    let events = sh.events.load(Ordering::Relaxed);
+    let connected = sh.connected.load(Ordering::Relaxed);
+    if connected == 0 {
+        return Err(format!("{} {}: no stream connected", a.system, a.transport));
+    }
+    let lat = (!hist.is_empty()).then(|| {
+        json!({"p50_ns": hist.value_at_quantile(0.5), "p99_ns": hist.value_at_quantile(0.99),
+            "p999_ns": hist.value_at_quantile(0.999), "max_ns": hist.max(), "samples": hist.len()})
+    });
+    Ok(json!({
+        "subscribers": a.streams,
+        "connected": connected,
+        "transport": a.transport,
+        "events": events,
+        "events_per_sec": (events as f64 / elapsed.as_secs_f64()).round(),
+        "lost": sh.lost.load(Ordering::Relaxed),
+        "gap_notices": sh.gap_notices.load(Ordering::Relaxed),
+        "slow_consumer_notices": sh.slow_notices.load(Ordering::Relaxed),
+        "stream_errors": sh.errors.load(Ordering::Relaxed),
+        "latency": lat,
+    }))
+}
+
+async fn grpc_stream(
+    a: &ClientArgs,
+    syms: &[String],
+    sh: &Shared,
+    t: &mut Tally,
+) -> Result<(), String> {
+    use tickwire_proto::pb;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    let req = pb::StreamRequest {
+        symbols: syms.to_vec(),
+        topic: TOPIC.into(),
+        subscription_name: "bench".into(),
+        ..Default::default()
+    };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/tickwire.v1.MarketDataStream/StreamMarketData",
+    );
+    let codec = tonic_prost::ProstCodec::<pb::StreamRequest, lite::Response>::default();
+    let mut stream = grpc
+        .server_streaming(tonic::Request::new(req), path, codec)
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?
+        .into_inner();
+    sh.connected.fetch_add(1, Ordering::Relaxed);
+    while !sh.done.load(Ordering::Relaxed) {
+        let Some(m) = stream.message().await.map_err(|e| e.to_string())? else {
+            break;
+        };
+        let now = realtime_ns();
+        if let Some(b) = m.batch {
+            for e in b.messages {
+                let md = e.metadata.unwrap_or_default();
+                t.event(
+                    sh,
+                    u64::from(md.partition),
+                    md.sequence,
+                    md.ingest_time_ns.max(0) as u64,
+                    now,
+                );
+            }
+        } else if let Some(g) = m.gap {
+            count_gap(sh, t, g.from_sequence, g.to_sequence);
+        } else if m.slow.is_some() {
+            sh.slow_notices.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// A gap notice: its range is the loss when sequences are not checked
+/// (a filtered stream), and it resets the contiguity check otherwise.
+fn count_gap(sh: &Shared, t: &mut Tally, from: u64, to: u64) {
+    sh.gap_notices.fetch_add(1, Ordering::Relaxed);
+    if !t.contiguous && sh.measuring.load(Ordering::Relaxed) {
+        sh.lost
+            .fetch_add(to.saturating_sub(from) + 1, Ordering::Relaxed);
+    }
+}
+
+async fn ws_stream(
+    a: &ClientArgs,
+    syms: &[String],
+    sh: &Shared,
+    t: &mut Tally,
+) -> Result<(), String> {
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!("ws://{}/api/v1/market-data/stream", a.http);
+    let mut cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    cfg.max_message_size = Some(64 << 20);
+    cfg.max_frame_size = Some(64 << 20);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let sub = if syms.is_empty() {
+        json!({"type": "subscribe", "payload": {"topic": TOPIC}})
+    } else {
+        json!({"type": "subscribe", "payload": {"topic": TOPIC, "symbols": syms}})
+    };
+    ws.send(Message::Text(sub.to_string().into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    sh.connected.fetch_add(1, Ordering::Relaxed);
+    while !sh.done.load(Ordering::Relaxed) {
+        let Some(m) = ws.next().await else { break };
+        let text = match m.map_err(|e| e.to_string())? {
+            Message::Text(t) => t,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let now = realtime_ns();
+        let Ok(msg) = serde_json::from_str::<WsMsg>(text.as_str()) else {
+            continue;
+        };
+        match msg.kind.as_str() {
+            "data" => {
+                for e in msg.payload.messages {
+                    t.event(
+                        sh,
+                        e.metadata.partition,
+                        e.metadata.sequence,
+                        e.metadata.ingest_time_ns,
+                        now,
+                    );
+                }
+            }
+            "gap" => count_gap(sh, t, msg.payload.from_sequence, msg.payload.to_sequence),
+            "slow_consumer" => {
+                sh.slow_notices.fetch_add(1, Ordering::Relaxed);
+            }
+            "error" => return Err(format!("error from the edge: {text}")),
+            _ if msg.payload.notice == "gap" => {
+                count_gap(sh, t, msg.payload.from_sequence, msg.payload.to_sequence)
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn nats_stream(
+    c: &async_nats::Client,
+    syms: &[String],
+    sh: &Shared,
+    t: &mut Tally,
+) -> Result<(), String> {
+    let subjects: Vec<String> = if syms.is_empty() {
+        vec!["md.>".into()]
+    } else {
+        syms.iter()
+            .map(|s| format!("md.{s}.{EXCHANGE}.trade"))
+            .collect()
+    };
+    let mut subs = Vec::new();
+    for s in subjects {
+        subs.push(c.subscribe(s).await.map_err(|e| e.to_string())?);
+    }
+    c.flush().await.map_err(|e| e.to_string())?;
+    sh.connected.fetch_add(1, Ordering::Relaxed);
+    let mut all = futures::stream::select_all(subs);
+    let mut keys: HashMap<String, u64> = HashMap::new();
+    while !sh.done.load(Ordering::Relaxed) {
+        let Some(m) = all.next().await else { break };
+        let now = realtime_ns();
+        let key = match keys.get(m.subject.as_str()) {
+            Some(&k) => k,
+            None => {
+                let k = keys.len() as u64;
+                keys.insert(m.subject.to_string(), k);
+                k
+            }
+        };
+        let p = &m.payload;
+        if p.len() >= 16 {
+            let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+            let ts = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+            t.event(sh, key, seq, ts, now);
+        }
+    }
+    Ok(())
+}
+
+// --------------------------------------------------------------- REST latest
+
+/// `rest_latest`: wrk against tickwire's latest endpoint and the bare axum
+/// handler with a body of the same size, one after the other.
+fn rest_latest(b: &EdgeBench, tw: &TwServer, plain: &PlainServer) -> Result<(), String> {
+    // Something to answer: a few events on every symbol.
+    let _ = with_publisher(b, 100_000, Publisher::Tickwire(tw), || {
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(json!({}))
+    })?;
+    for (system, addr) in [("tickwire", tw.http), ("plain_axum", plain.http)] {
+        let url = format!("http://{addr}/api/v1/market-data/SYM001/latest");
+        let out = Command::new("taskset")
+            .args(["-c", &b.client_core.to_string(), "wrk", "-t1", "-c32"])
+            .arg(format!("-d{}s", b.seconds.ceil() as u64))
+            .args(["--latency", &url])
+            .output()
+            .map_err(|e| format!("wrk (apt-get install wrk): {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        let pct = |p: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(p))
+                .map(|v| v.trim().to_string())
+        };
+        let non2xx = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .map(|v| v.trim().to_string());
+        println!(
+            "{}",
+            json!({"bench": "edge", "case": "rest_latest", "system": system,
+                "requests_per_sec": rps, "p50": pct("50%"), "p99": pct("99%"),
+                "non_2xx": non2xx, "connections": 32, "tool": "wrk -t1 -c32",
+                "cores": b.layout()})
+        );
+    }
+    Ok(())
+}
