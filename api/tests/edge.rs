@@ -916,14 +916,36 @@ async fn a_thousand_concurrent_streams_each_get_their_symbols_in_order() {
         .into_iter()
         .map(|(want, mut s)| {
             tokio::spawn(async move {
-                let (ev, notices) = collect(&mut s, 40).await;
+                let mut ev = Vec::new();
+                let mut notices = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while ev.len() < 40 {
+                    match tokio::time::timeout_at(deadline, s.message()).await {
+                        Ok(Ok(Some(m))) => match m.kind.expect("kind") {
+                            R::Batch(b) => ev.extend(b.messages.into_iter().map(|m| {
+                                let md = m.metadata.expect("md");
+                                (md.partition, md.sequence, m.data.expect("data").symbol)
+                            })),
+                            R::Heartbeat(_) => {}
+                            other => notices.push(format!("{other:?}")),
+                        },
+                        other => {
+                            notices.push(format!("stream ended: {other:?}"));
+                            break;
+                        }
+                    }
+                }
                 (want, ev, notices)
             })
         })
         .collect();
+    let mut failures = Vec::new();
     for t in tasks {
         let (want, ev, notices) = t.await.expect("task");
-        assert!(notices.is_empty(), "{want:?}: no notices: {notices:?}");
+        if !notices.is_empty() || ev.len() != 40 {
+            failures.push(format!("{want:?}: {} events, {notices:?}", ev.len()));
+            continue;
+        }
         for sym in &want {
             let got: Vec<(u32, u64)> = ev
                 .iter()
@@ -935,7 +957,12 @@ async fn a_thousand_concurrent_streams_each_get_their_symbols_in_order() {
                 "{sym}: every event, in order, nothing else"
             );
         }
-        assert_eq!(ev.len(), 40, "{want:?}: only its symbols");
     }
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 streams fell short; first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     f.stop().await;
 }

@@ -540,6 +540,9 @@ struct State {
     ids: HashMap<u64, usize>,
     index: Vec<Vec<u32>>,
     indexed: u32,
+    /// The node's symbology, for growing the index mid-poll: an event of an
+    /// instrument newer than the index must still reach its subscribers.
+    sym: Option<Arc<Symbology>>,
     epochs: HashMap<u32, u64>,
     latest: Vec<Option<Latest>>,
     dirty: Vec<u32>,
@@ -567,6 +570,7 @@ impl Dispatcher {
             .into_iter()
             .map(|p| (p, reader.epoch(p).unwrap_or(0)))
             .collect();
+        let sym = Symbology::open(&node_dir).ok().map(Arc::new);
         Dispatcher {
             st: State {
                 topic: shared.topic.clone(),
@@ -578,6 +582,7 @@ impl Dispatcher {
                 ids: HashMap::new(),
                 index: Vec::new(),
                 indexed: 0,
+                sym,
                 epochs,
                 latest: Vec::new(),
                 dirty: Vec::new(),
@@ -606,7 +611,7 @@ impl Dispatcher {
             if !self.controls() {
                 break;
             }
-            self.st.grow_index(self.reader.symbology());
+            self.st.grow_index();
             self.st.now_ns = realtime_ns();
             let mut gone = None;
             let st = &mut self.st;
@@ -680,12 +685,12 @@ impl State {
     }
 
     /// Extends the index to instruments added to symbology since.
-    fn grow_index(&mut self, sym: Option<&Symbology>) {
-        let Some(sym) = sym else { return };
-        let count = sym.count();
+    fn grow_index(&mut self) {
+        let count = self.sym.as_ref().map_or(0, |s| s.count());
         if count <= self.indexed {
             return;
         }
+        let Some(sym) = self.sym.clone() else { return };
         if self.index.len() <= count as usize {
             self.index.resize(count as usize + 1, Vec::new());
         }
@@ -733,6 +738,11 @@ impl State {
                     words: *b.words(),
                 });
             }
+        }
+        if id > self.indexed {
+            // Interned after this poll began: the router writes the
+            // symbology entry before the event, so it is there now.
+            self.grow_index();
         }
         let Some(slots) = self.index.get(idx) else {
             return;
