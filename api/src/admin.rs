@@ -1,8 +1,8 @@
 //! Topic and subscription administration shared by gRPC and REST.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::pb;
@@ -11,6 +11,7 @@ use crate::EdgeState;
 use crate::dispatch::outbox::Closed;
 use crate::dispatch::{SubControl, SubscriptionHandle};
 use crate::error::ApiError;
+use crate::store::{self, Store, StoreError};
 
 /// Creating topics at run time is not in this build.
 pub fn create_topic_unsupported(topic: &str) -> ApiError {
@@ -111,13 +112,159 @@ struct Named {
 
 /// Subscriptions created with `ManageSubscription` / the admin API; live
 /// streams naming one attach to it (its stats count them, pausing pauses
-/// them). Kept in memory by this build: a restart forgets them.
+/// them). Every change is written to the command-side store first, then
+/// applied: a restart finds them as they were (see [`Subscriptions::load`]).
 #[derive(Default)]
 pub struct Subscriptions {
     named: Mutex<HashMap<(String, String), Named>>,
+    store: std::sync::OnceLock<Arc<Store>>,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Exists { what, name } => ApiError::AlreadyExists { what, name },
+            other => {
+                tracing::error!(error = %other, "command store");
+                ApiError::Unavailable("the command store cannot be written now".into())
+            }
+        }
+    }
+}
+
+/// The spec's name of a subscription type.
+fn type_name(t: i32) -> &'static str {
+    match pb::SubscriptionType::try_from(t) {
+        Ok(pb::SubscriptionType::Shared) => "Shared",
+        Ok(pb::SubscriptionType::Failover) => "Failover",
+        Ok(pb::SubscriptionType::KeyShared) => "KeyShared",
+        _ => "Exclusive",
+    }
+}
+
+/// The spec's name of a start position.
+fn position_name(p: i32) -> &'static str {
+    match pb::MessagePosition::try_from(p) {
+        Ok(pb::MessagePosition::Earliest) => "Earliest",
+        Ok(pb::MessagePosition::MessageId) => "MessageId",
+        _ => "Latest",
+    }
+}
+
+fn status_name(s: pb::SubscriptionStatus) -> &'static str {
+    match s {
+        pb::SubscriptionStatus::Paused => "paused",
+        pb::SubscriptionStatus::Error => "error",
+        pb::SubscriptionStatus::Stopped => "stopped",
+        pb::SubscriptionStatus::Active => "active",
+    }
+}
+
+/// What a stored subscription needs to be served again, as the `filters`
+/// JSON of its row.
+fn request_json(r: &pb::SubscriptionRequest) -> String {
+    let f = r.filters.clone().unwrap_or_default();
+    serde_json::json!({
+        "symbols": r.symbols,
+        "data_types": r.data_types,
+        "exchanges": f.exchanges,
+        "currencies": f.currencies,
+        "min_price": f.min_price,
+        "max_price": f.max_price,
+        "min_volume": f.min_volume,
+        "type": r.r#type,
+        "start_position": r.start_position,
+        "policy": r.policy,
+        "delivery_mode": r.delivery_mode,
+    })
+    .to_string()
+}
+
+/// The request a stored row was created with.
+fn request_from_row(row: &store::SubscriptionRow) -> Result<pb::SubscriptionRequest, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&row.filters).map_err(|e| format!("filters: {e}"))?;
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let int = |k: &str| v[k].as_i64().unwrap_or(0) as i32;
+    Ok(pb::SubscriptionRequest {
+        topic: row.topic_name.clone(),
+        subscription: row.subscription_name.clone(),
+        r#type: int("type"),
+        filters: Some(pb::FilterCriteria {
+            exchanges: strings("exchanges"),
+            currencies: strings("currencies"),
+            min_price: v["min_price"].as_f64(),
+            max_price: v["max_price"].as_f64(),
+            min_volume: v["min_volume"].as_i64(),
+        }),
+        start_position: int("start_position"),
+        action: pb::SubscriptionAction::Create as i32,
+        symbols: strings("symbols"),
+        data_types: strings("data_types"),
+        policy: int("policy"),
+        delivery_mode: int("delivery_mode"),
+    })
 }
 
 impl Subscriptions {
+    /// Takes the store and the subscriptions it holds (at start, once).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn load(&self, store: Arc<Store>) -> Result<usize, StoreError> {
+        let rows = store.subscriptions().await?;
+        let mut all = self.lock();
+        let mut n = 0;
+        for row in rows {
+            let request = match request_from_row(&row) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(subscription = %row.subscription_id, error = %e, "stored subscription unreadable; skipped");
+                    continue;
+                }
+            };
+            let status = match row.status.as_str() {
+                "paused" => pb::SubscriptionStatus::Paused,
+                "error" => pb::SubscriptionStatus::Error,
+                "stopped" => pb::SubscriptionStatus::Stopped,
+                _ => pb::SubscriptionStatus::Active,
+            };
+            let created_at_ns = humantime::parse_rfc3339(&row.created_at)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as u64);
+            all.insert(
+                (row.topic_name.clone(), row.subscription_name.clone()),
+                Named {
+                    id: row.subscription_id.clone(),
+                    request,
+                    status,
+                    created_at_ns,
+                    streams: Vec::new(),
+                    last_rate: (std::time::Instant::now(), 0),
+                },
+            );
+            n += 1;
+        }
+        drop(all);
+        let _ = self.store.set(store);
+        Ok(n)
+    }
+
+    fn store(&self) -> Result<&Arc<Store>, ApiError> {
+        self.store
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the command store is not open".into()))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Named>> {
         self.named.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -142,7 +289,7 @@ impl Subscriptions {
     ///
     /// # Errors
     /// Invalid fields; an unknown subscription; one that exists already.
-    pub fn manage(
+    pub async fn manage(
         &self,
         state: &EdgeState,
         mut r: pb::SubscriptionRequest,
@@ -182,27 +329,45 @@ impl Subscriptions {
                     name: r.topic.clone(),
                 });
             }
-            let mut all = self.lock();
-            if all.contains_key(&key) {
+            if self.lock().contains_key(&key) {
                 return Err(ApiError::AlreadyExists {
                     what: "subscription",
                     name: r.subscription.clone(),
                 });
             }
             let id = format!("{}/{}", r.topic, r.subscription);
+            // One instant for the row and the memory: a restart reports the
+            // same creation time.
+            let now_ns = realtime_ns();
+            let now = tickwire_proto::json::rfc3339(now_ns);
+            self.store()?
+                .insert_subscription(&store::SubscriptionRow {
+                    subscription_id: id.clone(),
+                    topic_name: r.topic.clone(),
+                    subscription_name: r.subscription.clone(),
+                    subscription_type: type_name(r.r#type).into(),
+                    consumer_group: None,
+                    filters: request_json(&r),
+                    start_position: position_name(r.start_position).into(),
+                    status: "active".into(),
+                    created_at: now.clone(),
+                    last_activity: now,
+                })
+                .await?;
+            let mut all = self.lock();
             all.insert(
                 key.clone(),
                 Named {
                     id,
                     request: r,
                     status: pb::SubscriptionStatus::Active,
-                    created_at_ns: realtime_ns(),
+                    created_at_ns: now_ns,
                     streams: Vec::new(),
                     last_rate: (std::time::Instant::now(), 0),
                 },
             );
         } else if action == pb::SubscriptionAction::Delete {
-            self.delete(&key.0, &key.1)?;
+            self.delete(&key.0, &key.1).await?;
             return Ok(pb::SubscriptionResponse {
                 subscription_id: format!("{}/{}", key.0, key.1),
                 status: pb::SubscriptionStatus::Stopped as i32,
@@ -214,16 +379,28 @@ impl Subscriptions {
             pb::SubscriptionAction::Pause | pb::SubscriptionAction::Resume
         ) {
             let paused = action == pb::SubscriptionAction::Pause;
+            let status = if paused {
+                pb::SubscriptionStatus::Paused
+            } else {
+                pb::SubscriptionStatus::Active
+            };
+            let id =
+                self.lock()
+                    .get(&key)
+                    .map(|n| n.id.clone())
+                    .ok_or_else(|| ApiError::NotFound {
+                        what: "subscription",
+                        name: key.1.clone(),
+                    })?;
+            self.store()?
+                .set_subscription_status(&id, status_name(status))
+                .await?;
             let mut all = self.lock();
             let n = all.get_mut(&key).ok_or_else(|| ApiError::NotFound {
                 what: "subscription",
                 name: key.1.clone(),
             })?;
-            n.status = if paused {
-                pb::SubscriptionStatus::Paused
-            } else {
-                pb::SubscriptionStatus::Active
-            };
+            n.status = status;
             n.streams.retain(SubControl::alive);
             for s in &n.streams {
                 s.set_paused(paused);
@@ -245,14 +422,21 @@ impl Subscriptions {
     ///
     /// # Errors
     /// [`ApiError::NotFound`].
-    pub fn delete(&self, topic: &str, name: &str) -> Result<(), ApiError> {
-        let n = self
+    pub async fn delete(&self, topic: &str, name: &str) -> Result<(), ApiError> {
+        let key = (topic.to_string(), name.to_string());
+        let id = self
             .lock()
-            .remove(&(topic.to_string(), name.to_string()))
+            .get(&key)
+            .map(|n| n.id.clone())
             .ok_or_else(|| ApiError::NotFound {
                 what: "subscription",
                 name: name.into(),
             })?;
+        self.store()?.delete_subscription(&id).await?;
+        let Some(n) = self.lock().remove(&key) else {
+            // Deleted by a concurrent request meanwhile.
+            return Ok(());
+        };
         for s in n.streams {
             if let Some(o) = s.outbox.upgrade() {
                 o.close(Closed::Deleted);

@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod error;
 pub mod rest;
 pub mod spec;
+pub mod store;
 pub mod stream;
 
 use std::collections::HashMap;
@@ -83,6 +84,12 @@ pub struct EdgeConfig {
     pub max_request_bytes: usize,
     /// API keys.
     pub auth: auth::AuthConfig,
+    /// The command-side store (topics, subscriptions, distribution stats):
+    /// `sqlite://<path>` or `postgres://user:password@host/db`; empty means
+    /// `sqlite://<node dir>/command.db`.
+    pub store_url: String,
+    /// Seconds between `distribution_stats` rows (per topic); 0 writes none.
+    pub stats_interval_secs: u64,
 }
 
 impl Default for EdgeConfig {
@@ -100,6 +107,8 @@ impl Default for EdgeConfig {
             max_symbols: 1024,
             max_request_bytes: 64 * 1024,
             auth: auth::AuthConfig::default(),
+            store_url: String::new(),
+            stats_interval_secs: 60,
         }
     }
 }
@@ -237,6 +246,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The command-side store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// A running edge.
@@ -247,6 +259,8 @@ pub struct Edge {
     pub http_addr: SocketAddr,
     /// The shared state.
     pub state: Arc<EdgeState>,
+    /// The command-side store.
+    pub store: Arc<store::Store>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -333,6 +347,22 @@ impl Edge {
             what: "HTTP",
             source,
         })?;
+        let url = if config.store_url.is_empty() {
+            format!(
+                "sqlite://{}",
+                state.engine.node_dir().join("command.db").display()
+            )
+        } else {
+            config.store_url.clone()
+        };
+        let store = Arc::new(store::Store::open(&url).await?);
+        store.sync_topics(&state.engine.topics()).await?;
+        let loaded = state.subscriptions.load(store.clone()).await?;
+        tracing::info!(
+            store = store.location(),
+            subscriptions = loaded,
+            "command store open"
+        );
         // Start the dispatchers now, so the latest-value table is filled
         // before the first request.
         for t in state.engine.topics() {
@@ -367,11 +397,20 @@ impl Edge {
             tracing::warn!(grpc = %grpc_addr, http = %http_addr, "edge auth is OFF (loopback only): anyone on this machine can read and administer; set edge.auth for keys");
         }
         tracing::info!(grpc = %grpc_addr, http = %http_addr, "edge serving: gRPC (reflection, health), REST /api/v1, WebSocket /api/v1/market-data/stream, /metrics, /health");
+        let mut tasks = vec![grpc_task, http_task];
+        if config.stats_interval_secs > 0 {
+            tasks.push(tokio::spawn(record_stats(
+                state.clone(),
+                store.clone(),
+                std::time::Duration::from_secs(config.stats_interval_secs),
+            )));
+        }
         Ok(Edge {
             grpc_addr,
             http_addr,
             state,
-            tasks: vec![grpc_task, http_task],
+            store,
+            tasks,
         })
     }
 
@@ -380,7 +419,80 @@ impl Edge {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.store.close().await;
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || state.hub.join()).await;
+    }
+}
+
+/// Writes a `distribution_stats` row per running topic every `every`: what
+/// the edge delivered and dropped in the interval, the mean
+/// ingest-to-dispatch latency of the interval, and live subscribers. A
+/// store that cannot be written is logged (once per outage) and retried at
+/// the next interval; it never stops the edge.
+async fn record_stats(state: Arc<EdgeState>, store: Arc<store::Store>, every: std::time::Duration) {
+    struct Last {
+        delivered: u64,
+        dropped: u64,
+        hist: Option<hdrhistogram::Histogram<u64>>,
+    }
+    let mut last: HashMap<String, Last> = HashMap::new();
+    let mut failing = false;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.cancel.cancelled() => return,
+        }
+        let now = tickwire_proto::json::rfc3339(tickwire_proto::futex::realtime_ns());
+        for t in state.hub.running() {
+            let delivered = t.delivered.load(std::sync::atomic::Ordering::Relaxed);
+            let dropped = t.dropped.load(std::sync::atomic::Ordering::Relaxed);
+            let hist = t.dispatch_latency.lock().ok().map(|h| h.clone());
+            let prev = last.remove(&t.topic).unwrap_or(Last {
+                delivered: 0,
+                dropped: 0,
+                hist: None,
+            });
+            let avg_latency_ms = hist.as_ref().and_then(|h| {
+                let mut d = h.clone();
+                if let Some(p) = &prev.hist {
+                    d.subtract(p).ok()?;
+                }
+                (!d.is_empty()).then(|| d.mean() / 1e6)
+            });
+            let row = store::StatsRow {
+                timestamp: now.clone(),
+                topic_name: t.topic.clone(),
+                messages_distributed: delivered.saturating_sub(prev.delivered) as i64,
+                bytes_distributed: 0,
+                avg_latency_ms,
+                error_count: dropped.saturating_sub(prev.dropped) as i64,
+                active_subscriptions: t.subscribers.load(std::sync::atomic::Ordering::Relaxed)
+                    as i64,
+            };
+            match store.record_stats(&row).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!(store = store.location(), "distribution stats written again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "distribution stats not written; retrying each interval");
+                }
+                Err(_) => {}
+            }
+            last.insert(
+                t.topic.clone(),
+                Last {
+                    delivered,
+                    dropped,
+                    hist,
+                },
+            );
+        }
     }
 }

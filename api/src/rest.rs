@@ -608,7 +608,7 @@ async fn create_subscription(
             D::AtMostOnce,
         )? as i32,
     };
-    let resp = state.subscriptions.manage(&state, r)?;
+    let resp = state.subscriptions.manage(&state, r).await?;
     let stats = resp.stats.unwrap_or_default();
     Ok((StatusCode::CREATED, Json(sub_json(&stats))).into_response())
 }
@@ -630,7 +630,7 @@ async fn delete_subscription(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
-    state.subscriptions.delete(&topic, &name)?;
+    state.subscriptions.delete(&topic, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -648,15 +648,18 @@ async fn set_paused(
     } else {
         pb::SubscriptionAction::Resume
     };
-    let r = state.subscriptions.manage(
-        &state,
-        pb::SubscriptionRequest {
-            topic,
-            subscription: name,
-            action: action as i32,
-            ..Default::default()
-        },
-    )?;
+    let r = state
+        .subscriptions
+        .manage(
+            &state,
+            pb::SubscriptionRequest {
+                topic,
+                subscription: name,
+                action: action as i32,
+                ..Default::default()
+            },
+        )
+        .await?;
     Ok(Json(sub_json(&r.stats.unwrap_or_default())).into_response())
 }
 

@@ -37,10 +37,11 @@ impl Engine for TestEngine {
 }
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     writer: TopicWriter,
     edge: Option<Edge>,
     cancel: CancellationToken,
+    cfg: EdgeConfig,
 }
 
 impl Fixture {
@@ -53,19 +54,39 @@ impl Fixture {
             ..EdgeConfig::default()
         };
         tune(&mut cfg);
-        let cancel = CancellationToken::new();
-        let engine = Arc::new(TestEngine {
-            dir: dir.path().to_path_buf(),
-        });
-        let edge = Edge::start(cfg, engine, cancel.clone())
-            .await
-            .expect("edge");
+        let (edge, cancel) = Fixture::edge_on(dir.path(), &cfg).await;
         Fixture {
-            _dir: dir,
+            dir,
             writer,
             edge: Some(edge),
             cancel,
+            cfg,
         }
+    }
+
+    async fn edge_on(dir: &std::path::Path, cfg: &EdgeConfig) -> (Edge, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let engine = Arc::new(TestEngine {
+            dir: dir.to_path_buf(),
+        });
+        let edge = Edge::start(cfg.clone(), engine, cancel.clone())
+            .await
+            .expect("edge");
+        (edge, cancel)
+    }
+
+    /// Stops the edge and starts a new one on the same rings and store
+    /// (as a broker restart would).
+    async fn restart(&mut self) {
+        self.cancel.cancel();
+        if let Some(e) = self.edge.take() {
+            tokio::time::timeout(Duration::from_secs(10), e.join())
+                .await
+                .expect("edge stops promptly");
+        }
+        let (edge, cancel) = Fixture::edge_on(self.dir.path(), &self.cfg).await;
+        self.edge = Some(edge);
+        self.cancel = cancel;
     }
 
     /// Queues of 64 events: a stalled client backs up quickly.
@@ -965,4 +986,179 @@ async fn a_thousand_concurrent_streams_each_get_their_symbols_in_order() {
         &failures[..failures.len().min(5)]
     );
     f.stop().await;
+}
+
+fn filters_policy(json: &str) -> i64 {
+    serde_json::from_str::<serde_json::Value>(json).expect("json")["policy"]
+        .as_i64()
+        .unwrap_or(-1)
+}
+
+/// The PostgreSQL that `scripts/services.sh up` starts
+/// (TICKWIRE_POSTGRES_URL overrides).
+fn postgres_url() -> String {
+    std::env::var("TICKWIRE_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://tickwire:tickwire@127.0.0.1:5432/tickwire".into())
+}
+
+/// What a restart must keep, on the store at `url` (empty: the default
+/// SQLite file in the node directory): a created subscription with its
+/// filters, its paused status and creation time; a deleted one stays gone;
+/// the topics table names the engine's topics; distribution stats are
+/// written each interval with what was delivered.
+async fn restart_keeps_the_command_side(url: String) {
+    let mut f = Fixture::start(|c| {
+        c.store_url = url.clone();
+        c.stats_interval_secs = 1;
+    })
+    .await;
+    let run = format!("{}", tickwire_proto::futex::realtime_ns());
+    let (keep, gone) = (format!("keep-{run}"), format!("gone-{run}"));
+    let mut g = f.grpc().await;
+    let manage = |name: &str, action: pb::SubscriptionAction| pb::SubscriptionRequest {
+        topic: TOPIC.into(),
+        subscription: name.into(),
+        action: action as i32,
+        symbols: vec!["AAPL".into()],
+        filters: Some(pb::FilterCriteria {
+            exchanges: vec!["NASDAQ".into()],
+            min_price: Some(10.5),
+            ..Default::default()
+        }),
+        policy: pb::SlowConsumerPolicy::Conflate as i32,
+        r#type: pb::SubscriptionType::Exclusive as i32,
+        ..Default::default()
+    };
+    for name in [&keep, &gone] {
+        g.manage_subscription(manage(name, pb::SubscriptionAction::Create))
+            .await
+            .expect("create");
+    }
+    let created = g
+        .manage_subscription(manage(&keep, pb::SubscriptionAction::Pause))
+        .await
+        .expect("pause")
+        .into_inner()
+        .stats
+        .expect("stats")
+        .created_at_ns;
+    g.manage_subscription(manage(&gone, pb::SubscriptionAction::Delete))
+        .await
+        .expect("delete");
+    // Something delivered, for the stats rows.
+    let mut s = g
+        .stream_market_data(pb::StreamRequest {
+            symbols: vec!["AAPL".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    for i in 0..5 {
+        f.trade(0, "AAPL", "NASDAQ", 100.0 + f64::from(i));
+    }
+    let _ = collect(&mut s, 5).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    f.restart().await;
+    let mut g = f.grpc().await;
+    let st = g
+        .manage_subscription(manage(&keep, pb::SubscriptionAction::Status))
+        .await
+        .expect("kept across the restart")
+        .into_inner();
+    assert_eq!(
+        st.status,
+        pb::SubscriptionStatus::Paused as i32,
+        "still paused"
+    );
+    assert_eq!(
+        st.stats.expect("stats").created_at_ns,
+        created,
+        "same creation time"
+    );
+    let e = g
+        .manage_subscription(manage(&gone, pb::SubscriptionAction::Status))
+        .await
+        .expect_err("deleted stays deleted");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = g
+        .manage_subscription(manage(&keep, pb::SubscriptionAction::Create))
+        .await
+        .expect_err("a second create of a kept subscription");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    // The rows themselves.
+    let store = &f.edge().store;
+    let rows = store.subscriptions().await.expect("rows");
+    let row = rows
+        .iter()
+        .find(|r| r.subscription_name == keep)
+        .expect("the kept row");
+    assert_eq!(row.status, "paused");
+    assert_eq!(row.subscription_type, "Exclusive");
+    assert_eq!(
+        filters_policy(&row.filters),
+        pb::SlowConsumerPolicy::Conflate as i64
+    );
+    assert_eq!(row.start_position, "Latest");
+    let filters: serde_json::Value = serde_json::from_str(&row.filters).expect("json");
+    assert_eq!(filters["symbols"], serde_json::json!(["AAPL"]));
+    assert_eq!(filters["exchanges"], serde_json::json!(["NASDAQ"]));
+    assert_eq!(filters["min_price"], serde_json::json!(10.5));
+    assert!(!rows.iter().any(|r| r.subscription_name == gone));
+    let topics = store.topics().await.expect("topics");
+    let t = topics
+        .iter()
+        .find(|t| t.topic_name == TOPIC)
+        .expect("the topic's row");
+    assert_eq!((t.partitions, t.enabled), (2, true));
+    assert_eq!(t.retention_policy, "7d");
+    let stats = store.stats(TOPIC, 100).await.expect("stats rows");
+    let delivered: i64 = stats.iter().map(|r| r.messages_distributed).sum();
+    assert!(
+        delivered >= 5,
+        "the 5 delivered events are in distribution_stats ({stats:?})"
+    );
+    // Cleaned up, so the next run starts from what it creates.
+    g.manage_subscription(manage(&keep, pb::SubscriptionAction::Delete))
+        .await
+        .expect("delete");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_subscriptions_topics_and_stats_in_the_default_sqlite_store() {
+    restart_keeps_the_command_side(String::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_subscriptions_topics_and_stats_in_postgresql() {
+    restart_keeps_the_command_side(postgres_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_or_unreachable_store_is_refused_at_start_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _w = TopicWriter::create(dir.path(), TOPIC, 2, 1024).expect("rings");
+    for (url, says) in [
+        ("mysql://x@127.0.0.1/db", "use sqlite://"),
+        ("postgres://tickwire:secret@127.0.0.1:1/none", "127.0.0.1:1"),
+    ] {
+        let cfg = EdgeConfig {
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
+            store_url: url.into(),
+            ..EdgeConfig::default()
+        };
+        let engine = Arc::new(TestEngine {
+            dir: dir.path().to_path_buf(),
+        });
+        let e = match Edge::start(cfg, engine, CancellationToken::new()).await {
+            Ok(_) => panic!("{url} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(says), "{url}: {e}");
+        assert!(!e.contains("secret"), "no password in errors: {e}");
+    }
 }

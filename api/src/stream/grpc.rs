@@ -131,7 +131,7 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
             .auth
             .allow(key.as_deref(), &topic, Right::Admin)?;
         Ok(Response::new(
-            self.state.subscriptions.manage(&self.state, r)?,
+            self.state.subscriptions.manage(&self.state, r).await?,
         ))
     }
 }
@@ -233,7 +233,7 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
             .allow(key.as_deref(), &r.topic, Right::Admin)?;
         r.action = pb::SubscriptionAction::Create as i32;
         Ok(Response::new(
-            self.state.subscriptions.manage(&self.state, r)?,
+            self.state.subscriptions.manage(&self.state, r).await?,
         ))
     }
 
@@ -247,7 +247,10 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
         self.state
             .auth
             .allow(key.as_deref(), &topic, Right::Admin)?;
-        self.state.subscriptions.delete(&topic, &r.subscription)?;
+        self.state
+            .subscriptions
+            .delete(&topic, &r.subscription)
+            .await?;
         Ok(Response::new(pb::DeleteResponse { deleted: true }))
     }
 

@@ -1,0 +1,478 @@
+//! The command-side store (the spec's "Command Side" tables): topics,
+//! subscriptions, distribution stats and routing rules, in SQLite (a file,
+//! the embedded default) or PostgreSQL (a `postgres://` URL), through one
+//! set of queries on sqlx's Any driver.
+//!
+//! Migrations live in `migrations/sqlite` and `migrations/postgres` and are
+//! embedded in the binary; [`Store::open`] runs the ones a database lacks.
+//! Ids are UUIDs and timestamps RFC 3339 text in both databases (the Any
+//! driver has no UUID or timestamp type); booleans are 0/1.
+//!
+//! Nothing here is on the data path: the edge writes a row when an operator
+//! creates, pauses, resumes or deletes a subscription, and a stats row per
+//! topic every interval.
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use tickwire_proto::futex::realtime_ns;
+use tickwire_proto::json::rfc3339;
+
+use crate::TopicDesc;
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names no database this build supports.
+    #[error("store url {0:?}: use sqlite://<path> or postgres://user:password@host/db")]
+    Url(String),
+    /// The database cannot be reached or opened.
+    #[error("store {location}: {source}")]
+    Open {
+        /// The database, without its password.
+        location: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("store {location}: migration failed: {source}")]
+    Migrate {
+        /// The database, without its password.
+        location: String,
+        /// Why.
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A row with this key exists already.
+    #[error("{what} {name} exists already")]
+    Exists {
+        /// What kind of row.
+        what: &'static str,
+        /// Its key.
+        name: String,
+    },
+    /// A query failed (the database went away, a disk is full).
+    #[error("store {location}: {source}")]
+    Query {
+        /// The database, without its password.
+        location: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+}
+
+/// Which database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// A `topics` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicRow {
+    /// Unique name.
+    pub topic_name: String,
+    /// Partitions.
+    pub partitions: i64,
+    /// Retention (e.g. `7d`).
+    pub retention_policy: String,
+    /// Compression name.
+    pub compression_type: String,
+    /// Enabled.
+    pub enabled: bool,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// A `subscriptions` row. `filters` is the JSON of everything a stream
+/// needs to resume it (symbols, data types, the filter criteria, policy,
+/// delivery mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionRow {
+    /// `<topic>/<name>`, unique.
+    pub subscription_id: String,
+    /// Topic.
+    pub topic_name: String,
+    /// Name.
+    pub subscription_name: String,
+    /// Exclusive, Shared, Failover, KeyShared.
+    pub subscription_type: String,
+    /// Group, when one is named.
+    pub consumer_group: Option<String>,
+    /// JSON.
+    pub filters: String,
+    /// Latest, Earliest, MessageId.
+    pub start_position: String,
+    /// active, paused, error, stopped.
+    pub status: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub last_activity: String,
+}
+
+/// A `distribution_stats` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsRow {
+    /// RFC 3339: the end of the interval.
+    pub timestamp: String,
+    /// Topic.
+    pub topic_name: String,
+    /// Events delivered to remote subscribers in the interval.
+    pub messages_distributed: i64,
+    /// Their bytes on the wire.
+    pub bytes_distributed: i64,
+    /// Mean ingest-to-dispatch latency, ms.
+    pub avg_latency_ms: Option<f64>,
+    /// Events dropped for slow subscribers in the interval.
+    pub error_count: i64,
+    /// Live remote subscriptions at the end of the interval.
+    pub active_subscriptions: i64,
+}
+
+/// The command-side database.
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    location: String,
+}
+
+/// The URL without a password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Store {
+    /// Opens (creating a SQLite file if needed) and migrates.
+    ///
+    /// # Errors
+    /// A URL of another kind; an unreachable or unreadable database; a
+    /// failed migration.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let location = redact(url);
+        let (backend, connect) = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreError::Url(location));
+            }
+            if let Some(dir) = std::path::Path::new(path.split('?').next().unwrap_or(path))
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                    location: location.clone(),
+                    source: sqlx::Error::Io(e),
+                })?;
+            }
+            let connect = if url.contains('?') {
+                url.to_string()
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Backend::Sqlite, connect)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_string())
+        } else {
+            return Err(StoreError::Url(location));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 1 } else { 4 })
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&connect)
+            .await
+            .map_err(|source| StoreError::Open {
+                location: location.clone(),
+                source,
+            })?;
+        let migrated = match backend {
+            Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await,
+            Backend::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await,
+        };
+        migrated.map_err(|source| StoreError::Migrate {
+            location: location.clone(),
+            source,
+        })?;
+        Ok(Store {
+            pool,
+            backend,
+            location,
+        })
+    }
+
+    /// Which database.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The database, without its password.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn query_err(&self, source: sqlx::Error) -> StoreError {
+        StoreError::Query {
+            location: self.location.clone(),
+            source,
+        }
+    }
+
+    /// Records the engine's topics: new ones are inserted, changed
+    /// partition counts updated; rows of topics the engine no longer has
+    /// are kept (disabled) for the record.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn sync_topics(&self, topics: &[TopicDesc]) -> Result<(), StoreError> {
+        let now = rfc3339(realtime_ns());
+        for t in topics {
+            sqlx::query(
+                "INSERT INTO topics (id, topic_name, partitions, enabled, created_at, updated_at) \
+                 VALUES ($1, $2, $3, 1, $4, $5) \
+                 ON CONFLICT (topic_name) DO UPDATE SET partitions = excluded.partitions, \
+                 enabled = 1, updated_at = excluded.updated_at \
+                 WHERE topics.partitions <> excluded.partitions OR topics.enabled <> 1",
+            )
+            .bind(uuid())
+            .bind(&t.name)
+            .bind(i64::from(t.partitions))
+            .bind(&now)
+            .bind(&now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.query_err(e))?;
+        }
+        let rows = self.topics().await?;
+        for r in rows
+            .iter()
+            .filter(|r| r.enabled && !topics.iter().any(|t| t.name == r.topic_name))
+        {
+            sqlx::query("UPDATE topics SET enabled = 0, updated_at = $1 WHERE topic_name = $2")
+                .bind(&now)
+                .bind(&r.topic_name)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.query_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Every `topics` row, by name.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn topics(&self) -> Result<Vec<TopicRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT topic_name, partitions, retention_policy, compression_type, enabled, \
+             created_at, updated_at FROM topics ORDER BY topic_name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(TopicRow {
+                    topic_name: r.try_get(0)?,
+                    partitions: r.try_get(1)?,
+                    retention_policy: r.try_get(2)?,
+                    compression_type: r.try_get(3)?,
+                    enabled: r.try_get::<i64, _>(4)? != 0,
+                    created_at: r.try_get(5)?,
+                    updated_at: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| self.query_err(e))
+    }
+
+    /// Inserts a subscription.
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] for a taken `subscription_id`;
+    /// [`StoreError::Query`].
+    pub async fn insert_subscription(&self, s: &SubscriptionRow) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO subscriptions (id, subscription_id, topic_name, subscription_name, \
+             subscription_type, consumer_group, filters, start_position, status, created_at, \
+             last_activity) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(uuid())
+        .bind(&s.subscription_id)
+        .bind(&s.topic_name)
+        .bind(&s.subscription_name)
+        .bind(&s.subscription_type)
+        .bind(s.consumer_group.clone())
+        .bind(&s.filters)
+        .bind(&s.start_position)
+        .bind(&s.status)
+        .bind(&s.created_at)
+        .bind(&s.last_activity)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Exists {
+                what: "subscription",
+                name: s.subscription_id.clone(),
+            }),
+            Err(e) => Err(self.query_err(e)),
+        }
+    }
+
+    /// Sets a subscription's status (and last activity); false when there is
+    /// no such subscription.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn set_subscription_status(
+        &self,
+        subscription_id: &str,
+        status: &str,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE subscriptions SET status = $1, last_activity = $2 WHERE subscription_id = $3",
+        )
+        .bind(status)
+        .bind(rfc3339(realtime_ns()))
+        .bind(subscription_id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Deletes a subscription; false when there was none.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn delete_subscription(&self, subscription_id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM subscriptions WHERE subscription_id = $1")
+            .bind(subscription_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.query_err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Every subscription, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT subscription_id, topic_name, subscription_name, subscription_type, \
+             consumer_group, filters, start_position, status, created_at, last_activity \
+             FROM subscriptions ORDER BY created_at, subscription_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        rows.iter()
+            .map(subscription_row)
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| self.query_err(e))
+    }
+
+    /// Appends a `distribution_stats` row.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_stats(&self, s: &StatsRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO distribution_stats (id, timestamp, topic_name, messages_distributed, \
+             bytes_distributed, avg_latency_ms, error_count, active_subscriptions, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(uuid())
+        .bind(&s.timestamp)
+        .bind(&s.topic_name)
+        .bind(s.messages_distributed)
+        .bind(s.bytes_distributed)
+        .bind(s.avg_latency_ms)
+        .bind(s.error_count)
+        .bind(s.active_subscriptions)
+        .bind(rfc3339(realtime_ns()))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        Ok(())
+    }
+
+    /// A topic's newest `limit` stats rows, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn stats(&self, topic: &str, limit: i64) -> Result<Vec<StatsRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT timestamp, topic_name, messages_distributed, bytes_distributed, \
+             avg_latency_ms, error_count, active_subscriptions FROM distribution_stats \
+             WHERE topic_name = $1 ORDER BY timestamp DESC LIMIT $2",
+        )
+        .bind(topic)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(StatsRow {
+                    timestamp: r.try_get(0)?,
+                    topic_name: r.try_get(1)?,
+                    messages_distributed: r.try_get(2)?,
+                    bytes_distributed: r.try_get(3)?,
+                    avg_latency_ms: r.try_get(4)?,
+                    error_count: r.try_get(5)?,
+                    active_subscriptions: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| self.query_err(e))
+    }
+
+    /// Closes the pool (waits for queries in flight).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn subscription_row(r: &AnyRow) -> Result<SubscriptionRow, sqlx::Error> {
+    Ok(SubscriptionRow {
+        subscription_id: r.try_get(0)?,
+        topic_name: r.try_get(1)?,
+        subscription_name: r.try_get(2)?,
+        subscription_type: r.try_get(3)?,
+        consumer_group: r.try_get(4)?,
+        filters: r.try_get(5)?,
+        start_position: r.try_get(6)?,
+        status: r.try_get(7)?,
+        created_at: r.try_get(8)?,
+        last_activity: r.try_get(9)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(
+            redact("postgres://tickwire:secret@127.0.0.1:5432/tickwire"),
+            "postgres://tickwire:***@127.0.0.1:5432/tickwire"
+        );
+        assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+    }
+}
