@@ -713,6 +713,8 @@ struct Shared {
 /// latency samples while measuring.
 struct Tally {
     hist: Histogram<u64>,
+    /// tickwire only: ingest -> taken off the ring by the edge's dispatcher.
+    to_edge: Histogram<u64>,
     last: HashMap<u64, u64>,
     contiguous: bool,
 }
@@ -722,13 +724,16 @@ impl Tally {
         Tally {
             hist: Histogram::new_with_bounds(1, 120_000_000_000, 3)
                 .unwrap_or_else(|_| unreachable!()),
+            to_edge: Histogram::new_with_bounds(1, 120_000_000_000, 3)
+                .unwrap_or_else(|_| unreachable!()),
             last: HashMap::new(),
             contiguous,
         }
     }
 
-    /// One event on `key` (partition or subject) with sequence `seq`.
-    fn event(&mut self, sh: &Shared, key: u64, seq: u64, ingest_ns: u64, now: u64) {
+    /// One event on `key` (partition or subject) with sequence `seq`;
+    /// `send_ns` (when the edge took it off the ring) is 0 for NATS.
+    fn event(&mut self, sh: &Shared, key: u64, seq: u64, ingest_ns: u64, send_ns: u64, now: u64) {
         let m = sh.measuring.load(Ordering::Relaxed);
         if self.contiguous
             && let Some(prev) = self.last.insert(key, seq)
@@ -741,6 +746,11 @@ impl Tally {
             sh.events.fetch_add(1, Ordering::Relaxed);
             if ingest_ns > 0 {
                 let _ = self.hist.record(now.saturating_sub(ingest_ns).max(1));
+                if send_ns > 0 {
+                    let _ = self
+                        .to_edge
+                        .record(send_ns.saturating_sub(ingest_ns).max(1));
+                }
             }
         }
     }
@@ -775,6 +785,8 @@ mod lite {
         pub sequence: u64,
         #[prost(int64, tag = "6")]
         pub ingest_time_ns: i64,
+        #[prost(int64, tag = "7")]
+        pub send_time_ns: i64,
     }
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Gap {
@@ -821,6 +833,8 @@ struct WsMeta {
     sequence: u64,
     #[serde(default)]
     ingest_time_ns: u64,
+    #[serde(default)]
+    send_time_ns: u64,
 }
 
 /// The client process: opens the streams on one tokio thread, settles for
@@ -847,7 +861,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
     });
     let a2 = a.clone();
     let sh2 = sh.clone();
-    let (hist, elapsed) = rt.block_on(async move {
+    let (hist, to_edge, elapsed) = rt.block_on(async move {
         let a = a2;
         let sh = sh2;
         let nats = if a.transport == "nats" {
@@ -892,7 +906,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
                 {
                     eprintln!("edge client: stream {k}: {e}");
                 }
-                t.hist
+                (t.hist, t.to_edge)
             }));
         }
         // Settle: every stream connected (or 10 s), then 1 s more.
@@ -909,24 +923,30 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         sh.measuring.store(false, Ordering::Relaxed);
         let elapsed = t0.elapsed();
         sh.done.store(true, Ordering::Relaxed);
-        let mut hist =
-            Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3).map_err(|e| e.to_string())?;
+        let new = || Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3);
+        let mut hist = new().map_err(|e| e.to_string())?;
+        let mut to_edge = new().map_err(|e| e.to_string())?;
         for t in tasks {
-            if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(5), t).await {
+            if let Ok(Ok((h, e))) = tokio::time::timeout(Duration::from_secs(5), t).await {
                 let _ = hist.add(&h);
+                let _ = to_edge.add(&e);
             }
         }
-        Ok::<_, String>((hist, elapsed))
+        Ok::<_, String>((hist, to_edge, elapsed))
     })?;
     let events = sh.events.load(Ordering::Relaxed);
     let connected = sh.connected.load(Ordering::Relaxed);
     if connected == 0 {
         return Err(format!("{} {}: no stream connected", a.system, a.transport));
     }
-    let lat = (!hist.is_empty()).then(|| {
-        json!({"p50_ns": hist.value_at_quantile(0.5), "p99_ns": hist.value_at_quantile(0.99),
-            "p999_ns": hist.value_at_quantile(0.999), "max_ns": hist.max(), "samples": hist.len()})
-    });
+    let quantiles = |h: &Histogram<u64>| {
+        (!h.is_empty()).then(|| {
+            json!({"p50_ns": h.value_at_quantile(0.5), "p99_ns": h.value_at_quantile(0.99),
+                "p999_ns": h.value_at_quantile(0.999), "max_ns": h.max(), "samples": h.len()})
+        })
+    };
+    let lat = quantiles(&hist);
+    let lat_to_edge = quantiles(&to_edge);
     Ok(json!({
         "subscribers": a.streams,
         "connected": connected,
@@ -938,6 +958,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         "slow_consumer_notices": sh.slow_notices.load(Ordering::Relaxed),
         "stream_errors": sh.errors.load(Ordering::Relaxed),
         "latency": lat,
+        "latency_ingest_to_edge": lat_to_edge,
     }))
 }
 
@@ -985,6 +1006,7 @@ async fn grpc_stream(
                     u64::from(md.partition),
                     md.sequence,
                     md.ingest_time_ns.max(0) as u64,
+                    md.send_time_ns.max(0) as u64,
                     now,
                 );
             }
@@ -1049,6 +1071,7 @@ async fn ws_stream(
                         e.metadata.partition,
                         e.metadata.sequence,
                         e.metadata.ingest_time_ns,
+                        e.metadata.send_time_ns,
                         now,
                     );
                 }
@@ -1103,7 +1126,7 @@ async fn nats_stream(
         if p.len() >= 16 {
             let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
             let ts = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
-            t.event(sh, key, seq, ts, now);
+            t.event(sh, key, seq, ts, 0, now);
         }
     }
     Ok(())
