@@ -259,7 +259,7 @@ impl Subscriptions {
         Ok(n)
     }
 
-    fn store(&self) -> Result<&Arc<Store>, ApiError> {
+    pub(crate) fn store(&self) -> Result<&Arc<Store>, ApiError> {
         self.store
             .get()
             .ok_or_else(|| ApiError::Unavailable("the command store is not open".into()))
@@ -497,5 +497,104 @@ impl Subscriptions {
         keys.into_iter()
             .filter_map(|(t, n)| self.stats(&t, &n).ok())
             .collect()
+    }
+}
+
+/// The rules that compile on their own (a stored rule whose topic is gone
+/// is kept in the store, not applied).
+fn usable(state: &EdgeState, rules: Vec<crate::RoutingRule>) -> Vec<crate::RoutingRule> {
+    rules
+        .into_iter()
+        .filter(|r| {
+            state
+                .engine
+                .set_routing_rules(std::slice::from_ref(r), true)
+                .is_ok()
+        })
+        .collect()
+}
+
+/// The rules, highest priority first.
+///
+/// # Errors
+/// The store cannot be read.
+pub async fn list_rules(state: &EdgeState) -> Result<Vec<crate::RoutingRule>, ApiError> {
+    Ok(state.subscriptions.store()?.rules().await?)
+}
+
+/// Creates (`replace` false) or replaces a routing rule: checked by the
+/// engine first (a bad field is a 400 naming it), then stored, then the
+/// whole set applied to the router at once.
+///
+/// # Errors
+/// Invalid fields; a taken name (create) or an unknown one (replace); the
+/// store cannot be written.
+pub async fn put_rule(
+    state: &EdgeState,
+    mut rule: crate::RoutingRule,
+    replace: bool,
+) -> Result<crate::RoutingRule, ApiError> {
+    let _one = state.rules_lock.lock().await;
+    state
+        .engine
+        .set_routing_rules(std::slice::from_ref(&rule), true)
+        .map_err(|(field, why)| {
+            let field = field
+                .strip_prefix("rules[0].")
+                .map_or(field.clone(), str::to_string);
+            ApiError::invalid(field, why)
+        })?;
+    let store = state.subscriptions.store()?;
+    let mut all = store.rules().await?;
+    let existing = all.iter().position(|r| r.rule_name == rule.rule_name);
+    match (existing, replace) {
+        (Some(_), false) => {
+            return Err(ApiError::AlreadyExists {
+                what: "routing rule",
+                name: rule.rule_name,
+            });
+        }
+        (None, true) => {
+            return Err(ApiError::NotFound {
+                what: "routing rule",
+                name: rule.rule_name,
+            });
+        }
+        (Some(i), true) => {
+            rule.created_at = all[i].created_at.clone();
+            all[i] = rule.clone();
+        }
+        (None, false) => {
+            rule.created_at = tickwire_proto::json::rfc3339(realtime_ns());
+            all.push(rule.clone());
+        }
+    }
+    store.put_rule(&rule, replace).await?;
+    apply_rules(state, all);
+    Ok(rule)
+}
+
+/// Deletes a routing rule and applies the rest at once.
+///
+/// # Errors
+/// [`ApiError::NotFound`]; the store cannot be written.
+pub async fn delete_rule(state: &EdgeState, name: &str) -> Result<(), ApiError> {
+    let _one = state.rules_lock.lock().await;
+    let store = state.subscriptions.store()?;
+    if !store.delete_rule(name).await? {
+        return Err(ApiError::NotFound {
+            what: "routing rule",
+            name: name.into(),
+        });
+    }
+    apply_rules(state, store.rules().await?);
+    Ok(())
+}
+
+fn apply_rules(state: &EdgeState, all: Vec<crate::RoutingRule>) {
+    let rules = usable(state, all);
+    if let Err((field, why)) = state.engine.set_routing_rules(&rules, false) {
+        // Each rule compiled alone: a set cannot fail. Said if it does.
+        tracing::error!(%field, %why, "routing rules not applied");
     }
 }

@@ -54,6 +54,71 @@ pub trait Engine: Send + Sync + 'static {
     fn topics(&self) -> Vec<TopicDesc>;
     /// The topic a request without one means.
     fn default_topic(&self) -> String;
+    /// Checks `rules` (the whole set, in any order) and, unless `dry_run`,
+    /// makes them the routing of new events at once.
+    ///
+    /// # Errors
+    /// The first bad rule, as (`rules[i].<field>`, why).
+    fn set_routing_rules(
+        &self,
+        rules: &[RoutingRule],
+        dry_run: bool,
+    ) -> Result<(), (String, String)> {
+        let _ = (rules, dry_run);
+        Err(("rules".into(), "this engine has no router".into()))
+    }
+}
+
+/// A routing rule (the spec's `routing_rules` row), as REST reads and
+/// writes it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingRule {
+    /// Unique name.
+    pub rule_name: String,
+    /// Glob over source names (`*`, `?`): a Pulsar topic, or `synthetic`.
+    pub source_pattern: String,
+    /// A topic of this node.
+    pub target_topic: String,
+    /// `{symbol}`, `{exchange}`, `{currency}`, `{kind}`; absent keeps the
+    /// target topic's own.
+    #[serde(default)]
+    pub routing_key_template: Option<String>,
+    /// What an event must have to match.
+    #[serde(default)]
+    pub conditions: RuleConditions,
+    /// Higher first (default 1).
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    /// Applied or kept aside (default true).
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// RFC 3339, set by the edge.
+    #[serde(default, skip_deserializing)]
+    pub created_at: String,
+}
+
+fn default_priority() -> i64 {
+    1
+}
+
+fn default_enabled() -> bool {
+    true
+}
+
+/// A rule's conditions: every list given must contain the event's value
+/// (ASCII case ignored); empty or absent lists match anything.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleConditions {
+    /// Symbols.
+    pub symbols: Vec<String>,
+    /// Exchanges.
+    pub exchanges: Vec<String>,
+    /// Currencies.
+    pub currencies: Vec<String>,
+    /// `trade`, `quote`.
+    pub kinds: Vec<String>,
 }
 
 /// `[edge]` configuration.
@@ -177,6 +242,8 @@ pub struct EdgeState {
     pub started: std::time::Instant,
     /// Shutdown.
     pub cancel: CancellationToken,
+    /// One routing-rule change at a time (check, store, apply).
+    pub rules_lock: tokio::sync::Mutex<()>,
 }
 
 impl EdgeState {
@@ -215,6 +282,7 @@ impl EdgeState {
             rates: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
             cancel,
+            rules_lock: tokio::sync::Mutex::new(()),
         }))
     }
 }
@@ -358,6 +426,25 @@ impl Edge {
         let store = Arc::new(store::Store::open(&url).await?);
         store.sync_topics(&state.engine.topics()).await?;
         let loaded = state.subscriptions.load(store.clone()).await?;
+        let rules = store.rules().await?;
+        if !rules.is_empty() {
+            // A stored rule whose topic is gone is kept in the store and
+            // left out, said once; the others apply.
+            let usable: Vec<RoutingRule> = rules
+                .into_iter()
+                .filter(|r| match state.engine.set_routing_rules(std::slice::from_ref(r), true) {
+                    Ok(()) => true,
+                    Err((field, why)) => {
+                        tracing::warn!(rule = %r.rule_name, %field, %why, "stored routing rule not applied");
+                        false
+                    }
+                })
+                .collect();
+            if let Err((field, why)) = state.engine.set_routing_rules(&usable, false) {
+                tracing::warn!(%field, %why, "stored routing rules not applied");
+            }
+            tracing::info!(rules = usable.len(), "routing rules applied");
+        }
         tracing::info!(
             store = store.location(),
             subscriptions = loaded,

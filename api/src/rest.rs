@@ -42,6 +42,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/subscriptions/{topic}/{name}/pause"),
     ("post", "/api/v1/subscriptions/{topic}/{name}/resume"),
     ("get", "/api/v1/stats/distribution"),
+    ("get", "/api/v1/routing-rules"),
+    ("post", "/api/v1/routing-rules"),
+    ("put", "/api/v1/routing-rules/{name}"),
+    ("delete", "/api/v1/routing-rules/{name}"),
 ];
 
 /// The OpenAPI 3 document served at `/api/v1/openapi.json`.
@@ -72,6 +76,11 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
         .route("/api/v1/subscriptions/{topic}/{name}/pause", post(pause))
         .route("/api/v1/subscriptions/{topic}/{name}/resume", post(resume))
         .route("/api/v1/stats/distribution", get(distribution))
+        .route("/api/v1/routing-rules", get(list_rules).post(create_rule))
+        .route(
+            "/api/v1/routing-rules/{name}",
+            axum::routing::put(replace_rule).delete(delete_rule),
+        )
         .fallback(|| async {
             ApiError::NotFound {
                 what: "route",
@@ -677,4 +686,84 @@ async fn resume(
     Path((topic, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     set_paused(state, headers, topic, name, false).await
+}
+
+async fn list_rules(State(state): S, headers: HeaderMap) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let rules: Vec<_> = crate::admin::list_rules(&state)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            state
+                .auth
+                .allow(k.as_deref(), &r.target_topic, Right::Admin)
+                .is_ok()
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "rules": rules })).into_response())
+}
+
+async fn create_rule(
+    State(state): S,
+    headers: HeaderMap,
+    body: Result<Json<crate::RoutingRule>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let rule = json_body(body)?;
+    state
+        .auth
+        .allow(k.as_deref(), &rule.target_topic, Right::Admin)?;
+    let r = crate::admin::put_rule(&state, rule, false).await?;
+    Ok((StatusCode::CREATED, Json(r)).into_response())
+}
+
+async fn replace_rule(
+    State(state): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Json<crate::RoutingRule>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let rule = json_body(body)?;
+    if rule.rule_name != name {
+        return Err(ApiError::invalid(
+            "rule_name",
+            format!("{:?} differs from the path's {name:?}", rule.rule_name),
+        ));
+    }
+    state
+        .auth
+        .allow(k.as_deref(), &rule.target_topic, Right::Admin)?;
+    if let Some(old) = crate::admin::list_rules(&state)
+        .await?
+        .into_iter()
+        .find(|r| r.rule_name == name)
+    {
+        state
+            .auth
+            .allow(k.as_deref(), &old.target_topic, Right::Admin)?;
+    }
+    let r = crate::admin::put_rule(&state, rule, true).await?;
+    Ok(Json(r).into_response())
+}
+
+async fn delete_rule(
+    State(state): S,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let old = crate::admin::list_rules(&state)
+        .await?
+        .into_iter()
+        .find(|r| r.rule_name == name)
+        .ok_or_else(|| ApiError::NotFound {
+            what: "routing rule",
+            name: name.clone(),
+        })?;
+    state
+        .auth
+        .allow(k.as_deref(), &old.target_topic, Right::Admin)?;
+    crate::admin::delete_rule(&state, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

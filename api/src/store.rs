@@ -442,6 +442,97 @@ impl Store {
             .map_err(|e| self.query_err(e))
     }
 
+    /// Every routing rule, highest priority first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn rules(&self) -> Result<Vec<crate::RoutingRule>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT rule_name, source_pattern, target_topic, routing_key_template, conditions, \
+             priority, enabled, created_at FROM routing_rules ORDER BY priority DESC, rule_name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let get = || -> Result<crate::RoutingRule, sqlx::Error> {
+                let conditions: String = r.try_get(4)?;
+                Ok(crate::RoutingRule {
+                    rule_name: r.try_get(0)?,
+                    source_pattern: r.try_get(1)?,
+                    target_topic: r.try_get(2)?,
+                    routing_key_template: r.try_get(3)?,
+                    conditions: serde_json::from_str(&conditions).unwrap_or_default(),
+                    priority: r.try_get(5)?,
+                    enabled: r.try_get::<i64, _>(6)? != 0,
+                    created_at: r.try_get(7)?,
+                })
+            };
+            out.push(get().map_err(|e| self.query_err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Inserts a rule, or (`replace`) overwrites the one of that name.
+    ///
+    /// # Errors
+    /// [`StoreError::Exists`] when inserting a taken name;
+    /// [`StoreError::Query`].
+    pub async fn put_rule(&self, r: &crate::RoutingRule, replace: bool) -> Result<(), StoreError> {
+        let conditions = serde_json::to_string(&r.conditions).unwrap_or_else(|_| "{}".into());
+        let q = if replace {
+            sqlx::query(
+                "UPDATE routing_rules SET source_pattern = $1, target_topic = $2, \
+                 routing_key_template = $3, conditions = $4, priority = $5, enabled = $6 \
+                 WHERE rule_name = $7",
+            )
+            .bind(&r.source_pattern)
+            .bind(&r.target_topic)
+            .bind(r.routing_key_template.clone())
+            .bind(conditions)
+            .bind(r.priority)
+            .bind(i64::from(r.enabled))
+            .bind(&r.rule_name)
+        } else {
+            sqlx::query(
+                "INSERT INTO routing_rules (id, rule_name, source_pattern, target_topic, \
+                 routing_key_template, conditions, priority, enabled, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(uuid())
+            .bind(&r.rule_name)
+            .bind(&r.source_pattern)
+            .bind(&r.target_topic)
+            .bind(r.routing_key_template.clone())
+            .bind(conditions)
+            .bind(r.priority)
+            .bind(i64::from(r.enabled))
+            .bind(&r.created_at)
+        };
+        match q.execute(&self.pool).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Exists {
+                what: "routing rule",
+                name: r.rule_name.clone(),
+            }),
+            Err(e) => Err(self.query_err(e)),
+        }
+    }
+
+    /// Deletes a rule; false when there was none.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn delete_rule(&self, name: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM routing_rules WHERE rule_name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.query_err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Closes the pool (waits for queries in flight).
     pub async fn close(&self) {
         self.pool.close().await;

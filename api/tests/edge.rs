@@ -18,6 +18,17 @@ const TOPIC: &str = "market-data/normalized/equities";
 
 struct TestEngine {
     dir: std::path::PathBuf,
+    /// Every rule set applied, as (name, priority) lists, newest last.
+    applied: std::sync::Mutex<Vec<Vec<(String, i64)>>>,
+}
+
+impl TestEngine {
+    fn new(dir: &std::path::Path) -> TestEngine {
+        TestEngine {
+            dir: dir.to_path_buf(),
+            applied: Default::default(),
+        }
+    }
 }
 
 impl Engine for TestEngine {
@@ -34,6 +45,27 @@ impl Engine for TestEngine {
     fn default_topic(&self) -> String {
         TOPIC.into()
     }
+    fn set_routing_rules(
+        &self,
+        rules: &[tickwire_api::RoutingRule],
+        dry_run: bool,
+    ) -> Result<(), (String, String)> {
+        for (i, r) in rules.iter().enumerate() {
+            if r.target_topic != TOPIC {
+                return Err((format!("rules[{i}].target_topic"), "no such topic".into()));
+            }
+        }
+        if !dry_run {
+            self.applied.lock().expect("lock").push(
+                rules
+                    .iter()
+                    .filter(|r| r.enabled)
+                    .map(|r| (r.rule_name.clone(), r.priority))
+                    .collect(),
+            );
+        }
+        Ok(())
+    }
 }
 
 struct Fixture {
@@ -42,6 +74,7 @@ struct Fixture {
     edge: Option<Edge>,
     cancel: CancellationToken,
     cfg: EdgeConfig,
+    engine: Arc<TestEngine>,
 }
 
 impl Fixture {
@@ -54,25 +87,32 @@ impl Fixture {
             ..EdgeConfig::default()
         };
         tune(&mut cfg);
-        let (edge, cancel) = Fixture::edge_on(dir.path(), &cfg).await;
+        let (edge, cancel, engine) = Fixture::edge_on(dir.path(), &cfg).await;
         Fixture {
             dir,
             writer,
             edge: Some(edge),
             cancel,
             cfg,
+            engine,
         }
     }
 
-    async fn edge_on(dir: &std::path::Path, cfg: &EdgeConfig) -> (Edge, CancellationToken) {
+    async fn edge_on(
+        dir: &std::path::Path,
+        cfg: &EdgeConfig,
+    ) -> (Edge, CancellationToken, Arc<TestEngine>) {
         let cancel = CancellationToken::new();
-        let engine = Arc::new(TestEngine {
-            dir: dir.to_path_buf(),
-        });
-        let edge = Edge::start(cfg.clone(), engine, cancel.clone())
+        let engine = Arc::new(TestEngine::new(dir));
+        let edge = Edge::start(cfg.clone(), engine.clone(), cancel.clone())
             .await
             .expect("edge");
-        (edge, cancel)
+        (edge, cancel, engine)
+    }
+
+    /// The rule set the engine was last given.
+    fn applied(&self) -> Option<Vec<(String, i64)>> {
+        self.engine.applied.lock().expect("lock").last().cloned()
     }
 
     /// Stops the edge and starts a new one on the same rings and store
@@ -84,9 +124,10 @@ impl Fixture {
                 .await
                 .expect("edge stops promptly");
         }
-        let (edge, cancel) = Fixture::edge_on(self.dir.path(), &self.cfg).await;
+        let (edge, cancel, engine) = Fixture::edge_on(self.dir.path(), &self.cfg).await;
         self.edge = Some(edge);
         self.cancel = cancel;
+        self.engine = engine;
     }
 
     /// Queues of 64 events: a stalled client backs up quickly.
@@ -1151,9 +1192,7 @@ async fn a_bad_or_unreachable_store_is_refused_at_start_naming_it() {
             store_url: url.into(),
             ..EdgeConfig::default()
         };
-        let engine = Arc::new(TestEngine {
-            dir: dir.path().to_path_buf(),
-        });
+        let engine = Arc::new(TestEngine::new(dir.path()));
         let e = match Edge::start(cfg, engine, CancellationToken::new()).await {
             Ok(_) => panic!("{url} accepted"),
             Err(e) => e.to_string(),
@@ -1161,4 +1200,76 @@ async fn a_bad_or_unreachable_store_is_refused_at_start_naming_it() {
         assert!(e.contains(says), "{url}: {e}");
         assert!(!e.contains("secret"), "no password in errors: {e}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_rules_over_rest_apply_at_once_are_checked_and_survive_a_restart() {
+    let mut f = Fixture::start(|_| {}).await;
+    let http = reqwest_free::Client;
+    let base = f.url("/api/v1/routing-rules");
+    let rule = |priority: i64| {
+        serde_json::json!({"rule_name": "vip", "source_pattern": "*/md-*", "target_topic": TOPIC,
+            "routing_key_template": "{symbol}", "conditions": {"symbols": ["AAPL"]},
+            "priority": priority})
+    };
+    let (st, body) = http.request("POST", &base, &rule(5).to_string()).await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(
+        f.applied(),
+        Some(vec![("vip".into(), 5)]),
+        "in force at once"
+    );
+    let (st, _) = http.request("POST", &base, &rule(5).to_string()).await;
+    assert_eq!(st, 409, "a taken name");
+    let mut bad = rule(1);
+    bad["rule_name"] = "other".into();
+    bad["target_topic"] = "no/such".into();
+    let (st, body) = http.request("POST", &base, &bad.to_string()).await;
+    assert_eq!(st, 400);
+    assert!(body.contains("\"field\":\"target_topic\""), "{body}");
+    let mut bad = rule(1);
+    bad["colour"] = "red".into();
+    let (st, body) = http.request("POST", &base, &bad.to_string()).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("colour"), "{body}");
+    assert_eq!(
+        f.applied(),
+        Some(vec![("vip".into(), 5)]),
+        "refusals change nothing"
+    );
+    // Replace: the new priority applies at once; the path names the rule.
+    let (st, body) = http
+        .request("PUT", &format!("{base}/vip"), &rule(9).to_string())
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(f.applied(), Some(vec![("vip".into(), 9)]));
+    let (st, body) = http
+        .request("PUT", &format!("{base}/other"), &rule(9).to_string())
+        .await;
+    assert_eq!(st, 400);
+    assert!(body.contains("rule_name"), "{body}");
+    let (st, list) = http.get(&base).await;
+    assert_eq!(st, 200);
+    assert_eq!(list["rules"][0]["rule_name"], "vip");
+    assert_eq!(list["rules"][0]["priority"], 9);
+    assert_eq!(list["rules"][0]["conditions"]["symbols"][0], "AAPL");
+    assert!(
+        list["rules"][0]["created_at"]
+            .as_str()
+            .is_some_and(|t| t.len() > 10)
+    );
+    // A restart applies the stored rules before serving.
+    f.restart().await;
+    assert_eq!(
+        f.applied(),
+        Some(vec![("vip".into(), 9)]),
+        "re-applied at start"
+    );
+    let base = f.url("/api/v1/routing-rules");
+    let (st, _) = http.request("DELETE", &format!("{base}/vip"), "").await;
+    assert_eq!(st, 204);
+    assert_eq!(f.applied(), Some(vec![]), "gone at once");
+    let (st, _) = http.request("DELETE", &format!("{base}/vip"), "").await;
+    assert_eq!(st, 404);
+    f.stop().await;
 }

@@ -258,10 +258,7 @@ impl TwServer {
             .build()
             .map_err(|e| e.to_string())?;
         let cancel = tokio_util::sync::CancellationToken::new();
-        let engine = Arc::new(tickwire_broker::edge::BrokerEngine::new(
-            &cfg,
-            broker.node_dir().to_path_buf(),
-        ));
+        let engine = Arc::new(tickwire_broker::edge::BrokerEngine::new(&broker));
         let edge = rt
             .block_on(tickwire_api::Edge::start(
                 cfg.edge.clone(),

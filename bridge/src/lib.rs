@@ -183,7 +183,7 @@ pub async fn run<S: Sink>(
                     .pending
                     .insert(token, acker::Pending { slot, sampled });
                 loop {
-                    match sink.try_send(&event, src, seq, token) {
+                    match sink.try_send(&event, &msg.topic, src, seq, token) {
                         Ok(()) => break None,
                         Err(SinkError::Backpressure) => {
                             stats.backpressure.fetch_add(1, Ordering::Relaxed);

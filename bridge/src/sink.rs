@@ -34,14 +34,17 @@ impl std::error::Error for SinkError {
 /// Where the bridge puts events: the broker implements it over its ingest.
 pub trait Sink: Send {
     /// Sends one event; `token` comes back through [`drain`](Sink::drain)
-    /// once the event is committed. `source_id`/`source_seq` identify the
-    /// event at its source (dedup key across redeliveries and nodes).
+    /// once the event is committed. `source` is the Pulsar topic (partition)
+    /// it came from, which routing rules match; `source_id`/`source_seq`
+    /// identify the event at its source (dedup key across redeliveries and
+    /// nodes).
     ///
     /// # Errors
     /// [`SinkError`].
     fn try_send(
         &mut self,
         event: &MarketEvent,
+        source: &str,
         source_id: u32,
         source_seq: u64,
         token: u64,

@@ -192,6 +192,7 @@ pub struct Broker {
     threads: Vec<JoinHandle<()>>,
     node_dir: std::path::PathBuf,
     config: Config,
+    rules: Arc<crate::rules::RuleTable>,
 }
 
 impl Broker {
@@ -312,7 +313,14 @@ impl Broker {
             threads,
             node_dir: dir,
             config: config.clone(),
+            rules: Arc::default(),
         })
+    }
+
+    /// The node's routing rules (empty until the edge sets them): what
+    /// every source's sender consults per event.
+    pub fn rules(&self) -> Arc<crate::rules::RuleTable> {
+        self.rules.clone()
     }
 
     /// The node directory holding the rings.

@@ -16,5 +16,6 @@ pub mod edge;
 pub mod engine;
 pub mod pulsar;
 pub mod router;
+pub mod rules;
 pub mod synthetic;
 pub mod tail;

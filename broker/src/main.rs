@@ -96,11 +96,12 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
         let s = cfg.synthetic.clone();
         let stop = shutdown.token.clone();
         let source_id = synthetic::source_id(&cfg.node.id);
+        let rules = broker.rules().reader();
         tracing::info!(topic = %s.topic, rate = s.rate, instruments = synthetic::instruments().len(), source_id, "synthetic feed on");
         Some(
             std::thread::Builder::new()
                 .name("tickwire-synthetic".into())
-                .spawn(move || synthetic::run(ingest, topic, &s, source_id, stop))?,
+                .spawn(move || synthetic::run(ingest, topic, &s, source_id, rules, stop))?,
         )
     } else {
         None
@@ -112,10 +113,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
             .thread_name("tickwire-edge")
             .enable_all()
             .build()?;
-        let engine = std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(
-            &cfg,
-            broker.node_dir().to_path_buf(),
-        ));
+        let engine = std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(&broker));
         let e = rt.block_on(tickwire_api::Edge::start(
             cfg.edge.clone(),
             engine,

@@ -27,10 +27,12 @@ pub enum BridgeStartError {
     Panicked,
 }
 
-/// Routes bridge events into one tickwire topic.
+/// Routes bridge events into the configured topic, or where a routing rule
+/// for their source sends them.
 pub struct IngestSink {
     ingest: Ingest,
     topic: u32,
+    rules: crate::rules::RuleReader,
 }
 
 impl IngestSink {
@@ -48,7 +50,11 @@ impl IngestSink {
             .resolver()
             .topic(topic)
             .ok_or_else(|| BridgeStartError::UnknownTopic(topic.into()))?;
-        Ok(IngestSink { ingest, topic })
+        Ok(IngestSink {
+            ingest,
+            topic,
+            rules: broker.rules().reader(),
+        })
     }
 }
 
@@ -56,14 +62,20 @@ impl Sink for IngestSink {
     fn try_send(
         &mut self,
         e: &MarketEvent,
+        source: &str,
         source_id: u32,
         source_seq: u64,
         token: u64,
     ) -> Result<(), SinkError> {
         let route = self
-            .ingest
-            .resolver()
-            .route(self.topic, &e.instrument)
+            .rules
+            .route(
+                self.ingest.resolver(),
+                source,
+                self.topic,
+                &e.instrument,
+                e.kind,
+            )
             .map_err(|err| SinkError::Rejected(Box::new(err)))?;
         let mut body = FrameBody {
             ts_event: e.ts_event,

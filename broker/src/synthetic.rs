@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use tickwire_proto::Kind;
 use tickwire_proto::frame::{FLAG_BUY_AGGRESSOR, FLAG_SELL_AGGRESSOR, FrameBody, PRICE_SCALE};
 use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::symbology::Instrument;
@@ -144,7 +145,9 @@ impl Rng {
 }
 
 struct Book {
-    route: Route,
+    inst: Instrument,
+    /// Where its trades and its quotes go (routing rules can part them).
+    routes: [Route; 2],
     price: f64,
     tick: f64,
     lot: u32,
@@ -227,7 +230,8 @@ impl Generator {
                     100
                 };
                 books.push(Book {
-                    route,
+                    inst,
+                    routes: [route, route],
                     price,
                     tick,
                     lot: lot.max(1),
@@ -261,14 +265,14 @@ impl Generator {
             let bid = px(b.price - b.tick, b.tick);
             let ask = px(b.price + b.tick, b.tick);
             FrameBody::quote(
-                b.route.instrument_id,
+                b.routes[1].instrument_id,
                 now,
                 (bid, b.lot * rng_lots),
                 (ask, b.lot * (21 - rng_lots)),
             )
         } else {
             let mut t = FrameBody::trade(
-                b.route.instrument_id,
+                b.routes[0].instrument_id,
                 now,
                 px(b.price, b.tick),
                 b.lot * rng_lots,
@@ -282,12 +286,36 @@ impl Generator {
         };
         body.source_seq = self.seq;
         body.set_source_id(self.source_id);
-        (b.route, body)
+        (b.routes[usize::from(quote)], body)
+    }
+
+    /// Routes every instrument again under the node's current routing
+    /// rules (source name [`SOURCE`]); `topic` is the feed's own.
+    ///
+    /// # Errors
+    /// A symbology error (the instruments are known already, so none is
+    /// expected).
+    pub fn reroute(
+        &mut self,
+        ingest: &mut Ingest,
+        rules: &mut crate::rules::RuleReader,
+        topic: u32,
+    ) -> Result<(), tickwire_proto::Error> {
+        for b in &mut self.books {
+            for (k, kind) in [Kind::Trade, Kind::Quote].into_iter().enumerate() {
+                b.routes[k] = rules.route(ingest.resolver(), SOURCE, topic, &b.inst, kind)?;
+            }
+        }
+        Ok(())
     }
 }
 
+/// The synthetic feed's source name, as routing rules match it.
+pub const SOURCE: &str = "synthetic";
+
 /// Runs the feed until `stop` is cancelled: `rate` events per second (0 = unpaced),
 /// waiting when the shards push back. Returns the number of events sent.
+/// A change of the node's routing rules applies from the next event.
 ///
 /// # Errors
 /// As [`Generator::new`], or a route the broker does not know.
@@ -296,6 +324,7 @@ pub fn run(
     topic: u32,
     cfg: &crate::config::SyntheticConfig,
     source_id: u32,
+    mut rules: crate::rules::RuleReader,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<u64, tickwire_proto::Error> {
     let rate = cfg.rate;
@@ -303,6 +332,9 @@ pub fn run(
     let start = Instant::now();
     let mut sent = 0u64;
     while !stop.is_cancelled() {
+        if rules.changed() {
+            generator.reroute(&mut ingest, &mut rules, topic)?;
+        }
         // Pace in 1 ms steps: send what is due, then sleep.
         let due = if rate == 0 {
             sent + 1024

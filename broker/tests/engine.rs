@@ -342,3 +342,155 @@ fn poll_in_sequence(sub: &mut Subscriber, last: &mut HashMap<u32, u64>, what: &s
         other => panic!("{other:?}"),
     }) as u64
 }
+
+/// Symbols (in arrival order) in a topic's rings, per partition merged.
+fn symbols_in(dir: &std::path::Path, topic: &str) -> Vec<String> {
+    let mut sub = Subscriber::builder(topic)
+        .node_dir(dir)
+        .start(Start::Earliest)
+        .open()
+        .expect("subscribe");
+    let mut out = Vec::new();
+    while sub.poll(4096, |e| {
+        if let Event::Tick(t) = e {
+            out.push(
+                t.instrument()
+                    .map(|i| i.symbol().to_string())
+                    .unwrap_or_default(),
+            );
+        }
+    }) > 0
+    {}
+    out
+}
+
+fn rule(name: &str, source: &str, target: &str, symbols: &[&str]) -> tickwire_api::RoutingRule {
+    tickwire_api::RoutingRule {
+        rule_name: name.into(),
+        source_pattern: source.into(),
+        target_topic: target.into(),
+        routing_key_template: Some("{symbol}".into()),
+        conditions: tickwire_api::RuleConditions {
+            symbols: symbols.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+        priority: 1,
+        enabled: true,
+        created_at: String::new(),
+    }
+}
+
+#[test]
+fn routing_rules_move_matching_events_from_the_next_one_on_for_pulsar_and_synthetic_sources() {
+    use tickwire_api::Engine;
+    use tickwire_bridge::Sink;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path(), 2, 1);
+    c.topics.push(TopicConfig {
+        name: "test/vip".into(),
+        partitions: 1,
+        capacity: 1 << 14,
+        ..TopicConfig::default()
+    });
+    let broker = Broker::start(&c).expect("broker");
+    let engine = tickwire_broker::edge::BrokerEngine::new(&broker);
+    let mut sink = tickwire_broker::pulsar::IngestSink::new(&broker, TOPIC, 64).expect("sink");
+    let event = |symbol: &str| tickwire_bridge::MarketEvent {
+        instrument: Instrument {
+            symbol: symbol.into(),
+            exchange: "XNAS".into(),
+            currency: "USD".into(),
+            size_decimals: 0,
+        },
+        kind: tickwire_proto::Kind::Trade,
+        ts_event: tickwire_proto::futex::realtime_ns(),
+        px_a: tickwire_proto::frame::PRICE_SCALE,
+        px_b: tickwire_proto::frame::UNDEF_PRICE,
+        size_a: 1,
+        size_b: 0,
+    };
+    let mut seq = 0;
+    let mut send = |sink: &mut tickwire_broker::pulsar::IngestSink, source: &str, symbol: &str| {
+        seq += 1;
+        while sink.try_send(&event(symbol), source, 7, seq, seq).is_err() {
+            std::thread::yield_now();
+        }
+    };
+    let us = "persistent://public/default/md-us";
+    let eu = "persistent://public/default/md-eu";
+    // Before any rule: everything in the configured topic.
+    send(&mut sink, us, "AAPL");
+    send(&mut sink, eu, "SAP");
+    // AAPL from md-* sources goes to test/vip from now on.
+    engine
+        .set_routing_rules(&[rule("vip", "*/md-*", "test/vip", &["AAPL"])], false)
+        .expect("rules");
+    send(&mut sink, us, "AAPL");
+    send(&mut sink, us, "MSFT");
+    send(&mut sink, "persistent://public/default/other", "AAPL");
+    // A bad rule is refused naming its field, and changes nothing.
+    let e = engine
+        .set_routing_rules(&[rule("bad", "*", "no/such", &[])], false)
+        .expect_err("unknown topic");
+    assert_eq!(e.0, "rules[0].target_topic");
+    send(&mut sink, eu, "AAPL");
+    // Rules off: back to the configured topic.
+    engine.set_routing_rules(&[], false).expect("rules");
+    send(&mut sink, us, "AAPL");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut main, mut vip) = (Vec::new(), Vec::new());
+    while std::time::Instant::now() < deadline {
+        main = symbols_in(dir.path(), TOPIC);
+        vip = symbols_in(dir.path(), "test/vip");
+        if main.len() + vip.len() == 7 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    main.sort();
+    assert_eq!(
+        vip,
+        ["AAPL", "AAPL"],
+        "the rule's matches, while it was in force"
+    );
+    assert_eq!(main, ["AAPL", "AAPL", "AAPL", "MSFT", "SAP"]);
+
+    // The synthetic feed: its source name is `synthetic`.
+    engine
+        .set_routing_rules(&[rule("syn", "synthetic", "test/vip", &["MSFT"])], false)
+        .expect("rules");
+    let before = symbols_in(dir.path(), "test/vip").len();
+    let ingest = broker.ingest(1);
+    let topic = 0;
+    let mut s = c.synthetic.clone();
+    s.rate = 20_000;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (st, rules) = (stop.clone(), broker.rules().reader());
+    let feed = std::thread::spawn(move || {
+        tickwire_broker::synthetic::run(ingest, topic, &s, 9, rules, st)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut moved = Vec::new();
+    while std::time::Instant::now() < deadline && moved.len() < 3 {
+        moved = symbols_in(dir.path(), "test/vip").split_off(before);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.cancel();
+    feed.join().expect("feed").expect("ran");
+    assert!(
+        moved.len() >= 3,
+        "the feed's MSFT reached test/vip ({moved:?})"
+    );
+    assert!(
+        moved.iter().all(|s| s == "MSFT"),
+        "only MSFT moved: {moved:?}"
+    );
+    let main_after = symbols_in(dir.path(), TOPIC);
+    assert!(main_after.len() > 5, "the feed's other symbols stayed");
+    assert_eq!(
+        main_after.iter().filter(|s| *s == "MSFT").count(),
+        1,
+        "no MSFT from the feed in the configured topic (the one is the bridge's)"
+    );
+    broker.shutdown();
+}
