@@ -1273,3 +1273,98 @@ async fn routing_rules_over_rest_apply_at_once_are_checked_and_survive_a_restart
     assert_eq!(st, 404);
     f.stop().await;
 }
+
+/// Every `.ring` file under `dir`.
+fn ring_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(ring_files(&p));
+        } else if p.extension().is_some_and(|x| x == "ring") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_a_topic_whose_rings_are_deleted_are_told_and_ended() {
+    let mut f = Fixture::start(|_| {}).await;
+    let mut s = f
+        .grpc()
+        .await
+        .stream_market_data(pb::StreamRequest {
+            heartbeat_interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/api/v1/market-data/stream",
+        f.edge().http_addr
+    ))
+    .await
+    .expect("ws");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"type":"subscribe","payload":{}}"#.into(),
+    ))
+    .await
+    .expect("subscribe");
+    for i in 0..3 {
+        f.trade(0, "AAPL", "NASDAQ", 1.0 + f64::from(i));
+    }
+    let (ev, _) = collect(&mut s, 3).await;
+    assert_eq!(ev.len(), 3);
+    let files = ring_files(f.dir.path());
+    assert_eq!(files.len(), 2, "two partitions: {files:?}");
+    for p in files {
+        std::fs::remove_file(p).expect("remove ring");
+    }
+    // gRPC: an end notice naming the deletion, then NOT_FOUND; never a hang.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut end = None;
+    let status = loop {
+        match tokio::time::timeout_at(deadline, s.message())
+            .await
+            .expect("told within 10 s, not left hanging")
+        {
+            Ok(Some(m)) => {
+                if let Some(R::End(e)) = m.kind {
+                    end = Some(e.reason);
+                }
+            }
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    let reason = end.expect("an end notice first");
+    assert!(reason.contains("deleted"), "{reason}");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    // WebSocket: an `end` message naming it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("told within 10 s")
+            .expect("open")
+            .expect("ok");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+            if v["type"] == "end" {
+                assert!(v.to_string().contains("deleted"), "{v}");
+                break;
+            }
+        }
+    }
+    // A new stream on it is refused.
+    let e = f
+        .grpc()
+        .await
+        .stream_market_data(pb::StreamRequest::default())
+        .await
+        .expect_err("no rings");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    f.stop().await;
+}
