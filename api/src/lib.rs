@@ -513,7 +513,7 @@ impl Edge {
 }
 
 /// Writes a `distribution_stats` row per running topic every `every`: what
-/// the edge delivered and dropped in the interval, the mean
+/// the edge delivered and dropped in the interval and the bytes it sent, the mean
 /// ingest-to-dispatch latency of the interval, and live subscribers. A
 /// store that cannot be written is logged (once per outage) and retried at
 /// the next interval; it never stops the edge.
@@ -521,6 +521,7 @@ async fn record_stats(state: Arc<EdgeState>, store: Arc<store::Store>, every: st
     struct Last {
         delivered: u64,
         dropped: u64,
+        bytes: u64,
         hist: Option<hdrhistogram::Histogram<u64>>,
     }
     let mut last: HashMap<String, Last> = HashMap::new();
@@ -537,10 +538,12 @@ async fn record_stats(state: Arc<EdgeState>, store: Arc<store::Store>, every: st
         for t in state.hub.running() {
             let delivered = t.delivered.load(std::sync::atomic::Ordering::Relaxed);
             let dropped = t.dropped.load(std::sync::atomic::Ordering::Relaxed);
+            let bytes = t.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
             let hist = t.dispatch_latency.lock().ok().map(|h| h.clone());
             let prev = last.remove(&t.topic).unwrap_or(Last {
                 delivered: 0,
                 dropped: 0,
+                bytes: 0,
                 hist: None,
             });
             let avg_latency_ms = hist.as_ref().and_then(|h| {
@@ -554,7 +557,7 @@ async fn record_stats(state: Arc<EdgeState>, store: Arc<store::Store>, every: st
                 timestamp: now.clone(),
                 topic_name: t.topic.clone(),
                 messages_distributed: delivered.saturating_sub(prev.delivered) as i64,
-                bytes_distributed: 0,
+                bytes_distributed: bytes.saturating_sub(prev.bytes) as i64,
                 avg_latency_ms,
                 error_count: dropped.saturating_sub(prev.dropped) as i64,
                 active_subscriptions: t.subscribers.load(std::sync::atomic::Ordering::Relaxed)
@@ -577,6 +580,7 @@ async fn record_stats(state: Arc<EdgeState>, store: Arc<store::Store>, every: st
                 Last {
                     delivered,
                     dropped,
+                    bytes,
                     hist,
                 },
             );

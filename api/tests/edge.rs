@@ -1161,6 +1161,8 @@ async fn restart_keeps_the_command_side(url: String) {
         delivered >= 5,
         "the 5 delivered events are in distribution_stats ({stats:?})"
     );
+    let bytes: i64 = stats.iter().map(|r| r.bytes_distributed).sum();
+    assert!(bytes > 5 * 100, "and the bytes sent for them ({stats:?})");
     // Cleaned up, so the next run starts from what it creates.
     g.manage_subscription(manage(&keep, pb::SubscriptionAction::Delete))
         .await

@@ -113,6 +113,8 @@ pub struct TopicShared {
     pub dropped: AtomicU64,
     /// Subscriptions (live or catching up).
     pub subscribers: AtomicU64,
+    /// Bytes of the frames handed to sockets (protobuf or JSON, as sent).
+    pub wire_bytes: AtomicU64,
     /// Ingest -> dispatch latency, ns.
     pub dispatch_latency: Mutex<Histogram<u64>>,
     /// Ingest -> handed to the socket (oldest event of each frame), ns.
@@ -134,14 +136,17 @@ impl TopicShared {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             subscribers: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
             dispatch_latency: Mutex::new(histogram()),
             send_latency: Mutex::new(histogram()),
             stopped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Records the send of a frame whose oldest event was ingested at `ns`.
-    pub fn record_send(&self, oldest_ingest_ns: u64) {
+    /// Records the send of a frame of `bytes` whose oldest event was
+    /// ingested at `oldest_ingest_ns` (0: a notice, no latency).
+    pub fn record_send(&self, oldest_ingest_ns: u64, bytes: usize) {
+        self.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         if oldest_ingest_ns == 0 {
             return;
         }

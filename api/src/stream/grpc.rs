@@ -44,7 +44,7 @@ fn frames(sub: SubscriptionHandle, heartbeat: std::time::Duration) -> EncodedStr
             }
             match sub.outbox.next(heartbeat).await {
                 Next::Frame(f) => {
-                    sub.shared.record_send(f.oldest_ingest_ns);
+                    sub.shared.record_send(f.oldest_ingest_ns, f.bytes.len());
                     Some((Ok(Encoded(f.bytes)), (sub, false)))
                 }
                 Next::Idle => Some((

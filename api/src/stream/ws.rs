@@ -196,7 +196,7 @@ pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>
             while let Some(n) = s.outbox.pop() {
                 match n {
                     Next::Frame(f) => {
-                        s.shared.record_send(f.oldest_ingest_ns);
+                        s.shared.record_send(f.oldest_ingest_ns, f.bytes.len());
                         let m = Message::Text(
                             String::from_utf8(f.bytes.to_vec())
                                 .unwrap_or_default()
