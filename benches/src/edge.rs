@@ -47,13 +47,16 @@ pub struct EdgeBench {
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Cases (comma-separated; default all): grpc_1, grpc_8, ws_1, ws_8,
-    /// fanout_1000, rest_latest.
+    /// fanout_1000, slow_1, rest_latest.
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
     /// Offered rate for the 1- and 8-subscriber cases, events/s (the
     /// publisher's pace; what is delivered and lost is measured).
     #[arg(long, default_value_t = 2_000_000)]
     pub rate: u64,
+    /// Offered rate for slow_1 (8 streams taking everything), events/s.
+    #[arg(long, default_value_t = 100_000)]
+    pub slow_rate: u64,
     /// Offered rate for fanout_1000, events/s.
     #[arg(long, default_value_t = 200_000)]
     pub fanout_rate: u64,
@@ -111,6 +114,10 @@ pub struct ClientArgs {
     /// Symbols per stream (0: everything).
     #[arg(long, default_value_t = 0)]
     pub per_stream: usize,
+    /// One more gRPC stream that reads nothing while the others are
+    /// measured, then reads what it was told (slow_1).
+    #[arg(long)]
+    pub slow: bool,
     /// Instruments published.
     #[arg(long)]
     pub symbols: usize,
@@ -120,6 +127,18 @@ pub struct ClientArgs {
     /// Core.
     #[arg(long)]
     pub core: usize,
+}
+
+/// This process's resident set (the server side of the bench), KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The symbol name of instrument `i`.
@@ -170,6 +189,7 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
             symbols: b.symbols,
             seconds: b.seconds,
             core: b.client_core,
+            slow: false,
         };
         // tickwire.
         let r = with_publisher(b, rate, Publisher::Tickwire(&tw), || {
@@ -193,6 +213,41 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
             a.http = plain.http.to_string();
             let r = spawn_client(&a)?;
             emit(case, system, b, 0, &r);
+        }
+    }
+    if b.wants("slow_1") {
+        // 8 gRPC streams taking everything at `slow_rate`, without and then
+        // with a 9th that stops reading for the measured window.
+        for slow in [false, true] {
+            let a = ClientArgs {
+                system: "tickwire".into(),
+                transport: "grpc".into(),
+                grpc: tw.grpc.to_string(),
+                http: tw.http.to_string(),
+                nats: nats.url(),
+                streams: 8,
+                per_stream: 0,
+                symbols: b.symbols,
+                seconds: b.seconds,
+                core: b.client_core,
+                slow,
+            };
+            let rss0 = rss_kib();
+            let mut r = with_publisher(b, b.slow_rate, Publisher::Tickwire(&tw), || {
+                spawn_client(&a)
+            })?;
+            if let Some(o) = r.as_object_mut() {
+                o.insert("with_slow_client".into(), json!(slow));
+                o.insert(
+                    "edge_rss_growth_kib".into(),
+                    json!(rss_kib().saturating_sub(rss0)),
+                );
+                o.insert(
+                    "queue_limits".into(),
+                    json!({"events": 65_536, "bytes": 16 << 20}),
+                );
+            }
+            emit("slow_1", "tickwire", b, b.slow_rate, &r);
         }
     }
     if b.wants("rest_latest") {
@@ -691,6 +746,10 @@ fn spawn_client(a: &ClientArgs) -> Result<Value, String> {
         "--core".into(),
         a.core.to_string(),
     ];
+    let mut args = args;
+    if a.slow {
+        args.push("--slow".into());
+    }
     ReaderProc::spawn_cmd("__edge_client", &args)?.result()
 }
 
@@ -704,6 +763,13 @@ struct Shared {
     gap_notices: AtomicU64,
     slow_notices: AtomicU64,
     errors: AtomicU64,
+    /// The slow stream: events, gap notices (and the events they cover),
+    /// slow-consumer notices, end notices it got after its stall.
+    slow_events: AtomicU64,
+    slow_gaps: AtomicU64,
+    slow_gap_events: AtomicU64,
+    slow_told: AtomicU64,
+    slow_ended: AtomicBool,
 }
 
 /// One stream's tally: sequence contiguity (when it takes everything) and
@@ -855,6 +921,11 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         gap_notices: AtomicU64::new(0),
         slow_notices: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        slow_events: AtomicU64::new(0),
+        slow_gaps: AtomicU64::new(0),
+        slow_gap_events: AtomicU64::new(0),
+        slow_told: AtomicU64::new(0),
+        slow_ended: AtomicBool::new(false),
     });
     let a2 = a.clone();
     let sh2 = sh.clone();
@@ -873,6 +944,14 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
             None
         };
         let mut tasks = Vec::new();
+        let slow = a.slow.then(|| {
+            let (a, sh) = (a.clone(), sh.clone());
+            tokio::spawn(async move {
+                if let Err(e) = slow_stream(&a, &sh).await {
+                    eprintln!("edge client: slow stream: {e}");
+                }
+            })
+        });
         for k in 0..a.streams {
             let syms = if a.per_stream == 0 {
                 Vec::new()
@@ -929,6 +1008,9 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
                 let _ = to_edge.add(&e);
             }
         }
+        if let Some(t) = slow {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         Ok::<_, String>((hist, to_edge, elapsed))
     })?;
     let events = sh.events.load(Ordering::Relaxed);
@@ -954,6 +1036,13 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         "gap_notices": sh.gap_notices.load(Ordering::Relaxed),
         "slow_consumer_notices": sh.slow_notices.load(Ordering::Relaxed),
         "stream_errors": sh.errors.load(Ordering::Relaxed),
+        "slow_client": a.slow.then(|| json!({
+            "events_after_stall": sh.slow_events.load(Ordering::Relaxed),
+            "gap_notices": sh.slow_gaps.load(Ordering::Relaxed),
+            "events_in_gaps": sh.slow_gap_events.load(Ordering::Relaxed),
+            "slow_consumer_notices": sh.slow_told.load(Ordering::Relaxed),
+            "ended": sh.slow_ended.load(Ordering::Relaxed),
+        })),
         "latency": lat,
         "latency_ingest_to_edge": lat_to_edge,
     }))
@@ -1013,6 +1102,53 @@ async fn grpc_stream(
             sh.slow_notices.fetch_add(1, Ordering::Relaxed);
         }
     }
+    Ok(())
+}
+
+/// The slow_1 stream: subscribes to everything, reads nothing while the
+/// others are measured, then reads for 2 s and counts what it was told.
+async fn slow_stream(a: &ClientArgs, sh: &Shared) -> Result<(), String> {
+    use tickwire_proto::pb;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    let req = pb::StreamRequest {
+        topic: TOPIC.into(),
+        subscription_name: "slow".into(),
+        ..Default::default()
+    };
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/tickwire.v1.MarketDataStream/StreamMarketData",
+    );
+    let codec = tonic_prost::ProstCodec::<pb::StreamRequest, lite::Response>::default();
+    let mut stream = grpc
+        .server_streaming(tonic::Request::new(req), path, codec)
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?
+        .into_inner();
+    while !sh.done.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let end = Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(Some(m))) = tokio::time::timeout_at(end.into(), stream.message()).await {
+        if let Some(b) = m.batch {
+            sh.slow_events
+                .fetch_add(b.messages.len() as u64, Ordering::Relaxed);
+        } else if let Some(g) = m.gap {
+            sh.slow_gaps.fetch_add(1, Ordering::Relaxed);
+            sh.slow_gap_events.fetch_add(
+                g.to_sequence.saturating_sub(g.from_sequence) + 1,
+                Ordering::Relaxed,
+            );
+        } else if m.slow.is_some() {
+            sh.slow_told.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    sh.slow_ended.store(true, Ordering::Relaxed);
     Ok(())
 }
 
