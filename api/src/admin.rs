@@ -1,8 +1,8 @@
 //! Topic and subscription administration shared by gRPC and REST.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::pb;
@@ -117,7 +117,6 @@ struct Named {
 #[derive(Default)]
 pub struct Subscriptions {
     named: Mutex<HashMap<(String, String), Named>>,
-    store: std::sync::OnceLock<Arc<Store>>,
 }
 
 impl From<StoreError> for ApiError {
@@ -215,11 +214,11 @@ fn request_from_row(row: &store::SubscriptionRow) -> Result<pb::SubscriptionRequ
 }
 
 impl Subscriptions {
-    /// Takes the store and the subscriptions it holds (at start, once).
+    /// Takes the subscriptions the store holds (at start, once).
     ///
     /// # Errors
     /// The store cannot be read.
-    pub async fn load(&self, store: Arc<Store>) -> Result<usize, StoreError> {
+    pub async fn load(&self, store: &Store) -> Result<usize, StoreError> {
         let rows = store.subscriptions().await?;
         let mut all = self.lock();
         let mut n = 0;
@@ -254,15 +253,7 @@ impl Subscriptions {
             );
             n += 1;
         }
-        drop(all);
-        let _ = self.store.set(store);
         Ok(n)
-    }
-
-    pub(crate) fn store(&self) -> Result<&Arc<Store>, ApiError> {
-        self.store
-            .get()
-            .ok_or_else(|| ApiError::Unavailable("the command store is not open".into()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Named>> {
@@ -340,7 +331,8 @@ impl Subscriptions {
             // same creation time.
             let now_ns = realtime_ns();
             let now = tickwire_proto::json::rfc3339(now_ns);
-            self.store()?
+            state
+                .store()?
                 .insert_subscription(&store::SubscriptionRow {
                     subscription_id: id.clone(),
                     topic_name: r.topic.clone(),
@@ -367,7 +359,7 @@ impl Subscriptions {
                 },
             );
         } else if action == pb::SubscriptionAction::Delete {
-            self.delete(&key.0, &key.1).await?;
+            self.delete(state, &key.0, &key.1).await?;
             return Ok(pb::SubscriptionResponse {
                 subscription_id: format!("{}/{}", key.0, key.1),
                 status: pb::SubscriptionStatus::Stopped as i32,
@@ -392,7 +384,8 @@ impl Subscriptions {
                         what: "subscription",
                         name: key.1.clone(),
                     })?;
-            self.store()?
+            state
+                .store()?
                 .set_subscription_status(&id, status_name(status))
                 .await?;
             let mut all = self.lock();
@@ -422,7 +415,7 @@ impl Subscriptions {
     ///
     /// # Errors
     /// [`ApiError::NotFound`].
-    pub async fn delete(&self, topic: &str, name: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, state: &EdgeState, topic: &str, name: &str) -> Result<(), ApiError> {
         let key = (topic.to_string(), name.to_string());
         let id = self
             .lock()
@@ -432,7 +425,7 @@ impl Subscriptions {
                 what: "subscription",
                 name: name.into(),
             })?;
-        self.store()?.delete_subscription(&id).await?;
+        state.store()?.delete_subscription(&id).await?;
         let Some(n) = self.lock().remove(&key) else {
             // Deleted by a concurrent request meanwhile.
             return Ok(());
@@ -500,16 +493,22 @@ impl Subscriptions {
     }
 }
 
-/// The rules that compile on their own (a stored rule whose topic is gone
-/// is kept in the store, not applied).
+/// The rules that compile on their own: a stored rule whose topic is gone
+/// stays in the store and is left out, with a warning naming it.
 fn usable(state: &EdgeState, rules: Vec<crate::RoutingRule>) -> Vec<crate::RoutingRule> {
     rules
         .into_iter()
         .filter(|r| {
-            state
+            match state
                 .engine
                 .set_routing_rules(std::slice::from_ref(r), true)
-                .is_ok()
+            {
+                Ok(()) => true,
+                Err((field, why)) => {
+                    tracing::warn!(rule = %r.rule_name, %field, %why, "routing rule left out");
+                    false
+                }
+            }
         })
         .collect()
 }
@@ -519,20 +518,23 @@ fn usable(state: &EdgeState, rules: Vec<crate::RoutingRule>) -> Vec<crate::Routi
 /// # Errors
 /// The store cannot be read.
 pub async fn list_rules(state: &EdgeState) -> Result<Vec<crate::RoutingRule>, ApiError> {
-    Ok(state.subscriptions.store()?.rules().await?)
+    Ok(state.store()?.rules().await?)
 }
 
 /// Creates (`replace` false) or replaces a routing rule: checked by the
 /// engine first (a bad field is a 400 naming it), then stored, then the
-/// whole set applied to the router at once.
+/// whole set applied to the router at once. `may_change` is asked about
+/// the rule being replaced (the caller's rights on its topic), under the
+/// same lock.
 ///
 /// # Errors
-/// Invalid fields; a taken name (create) or an unknown one (replace); the
-/// store cannot be written.
+/// Invalid fields; a taken name (create) or an unknown one (replace); what
+/// `may_change` says; the store cannot be written.
 pub async fn put_rule(
     state: &EdgeState,
     mut rule: crate::RoutingRule,
     replace: bool,
+    may_change: impl Fn(&crate::RoutingRule) -> Result<(), ApiError>,
 ) -> Result<crate::RoutingRule, ApiError> {
     let _one = state.rules_lock.lock().await;
     state
@@ -544,7 +546,7 @@ pub async fn put_rule(
                 .map_or(field.clone(), str::to_string);
             ApiError::invalid(field, why)
         })?;
-    let store = state.subscriptions.store()?;
+    let store = state.store()?;
     let mut all = store.rules().await?;
     let existing = all.iter().position(|r| r.rule_name == rule.rule_name);
     match (existing, replace) {
@@ -561,6 +563,7 @@ pub async fn put_rule(
             });
         }
         (Some(i), true) => {
+            may_change(&all[i])?;
             rule.created_at = all[i].created_at.clone();
             all[i] = rule.clone();
         }
@@ -574,27 +577,41 @@ pub async fn put_rule(
     Ok(rule)
 }
 
-/// Deletes a routing rule and applies the rest at once.
+/// Deletes a routing rule (once `may_change` allows it) and applies the
+/// rest at once.
 ///
 /// # Errors
-/// [`ApiError::NotFound`]; the store cannot be written.
-pub async fn delete_rule(state: &EdgeState, name: &str) -> Result<(), ApiError> {
+/// [`ApiError::NotFound`]; what `may_change` says; the store cannot be
+/// written.
+pub async fn delete_rule(
+    state: &EdgeState,
+    name: &str,
+    may_change: impl Fn(&crate::RoutingRule) -> Result<(), ApiError>,
+) -> Result<(), ApiError> {
     let _one = state.rules_lock.lock().await;
-    let store = state.subscriptions.store()?;
-    if !store.delete_rule(name).await? {
-        return Err(ApiError::NotFound {
+    let store = state.store()?;
+    let mut all = store.rules().await?;
+    let i = all
+        .iter()
+        .position(|r| r.rule_name == name)
+        .ok_or_else(|| ApiError::NotFound {
             what: "routing rule",
             name: name.into(),
-        });
-    }
-    apply_rules(state, store.rules().await?);
+        })?;
+    may_change(&all[i])?;
+    store.delete_rule(name).await?;
+    all.remove(i);
+    apply_rules(state, all);
     Ok(())
 }
 
-fn apply_rules(state: &EdgeState, all: Vec<crate::RoutingRule>) {
+/// Applies every usable rule of `all` at once; how many.
+pub(crate) fn apply_rules(state: &EdgeState, all: Vec<crate::RoutingRule>) -> usize {
     let rules = usable(state, all);
     if let Err((field, why)) = state.engine.set_routing_rules(&rules, false) {
         // Each rule compiled alone: a set cannot fail. Said if it does.
         tracing::error!(%field, %why, "routing rules not applied");
+        return 0;
     }
+    rules.len()
 }

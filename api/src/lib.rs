@@ -244,9 +244,21 @@ pub struct EdgeState {
     pub cancel: CancellationToken,
     /// One routing-rule change at a time (check, store, apply).
     pub rules_lock: tokio::sync::Mutex<()>,
+    /// The command-side store, once [`Edge::start`] has opened it.
+    store: std::sync::OnceLock<Arc<store::Store>>,
 }
 
 impl EdgeState {
+    /// The command-side store.
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] before it is open.
+    pub fn store(&self) -> Result<&Arc<store::Store>, ApiError> {
+        self.store
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the command store is not open".into()))
+    }
+
     /// State for a validated configuration.
     ///
     /// # Errors
@@ -283,6 +295,7 @@ impl EdgeState {
             started: std::time::Instant::now(),
             cancel,
             rules_lock: tokio::sync::Mutex::new(()),
+            store: std::sync::OnceLock::new(),
         }))
     }
 }
@@ -425,25 +438,12 @@ impl Edge {
         };
         let store = Arc::new(store::Store::open(&url).await?);
         store.sync_topics(&state.engine.topics()).await?;
-        let loaded = state.subscriptions.load(store.clone()).await?;
+        let loaded = state.subscriptions.load(&store).await?;
+        let _ = state.store.set(store.clone());
         let rules = store.rules().await?;
         if !rules.is_empty() {
-            // A stored rule whose topic is gone is kept in the store and
-            // left out, said once; the others apply.
-            let usable: Vec<RoutingRule> = rules
-                .into_iter()
-                .filter(|r| match state.engine.set_routing_rules(std::slice::from_ref(r), true) {
-                    Ok(()) => true,
-                    Err((field, why)) => {
-                        tracing::warn!(rule = %r.rule_name, %field, %why, "stored routing rule not applied");
-                        false
-                    }
-                })
-                .collect();
-            if let Err((field, why)) = state.engine.set_routing_rules(&usable, false) {
-                tracing::warn!(%field, %why, "stored routing rules not applied");
-            }
-            tracing::info!(rules = usable.len(), "routing rules applied");
+            let applied = admin::apply_rules(&state, rules);
+            tracing::info!(rules = applied, "routing rules applied");
         }
         tracing::info!(
             store = store.location(),

@@ -639,7 +639,7 @@ async fn delete_subscription(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
-    state.subscriptions.delete(&topic, &name).await?;
+    state.subscriptions.delete(&state, &topic, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -713,7 +713,7 @@ async fn create_rule(
     state
         .auth
         .allow(k.as_deref(), &rule.target_topic, Right::Admin)?;
-    let r = crate::admin::put_rule(&state, rule, false).await?;
+    let r = crate::admin::put_rule(&state, rule, false, |_| Ok(())).await?;
     Ok((StatusCode::CREATED, Json(r)).into_response())
 }
 
@@ -734,16 +734,12 @@ async fn replace_rule(
     state
         .auth
         .allow(k.as_deref(), &rule.target_topic, Right::Admin)?;
-    if let Some(old) = crate::admin::list_rules(&state)
-        .await?
-        .into_iter()
-        .find(|r| r.rule_name == name)
-    {
+    let r = crate::admin::put_rule(&state, rule, true, |old| {
         state
             .auth
-            .allow(k.as_deref(), &old.target_topic, Right::Admin)?;
-    }
-    let r = crate::admin::put_rule(&state, rule, true).await?;
+            .allow(k.as_deref(), &old.target_topic, Right::Admin)
+    })
+    .await?;
     Ok(Json(r).into_response())
 }
 
@@ -753,17 +749,11 @@ async fn delete_rule(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
-    let old = crate::admin::list_rules(&state)
-        .await?
-        .into_iter()
-        .find(|r| r.rule_name == name)
-        .ok_or_else(|| ApiError::NotFound {
-            what: "routing rule",
-            name: name.clone(),
-        })?;
-    state
-        .auth
-        .allow(k.as_deref(), &old.target_topic, Right::Admin)?;
-    crate::admin::delete_rule(&state, &name).await?;
+    crate::admin::delete_rule(&state, &name, |old| {
+        state
+            .auth
+            .allow(k.as_deref(), &old.target_topic, Right::Admin)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

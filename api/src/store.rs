@@ -223,6 +223,40 @@ impl Store {
         &self.location
     }
 
+    /// Runs a SELECT and maps each row.
+    async fn fetch<'q, T>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        row: impl Fn(&AnyRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = q
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.query_err(e))?;
+        rows.iter()
+            .map(row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.query_err(e))
+    }
+
+    /// Runs an INSERT or UPDATE; a unique-key clash is
+    /// [`StoreError::Exists`] naming `what` `name`.
+    async fn write<'q>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        what: &'static str,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        match q.execute(&self.pool).await {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Exists {
+                what,
+                name: name.to_string(),
+            }),
+            Err(e) => Err(self.query_err(e)),
+        }
+    }
+
     fn query_err(&self, source: sqlx::Error) -> StoreError {
         StoreError::Query {
             location: self.location.clone(),
@@ -275,15 +309,12 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn topics(&self) -> Result<Vec<TopicRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT topic_name, partitions, retention_policy, compression_type, enabled, \
-             created_at, updated_at FROM topics ORDER BY topic_name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.query_err(e))?;
-        rows.iter()
-            .map(|r| {
+        self.fetch(
+            sqlx::query(
+                "SELECT topic_name, partitions, retention_policy, compression_type, enabled, \
+                 created_at, updated_at FROM topics ORDER BY topic_name",
+            ),
+            |r| {
                 Ok(TopicRow {
                     topic_name: r.try_get(0)?,
                     partitions: r.try_get(1)?,
@@ -293,9 +324,9 @@ impl Store {
                     created_at: r.try_get(5)?,
                     updated_at: r.try_get(6)?,
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(|e| self.query_err(e))
+            },
+        )
+        .await
     }
 
     /// Inserts a subscription.
@@ -319,17 +350,8 @@ impl Store {
         .bind(&s.start_position)
         .bind(&s.status)
         .bind(&s.created_at)
-        .bind(&s.last_activity)
-        .execute(&self.pool)
-        .await;
-        match r {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Exists {
-                what: "subscription",
-                name: s.subscription_id.clone(),
-            }),
-            Err(e) => Err(self.query_err(e)),
-        }
+        .bind(&s.last_activity);
+        self.write(r, "subscription", &s.subscription_id).await
     }
 
     /// Sets a subscription's status (and last activity); false when there is
@@ -372,18 +394,15 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn subscriptions(&self) -> Result<Vec<SubscriptionRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT subscription_id, topic_name, subscription_name, subscription_type, \
-             consumer_group, filters, start_position, status, created_at, last_activity \
-             FROM subscriptions ORDER BY created_at, subscription_id",
+        self.fetch(
+            sqlx::query(
+                "SELECT subscription_id, topic_name, subscription_name, subscription_type, \
+                 consumer_group, filters, start_position, status, created_at, last_activity \
+                 FROM subscriptions ORDER BY created_at, subscription_id",
+            ),
+            subscription_row,
         )
-        .fetch_all(&self.pool)
         .await
-        .map_err(|e| self.query_err(e))?;
-        rows.iter()
-            .map(subscription_row)
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(|e| self.query_err(e))
     }
 
     /// Appends a `distribution_stats` row.
@@ -416,18 +435,15 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn stats(&self, topic: &str, limit: i64) -> Result<Vec<StatsRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT timestamp, topic_name, messages_distributed, bytes_distributed, \
-             avg_latency_ms, error_count, active_subscriptions FROM distribution_stats \
-             WHERE topic_name = $1 ORDER BY timestamp DESC LIMIT $2",
-        )
-        .bind(topic)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.query_err(e))?;
-        rows.iter()
-            .map(|r| {
+        self.fetch(
+            sqlx::query(
+                "SELECT timestamp, topic_name, messages_distributed, bytes_distributed, \
+                 avg_latency_ms, error_count, active_subscriptions FROM distribution_stats \
+                 WHERE topic_name = $1 ORDER BY timestamp DESC LIMIT $2",
+            )
+            .bind(topic)
+            .bind(limit),
+            |r| {
                 Ok(StatsRow {
                     timestamp: r.try_get(0)?,
                     topic_name: r.try_get(1)?,
@@ -437,9 +453,9 @@ impl Store {
                     error_count: r.try_get(5)?,
                     active_subscriptions: r.try_get(6)?,
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(|e| self.query_err(e))
+            },
+        )
+        .await
     }
 
     /// Every routing rule, highest priority first.
@@ -447,16 +463,13 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn rules(&self) -> Result<Vec<crate::RoutingRule>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT rule_name, source_pattern, target_topic, routing_key_template, conditions, \
-             priority, enabled, created_at FROM routing_rules ORDER BY priority DESC, rule_name",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.query_err(e))?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let get = || -> Result<crate::RoutingRule, sqlx::Error> {
+        self.fetch(
+            sqlx::query(
+                "SELECT rule_name, source_pattern, target_topic, routing_key_template, \
+                 conditions, priority, enabled, created_at FROM routing_rules \
+                 ORDER BY priority DESC, rule_name",
+            ),
+            |r| {
                 let conditions: String = r.try_get(4)?;
                 Ok(crate::RoutingRule {
                     rule_name: r.try_get(0)?,
@@ -468,10 +481,9 @@ impl Store {
                     enabled: r.try_get::<i64, _>(6)? != 0,
                     created_at: r.try_get(7)?,
                 })
-            };
-            out.push(get().map_err(|e| self.query_err(e))?);
-        }
-        Ok(out)
+            },
+        )
+        .await
     }
 
     /// Inserts a rule, or (`replace`) overwrites the one of that name.
@@ -510,14 +522,7 @@ impl Store {
             .bind(i64::from(r.enabled))
             .bind(&r.created_at)
         };
-        match q.execute(&self.pool).await {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Exists {
-                what: "routing rule",
-                name: r.rule_name.clone(),
-            }),
-            Err(e) => Err(self.query_err(e)),
-        }
+        self.write(q, "routing rule", &r.rule_name).await
     }
 
     /// Deletes a rule; false when there was none.

@@ -1048,12 +1048,12 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
     }))
 }
 
-async fn grpc_stream(
+/// Opens a gRPC stream on its own connection, decoding the lite view.
+async fn open_grpc(
     a: &ClientArgs,
     syms: &[String],
-    sh: &Shared,
-    t: &mut Tally,
-) -> Result<(), String> {
+    name: &str,
+) -> Result<tonic::Streaming<lite::Response>, String> {
     use tickwire_proto::pb;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))
         .map_err(|e| e.to_string())?
@@ -1066,18 +1066,27 @@ async fn grpc_stream(
     let req = pb::StreamRequest {
         symbols: syms.to_vec(),
         topic: TOPIC.into(),
-        subscription_name: "bench".into(),
+        subscription_name: name.into(),
         ..Default::default()
     };
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/tickwire.v1.MarketDataStream/StreamMarketData",
     );
     let codec = tonic_prost::ProstCodec::<pb::StreamRequest, lite::Response>::default();
-    let mut stream = grpc
+    Ok(grpc
         .server_streaming(tonic::Request::new(req), path, codec)
         .await
         .map_err(|e| format!("subscribe: {e}"))?
-        .into_inner();
+        .into_inner())
+}
+
+async fn grpc_stream(
+    a: &ClientArgs,
+    syms: &[String],
+    sh: &Shared,
+    t: &mut Tally,
+) -> Result<(), String> {
+    let mut stream = open_grpc(a, syms, "bench").await?;
     sh.connected.fetch_add(1, Ordering::Relaxed);
     while !sh.done.load(Ordering::Relaxed) {
         let Some(m) = stream.message().await.map_err(|e| e.to_string())? else {
@@ -1108,28 +1117,7 @@ async fn grpc_stream(
 /// The slow_1 stream: subscribes to everything, reads nothing while the
 /// others are measured, then reads for 2 s and counts what it was told.
 async fn slow_stream(a: &ClientArgs, sh: &Shared) -> Result<(), String> {
-    use tickwire_proto::pb;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
-    grpc.ready().await.map_err(|e| e.to_string())?;
-    let req = pb::StreamRequest {
-        topic: TOPIC.into(),
-        subscription_name: "slow".into(),
-        ..Default::default()
-    };
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/tickwire.v1.MarketDataStream/StreamMarketData",
-    );
-    let codec = tonic_prost::ProstCodec::<pb::StreamRequest, lite::Response>::default();
-    let mut stream = grpc
-        .server_streaming(tonic::Request::new(req), path, codec)
-        .await
-        .map_err(|e| format!("subscribe: {e}"))?
-        .into_inner();
+    let mut stream = open_grpc(a, &[], "slow").await?;
     while !sh.done.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -68,6 +68,7 @@ fn err(field: &str, why: impl Into<String>) -> RuleError {
 #[derive(Debug)]
 struct Rule {
     name: String,
+    priority: i64,
     pattern: Vec<u8>,
     target: u32,
     partitions: u32,
@@ -123,7 +124,6 @@ impl RuleSet {
     /// The first bad rule: `rules[i].<field>` and why.
     pub fn compile(specs: &[RuleSpec], topics: &[(String, u32)]) -> Result<RuleSet, RuleError> {
         let mut rules = Vec::new();
-        let mut order: Vec<(i64, &str, usize)> = Vec::new();
         for (i, s) in specs.iter().enumerate() {
             let f = |name: &str| format!("rules[{i}].{name}");
             if s.name.is_empty() || s.name.len() > 100 {
@@ -163,9 +163,9 @@ impl RuleSet {
                 });
             }
             if s.enabled {
-                order.push((s.priority, &s.name, rules.len()));
                 rules.push(Rule {
                     name: s.name.clone(),
+                    priority: s.priority,
                     pattern: s.source_pattern.as_bytes().to_vec(),
                     target: target as u32,
                     partitions: topics[target].1,
@@ -177,19 +177,11 @@ impl RuleSet {
                 });
             }
         }
-        order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-        let mut slots: Vec<Option<Rule>> = rules.into_iter().map(Some).collect();
-        Ok(RuleSet {
-            rules: order
-                .into_iter()
-                .filter_map(|(_, _, i)| slots[i].take())
-                .collect(),
-        })
+        rules.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+        Ok(RuleSet { rules })
     }
 
-    /// The first rule for an event from `source`, if any: its name, target
-    /// topic index, and the partitions for each kind when it has its own
-    /// template.
+    /// The first rule for an event of `inst` and `kind` from `source`.
     fn find(&self, source: &str, inst: &Instrument, kind: Kind) -> Option<&Rule> {
         self.rules.iter().find(|r| {
             glob(&r.pattern, source.as_bytes())

@@ -18,6 +18,21 @@ use crate::dispatch::{SubscriptionHandle, Wire};
 use crate::error::ApiError;
 use crate::spec::SubscriptionSpec;
 
+/// Checks the request's API key, then `right` on the topic it names (the
+/// default topic when it names none): the message and that topic.
+fn admit<T>(
+    state: &EdgeState,
+    request: Request<T>,
+    topic: impl Fn(&T) -> &str,
+    right: Right,
+) -> Result<(T, String), Status> {
+    let key = state.auth.check_grpc(&request)?;
+    let r = request.into_inner();
+    let topic = state.topic_or_default(topic(&r));
+    state.auth.allow(key.as_deref(), &topic, right)?;
+    Ok((r, topic))
+}
+
 /// The `MarketDataStream` service.
 pub struct StreamService {
     state: Arc<EdgeState>,
@@ -124,12 +139,7 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
         &self,
         request: Request<pb::SubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let r = request.into_inner();
-        let topic = self.state.topic_or_default(&r.topic);
-        self.state
-            .auth
-            .allow(key.as_deref(), &topic, Right::Admin)?;
+        let (r, _) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
         Ok(Response::new(
             self.state.subscriptions.manage(&self.state, r).await?,
         ))
@@ -154,38 +164,26 @@ impl pb::topic_manager_server::TopicManager for TopicService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let r = request.into_inner();
-        self.state
-            .auth
-            .allow(key.as_deref(), &r.topic, Right::Admin)?;
-        Err(crate::admin::create_topic_unsupported(&r.topic).into())
+        let (_, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
+        Err(crate::admin::create_topic_unsupported(&topic).into())
     }
 
     async fn delete_topic(
         &self,
         request: Request<pb::TopicRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let r = request.into_inner();
-        self.state
-            .auth
-            .allow(key.as_deref(), &r.topic, Right::Admin)?;
-        Err(crate::admin::delete_topic_unsupported(&r.topic).into())
+        let (_, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
+        Err(crate::admin::delete_topic_unsupported(&topic).into())
     }
 
     async fn get_topic_stats(
         &self,
         request: Request<pb::TopicRequest>,
     ) -> Result<Response<pb::TopicStats>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let r = request.into_inner();
-        self.state
-            .auth
-            .allow(key.as_deref(), &r.topic, Right::Read)?;
+        let (_, topic) = admit(&self.state, request, |r| &r.topic, Right::Read)?;
         Ok(Response::new(crate::admin::topic_stats(
             &self.state,
-            &r.topic,
+            &topic,
         )?))
     }
 
@@ -225,12 +223,8 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
         &self,
         request: Request<pb::SubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionResponse>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let mut r = request.into_inner();
-        r.topic = self.state.topic_or_default(&r.topic);
-        self.state
-            .auth
-            .allow(key.as_deref(), &r.topic, Right::Admin)?;
+        let (mut r, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
+        r.topic = topic;
         r.action = pb::SubscriptionAction::Create as i32;
         Ok(Response::new(
             self.state.subscriptions.manage(&self.state, r).await?,
@@ -241,15 +235,10 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
         &self,
         request: Request<pb::DeleteSubscriptionRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let r = request.into_inner();
-        let topic = self.state.topic_or_default(&r.topic);
-        self.state
-            .auth
-            .allow(key.as_deref(), &topic, Right::Admin)?;
+        let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
         self.state
             .subscriptions
-            .delete(&topic, &r.subscription)
+            .delete(&self.state, &topic, &r.subscription)
             .await?;
         Ok(Response::new(pb::DeleteResponse { deleted: true }))
     }
@@ -258,10 +247,7 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
         &self,
         request: Request<pb::DeleteSubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionStats>, Status> {
-        let key = self.state.auth.check_grpc(&request)?;
-        let r = request.into_inner();
-        let topic = self.state.topic_or_default(&r.topic);
-        self.state.auth.allow(key.as_deref(), &topic, Right::Read)?;
+        let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Read)?;
         Ok(Response::new(
             self.state.subscriptions.stats(&topic, &r.subscription)?,
         ))
