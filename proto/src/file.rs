@@ -101,7 +101,8 @@ pub struct RingParams {
     pub topic: String,
     /// This partition.
     pub partition: u32,
-    /// The topic's partition count.
+    /// The topic's partition count (a ring created when the topic had
+    /// fewer partitions is opened as it is: partitions can grow).
     pub partitions: u32,
     /// Slots, a power of two.
     pub capacity: u64,
@@ -175,7 +176,8 @@ impl RingFile {
     ///
     /// # Errors
     /// [`Error::WriterLocked`] if another writer holds it; [`Error::Mismatch`]
-    /// if it exists with another partition count, capacity or slot size;
+    /// if it exists with a larger partition count (a topic grows, never
+    /// shrinks), another capacity or slot size;
     /// [`Error::NoSpace`] if the file system cannot hold it; any validation
     /// error of [`RingFile::open_reader`].
     pub fn open_writer(dir: &Path, params: &RingParams) -> Result<(RingFile, bool)> {
@@ -218,11 +220,15 @@ impl RingFile {
                 Ok(())
             }
         };
-        check(
-            "partition count",
-            statics.partitions as u64,
-            params.partitions as u64,
-        )?;
+        // A topic's partitions may grow, never shrink: a ring created when
+        // the topic had fewer partitions keeps that count in its statics.
+        if statics.partitions > params.partitions {
+            check(
+                "partition count",
+                statics.partitions as u64,
+                params.partitions as u64,
+            )?;
+        }
         check(
             "partition",
             statics.partition as u64,
@@ -920,6 +926,32 @@ impl Clock for MonotonicClock {
     #[inline]
     fn now_ns(&self) -> u64 {
         crate::futex::monotonic_ns()
+    }
+}
+
+/// How many partitions a topic has in a node directory: the count partition
+/// 0 was created with, or more when the topic grew since (a later
+/// partition's ring exists, created with the larger count). `None` when
+/// partition 0 has no ring.
+///
+/// # Errors
+/// A ring that cannot be opened or validated.
+pub fn topic_partitions(dir: &Path, topic: &str) -> Result<Option<u32>> {
+    let first = dir.join(ring_file_name(topic, 0));
+    if !first.exists() {
+        return Ok(None);
+    }
+    let mut count = RingFile::open_reader(&first)?.statics().partitions;
+    loop {
+        let next = dir.join(ring_file_name(topic, count));
+        if !next.exists() {
+            return Ok(Some(count));
+        }
+        let grown = RingFile::open_reader(&next)?.statics().partitions;
+        if grown <= count {
+            return Ok(Some(count));
+        }
+        count = grown;
     }
 }
 

@@ -92,22 +92,26 @@ fn a_writer_that_died_mid_frame_is_recovered_without_a_duplicate() {
 }
 
 #[test]
-fn a_changed_partition_count_or_capacity_is_refused() {
+fn a_shrunk_partition_count_or_changed_capacity_is_refused_and_growth_is_not() {
     let dir = tempfile::tempdir().expect("tempdir");
-    drop(PartitionWriter::open(dir.path(), &params(2, 64)).expect("writer"));
-    match PartitionWriter::open(dir.path(), &params(4, 64)) {
+    drop(PartitionWriter::open(dir.path(), &params(4, 64)).expect("writer"));
+    match PartitionWriter::open(dir.path(), &params(2, 64)) {
         Err(Error::Mismatch {
             what,
             on_disk,
             requested,
             ..
         }) => {
-            assert_eq!((what, on_disk, requested), ("partition count", 2, 4));
+            assert_eq!((what, on_disk, requested), ("partition count", 4, 2));
         }
         other => panic!("expected a mismatch, got {:?}", other.err()),
     }
+    // The topic grew to 8: partition 0 keeps the count it was created with.
+    let w = PartitionWriter::open(dir.path(), &params(8, 64)).expect("grown");
+    assert_eq!(w.file().statics().partitions, 4);
+    drop(w);
     assert!(matches!(
-        PartitionWriter::open(dir.path(), &params(2, 128)),
+        PartitionWriter::open(dir.path(), &params(4, 128)),
         Err(Error::Mismatch {
             what: "capacity",
             ..

@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use filter::CompiledFilter;
 pub use filter::Filter;
-use tickwire_proto::file::{FileStatus, PartitionReader, RingFile, StartAt, partition_paths};
+use tickwire_proto::file::{
+    FileStatus, PartitionReader, StartAt, partition_paths, ring_file_name, topic_partitions,
+};
 use tickwire_proto::frame::BODY_WORDS;
 use tickwire_proto::ring::{Read, Tether};
 pub use tickwire_proto::symbology::{Entry, Symbology};
@@ -164,6 +166,14 @@ pub enum Event<'a> {
         /// Partition.
         partition: u32,
         /// The new writer's epoch.
+        epoch: u64,
+    },
+    /// The topic grew: this subscriber (of all partitions) now reads
+    /// `partition` too, from its first event. Comes before any of its events.
+    PartitionAdded {
+        /// The new partition.
+        partition: u32,
+        /// Its writer's epoch.
         epoch: u64,
     },
     /// The ring file this subscriber maps was removed, or replaced by a new
@@ -333,14 +343,12 @@ impl SubscriberBuilder {
     /// whose reader slots are all taken; [`Error::Filter`].
     pub fn open(self) -> Result<Subscriber, Error> {
         let dir = self.node_dir.clone().unwrap_or_else(default_node_dir);
-        let first = partition_paths(&dir, &self.topic, 1).remove(0);
-        if !first.exists() {
+        let Some(count) = topic_partitions(&dir, &self.topic)? else {
             return Err(Error::NoSuchTopic {
                 topic: self.topic.clone(),
                 dir,
             });
-        }
-        let count = RingFile::open_reader(&first)?.statics().partitions;
+        };
         let wanted: Vec<u32> = self
             .partitions
             .clone()
@@ -374,8 +382,13 @@ impl SubscriberBuilder {
             }
             parts.push(Part::open(path, p, &self)?);
         }
+        let follow = self.partitions.is_none().then(|| Follow {
+            dir,
+            builder: self.clone().start(Start::Earliest),
+        });
         Ok(Subscriber {
             parts,
+            follow,
             next: 0,
             buf: [0; BODY_WORDS],
             filter,
@@ -470,9 +483,17 @@ impl Part {
     }
 }
 
+/// A subscriber of all partitions: where to look for partitions the topic
+/// grows later, and how to open them (from their first event).
+struct Follow {
+    dir: PathBuf,
+    builder: SubscriberBuilder,
+}
+
 /// A subscription to one topic's partition rings. See the crate docs.
 pub struct Subscriber {
     parts: Vec<Part>,
+    follow: Option<Follow>,
     next: usize,
     buf: [u64; BODY_WORDS],
     filter: CompiledFilter,
@@ -490,6 +511,7 @@ enum Found {
     Untethered(u32),
     Closed(u32, CloseReason),
     Reopened(u32, u64),
+    Added(u32, u64),
     Replaced(u32, bool),
 }
 
@@ -505,6 +527,7 @@ impl Found {
             Event::Untethered { partition } => Found::Untethered(partition),
             Event::Closed { partition, reason } => Found::Closed(partition, reason),
             Event::Reopened { partition, epoch } => Found::Reopened(partition, epoch),
+            Event::PartitionAdded { partition, epoch } => Found::Added(partition, epoch),
             Event::Replaced { partition, removed } => Found::Replaced(partition, removed),
         }
     }
@@ -521,6 +544,7 @@ impl Found {
             Found::Untethered(partition) => Event::Untethered { partition },
             Found::Closed(partition, reason) => Event::Closed { partition, reason },
             Found::Reopened(partition, epoch) => Event::Reopened { partition, epoch },
+            Found::Added(partition, epoch) => Event::PartitionAdded { partition, epoch },
             Found::Replaced(partition, removed) => Event::Replaced { partition, removed },
         })
     }
@@ -567,6 +591,11 @@ impl Subscriber {
         for _ in 0..n_parts {
             let part = &mut parts[*next];
             *next = if *next + 1 == n_parts { 0 } else { *next + 1 };
+            if let Some(Found::Added(partition, epoch)) = part.pending {
+                part.pending = None;
+                n += 1;
+                f(Event::PartitionAdded { partition, epoch });
+            }
             if part.reader.check_tether() == Tether::Untethered {
                 stats.untethered += 1;
                 n += 1;
@@ -664,6 +693,28 @@ impl Subscriber {
         self.last_check = std::time::Instant::now();
         for p in &mut self.parts {
             p.check_writer();
+        }
+        self.follow_growth();
+    }
+
+    /// A subscriber of all partitions takes on partitions the topic grew,
+    /// announced by [`Event::PartitionAdded`]. A ring that cannot be opened
+    /// yet is tried again at the next check.
+    fn follow_growth(&mut self) {
+        let Some(follow) = &self.follow else { return };
+        loop {
+            let partition = self.parts.len() as u32;
+            let path = follow
+                .dir
+                .join(ring_file_name(&follow.builder.topic, partition));
+            if !path.exists() {
+                return;
+            }
+            let Ok(mut part) = Part::open(&path, partition, &follow.builder) else {
+                return;
+            };
+            part.pending = Some(Found::Added(partition, part.reader.ring().epoch()));
+            self.parts.push(part);
         }
     }
 
