@@ -13,35 +13,122 @@ use crate::dispatch::{SubControl, SubscriptionHandle};
 use crate::error::ApiError;
 use crate::store::{self, Store, StoreError};
 
-/// Creating topics at run time is not in this build.
-pub fn create_topic_unsupported(topic: &str) -> ApiError {
-    ApiError::Unimplemented(format!(
-        "cannot create topic {topic:?} at run time in this build: add a [[topics]] table to the configuration and restart"
-    ))
+/// Runs a blocking engine call (it creates files and waits for shards)
+/// off the async threads.
+async fn blocking<T: Send + 'static>(
+    state: &EdgeState,
+    f: impl FnOnce(&dyn crate::Engine) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || f(engine.as_ref()))
+        .await
+        .map_err(ApiError::internal)?
 }
 
-/// Deleting topics at run time is not in this build.
-pub fn delete_topic_unsupported(topic: &str) -> ApiError {
-    ApiError::Unimplemented(format!(
-        "cannot delete topic {topic:?} at run time in this build: remove it from the configuration, stop the broker and remove its ring files"
-    ))
+fn topic_info(t: &crate::TopicDesc) -> pb::TopicInfo {
+    pb::TopicInfo {
+        topic: t.name.clone(),
+        partitions: t.partitions,
+        capacity: t.capacity,
+        retention_policy: "ring".into(),
+        enabled: true,
+        origin: if t.runtime { "runtime" } else { "config" }.into(),
+    }
+}
+
+/// Creates a topic at run time: the engine makes and starts writing its
+/// rings, then its row is written (a restart creates it again from there);
+/// a row that cannot be written undoes the topic, so none outlives the
+/// run unrecorded. Its dispatcher starts at once (latest values).
+///
+/// # Errors
+/// [`ApiError::Invalid`] naming the field; [`ApiError::AlreadyExists`];
+/// [`ApiError::Unavailable`].
+pub async fn create_topic(
+    state: &EdgeState,
+    r: pb::CreateTopicRequest,
+) -> Result<pb::TopicInfo, ApiError> {
+    if !r.retention_policy.is_empty() && r.retention_policy != "ring" {
+        humantime::parse_duration(&r.retention_policy).map_err(|e| {
+            ApiError::invalid(
+                "retention_policy",
+                format!("{:?} is not a duration such as 7d: {e}", r.retention_policy),
+            )
+        })?;
+    }
+    let store = state.store()?.clone();
+    let name = r.topic.clone();
+    let capacity = (r.capacity != 0).then_some(r.capacity);
+    let desc = blocking(state, move |e| {
+        e.create_topic(&name, r.partitions, capacity)
+    })
+    .await?;
+    if let Err(e) = store.record_topic(&desc).await {
+        let name = desc.name.clone();
+        if let Err(undo) = blocking(state, move |e| e.delete_topic(&name)).await {
+            tracing::error!(topic = %desc.name, error = %undo, "a topic whose row could not be written could not be deleted again");
+        }
+        return Err(e.into());
+    }
+    if let Err(e) = state.hub.topic(&desc.name) {
+        tracing::warn!(topic = %desc.name, error = %e, "no dispatcher for the new topic yet");
+    }
+    Ok(topic_info(&desc))
+}
+
+/// Grows a topic's partitions (never shrinks them), then its row.
+///
+/// # Errors
+/// [`ApiError::Invalid`]; [`ApiError::NotFound`]; [`ApiError::Unavailable`]
+/// (the row could not be written: the topic has grown all the same and a
+/// restart keeps it, counting its rings on disk).
+pub async fn grow_topic(
+    state: &EdgeState,
+    topic: &str,
+    partitions: u32,
+) -> Result<pb::TopicInfo, ApiError> {
+    let store = state.store()?.clone();
+    let name = topic.to_string();
+    let desc = blocking(state, move |e| e.grow_topic(&name, partitions)).await?;
+    store.record_topic(&desc).await?;
+    Ok(topic_info(&desc))
+}
+
+/// Deletes a topic: refused while a routing rule (on or off) routes to it;
+/// named subscriptions on it are deleted; its live streams are told and
+/// ended by their dispatcher when the rings go.
+///
+/// # Errors
+/// [`ApiError::NotFound`]; [`ApiError::Conflict`].
+pub async fn delete_topic(state: &EdgeState, topic: &str) -> Result<(), ApiError> {
+    let store = state.store()?.clone();
+    let _rules = state.rules_lock.lock().await;
+    if let Some(r) = store
+        .rules()
+        .await?
+        .into_iter()
+        .find(|r| r.target_topic == topic)
+    {
+        return Err(ApiError::Conflict(format!(
+            "routing rule {:?} routes to topic {topic}: delete or change the rule first",
+            r.rule_name
+        )));
+    }
+    let name = topic.to_string();
+    blocking(state, move |e| e.delete_topic(&name)).await?;
+    store.disable_topic(topic).await?;
+    for name in state.subscriptions.names(topic) {
+        if let Err(e) = state.subscriptions.delete(state, topic, &name).await {
+            tracing::warn!(topic, subscription = %name, error = %e, "a deleted topic's subscription could not be deleted");
+        }
+    }
+    state.hub.forget(topic);
+    Ok(())
 }
 
 /// The node's topics.
 pub fn list_topics(state: &EdgeState) -> Vec<pb::TopicInfo> {
-    state
-        .engine
-        .topics()
-        .into_iter()
-        .map(|t| pb::TopicInfo {
-            topic: t.name,
-            partitions: t.partitions,
-            capacity: t.capacity,
-            retention_policy: "ring".into(),
-            enabled: true,
-            origin: "config".into(),
-        })
-        .collect()
+    state.engine.topics().iter().map(topic_info).collect()
 }
 
 fn quantiles(h: &hdrhistogram::Histogram<u64>) -> pb::LatencyQuantiles {
@@ -436,6 +523,15 @@ impl Subscriptions {
             }
         }
         Ok(())
+    }
+
+    /// Names of the subscriptions on a topic.
+    pub fn names(&self, topic: &str) -> Vec<String> {
+        self.lock()
+            .keys()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
     /// A subscription's stats, summed over its live streams.

@@ -35,6 +35,10 @@ pub enum ApiError {
     /// This build cannot do it (yet): the message says what and why.
     #[error("{0}")]
     Unimplemented(String),
+    /// The request conflicts with the state of something else (a topic a
+    /// rule routes to cannot be deleted): the message says what.
+    #[error("{0}")]
+    Conflict(String),
     /// A limit was reached.
     #[error("limit reached: {0}")]
     Limit(String),
@@ -81,6 +85,7 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::AlreadyExists { .. } => StatusCode::CONFLICT,
             ApiError::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ApiError::PermissionDenied { .. } => StatusCode::FORBIDDEN,
@@ -96,6 +101,7 @@ impl ApiError {
             ApiError::NotFound { .. } => tonic::Code::NotFound,
             ApiError::AlreadyExists { .. } => tonic::Code::AlreadyExists,
             ApiError::Unimplemented(_) => tonic::Code::Unimplemented,
+            ApiError::Conflict(_) => tonic::Code::FailedPrecondition,
             ApiError::Limit(_) => tonic::Code::ResourceExhausted,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::PermissionDenied { .. } => tonic::Code::PermissionDenied,

@@ -44,6 +44,8 @@ pub struct TopicDesc {
     pub partitions: u32,
     /// Slots per partition ring.
     pub capacity: u64,
+    /// Created at run time through the admin API (else: configured).
+    pub runtime: bool,
 }
 
 /// What the edge needs from the engine (the broker implements it).
@@ -66,6 +68,44 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<(), (String, String)> {
         let _ = (rules, dry_run);
         Err(("rules".into(), "this engine has no router".into()))
+    }
+    /// Creates a topic with `partitions` partitions of `capacity` slots
+    /// (`None`: the node default); its rings are written from the next
+    /// event routed to it. Blocking (creates files, waits for the shards).
+    ///
+    /// # Errors
+    /// [`ApiError::Invalid`] naming the field, [`ApiError::AlreadyExists`],
+    /// [`ApiError::Unavailable`] (no room, stopping).
+    fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        capacity: Option<u64>,
+    ) -> Result<TopicDesc, ApiError> {
+        let _ = (partitions, capacity);
+        Err(ApiError::Unimplemented(format!(
+            "this engine cannot create topic {name:?} at run time"
+        )))
+    }
+    /// Grows a topic to `partitions` (never fewer). Blocking.
+    ///
+    /// # Errors
+    /// As [`create_topic`](Self::create_topic); [`ApiError::NotFound`].
+    fn grow_topic(&self, name: &str, partitions: u32) -> Result<TopicDesc, ApiError> {
+        let _ = partitions;
+        Err(ApiError::Unimplemented(format!(
+            "this engine cannot grow topic {name:?} at run time"
+        )))
+    }
+    /// Deletes a topic: its readers are told, its rings removed. Blocking.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`]; [`ApiError::Conflict`] for a topic of the
+    /// configuration file.
+    fn delete_topic(&self, name: &str) -> Result<(), ApiError> {
+        Err(ApiError::Unimplemented(format!(
+            "this engine cannot delete topic {name:?} at run time"
+        )))
     }
 }
 
@@ -437,7 +477,7 @@ impl Edge {
             config.store_url.clone()
         };
         let store = Arc::new(store::Store::open(&url).await?);
-        store.sync_topics(&state.engine.topics()).await?;
+        merge_topics(&state, &store).await?;
         let loaded = state.subscriptions.load(&store).await?;
         let _ = state.store.set(store.clone());
         let rules = store.rules().await?;
@@ -510,6 +550,47 @@ impl Edge {
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || state.hub.join()).await;
     }
+}
+
+/// Merges the topics of the store with the engine's at start: a run-time
+/// topic (created through the API) that the engine does not have is
+/// created again, resuming its rings; a topic with more partitions in its
+/// row or on disk than the engine has (grown at run time) is grown. Then
+/// the rows record the engine's topics. A topic that cannot be made again
+/// is logged and left out of this run; its row stays.
+async fn merge_topics(state: &EdgeState, store: &store::Store) -> Result<(), store::StoreError> {
+    let dir = state.engine.node_dir();
+    for row in store.topics().await?.into_iter().filter(|r| r.enabled) {
+        let name = row.topic_name.clone();
+        let on_disk = tickwire_proto::file::topic_partitions(&dir, &name)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let want = u32::try_from(row.partitions).unwrap_or(0).max(on_disk);
+        let have = state.engine.topics().into_iter().find(|t| t.name == name);
+        let engine = state.engine.clone();
+        let capacity = row.capacity.and_then(|c| u64::try_from(c).ok());
+        let done = tokio::task::spawn_blocking(move || match have {
+            Some(t) if t.partitions < want => engine.grow_topic(&name, want).map(Some),
+            Some(_) => Ok(None),
+            None if row.runtime => engine.create_topic(&name, want, capacity).map(Some),
+            None => Ok(None),
+        })
+        .await;
+        match done {
+            Ok(Ok(Some(t))) => {
+                tracing::info!(topic = %t.name, partitions = t.partitions, "topic restored from the command store")
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(topic = %row.topic_name, error = %e, "a topic of the command store could not be restored; it is missing from this run")
+            }
+            Err(e) => {
+                tracing::error!(topic = %row.topic_name, error = %e, "restoring a topic failed")
+            }
+        }
+    }
+    store.sync_topics(&state.engine.topics()).await
 }
 
 /// Writes a `distribution_stats` row per running topic every `every`: what

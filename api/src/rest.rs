@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/topics"),
     ("post", "/api/v1/topics"),
     ("get", "/api/v1/topics/{topic}"),
+    ("patch", "/api/v1/topics/{topic}"),
     ("delete", "/api/v1/topics/{topic}"),
     ("get", "/api/v1/topics/{topic}/stats"),
     ("get", "/api/v1/subscriptions"),
@@ -62,7 +63,7 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
         .route("/api/v1/topics", get(list_topics).post(create_topic))
         .route(
             "/api/v1/topics/{topic}",
-            get(get_topic).delete(delete_topic),
+            get(get_topic).patch(grow_topic).delete(delete_topic),
         )
         .route("/api/v1/topics/{topic}/stats", get(topic_stats))
         .route(
@@ -378,14 +379,17 @@ fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
 #[serde(deny_unknown_fields)]
 struct CreateTopic {
     topic: String,
-    #[allow(dead_code)]
     partitions: u32,
     #[serde(default)]
-    #[allow(dead_code)]
     capacity: Option<u64>,
     #[serde(default)]
-    #[allow(dead_code)]
     retention_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateTopic {
+    partitions: u32,
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(
@@ -409,7 +413,30 @@ async fn create_topic(
     let k = key(&state, &headers)?;
     let c = json_body(body)?;
     state.auth.allow(k.as_deref(), &c.topic, Right::Admin)?;
-    Err(crate::admin::create_topic_unsupported(&c.topic))
+    let t = crate::admin::create_topic(
+        &state,
+        pb::CreateTopicRequest {
+            topic: c.topic,
+            partitions: c.partitions,
+            capacity: c.capacity.unwrap_or(0),
+            retention_policy: c.retention_policy.unwrap_or_default(),
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(topic_json(&t))).into_response())
+}
+
+async fn grow_topic(
+    State(state): S,
+    headers: HeaderMap,
+    Path(topic): Path<String>,
+    body: Result<Json<UpdateTopic>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
+    let u = json_body(body)?;
+    let t = crate::admin::grow_topic(&state, &topic, u.partitions).await?;
+    Ok(Json(topic_json(&t)).into_response())
 }
 
 async fn get_topic(
@@ -436,7 +463,8 @@ async fn delete_topic(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
-    Err(crate::admin::delete_topic_unsupported(&topic))
+    crate::admin::delete_topic(&state, &topic).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn stats_json(s: &pb::TopicStats) -> serde_json::Value {

@@ -85,6 +85,10 @@ pub struct TopicRow {
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
+    /// Created at run time (re-created at start) rather than configured.
+    pub runtime: bool,
+    /// Slots per partition ring, when known.
+    pub capacity: Option<i64>,
 }
 
 /// A `subscriptions` row. `filters` is the JSON of everything a stream
@@ -264,43 +268,70 @@ impl Store {
         }
     }
 
-    /// Records the engine's topics: new ones are inserted, changed
-    /// partition counts updated; rows of topics the engine no longer has
-    /// are kept (disabled) for the record.
+    /// Records the engine's topics (see [`record_topic`](Self::record_topic));
+    /// enabled rows of configured topics the engine no longer has are
+    /// disabled, kept for the record. Rows of run-time topics are left
+    /// alone: only a deletion ends them.
     ///
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn sync_topics(&self, topics: &[TopicDesc]) -> Result<(), StoreError> {
-        let now = rfc3339(realtime_ns());
         for t in topics {
-            sqlx::query(
-                "INSERT INTO topics (id, topic_name, partitions, enabled, created_at, updated_at) \
-                 VALUES ($1, $2, $3, 1, $4, $5) \
-                 ON CONFLICT (topic_name) DO UPDATE SET partitions = excluded.partitions, \
-                 enabled = 1, updated_at = excluded.updated_at \
-                 WHERE topics.partitions <> excluded.partitions OR topics.enabled <> 1",
-            )
-            .bind(uuid())
-            .bind(&t.name)
-            .bind(i64::from(t.partitions))
-            .bind(&now)
-            .bind(&now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.query_err(e))?;
+            self.record_topic(t).await?;
         }
         let rows = self.topics().await?;
         for r in rows
             .iter()
-            .filter(|r| r.enabled && !topics.iter().any(|t| t.name == r.topic_name))
+            .filter(|r| r.enabled && !r.runtime && !topics.iter().any(|t| t.name == r.topic_name))
         {
-            sqlx::query("UPDATE topics SET enabled = 0, updated_at = $1 WHERE topic_name = $2")
-                .bind(&now)
-                .bind(&r.topic_name)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| self.query_err(e))?;
+            self.disable_topic(&r.topic_name).await?;
         }
+        Ok(())
+    }
+
+    /// Inserts or updates a topic's row: enabled, its partitions, capacity
+    /// and origin as the engine has them.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_topic(&self, t: &TopicDesc) -> Result<(), StoreError> {
+        let now = rfc3339(realtime_ns());
+        let origin = if t.runtime { "runtime" } else { "config" };
+        sqlx::query(
+            "INSERT INTO topics (id, topic_name, partitions, enabled, created_at, updated_at, origin, capacity) \
+             VALUES ($1, $2, $3, 1, $4, $5, $6, $7) \
+             ON CONFLICT (topic_name) DO UPDATE SET partitions = excluded.partitions, \
+             enabled = 1, updated_at = excluded.updated_at, origin = excluded.origin, \
+             capacity = excluded.capacity \
+             WHERE topics.partitions <> excluded.partitions OR topics.enabled <> 1 \
+             OR topics.origin <> excluded.origin OR topics.capacity IS NULL \
+             OR topics.capacity <> excluded.capacity",
+        )
+        .bind(uuid())
+        .bind(&t.name)
+        .bind(i64::from(t.partitions))
+        .bind(&now)
+        .bind(&now)
+        .bind(origin)
+        .bind(t.capacity as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.query_err(e))?;
+        Ok(())
+    }
+
+    /// Marks a topic's row disabled (deleted, or gone from the
+    /// configuration).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn disable_topic(&self, name: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE topics SET enabled = 0, updated_at = $1 WHERE topic_name = $2")
+            .bind(rfc3339(realtime_ns()))
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.query_err(e))?;
         Ok(())
     }
 
@@ -312,7 +343,7 @@ impl Store {
         self.fetch(
             sqlx::query(
                 "SELECT topic_name, partitions, retention_policy, compression_type, enabled, \
-                 created_at, updated_at FROM topics ORDER BY topic_name",
+                 created_at, updated_at, origin, capacity FROM topics ORDER BY topic_name",
             ),
             |r| {
                 Ok(TopicRow {
@@ -323,6 +354,8 @@ impl Store {
                     enabled: r.try_get::<i64, _>(4)? != 0,
                     created_at: r.try_get(5)?,
                     updated_at: r.try_get(6)?,
+                    runtime: r.try_get::<String, _>(7)? == "runtime",
+                    capacity: r.try_get(8)?,
                 })
             },
         )

@@ -118,7 +118,7 @@ pub struct ShardsConfig {
 pub struct TopicConfig {
     /// Name, e.g. `market-data/normalized/equities`.
     pub name: String,
-    /// Partitions (fixed once the rings exist).
+    /// Partitions (can grow once the rings exist, never shrink).
     pub partitions: u32,
     /// Slots per partition ring, a power of two.
     pub capacity: u64,

@@ -2,16 +2,64 @@
 
 use std::path::PathBuf;
 
-use tickwire_api::{Engine, TopicDesc};
+use tickwire_api::{ApiError, Engine, TopicDesc};
 
 use crate::config::Config;
+use crate::engine::{BrokerError, TopicOrigin};
 use crate::rules::{RuleSet, RuleSpec};
+use crate::topics::{TopicControl, TopicError, TopicInfo, TopicSpec};
 
 /// The broker's topics, node directory and routing rules, for the edge.
 pub struct BrokerEngine {
     node_dir: PathBuf,
     config: Config,
     rules: std::sync::Arc<crate::rules::RuleTable>,
+    topics: std::sync::Arc<TopicControl>,
+}
+
+fn desc(t: &TopicInfo) -> TopicDesc {
+    TopicDesc {
+        name: t.name.clone(),
+        partitions: t.partitions,
+        capacity: t.capacity,
+        runtime: t.origin == TopicOrigin::Runtime,
+    }
+}
+
+/// The edge's error for a refused topic change. Paths and OS errors are
+/// logged, not sent.
+fn api_error(name: &str, e: TopicError) -> ApiError {
+    match e {
+        TopicError::Invalid { field, why } => ApiError::invalid(field, why),
+        TopicError::Exists(n) => ApiError::AlreadyExists {
+            what: "topic",
+            name: n,
+        },
+        TopicError::NotFound(n) => ApiError::NotFound {
+            what: "topic",
+            name: n,
+        },
+        TopicError::Conflict(why) => ApiError::Conflict(why),
+        TopicError::Broker(BrokerError::Shm(tickwire_proto::Error::Mismatch {
+            what,
+            on_disk,
+            requested,
+            ..
+        })) => ApiError::Conflict(format!(
+            "rings of topic {name} are left on the node with {what} {on_disk}, not {requested}: ask for that, or remove them"
+        )),
+        TopicError::Broker(e @ BrokerError::NoSpace { .. }) => {
+            tracing::warn!(topic = name, error = %e, "no room for a topic's rings");
+            ApiError::Unavailable(format!("no room on the node for the rings of topic {name}"))
+        }
+        TopicError::Broker(e) => {
+            tracing::error!(topic = name, error = %e, "a topic's rings could not be made");
+            ApiError::Unavailable(format!(
+                "the rings of topic {name} could not be made (the broker log says why)"
+            ))
+        }
+        TopicError::Unavailable(why) => ApiError::Unavailable(why),
+    }
 }
 
 impl BrokerEngine {
@@ -21,6 +69,7 @@ impl BrokerEngine {
             node_dir: broker.node_dir().to_path_buf(),
             config: broker.config().clone(),
             rules: broker.rules(),
+            topics: broker.topics(),
         }
     }
 }
@@ -31,15 +80,35 @@ impl Engine for BrokerEngine {
     }
 
     fn topics(&self) -> Vec<TopicDesc> {
-        self.config
-            .topics
-            .iter()
-            .map(|t| TopicDesc {
-                name: t.name.clone(),
-                partitions: t.partitions,
-                capacity: t.capacity,
+        self.topics.list().iter().map(desc).collect()
+    }
+
+    fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        capacity: Option<u64>,
+    ) -> Result<TopicDesc, ApiError> {
+        self.topics
+            .create(&TopicSpec {
+                name: name.into(),
+                partitions,
+                capacity,
+                template: None,
             })
-            .collect()
+            .map(|t| desc(&t))
+            .map_err(|e| api_error(name, e))
+    }
+
+    fn grow_topic(&self, name: &str, partitions: u32) -> Result<TopicDesc, ApiError> {
+        self.topics
+            .grow(name, partitions)
+            .map(|t| desc(&t))
+            .map_err(|e| api_error(name, e))
+    }
+
+    fn delete_topic(&self, name: &str) -> Result<(), ApiError> {
+        self.topics.delete(name).map_err(|e| api_error(name, e))
     }
 
     fn set_routing_rules(
@@ -63,10 +132,10 @@ impl Engine for BrokerEngine {
             })
             .collect();
         let topics: Vec<(String, u32)> = self
-            .config
             .topics
-            .iter()
-            .map(|t| (t.name.clone(), t.partitions))
+            .layout()
+            .live()
+            .map(|(i, t)| (t.name.clone(), i))
             .collect();
         let set = RuleSet::compile(&specs, &topics).map_err(|e| (e.field, e.why))?;
         if !dry_run {

@@ -26,7 +26,8 @@ use tickwire_proto::futex::{monotonic_ns, realtime_ns};
 use tickwire_proto::symbology::SymbologyWriter;
 
 use crate::config::{Config, IdleStrategy};
-use crate::router::{Resolver, Route, TopicRoute};
+use crate::router::{Resolver, Route, RoutingTemplate};
+use crate::versioned::Versioned;
 
 /// Errors starting the broker.
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +121,16 @@ struct Job {
 /// shard writes it, every producer reads it), the per-batch counters (the
 /// shard writes them, stats read them), and the queue (its own head and
 /// tail are padded inside `ArrayQueue`).
-struct ShardShared {
+pub(crate) struct ShardShared {
     queue: ArrayQueue<Job>,
     parked: CachePadded<AtomicBool>,
     counters: CachePadded<ShardCounters>,
     thread: OnceLock<std::thread::Thread>,
     latency: Mutex<Histogram<u64>>,
+    /// Ring changes (topic created, grown, deleted); `has_commands` is
+    /// looked at once per loop.
+    commands: Mutex<Vec<ShardCommand>>,
+    has_commands: AtomicBool,
 }
 
 /// Written by the shard thread only (Relaxed), read by [`Broker::stats`].
@@ -139,23 +144,133 @@ struct ShardCounters {
     /// Completions that could not be handed back: a bug if ever non-zero
     /// (a source's queue holds as many as it may have in flight).
     lost_completions: AtomicU64,
+    /// Events for a partition deleted before they reached it: not written.
+    orphaned: AtomicU64,
 }
 
-/// Where a topic partition lives.
-#[derive(Debug, Clone, Copy)]
-struct Placement {
-    shard: u32,
-    ring: u32,
+/// Where a topic partition lives: its shard, and its ring's index there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) shard: u32,
+    pub(crate) ring: u32,
 }
 
-struct Shared {
-    shards: Vec<CachePadded<ShardShared>>,
-    /// placements[topic][partition]
-    placements: Vec<Vec<Placement>>,
-    /// readers[topic][partition]: reader slots in use, counted at housekeeping.
-    readers: Vec<Vec<AtomicU32>>,
+/// Where a topic came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicOrigin {
+    /// The configuration file.
+    Config,
+    /// Created at run time (the edge's admin API).
+    Runtime,
+}
+
+/// One topic as the engine holds it now.
+#[derive(Debug, Clone)]
+pub struct TopicState {
+    /// Name.
+    pub name: String,
+    /// Partitions now (they can grow, never shrink).
+    pub partitions: u32,
+    /// Slots per partition ring.
+    pub capacity: u64,
+    /// Its routing-key template.
+    pub template: RoutingTemplate,
+    /// Where it came from.
+    pub origin: TopicOrigin,
+    /// Deleted at run time: the index stays taken, never reused, so a route
+    /// to it is refused rather than landing in another topic.
+    pub deleted: bool,
+    pub(crate) placements: Vec<Placement>,
+    /// Reader slots in use per partition, counted at housekeeping.
+    pub(crate) readers: Vec<Arc<AtomicU32>>,
+}
+
+/// The node's topics, by topic index. Replaced as a whole when a topic is
+/// created, grown or deleted ([`crate::topics::TopicControl`]); every
+/// sender sees the change at its next event (one atomic load).
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// Every topic the node has had since start, by index.
+    pub topics: Vec<TopicState>,
+}
+
+impl Layout {
+    /// The index of a live topic by name.
+    pub fn index(&self, name: &str) -> Option<u32> {
+        self.topics
+            .iter()
+            .position(|t| !t.deleted && t.name == name)
+            .map(|i| i as u32)
+    }
+
+    /// A live topic by index.
+    pub fn topic(&self, index: u32) -> Option<&TopicState> {
+        self.topics.get(index as usize).filter(|t| !t.deleted)
+    }
+
+    /// Live topics with their indexes.
+    pub fn live(&self) -> impl Iterator<Item = (u32, &TopicState)> {
+        self.topics
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.deleted)
+            .map(|(i, t)| (i as u32, t))
+    }
+
+    #[inline]
+    pub(crate) fn placement(&self, topic: u32, partition: u32) -> Option<Placement> {
+        self.topic(topic)?
+            .placements
+            .get(partition as usize)
+            .copied()
+    }
+}
+
+/// A change to a shard's rings, applied between batches.
+pub(crate) enum ShardCommand {
+    /// Start writing a ring at index `ring`.
+    Add {
+        ring: u32,
+        slot: Box<RingSlot>,
+        done: std::sync::mpsc::Sender<()>,
+    },
+    /// Commit what is queued for ring `ring`, then close it (readers see
+    /// the end of the stream) and forget it.
+    Remove {
+        ring: u32,
+        done: std::sync::mpsc::Sender<()>,
+    },
+}
+
+/// A ring a shard writes.
+pub(crate) struct RingSlot {
+    pub(crate) topic: u32,
+    pub(crate) partition: u32,
+    pub(crate) writer: PartitionWriter,
+    pub(crate) readers: Arc<AtomicU32>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) shards: Vec<CachePadded<ShardShared>>,
+    /// Topics and where their partitions live.
+    pub(crate) layout: Arc<Versioned<Layout>>,
     completions: Mutex<Vec<Arc<ArrayQueue<Completion>>>>,
     sinks: OnceLock<Vec<Arc<ArrayQueue<Completion>>>>,
+}
+
+impl Shared {
+    /// Hands `cmd` to shard `shard` and wakes it.
+    pub(crate) fn command(&self, shard: u32, cmd: ShardCommand) {
+        let sh = &self.shards[shard as usize];
+        sh.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cmd);
+        sh.has_commands.store(true, Ordering::Release);
+        if let Some(t) = sh.thread.get() {
+            t.unpark();
+        }
+    }
 }
 
 /// Counters of the whole broker.
@@ -175,19 +290,25 @@ pub struct BrokerStats {
     pub reclaimed: u64,
     /// Events waiting in shard queues.
     pub queued: usize,
-    /// Per topic (configuration order): the most reader slots in use on any
-    /// of its partitions, as of the last housekeeping (a subscriber takes
-    /// one on each partition it reads).
-    pub readers: Vec<u32>,
+    /// Per live topic: its name and the most reader slots in use on any of
+    /// its partitions, as of the last housekeeping (a subscriber takes one
+    /// on each partition it reads).
+    pub readers: Vec<(String, u32)>,
     /// Completions a shard could not hand back to its source. Always 0
     /// unless there is a bug; logged as an error when it happens.
     pub lost_completions: u64,
+    /// Events sent along a route whose partition was deleted before they
+    /// reached it (the sender had not yet seen the deletion): not written,
+    /// logged, and for a source that acknowledges, never acknowledged (so
+    /// its upstream redelivers them).
+    pub orphaned: u64,
 }
 
 /// A running broker.
 pub struct Broker {
     shared: Arc<Shared>,
     resolver: Resolver,
+    control: Arc<crate::topics::TopicControl>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     node_dir: std::path::PathBuf,
@@ -208,12 +329,12 @@ impl Broker {
         check_space(config, &dir)?;
         let symbology = SymbologyWriter::open_with(&dir, config.node.symbology_capacity, modes)?;
         let n_shards = config.shards.count;
-        let mut rings: Vec<Vec<(u32, u32, PartitionWriter)>> =
-            (0..n_shards).map(|_| Vec::new()).collect();
-        let mut placements = Vec::new();
+        let mut rings: Vec<Vec<Option<RingSlot>>> = (0..n_shards).map(|_| Vec::new()).collect();
+        let mut topics = Vec::new();
         let mut next_shard = 0usize;
         for (ti, t) in config.topics.iter().enumerate() {
-            let mut ps = Vec::new();
+            let mut placements = Vec::new();
+            let mut readers = Vec::new();
             for p in 0..t.partitions {
                 let w = PartitionWriter::open(
                     &dir,
@@ -226,39 +347,34 @@ impl Broker {
                         modes,
                     },
                 )?;
-                tracing::info!(
-                    topic = %t.name,
-                    partition = p,
-                    ring = if w.created() { "created" } else { "resumed" },
-                    epoch = w.epoch(),
-                    next_seq = w.next_seq(),
-                    capacity = t.capacity,
-                    "ring open"
-                );
+                log_ring_open(&t.name, p, &w, t.capacity);
                 let shard = next_shard % n_shards;
                 next_shard += 1;
-                ps.push(Placement {
+                placements.push(Placement {
                     shard: shard as u32,
                     ring: rings[shard].len() as u32,
                 });
-                rings[shard].push((ti as u32, p, w));
+                let count = Arc::new(AtomicU32::new(0));
+                readers.push(count.clone());
+                rings[shard].push(Some(RingSlot {
+                    topic: ti as u32,
+                    partition: p,
+                    writer: w,
+                    readers: count,
+                }));
             }
-            placements.push(ps);
-        }
-        let topics: Vec<TopicRoute> = config
-            .topics
-            .iter()
-            .map(|t| TopicRoute {
+            topics.push(TopicState {
                 name: t.name.clone(),
                 partitions: t.partitions,
+                capacity: t.capacity,
                 template: t.routing_key.clone(),
-            })
-            .collect();
-        let readers = config
-            .topics
-            .iter()
-            .map(|t| (0..t.partitions).map(|_| AtomicU32::new(0)).collect())
-            .collect();
+                origin: TopicOrigin::Config,
+                deleted: false,
+                placements,
+                readers,
+            });
+        }
+        let layout = Arc::new(Versioned::new(Layout { topics }));
         let shared = Arc::new(Shared {
             shards: (0..n_shards)
                 .map(|_| {
@@ -268,14 +384,16 @@ impl Broker {
                         counters: CachePadded::new(ShardCounters::default()),
                         thread: OnceLock::new(),
                         latency: Mutex::new(new_histogram()),
+                        commands: Mutex::new(Vec::new()),
+                        has_commands: AtomicBool::new(false),
                     })
                 })
                 .collect(),
-            placements,
-            readers,
+            layout: layout.clone(),
             completions: Mutex::new(Vec::new()),
             sinks: OnceLock::new(),
         });
+        let ring_counts: Vec<u32> = rings.iter().map(|r| r.len() as u32).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (i, shard_rings) in rings.into_iter().enumerate() {
@@ -306,8 +424,16 @@ impl Broker {
             ingest_queue_bytes = config.queue_bytes(),
             "rings open"
         );
+        let control = Arc::new(crate::topics::TopicControl::new(
+            shared.clone(),
+            config,
+            modes,
+            ring_counts,
+            next_shard,
+        ));
         Ok(Broker {
-            resolver: Resolver::new(Arc::new(topics), Arc::new(Mutex::new(symbology))),
+            resolver: Resolver::new(layout.view(), Arc::new(Mutex::new(symbology))),
+            control,
             shared,
             stop,
             threads,
@@ -321,6 +447,11 @@ impl Broker {
     /// every source's sender consults per event.
     pub fn rules(&self) -> Arc<crate::rules::RuleTable> {
         self.rules.clone()
+    }
+
+    /// Creates, grows and deletes topics while the broker runs.
+    pub fn topics(&self) -> Arc<crate::topics::TopicControl> {
+        self.control.clone()
     }
 
     /// The node directory holding the rings.
@@ -370,6 +501,7 @@ impl Broker {
             s.untethered += c.untethered.load(Ordering::Relaxed);
             s.reclaimed += c.reclaimed.load(Ordering::Relaxed);
             s.lost_completions += c.lost_completions.load(Ordering::Relaxed);
+            s.orphaned += c.orphaned.load(Ordering::Relaxed);
             s.queued += sh.queue.len();
             if let Ok(l) = sh.latency.lock() {
                 let _ = h.add(&*l);
@@ -378,13 +510,17 @@ impl Broker {
         s.ingest_to_commit = Some(h);
         s.readers = self
             .shared
-            .readers
-            .iter()
-            .map(|ps| {
-                ps.iter()
+            .layout
+            .load()
+            .live()
+            .map(|(_, t)| {
+                let most = t
+                    .readers
+                    .iter()
                     .map(|r| r.load(Ordering::Relaxed))
                     .max()
-                    .unwrap_or(0)
+                    .unwrap_or(0);
+                (t.name.clone(), most)
             })
             .collect();
         s
@@ -451,23 +587,42 @@ fn pin_to(core: usize) -> Result<(), String> {
 /// Refuses to start when the node directory's file system cannot hold the
 /// rings and symbology that do not exist yet.
 fn check_space(config: &Config, dir: &std::path::Path) -> Result<(), BrokerError> {
-    use tickwire_proto::file::{partition_paths, readers_path};
     let mut need = 0u64;
     for t in &config.topics {
-        let ring = tickwire_proto::layout::HEADER_SIZE as u64 + t.capacity * SLOT_SIZE as u64;
-        for p in partition_paths(dir, &t.name, t.partitions) {
-            if !p.exists() {
-                need += ring;
-            }
-            if !readers_path(&p).exists() {
-                need += tickwire_proto::layout::READERS_FILE_SIZE as u64;
-            }
-        }
+        need += ring_bytes_missing(dir, &t.name, 0..t.partitions, t.capacity);
     }
     if !dir.join(tickwire_proto::symbology::SYMBOLOGY_FILE).exists() {
         need += tickwire_proto::symbology::SYMBOLOGY_HEADER as u64
             + config.node.symbology_capacity as u64 * tickwire_proto::symbology::ENTRY_SIZE as u64;
     }
+    check_free(dir, need)
+}
+
+/// Bytes the ring and reader files of `partitions` still need on disk.
+pub(crate) fn ring_bytes_missing(
+    dir: &std::path::Path,
+    topic: &str,
+    partitions: std::ops::Range<u32>,
+    capacity: u64,
+) -> u64 {
+    use tickwire_proto::file::{readers_path, ring_file_name};
+    let ring = tickwire_proto::layout::HEADER_SIZE as u64 + capacity * SLOT_SIZE as u64;
+    let mut need = 0;
+    for p in partitions {
+        let path = dir.join(ring_file_name(topic, p));
+        if !path.exists() {
+            need += ring;
+        }
+        if !readers_path(&path).exists() {
+            need += tickwire_proto::layout::READERS_FILE_SIZE as u64;
+        }
+    }
+    need
+}
+
+/// [`BrokerError::NoSpace`] when the file system of `dir` has less than
+/// `need` bytes free.
+pub(crate) fn check_free(dir: &std::path::Path, need: u64) -> Result<(), BrokerError> {
     if need == 0 {
         return Ok(());
     }
@@ -519,6 +674,19 @@ fn lost_completion(shared: &Shared, shard: usize, source: u32, c: &Completion, w
     );
 }
 
+/// Logs a ring opened for writing.
+pub(crate) fn log_ring_open(topic: &str, partition: u32, w: &PartitionWriter, capacity: u64) {
+    tracing::info!(
+        topic,
+        partition,
+        ring = if w.created() { "created" } else { "resumed" },
+        epoch = w.epoch(),
+        next_seq = w.next_seq(),
+        capacity,
+        "ring open"
+    );
+}
+
 fn new_histogram() -> Histogram<u64> {
     // 1 ns .. 60 s at 3 significant digits; these bounds are valid.
     Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| unreachable!())
@@ -564,12 +732,7 @@ impl Ingest {
         let kind =
             tickwire_proto::Kind::from_code(body.kind).unwrap_or(tickwire_proto::Kind::Trade);
         let partition = route.partition(kind);
-        let Some(place) = self
-            .shared
-            .placements
-            .get(route.topic as usize)
-            .and_then(|p| p.get(partition as usize))
-        else {
+        let Some(place) = self.resolver.placement(route.topic, partition) else {
             return Err(SendError::UnknownRoute {
                 topic: route.topic,
                 partition,
@@ -625,7 +788,8 @@ impl Ingest {
 struct Shard {
     index: usize,
     shared: Arc<Shared>,
-    rings: Vec<(u32, u32, PartitionWriter)>,
+    /// By ring index; `None` for a ring removed (its topic deleted).
+    rings: Vec<Option<RingSlot>>,
     dirty: Vec<bool>,
     stop: Arc<AtomicBool>,
     idle: IdleStrategy,
@@ -644,7 +808,7 @@ impl Shard {
     fn new(
         index: usize,
         shared: Arc<Shared>,
-        rings: Vec<(u32, u32, PartitionWriter)>,
+        rings: Vec<Option<RingSlot>>,
         c: &Config,
         stop: Arc<AtomicBool>,
     ) -> Shard {
@@ -688,6 +852,9 @@ impl Shard {
                 idle = idle.saturating_add(1);
                 self.idle_wait(idle);
             }
+            if me.has_commands.load(Ordering::Acquire) {
+                self.apply_commands();
+            }
             // The clock is read after a batch, every 64th empty poll while
             // spinning or yielding, and after every park.
             let parking = idle >= self.spin_iterations + self.yield_iterations;
@@ -698,7 +865,47 @@ impl Shard {
                 self.housekeeping(&mut hist);
             }
         }
+        self.apply_commands();
         self.housekeeping(&mut hist);
+    }
+
+    /// Applies queued ring changes. Before a ring is removed, every job
+    /// queued so far is committed: senders stopped routing to it before the
+    /// removal was sent, so nothing meant for it comes after.
+    fn apply_commands(&mut self) {
+        let shared = self.shared.clone();
+        let me = &shared.shards[self.index];
+        me.has_commands.store(false, Ordering::Release);
+        let cmds = std::mem::take(&mut *me.commands.lock().unwrap_or_else(|p| p.into_inner()));
+        for cmd in cmds {
+            match cmd {
+                ShardCommand::Add { ring, slot, done } => {
+                    let i = ring as usize;
+                    if self.rings.len() <= i {
+                        self.rings.resize_with(i + 1, || None);
+                        self.dirty.resize(i + 1, false);
+                        self.readers.resize(i + 1, 0);
+                    }
+                    self.rings[i] = Some(*slot);
+                    let _ = done.send(());
+                }
+                ShardCommand::Remove { ring, done } => {
+                    let mut left = me.queue.len();
+                    while left > 0 {
+                        let n = self.batch();
+                        if n == 0 {
+                            break;
+                        }
+                        left = left.saturating_sub(n);
+                    }
+                    // Dropping the writer marks the end of the stream.
+                    if let Some(slot) = self.rings.get_mut(ring as usize).and_then(Option::take) {
+                        slot.readers.store(0, Ordering::Relaxed);
+                    }
+                    let _ = done.send(());
+                }
+            }
+        }
     }
 
     /// Drains up to `batch_max` jobs, commits them, flushes the rings they
@@ -715,16 +922,18 @@ impl Shard {
                 && self
                     .rings
                     .get(job.ring as usize)
-                    .is_some_and(|(_, _, r)| r.at_gate())
+                    .and_then(Option::as_ref)
+                    .is_some_and(|r| r.writer.at_gate())
             {
                 // The writer may wait for a tethered reader: what is
                 // committed so far is acknowledged first, not held.
                 self.finish_batch();
             }
-            let Some((topic, partition, ring)) = self.rings.get_mut(job.ring as usize) else {
+            let Some(Some(slot)) = self.rings.get_mut(job.ring as usize) else {
+                self.orphan(&job);
                 continue;
             };
-            let seq = ring.publish(&job.body);
+            let seq = slot.writer.publish(&job.body);
             self.dirty[job.ring as usize] = true;
             self.batch_ingest.push(job.ingest_ns);
             if let Some((source, token)) = job.ack {
@@ -733,8 +942,8 @@ impl Shard {
                     job.ring,
                     Completion {
                         token,
-                        topic: *topic,
-                        partition: *partition,
+                        topic: slot.topic,
+                        partition: slot.partition,
                         epoch: 0,
                         seq,
                         readers: 0,
@@ -753,12 +962,29 @@ impl Shard {
         n
     }
 
+    /// A job for a ring removed before it got there: its sender routed it
+    /// before it saw the topic's deletion. Not written; not acknowledged.
+    #[cold]
+    fn orphan(&self, job: &Job) {
+        let c = &self.shared.shards[self.index].counters;
+        if c.orphaned.fetch_add(1, Ordering::Relaxed) == 0 || job.ack.is_some() {
+            tracing::warn!(
+                shard = self.index,
+                ring = job.ring,
+                acknowledged_by_source = job.ack.is_some(),
+                "an event reached a partition deleted after it was routed: not written (a source that acknowledges gets no completion, so its upstream redelivers it)"
+            );
+        }
+    }
+
     /// Flushes the rings this batch touched and hands back the completions
     /// of what it committed.
     fn finish_batch(&mut self) {
         for (i, d) in self.dirty.iter_mut().enumerate() {
-            if std::mem::take(d) {
-                self.rings[i].2.flush();
+            if std::mem::take(d)
+                && let Some(Some(slot)) = self.rings.get_mut(i)
+            {
+                slot.writer.flush();
             }
         }
         if !self.batch_acks.is_empty() {
@@ -799,8 +1025,8 @@ impl Shard {
                         }
                     }
                 };
-                if let Some((_, _, w)) = self.rings.get(ring as usize) {
-                    c.epoch = w.epoch();
+                if let Some(Some(slot)) = self.rings.get(ring as usize) {
+                    c.epoch = slot.writer.epoch();
                     c.readers = self.readers.get(ring as usize).copied().unwrap_or(0);
                 }
                 // Cannot be full: a source has at most `capacity` acks in
@@ -830,7 +1056,10 @@ impl Shard {
                 } else {
                     // SeqCst: pairs with the producer's SeqCst load in `try_send`.
                     me.parked.store(true, Ordering::SeqCst);
-                    if me.queue.is_empty() && !self.stop.load(Ordering::Acquire) {
+                    if me.queue.is_empty()
+                        && !self.stop.load(Ordering::Acquire)
+                        && !me.has_commands.load(Ordering::Acquire)
+                    {
                         std::thread::park_timeout(self.park_timeout);
                     }
                     me.parked.store(false, Ordering::Relaxed);
@@ -842,17 +1071,12 @@ impl Shard {
     fn housekeeping(&mut self, hist: &mut Histogram<u64>) {
         let me = &self.shared.shards[self.index];
         let (mut gate_waits, mut untethered, mut reclaimed) = (0, 0, 0);
-        for (i, (topic, partition, w)) in self.rings.iter_mut().enumerate() {
+        for (i, slot) in self.rings.iter_mut().enumerate() {
+            let Some(slot) = slot else { continue };
+            let w = &mut slot.writer;
             w.reclaim_dead();
             self.readers[i] = w.live_readers();
-            if let Some(r) = self
-                .shared
-                .readers
-                .get(*topic as usize)
-                .and_then(|t| t.get(*partition as usize))
-            {
-                r.store(self.readers[i], Ordering::Relaxed);
-            }
+            slot.readers.store(self.readers[i], Ordering::Relaxed);
             let s = w.core().stats();
             gate_waits += s.gate_waits;
             untethered += s.untethered;

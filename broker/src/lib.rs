@@ -19,3 +19,5 @@ pub mod router;
 pub mod rules;
 pub mod synthetic;
 pub mod tail;
+pub mod topics;
+pub mod versioned;

@@ -152,7 +152,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
             }
         }
         if !interval.is_zero() && window.elapsed() >= interval {
-            window.log(&broker, &cfg);
+            window.log(&broker);
             if let Some(b) = &bridge {
                 log_bridge(&b.stats, "pulsar bridge");
             }
@@ -268,7 +268,7 @@ impl StatsWindow {
         self.since.elapsed()
     }
 
-    fn log(&mut self, broker: &Broker, cfg: &Config) {
+    fn log(&mut self, broker: &Broker) {
         let s = broker.stats();
         let secs = self.since.elapsed().as_secs_f64().max(1e-9);
         let interval_events = s.events.saturating_sub(self.events);
@@ -280,12 +280,7 @@ impl StatsWindow {
         let (p50, p99, max) = interval.as_ref().map_or((0, 0, 0), |h| {
             (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
         });
-        let readers: Vec<String> = cfg
-            .topics
-            .iter()
-            .zip(&s.readers)
-            .map(|(t, r)| format!("{}={r}", t.name))
-            .collect();
+        let readers: Vec<String> = s.readers.iter().map(|(t, r)| format!("{t}={r}")).collect();
         tracing::info!(
             events = s.events,
             interval_secs = format!("{secs:.1}"),

@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 use tickwire_proto::Kind;
 use tickwire_proto::symbology::{Instrument, SymbologyWriter};
 
+use crate::engine::{Layout, Placement};
+use crate::versioned::View;
+
 /// A parsed routing-key template such as `{symbol}.{exchange}.{kind}`.
 /// In the configuration it is a string, parsed once when the file is read.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -161,17 +164,12 @@ impl Route {
     }
 }
 
-pub(crate) struct TopicRoute {
-    pub name: String,
-    pub partitions: u32,
-    pub template: RoutingTemplate,
-}
-
-/// Resolves instruments and routing keys. Clones share the symbology
-/// writer (the one writer of the table, behind a mutex taken only for
-/// instruments this clone has not seen) and keep their own cache.
+/// Resolves instruments and routing keys against the node's topics as they
+/// are now. Clones share the symbology writer (the one writer of the table,
+/// behind a mutex taken only for instruments this clone has not seen) and
+/// keep their own cache, emptied when the topics change.
 pub struct Resolver {
-    topics: Arc<Vec<TopicRoute>>,
+    layout: View<Layout>,
     symbology: Arc<Mutex<SymbologyWriter>>,
     // symbol -> [(exchange, currency, route)]: looked up by &str, no
     // allocation once an instrument is known.
@@ -181,7 +179,7 @@ pub struct Resolver {
 impl Clone for Resolver {
     fn clone(&self) -> Self {
         Resolver {
-            topics: self.topics.clone(),
+            layout: self.layout.clone(),
             symbology: self.symbology.clone(),
             cache: HashMap::new(),
         }
@@ -189,30 +187,48 @@ impl Clone for Resolver {
 }
 
 impl Resolver {
-    pub(crate) fn new(
-        topics: Arc<Vec<TopicRoute>>,
-        symbology: Arc<Mutex<SymbologyWriter>>,
-    ) -> Self {
+    pub(crate) fn new(layout: View<Layout>, symbology: Arc<Mutex<SymbologyWriter>>) -> Self {
         Resolver {
-            topics,
+            layout,
             symbology,
             cache: HashMap::new(),
         }
     }
 
-    /// The index of a topic by name.
-    pub fn topic(&self, name: &str) -> Option<u32> {
-        self.topics
-            .iter()
-            .position(|t| t.name == name)
-            .map(|i| i as u32)
+    /// Takes the newest topics; cached routes go when they change (a topic
+    /// that grew routes keys over more partitions).
+    #[inline]
+    fn refresh(&mut self) {
+        if self.layout.refresh() {
+            self.cache.clear();
+        }
+    }
+
+    /// The index of a live topic by name.
+    pub fn topic(&mut self, name: &str) -> Option<u32> {
+        self.refresh();
+        self.layout.get().index(name)
+    }
+
+    /// A live topic's partition count now.
+    pub fn partitions(&mut self, topic: u32) -> Option<u32> {
+        self.refresh();
+        self.layout.get().topic(topic).map(|t| t.partitions)
+    }
+
+    #[inline]
+    pub(crate) fn placement(&mut self, topic: u32, partition: u32) -> Option<Placement> {
+        self.refresh();
+        self.layout.get().placement(topic, partition)
     }
 
     /// The routing key an event of `inst` and `kind` has on a topic, with
     /// that topic's template (None for an unknown topic index).
-    pub fn routing_key(&self, topic: u32, inst: &Instrument, kind: Kind) -> Option<String> {
-        self.topics
-            .get(topic as usize)
+    pub fn routing_key(&mut self, topic: u32, inst: &Instrument, kind: Kind) -> Option<String> {
+        self.refresh();
+        self.layout
+            .get()
+            .topic(topic)
             .map(|t| t.template.render(inst, kind))
     }
 
@@ -220,17 +236,25 @@ impl Resolver {
     /// first time.
     ///
     /// # Errors
-    /// Invalid names, a full symbology table, an unknown topic index.
+    /// Invalid names, a full symbology table, a topic index that is not a
+    /// live topic (never configured, or deleted).
     pub fn route(&mut self, topic: u32, inst: &Instrument) -> Result<Route, tickwire_proto::Error> {
+        self.refresh();
         if let Some(r) = self.cached(topic, &inst.symbol, &inst.exchange, &inst.currency) {
             return Ok(r);
         }
-        let Some(t) = self.topics.get(topic as usize) else {
+        let Some(t) = self.layout.get().topic(topic) else {
             return Err(tickwire_proto::Error::Invalid {
                 what: "topic",
-                why: format!("index {topic} is not configured"),
+                why: format!(
+                    "index {topic} is not a topic of this node (never created, or deleted)"
+                ),
             });
         };
+        let partitions = [
+            t.template.partition(inst, Kind::Trade, t.partitions),
+            t.template.partition(inst, Kind::Quote, t.partitions),
+        ];
         inst.validate()?;
         let id = {
             let mut s = self.symbology.lock().unwrap_or_else(|p| p.into_inner());
@@ -239,10 +263,7 @@ impl Resolver {
         let route = Route {
             topic,
             instrument_id: id,
-            partitions: [
-                t.template.partition(inst, Kind::Trade, t.partitions),
-                t.template.partition(inst, Kind::Quote, t.partitions),
-            ],
+            partitions,
         };
         self.cache.entry(inst.symbol.clone()).or_default().push((
             inst.exchange.clone(),
@@ -254,13 +275,7 @@ impl Resolver {
 
     /// The route of an instrument seen before, without allocating.
     #[inline]
-    pub fn cached(
-        &self,
-        topic: u32,
-        symbol: &str,
-        exchange: &str,
-        currency: &str,
-    ) -> Option<Route> {
+    fn cached(&self, topic: u32, symbol: &str, exchange: &str, currency: &str) -> Option<Route> {
         self.cache
             .get(symbol)?
             .iter()

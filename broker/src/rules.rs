@@ -14,8 +14,7 @@
 //! senders look at a version number per event (one atomic load) and take
 //! the new set when it changed, so a change applies to the next event.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tickwire_proto::Kind;
 use tickwire_proto::symbology::Instrument;
@@ -71,7 +70,6 @@ struct Rule {
     priority: i64,
     pattern: Vec<u8>,
     target: u32,
-    partitions: u32,
     template: Option<RoutingTemplate>,
     symbols: Vec<String>,
     exchanges: Vec<String>,
@@ -116,9 +114,8 @@ fn any_or(list: &[String], v: &str) -> bool {
 }
 
 impl RuleSet {
-    /// Compiles `specs` against the broker's topics (`topics`: name and
-    /// partitions, in configuration order); disabled rules are checked too,
-    /// then left out.
+    /// Compiles `specs` against the broker's live topics (`topics`: name
+    /// and topic index); disabled rules are checked too, then left out.
     ///
     /// # Errors
     /// The first bad rule: `rules[i].<field>` and why.
@@ -135,7 +132,7 @@ impl RuleSet {
                     "a pattern of 1 to 200 bytes is required",
                 ));
             }
-            let Some(target) = topics.iter().position(|t| t.0 == s.target_topic) else {
+            let Some(target) = topics.iter().find(|t| t.0 == s.target_topic).map(|t| t.1) else {
                 return Err(err(
                     &f("target_topic"),
                     format!("{:?} is not one of this node's topics", s.target_topic),
@@ -167,8 +164,7 @@ impl RuleSet {
                     name: s.name.clone(),
                     priority: s.priority,
                     pattern: s.source_pattern.as_bytes().to_vec(),
-                    target: target as u32,
-                    partitions: topics[target].1,
+                    target,
                     template,
                     symbols: s.symbols.clone(),
                     exchanges: s.exchanges.clone(),
@@ -198,51 +194,40 @@ impl RuleSet {
     }
 }
 
-/// The node's current rule set, replaced as a whole.
-#[derive(Debug, Default)]
-pub struct RuleTable {
-    version: AtomicU64,
-    set: Mutex<Arc<RuleSet>>,
-}
+/// The node's current rule set, replaced as a whole
+/// ([`Versioned::replace`](crate::versioned::Versioned::replace)).
+pub type RuleTable = crate::versioned::Versioned<RuleSet>;
 
 impl RuleTable {
-    /// Installs a new set; senders take it with their next event.
-    pub fn replace(&self, set: RuleSet) {
-        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        self.version.fetch_add(1, Ordering::Release);
-    }
-
-    /// A sender's view of the table.
+    /// A sender's view of the table; it reports a change at once, so a
+    /// sender routes what it set up before under the rules in force.
     pub fn reader(self: &Arc<Self>) -> RuleReader {
-        RuleReader {
-            table: self.clone(),
-            seen: u64::MAX,
-            set: Arc::new(RuleSet::default()),
-        }
+        let mut view = self.view();
+        view.mark_stale();
+        RuleReader { view }
     }
 }
 
 /// What a sender holds: the set it last took and its version.
 #[derive(Debug)]
 pub struct RuleReader {
-    table: Arc<RuleTable>,
-    seen: u64,
-    set: Arc<RuleSet>,
+    view: crate::versioned::View<RuleSet>,
 }
 
 impl RuleReader {
     /// Whether the table changed since this reader last routed.
     #[inline]
     pub fn changed(&self) -> bool {
-        self.table.version.load(Ordering::Acquire) != self.seen
+        self.view.changed()
     }
 
     /// The route of an event of `inst` and `kind` from `source`: the first
-    /// matching rule's target (and template), else `default_topic` with its
-    /// own template.
+    /// matching rule's target (and template, over the target's partitions
+    /// as they are now), else `default_topic` with its own template.
     ///
     /// # Errors
-    /// The instrument is invalid or the symbology table is full.
+    /// The instrument is invalid, the symbology table is full, or the
+    /// target topic was deleted.
     pub fn route(
         &mut self,
         resolver: &mut Resolver,
@@ -251,24 +236,16 @@ impl RuleReader {
         inst: &Instrument,
         kind: Kind,
     ) -> Result<Route, tickwire_proto::Error> {
-        let v = self.table.version.load(Ordering::Acquire);
-        if v != self.seen {
-            self.set = self
-                .table
-                .set
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            self.seen = v;
-        }
-        let Some(rule) = self.set.find(source, inst, kind) else {
+        self.view.refresh();
+        let Some(rule) = self.view.get().find(source, inst, kind) else {
             return resolver.route(default_topic, inst);
         };
         let mut route = resolver.route(rule.target, inst)?;
         if let Some(t) = &rule.template {
+            let partitions = resolver.partitions(rule.target).unwrap_or(1);
             route.partitions = [
-                t.partition(inst, Kind::Trade, rule.partitions),
-                t.partition(inst, Kind::Quote, rule.partitions),
+                t.partition(inst, Kind::Trade, partitions),
+                t.partition(inst, Kind::Quote, partitions),
             ];
         }
         Ok(route)
@@ -280,7 +257,7 @@ mod tests {
     use super::*;
 
     fn topics() -> Vec<(String, u32)> {
-        vec![("a".into(), 4), ("b".into(), 2)]
+        vec![("a".into(), 0), ("b".into(), 1)]
     }
 
     fn rule(name: &str, pattern: &str, target: &str, priority: i64) -> RuleSpec {

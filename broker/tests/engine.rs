@@ -315,19 +315,27 @@ fn a_second_broker_on_the_same_node_directory_is_refused() {
 }
 
 #[test]
-fn a_changed_partition_count_is_refused_with_both_counts() {
+fn a_shrunk_partition_count_is_refused_with_both_counts_and_growth_is_taken() {
     let dir = tempfile::tempdir().expect("tempdir");
-    Broker::start(&config(dir.path(), 2, 1))
+    Broker::start(&config(dir.path(), 3, 1))
         .expect("broker")
         .shutdown();
-    let err = Broker::start(&config(dir.path(), 3, 1))
+    let err = Broker::start(&config(dir.path(), 2, 1))
         .err()
         .expect("refused");
     assert!(
         err.to_string()
-            .contains("partition count is 2 on disk but 3 was requested"),
+            .contains("partition count is 3 on disk but 2 was requested"),
         "{err}"
     );
+    // Growing in the configuration is growing the topic: readers see 4.
+    let broker = Broker::start(&config(dir.path(), 4, 1)).expect("grown");
+    let sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .open()
+        .expect("subscriber");
+    assert_eq!(sub.partitions(), [0, 1, 2, 3]);
+    broker.shutdown();
 }
 
 /// One poll; every tick must follow the last sequence seen on its
@@ -491,6 +499,167 @@ fn routing_rules_move_matching_events_from_the_next_one_on_for_pulsar_and_synthe
         main_after.iter().filter(|s| *s == "MSFT").count(),
         1,
         "no MSFT from the feed in the configured topic (the one is the bridge's)"
+    );
+    broker.shutdown();
+}
+
+fn instrument(symbol: &str) -> Instrument {
+    Instrument {
+        symbol: symbol.into(),
+        exchange: "XNAS".into(),
+        currency: "USD".into(),
+        size_decimals: 0,
+    }
+}
+
+/// Reads until `want` ticks arrived (or 10 s passed), checking each
+/// partition's sequences are contiguous; returns the ticks per partition
+/// and every other event seen.
+fn read_ticks(
+    sub: &mut Subscriber,
+    want: usize,
+    last: &mut HashMap<u32, u64>,
+) -> (HashMap<u32, usize>, Vec<String>) {
+    let mut per = HashMap::new();
+    let mut other = Vec::new();
+    let mut n = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while n < want && std::time::Instant::now() < deadline {
+        match sub.recv_timeout(Duration::from_millis(50)) {
+            Some(Event::Tick(t)) => {
+                if let Some(prev) = last.insert(t.partition, t.seq) {
+                    assert_eq!(t.seq, prev + 1, "partition {} in order", t.partition);
+                }
+                *per.entry(t.partition).or_insert(0) += 1;
+                n += 1;
+            }
+            Some(e) => other.push(format!("{e:?}")),
+            None => {}
+        }
+    }
+    assert_eq!(n, want, "every event sent arrived ({per:?}, {other:?})");
+    (per, other)
+}
+
+#[test]
+fn a_topic_created_grown_and_deleted_at_run_time_is_written_read_and_removed() {
+    use tickwire_broker::topics::{TopicError, TopicSpec};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&config(dir.path(), 2, 2)).expect("broker");
+    let topics = broker.topics();
+    let mut ingest = broker.ingest(4096);
+    let mut done = Vec::new();
+    assert!(ingest.resolver().topic("rt/new").is_none());
+
+    let spec = TopicSpec {
+        name: "rt/new".into(),
+        partitions: 2,
+        capacity: Some(1 << 12),
+        template: None,
+    };
+    let info = topics.create(&spec).expect("created");
+    assert_eq!((info.partitions, info.capacity), (2, 1 << 12));
+    assert!(matches!(topics.create(&spec), Err(TopicError::Exists(_))));
+    let mut sub = Subscriber::builder("rt/new")
+        .node_dir(dir.path())
+        .start(Start::Earliest)
+        .open()
+        .expect("the new topic's rings are there");
+    let topic = ingest.resolver().topic("rt/new").expect("routable at once");
+    let symbols: Vec<String> = (0..64).map(|i| format!("S{i}")).collect();
+    let mut token = 0;
+    let mut send_all = |ingest: &mut Ingest, done: &mut Vec<Completion>| {
+        for s in &symbols {
+            let route = ingest
+                .resolver()
+                .route(topic, &instrument(s))
+                .expect("route");
+            token += 1;
+            send(ingest, &route, &FrameBody::default(), token, done);
+        }
+    };
+    send_all(&mut ingest, &mut done);
+    let mut last = HashMap::new();
+    let (per, _) = read_ticks(&mut sub, 64, &mut last);
+    assert_eq!(per.len(), 2, "both partitions written: {per:?}");
+
+    // Growing: the open subscriber takes on partitions 2 and 3, keys hash
+    // over 4 from the next event, and nothing is lost.
+    let e = topics.grow("rt/new", 1).expect_err("shrink");
+    assert!(e.to_string().contains("never shrink"), "{e}");
+    assert_eq!(topics.grow("rt/new", 4).expect("grown").partitions, 4);
+    assert_eq!(ingest.resolver().partitions(topic), Some(4));
+    send_all(&mut ingest, &mut done);
+    let (per, other) = read_ticks(&mut sub, 64, &mut last);
+    assert_eq!(
+        per.keys().copied().max(),
+        Some(3),
+        "the new partitions are written and read: {per:?}"
+    );
+    assert_eq!(
+        other
+            .iter()
+            .filter(|e| e.contains("PartitionAdded"))
+            .count(),
+        2,
+        "{other:?}"
+    );
+    let fresh = Subscriber::builder("rt/new")
+        .node_dir(dir.path())
+        .open()
+        .expect("subscriber");
+    assert_eq!(fresh.partitions(), [0, 1, 2, 3]);
+    drop(fresh);
+    ingest.drain_completions(|c| done.push(c));
+
+    // Deleting: routing stops at once, readers see the end and the removal,
+    // the files go, and nothing in flight was orphaned.
+    let old_route = ingest
+        .resolver()
+        .route(topic, &instrument("S1"))
+        .expect("route");
+    topics.delete("rt/new").expect("deleted");
+    assert!(ingest.resolver().topic("rt/new").is_none());
+    assert!(matches!(
+        ingest.try_send(&old_route, &FrameBody::default(), None),
+        Err(SendError::UnknownRoute { .. })
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut removed = false;
+    while !removed && std::time::Instant::now() < deadline {
+        if let Some(Event::Replaced { removed: r, .. }) =
+            sub.recv_timeout(Duration::from_millis(50))
+        {
+            removed = r;
+        }
+    }
+    assert!(removed, "the reader was told the rings were removed");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("rt"))
+        .collect();
+    assert!(left.is_empty(), "no files of the deleted topic: {left:?}");
+    assert!(matches!(
+        topics.delete("rt/new"),
+        Err(TopicError::NotFound(_))
+    ));
+    // The name can be used again, from sequence 0.
+    topics.create(&spec).expect("created again");
+    let again = ingest.resolver().topic("rt/new").expect("routable");
+    assert_ne!(again, topic, "a topic index is never reused");
+    ingest.drain_completions(|c| done.push(c));
+    assert_eq!(done.len(), 128, "a completion for every event sent");
+    let stats = broker.stats();
+    assert_eq!((stats.orphaned, stats.lost_completions), (0, 0));
+    assert_eq!(
+        stats
+            .readers
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .collect::<Vec<_>>(),
+        [TOPIC, "rt/new"]
     );
     broker.shutdown();
 }

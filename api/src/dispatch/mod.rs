@@ -288,6 +288,16 @@ impl Hub {
         self.handle(topic).map(|(_, s)| s)
     }
 
+    /// Forgets a topic's dispatcher (its topic was deleted): the next
+    /// request for the name opens its rings anew. The old dispatcher ends
+    /// its streams when it sees the rings removed.
+    pub fn forget(&self, topic: &str) {
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(topic);
+    }
+
     /// Dispatchers running now.
     pub fn running(&self) -> Vec<Arc<TopicShared>> {
         let t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
@@ -608,6 +618,7 @@ impl Dispatcher {
 
     fn run(mut self, cancel: CancellationToken) {
         let mut last_publish = Instant::now();
+        let mut last_check = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 self.st.close_all(Closed::Shutdown);
@@ -627,7 +638,8 @@ impl Dispatcher {
                     from,
                     to,
                 } => st.on_gap(partition, from, to),
-                Event::Reopened { partition, epoch } => {
+                Event::Reopened { partition, epoch }
+                | Event::PartitionAdded { partition, epoch } => {
                     st.epochs.insert(partition, epoch);
                 }
                 Event::Replaced { removed, .. } => gone = Some(removed),
@@ -650,7 +662,13 @@ impl Dispatcher {
                 last_publish = Instant::now();
             }
             if n == 0 && !self.st.catching_up() {
+                // Looks at the writers and for new partitions every 100 ms.
                 self.reader.wait_for_data(Duration::from_millis(1));
+            } else if last_check.elapsed() >= Duration::from_millis(100) {
+                // Busy: the same look, or a deleted or grown topic would go
+                // unnoticed while events flow.
+                self.reader.check_writers();
+                last_check = Instant::now();
             }
         }
         self.st.publish();

@@ -33,6 +33,14 @@ fn admit<T>(
     Ok((r, topic))
 }
 
+/// A change to a topic names it: the default topic is never implied.
+fn named(topic: &str) -> Result<(), Status> {
+    if topic.is_empty() {
+        return Err(ApiError::invalid("topic", "required: name the topic to change").into());
+    }
+    Ok(())
+}
+
 /// The `MarketDataStream` service.
 pub struct StreamService {
     state: Arc<EdgeState>,
@@ -164,16 +172,31 @@ impl pb::topic_manager_server::TopicManager for TopicService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
-        let (_, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
-        Err(crate::admin::create_topic_unsupported(&topic).into())
+        let (r, _) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
+        Ok(Response::new(
+            crate::admin::create_topic(&self.state, r).await?,
+        ))
+    }
+
+    async fn update_topic(
+        &self,
+        request: Request<pb::UpdateTopicRequest>,
+    ) -> Result<Response<pb::TopicInfo>, Status> {
+        let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
+        named(&r.topic)?;
+        Ok(Response::new(
+            crate::admin::grow_topic(&self.state, &topic, r.partitions).await?,
+        ))
     }
 
     async fn delete_topic(
         &self,
         request: Request<pb::TopicRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let (_, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
-        Err(crate::admin::delete_topic_unsupported(&topic).into())
+        let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Admin)?;
+        named(&r.topic)?;
+        crate::admin::delete_topic(&self.state, &topic).await?;
+        Ok(Response::new(pb::DeleteResponse { deleted: true }))
     }
 
     async fn get_topic_stats(
