@@ -396,6 +396,12 @@ fn json_body<T: serde::de::DeserializeOwned>(
     r: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, ApiError> {
     r.map(|Json(v)| v).map_err(|e| {
+        if let axum::extract::rejection::JsonRejection::MissingJsonContentType(_) = e {
+            return ApiError::invalid(
+                "content-type",
+                "the body must be JSON, sent with content-type: application/json",
+            );
+        }
         let text = e.body_text();
         let field = text
             .split('`')

@@ -432,7 +432,7 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         while !stop.is_cancelled() && a.count.is_none_or(|c| printed < c) {
             let want = a.count.map_or(1024, |c| (c - printed).min(1024) as usize);
             let mut written = Ok(());
-            let mut replaced = false;
+            let mut replaced = None;
             let n = sub.poll(want, |e| {
                 match &e {
                     Event::Tick(t) => {
@@ -445,7 +445,7 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
                             );
                         }
                     }
-                    Event::Replaced { .. } => replaced = true,
+                    Event::Replaced { removed, .. } => replaced = Some(*removed),
                     _ => {}
                 }
                 if written.is_ok() {
@@ -453,11 +453,16 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
                 }
             });
             written?;
-            if replaced {
+            if let Some(removed) = replaced {
                 out.flush()?;
+                let what = if removed {
+                    "were removed (the topic was deleted); waiting for it to be created again, then following it"
+                } else {
+                    "were replaced; following the new ones"
+                };
                 let _ = writeln!(
                     std::io::stderr(),
-                    "tickwire tail: the rings of {} in {} were replaced; following the new ones from their start",
+                    "tickwire tail: the rings of {} in {} {what} from their start",
                     a.topic,
                     dir.display()
                 );
