@@ -500,9 +500,19 @@ impl Edge {
         let routes = grpc_routes(state.clone()).map_err(StartError::Config)?;
         let c = cancel.clone();
         let grpc_task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            // The server's own `tcp_nodelay` applies only to listeners it
+            // binds itself: set it on each accepted connection.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                |conn| {
+                    conn.inspect(|tcp| {
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY not set on a gRPC connection");
+                        }
+                    })
+                },
+            );
             let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
                 .await;
@@ -513,6 +523,13 @@ impl Edge {
         let app = rest::router(state.clone());
         let c = cancel.clone();
         let http_task = tokio::spawn(async move {
+            // Nagle off, as on the gRPC listener: a WebSocket frame or a
+            // response goes out when written, not after the last one's ACK.
+            let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set on an HTTP connection");
+                }
+            });
             let r = axum::serve(http, app)
                 .with_graceful_shutdown(c.cancelled_owned())
                 .await;

@@ -294,8 +294,12 @@ impl TwServer {
         cfg.shards.count = 1;
         cfg.shards.pin = true;
         cfg.shards.cores = vec![b.server_core];
-        // The shard shares core 0 with the dispatcher and the edge.
+        // The shard shares core 0 with the dispatcher and the edge: it
+        // parks after a short spin instead of spinning and yielding the
+        // core away from them (at 100k/s that alone is ~0.7 ms of p50).
         cfg.shards.idle = IdleStrategy::Adaptive;
+        cfg.shards.spin_iterations = 64;
+        cfg.shards.yield_iterations = 0;
         cfg.topics = vec![TopicConfig {
             name: TOPIC.into(),
             partitions: 1,
@@ -504,10 +508,14 @@ impl PlainServer {
                         batch,
                     });
                 tokio::spawn(async move {
+                    // As the edge does: Nagle off on each accepted connection.
+                    let incoming = tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(gl),
+                        |c| c.inspect(|t| drop(t.set_nodelay(true))),
+                    );
                     let _ = tonic::transport::Server::builder()
-                        .tcp_nodelay(true)
                         .add_service(svc)
-                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(gl))
+                        .serve_with_incoming(incoming)
                         .await;
                 });
                 let ws_batch = Arc::new(ws_batch);
@@ -547,6 +555,9 @@ impl PlainServer {
                         }),
                     );
                 tokio::spawn(async move {
+                    let hl = axum::serve::ListenerExt::tap_io(hl, |tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     let _ = axum::serve(hl, app).await;
                 });
                 Ok::<_, std::io::Error>((ga, ha))

@@ -539,6 +539,9 @@ impl LiveSub {
     }
 }
 
+/// How often a dispatcher merges its latency histogram into the shared one.
+const HIST_EVERY: Duration = Duration::from_millis(10);
+
 struct Dispatcher {
     reader: Subscriber,
     rx: Receiver<Control>,
@@ -567,6 +570,10 @@ struct State {
     json: Vec<u8>,
     now_ns: u64,
     hist: Histogram<u64>,
+    /// When `hist` was last merged into the shared one: merging scans and
+    /// clears every bucket (tens of microseconds), so it is done at most
+    /// every [`HIST_EVERY`], not per wake.
+    hist_merged: Instant,
     events: u64,
     delivered: u64,
     dropped: u64,
@@ -607,6 +614,7 @@ impl Dispatcher {
                 json: Vec::with_capacity(1024),
                 now_ns: realtime_ns(),
                 hist: histogram(),
+                hist_merged: Instant::now(),
                 events: 0,
                 delivered: 0,
                 dropped: 0,
@@ -671,6 +679,7 @@ impl Dispatcher {
                 last_check = Instant::now();
             }
         }
+        self.st.hist_merged = Instant::now() - HIST_EVERY;
         self.st.publish();
         self.st.shared.stopped.store(true, Ordering::Release);
     }
@@ -943,9 +952,12 @@ impl State {
         self.shared
             .dropped
             .fetch_add(std::mem::take(&mut self.dropped), Ordering::Relaxed);
-        if let Ok(mut h) = self.shared.dispatch_latency.try_lock() {
+        if self.hist_merged.elapsed() >= HIST_EVERY
+            && let Ok(mut h) = self.shared.dispatch_latency.try_lock()
+        {
             let _ = h.add(&self.hist);
             self.hist.reset();
+            self.hist_merged = Instant::now();
         }
         self.shared
             .subscribers
