@@ -64,6 +64,24 @@ impl Node {
         self.edge.as_ref().expect("running")
     }
 
+    /// A gRPC stream of everything on `topic`.
+    async fn stream(&self, topic: &str) -> tonic::Streaming<pb::StreamResponse> {
+        pb::market_data_stream_client::MarketDataStreamClient::connect(format!(
+            "http://{}",
+            self.edge().grpc_addr
+        ))
+        .await
+        .expect("connect")
+        .stream_market_data(pb::StreamRequest {
+            topic: topic.into(),
+            heartbeat_interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner()
+    }
+
     fn broker(&self) -> &Broker {
         self.broker.as_ref().expect("running")
     }
@@ -205,13 +223,8 @@ async fn lifecycle(store_url: &str, rt: &str) {
         assert_eq!(code, 400, "{body}: {v}");
         assert_eq!(v["error"]["field"], field, "{body}: {v}");
     }
-    let mut admin = pb::topic_manager_client::TopicManagerClient::connect(format!(
-        "http://{}",
-        node.edge().grpc_addr
-    ))
-    .await
-    .expect("connect");
-    let listed = admin
+    let listed = admin_client(&node)
+        .await
         .list_topics(pb::ListTopicsRequest {})
         .await
         .expect("list")
@@ -224,20 +237,7 @@ async fn lifecycle(store_url: &str, rt: &str) {
     );
 
     // A gRPC stream and a shared-memory reader on it get what is sent.
-    let mut stream = pb::market_data_stream_client::MarketDataStreamClient::connect(format!(
-        "http://{}",
-        node.edge().grpc_addr
-    ))
-    .await
-    .expect("connect")
-    .stream_market_data(pb::StreamRequest {
-        topic: rt.into(),
-        heartbeat_interval_ms: 100,
-        ..Default::default()
-    })
-    .await
-    .expect("stream")
-    .into_inner();
+    let mut stream = node.stream(rt).await;
     let mut shm = Subscriber::builder(rt)
         .node_dir(dir.path())
         .start(Start::Earliest)
@@ -300,20 +300,7 @@ async fn lifecycle(store_url: &str, rt: &str) {
         ),
         (Some(4), Some(1024), Some("runtime"))
     );
-    let mut stream = pb::market_data_stream_client::MarketDataStreamClient::connect(format!(
-        "http://{}",
-        node.edge().grpc_addr
-    ))
-    .await
-    .expect("connect")
-    .stream_market_data(pb::StreamRequest {
-        topic: rt.into(),
-        heartbeat_interval_ms: 100,
-        ..Default::default()
-    })
-    .await
-    .expect("stream")
-    .into_inner();
+    let mut stream = node.stream(rt).await;
     let mut ingest = node.broker().ingest(1);
     send(&mut ingest, rt, &symbols("A", 20));
     let got = events(&mut stream, 20).await;
