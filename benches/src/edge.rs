@@ -1298,13 +1298,131 @@ fn rest_latest(b: &EdgeBench, tw: &TwServer, plain: &PlainServer) -> Result<(), 
             .lines()
             .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
             .map(|v| v.trim().to_string());
+        // Half of that saturation rate, paced, timed per request.
+        let half = rps.map(|r| r / 2.0).unwrap_or(0.0);
+        let paced = (half > 0.0)
+            .then(|| {
+                paced_http(
+                    addr,
+                    "/api/v1/market-data/SYM001/latest",
+                    half,
+                    32,
+                    b.seconds,
+                    b.client_core,
+                )
+            })
+            .transpose()?;
+        let half_row = paced.map(|(done, h, bad)| {
+            json!({"offered_per_sec": half.round(), "requests_per_sec": done.round(),
+                "p50_ms": h.value_at_quantile(0.5) as f64 / 1e6,
+                "p99_ms": h.value_at_quantile(0.99) as f64 / 1e6,
+                "p999_ms": h.value_at_quantile(0.999) as f64 / 1e6,
+                "max_ms": h.max() as f64 / 1e6, "non_200": bad,
+                "tool": "bench: 32 keep-alive connections, paced, timed send to last byte"})
+        });
         println!(
             "{}",
             json!({"bench": "edge", "case": "rest_latest", "system": system,
                 "requests_per_sec": rps, "p50": pct("50%"), "p99": pct("99%"),
                 "non_2xx": non2xx, "connections": 32, "tool": "wrk -t1 -c32",
-                "cores": b.layout()})
+                "at_half_saturation": half_row, "cores": b.layout()})
         );
     }
     Ok(())
+}
+
+/// GETs `path` from `addr` at `rate` requests per second in total over
+/// `conns` keep-alive HTTP/1.1 connections for `secs`, on `core`. Each
+/// request is timed from its send to the last byte of its answer. Returns
+/// (answered per second, latency histogram in ns, answers other than 200).
+fn paced_http(
+    addr: SocketAddr,
+    path: &str,
+    rate: f64,
+    conns: usize,
+    secs: f64,
+    core: usize,
+) -> Result<(f64, Histogram<u64>, u64), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    let thread = std::thread::spawn(move || {
+        pin(core);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let start = tokio::time::Instant::now() + Duration::from_millis(100);
+            let end = start + Duration::from_secs_f64(secs);
+            let every = Duration::from_secs_f64(conns as f64 / rate);
+            let mut tasks = Vec::new();
+            for c in 0..conns {
+                let request = request.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+                        .map_err(|e| e.to_string())?;
+                    let (mut done, mut bad) = (0u64, 0u64);
+                    let tcp = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+                    let mut io = tokio::io::BufReader::new(tcp);
+                    let mut due = start + every.mul_f64(c as f64 / conns as f64);
+                    let mut line = String::new();
+                    while due < end {
+                        tokio::time::sleep_until(due).await;
+                        due += every;
+                        let t0 = Instant::now();
+                        io.get_mut()
+                            .write_all(request.as_bytes())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let (mut status, mut len) = (0u16, 0usize);
+                        loop {
+                            line.clear();
+                            if io.read_line(&mut line).await.map_err(|e| e.to_string())? == 0 {
+                                return Err("the server closed the connection".to_string());
+                            }
+                            let l = line.trim_end();
+                            if l.is_empty() {
+                                break;
+                            }
+                            if status == 0 {
+                                status = l
+                                    .split(' ')
+                                    .nth(1)
+                                    .and_then(|c| c.parse().ok())
+                                    .unwrap_or(0);
+                            } else if let Some((k, v)) = l.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        io.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+                        let _ = h.record(t0.elapsed().as_nanos().max(1) as u64);
+                        done += 1;
+                        if status != 200 {
+                            bad += 1;
+                        }
+                    }
+                    Ok::<_, String>((h, done, bad))
+                }));
+            }
+            let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+                .map_err(|e| e.to_string())?;
+            let (mut done, mut bad) = (0u64, 0u64);
+            for t in tasks {
+                let (h, d, x) = t.await.map_err(|e| e.to_string())??;
+                let _ = all.add(&h);
+                done += d;
+                bad += x;
+            }
+            Ok::<_, String>((done as f64 / secs, all, bad))
+        })
+    });
+    thread
+        .join()
+        .map_err(|_| "paced HTTP client panicked".to_string())?
 }
