@@ -106,6 +106,11 @@ pub struct Completion {
     pub readers: u32,
 }
 
+/// The sequence of a completion that releases an in-flight slot without a
+/// commit (the event's partition was deleted first); never handed to a
+/// source. A real sequence never gets near it.
+const ORPHANED: u64 = u64::MAX;
+
 /// Bytes one queued event takes in a shard's ingest queue.
 pub const JOB_BYTES: usize = std::mem::size_of::<Job>();
 
@@ -770,12 +775,18 @@ impl Ingest {
     /// Calls `f` for each committed event sent with an ack token; returns
     /// how many.
     pub fn drain_completions(&mut self, mut f: impl FnMut(Completion)) -> usize {
-        let mut n = 0;
+        let (mut n, mut released) = (0, 0);
         while let Some(c) = self.completions.pop() {
+            if c.seq == ORPHANED {
+                // Not committed (its partition was deleted): the slot is
+                // free again, and the source is told nothing.
+                released += 1;
+                continue;
+            }
             n += 1;
             f(c);
         }
-        self.in_flight = self.in_flight.saturating_sub(n);
+        self.in_flight = self.in_flight.saturating_sub(n + released);
         n
     }
 
@@ -953,6 +964,10 @@ impl Shard {
             n += 1;
         }
         if n == 0 {
+            if !self.batch_acks.is_empty() {
+                // Only orphans: their releases still go back.
+                self.finish_batch();
+            }
             return 0;
         }
         self.finish_batch();
@@ -964,16 +979,32 @@ impl Shard {
 
     /// A job for a ring removed before it got there: its sender routed it
     /// before it saw the topic's deletion. Not written; not acknowledged.
+    /// A source that acknowledges is handed back an [`ORPHANED`] release,
+    /// which frees its in-flight slot and never reaches its callback.
     #[cold]
-    fn orphan(&self, job: &Job) {
+    fn orphan(&mut self, job: &Job) {
         let c = &self.shared.shards[self.index].counters;
         if c.orphaned.fetch_add(1, Ordering::Relaxed) == 0 || job.ack.is_some() {
             tracing::warn!(
                 shard = self.index,
                 ring = job.ring,
                 acknowledged_by_source = job.ack.is_some(),
-                "an event reached a partition deleted after it was routed: not written (a source that acknowledges gets no completion, so its upstream redelivers it)"
+                "an event reached a partition deleted after it was routed: not written (a source that acknowledges is not told it committed, so its upstream redelivers it)"
             );
+        }
+        if let Some((source, token)) = job.ack {
+            self.batch_acks.push((
+                source,
+                job.ring,
+                Completion {
+                    token,
+                    topic: u32::MAX,
+                    partition: u32::MAX,
+                    epoch: 0,
+                    seq: ORPHANED,
+                    readers: 0,
+                },
+            ));
         }
     }
 
@@ -1089,5 +1120,53 @@ impl Shard {
             let _ = l.add(&*hist);
             hist.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that reaches a ring removed after it was routed (a sender that
+    /// loaded the layout before a deletion and pushed after the rings
+    /// closed) is not written, is counted, and frees its sender's in-flight
+    /// slot without ever reaching the sender's callback.
+    #[test]
+    fn an_orphaned_event_is_counted_and_releases_its_slot_unseen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Config::default();
+        c.node.dir = Some(dir.path().to_path_buf());
+        c.synthetic.enabled = false;
+        c.topics[0].capacity = 1 << 10;
+        let broker = Broker::start(&c).expect("broker");
+        let mut ingest = broker.ingest(4);
+        let job = Job {
+            ring: 999,
+            body: FrameBody::default().to_words(),
+            ingest_ns: monotonic_ns(),
+            ack: Some((ingest.source, 7)),
+        };
+        assert!(broker.shared.shards[0].queue.push(job).is_ok());
+        ingest.in_flight = 1;
+        if let Some(t) = broker.shared.shards[0].thread.get() {
+            t.unpark();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while ingest.in_flight() > 0 && Instant::now() < deadline {
+            ingest.drain_completions(|c| seen.push(c));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(ingest.in_flight(), 0, "the slot is free again");
+        assert!(
+            seen.is_empty(),
+            "the source is never told it committed: {seen:?}"
+        );
+        let stats = broker.stats();
+        assert_eq!(
+            (stats.orphaned, stats.events, stats.lost_completions),
+            (1, 0, 0)
+        );
+        broker.shutdown();
     }
 }
