@@ -197,10 +197,11 @@ pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>
                 match n {
                     Next::Frame(f) => {
                         s.shared.record_send(f.oldest_ingest_ns, f.bytes.len());
+                        // The dispatcher wrote JSON text: no copy, one
+                        // UTF-8 check (a frame failing it would be a bug,
+                        // and goes out empty rather than as bad text).
                         let m = Message::Text(
-                            String::from_utf8(f.bytes.to_vec())
-                                .unwrap_or_default()
-                                .into(),
+                            axum::extract::ws::Utf8Bytes::try_from(f.bytes).unwrap_or_default(),
                         );
                         if tx.feed(m).await.is_err() {
                             return;
