@@ -182,16 +182,36 @@ impl Outbox {
                 q.events -= f.events as usize;
                 q.bytes -= f.bytes.len();
                 drop(q);
-                self.counters
-                    .delivered
-                    .fetch_add(f.events as u64, Ordering::Relaxed);
-                self.counters
-                    .last_activity_ns
-                    .store(tickwire_proto::futex::realtime_ns(), Ordering::Relaxed);
-                Some(Next::Frame(f))
+                Some(Next::Frame(self.taken(f)))
             }
             None => q.closed.clone().map(Next::Closed),
         }
+    }
+
+    /// The next frame if it carries events (not a notice) and is at most
+    /// `max_bytes`: what a writer may append to the data frame it holds
+    /// without reordering anything.
+    pub fn pop_data(&self, max_bytes: usize) -> Option<Frame> {
+        let mut q = self.lock();
+        let next = q.frames.front()?;
+        if next.events == 0 || next.bytes.len() > max_bytes {
+            return None;
+        }
+        let f = q.frames.pop_front()?;
+        q.events -= f.events as usize;
+        q.bytes -= f.bytes.len();
+        drop(q);
+        Some(self.taken(f))
+    }
+
+    fn taken(&self, f: Frame) -> Frame {
+        self.counters
+            .delivered
+            .fetch_add(f.events as u64, Ordering::Relaxed);
+        self.counters
+            .last_activity_ns
+            .store(tickwire_proto::futex::realtime_ns(), Ordering::Relaxed);
+        f
     }
 
     /// The next frame, waiting up to `idle` for one.
@@ -237,5 +257,22 @@ mod tests {
         assert_eq!(o.counters.delivered.load(Ordering::Relaxed), 50);
         o.close(Closed::Shutdown);
         assert!(matches!(o.pop(), Some(Next::Closed(Closed::Shutdown))));
+    }
+
+    #[test]
+    fn pop_data_takes_data_frames_within_the_size_and_stops_at_a_notice() {
+        let o = Outbox::new(100, 100_000, Arc::new(Notify::new()));
+        assert!(o.try_push(frame(2, 100)).is_ok());
+        assert!(o.try_push(frame(3, 300)).is_ok());
+        o.push_notice(frame(0, 10));
+        assert!(o.try_push(frame(4, 100)).is_ok());
+        assert_eq!(o.pop_data(50).map(|f| f.events), None, "100 bytes > 50");
+        assert_eq!(o.pop_data(1000).map(|f| f.events), Some(2));
+        assert_eq!(o.pop_data(1000).map(|f| f.events), Some(3));
+        assert_eq!(o.pop_data(1000).map(|f| f.events), None, "a notice is next");
+        assert!(matches!(o.pop(), Some(Next::Frame(f)) if f.events == 0));
+        assert_eq!(o.pop_data(1000).map(|f| f.events), Some(4));
+        assert_eq!(o.depth(), (0, 0));
+        assert_eq!(o.counters.delivered.load(Ordering::Relaxed), 9);
     }
 }

@@ -67,8 +67,13 @@ fn frames(sub: SubscriptionHandle, heartbeat: std::time::Duration) -> EncodedStr
             }
             match sub.outbox.next(heartbeat).await {
                 Next::Frame(f) => {
-                    sub.shared.record_send(f.oldest_ingest_ns, f.bytes.len());
-                    Some((Ok(Encoded(f.bytes)), (sub, false)))
+                    let bytes = if f.events > 0 {
+                        merge_queued(&sub, f.bytes)
+                    } else {
+                        f.bytes
+                    };
+                    sub.shared.record_send(f.oldest_ingest_ns, bytes.len());
+                    Some((Ok(Encoded(bytes)), (sub, false)))
                 }
                 Next::Idle => Some((
                     Ok(notice::heartbeat(tickwire_proto::futex::realtime_ns())),
@@ -85,6 +90,29 @@ fn frames(sub: SubscriptionHandle, heartbeat: std::time::Duration) -> EncodedStr
             }
         },
     ))
+}
+
+/// The largest response a writer builds by merging queued batches.
+const MERGE_MAX: usize = 256 * 1024;
+
+/// Appends the data frames queued behind `first` (up to [`MERGE_MAX`]
+/// bytes, stopping at a notice) to it: one `StreamResponse` instead of
+/// several. A protobuf embedded message that occurs twice is merged and a
+/// repeated field concatenates, so the bytes of two `StreamResponse{batch}`
+/// back to back decode as one batch holding both, in order. A writer that
+/// keeps up finds nothing queued and sends `first` as it is; one that is
+/// behind sends fewer, larger messages.
+fn merge_queued(sub: &SubscriptionHandle, first: bytes::Bytes) -> bytes::Bytes {
+    let Some(next) = sub.outbox.pop_data(MERGE_MAX.saturating_sub(first.len())) else {
+        return first;
+    };
+    let mut out = bytes::BytesMut::with_capacity(first.len() + next.bytes.len() * 2);
+    out.extend_from_slice(&first);
+    out.extend_from_slice(&next.bytes);
+    while let Some(f) = sub.outbox.pop_data(MERGE_MAX.saturating_sub(out.len())) {
+        out.extend_from_slice(&f.bytes);
+    }
+    out.freeze()
 }
 
 #[tonic::async_trait]
@@ -283,4 +311,47 @@ pub fn subscribers(state: &EdgeState, topic: &str) -> u64 {
         .hub
         .topic(topic)
         .map_or(0, |t| t.subscribers.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use tickwire_proto::pb;
+
+    fn batch(seqs: &[u64]) -> Vec<u8> {
+        pb::StreamResponse {
+            kind: Some(pb::stream_response::Kind::Batch(pb::MarketDataBatch {
+                messages: seqs
+                    .iter()
+                    .map(|&s| pb::MarketDataMessage {
+                        metadata: Some(pb::MessageMetadata {
+                            sequence: s,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    /// What `merge_queued` relies on: two encoded batch responses back to
+    /// back decode as one batch holding both, in order.
+    #[test]
+    fn concatenated_batch_responses_decode_as_one_batch_in_order() {
+        let mut bytes = batch(&[1, 2]);
+        bytes.extend(batch(&[3]));
+        bytes.extend(batch(&[4, 5]));
+        let r = pb::StreamResponse::decode(bytes.as_slice()).expect("decodes");
+        let Some(pb::stream_response::Kind::Batch(b)) = r.kind else {
+            panic!("a batch: {r:?}");
+        };
+        let seqs: Vec<u64> = b
+            .messages
+            .iter()
+            .map(|m| m.metadata.as_ref().map_or(0, |md| md.sequence))
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    }
 }
