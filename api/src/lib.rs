@@ -571,34 +571,27 @@ impl Edge {
 
 /// Merges the topics of the store with the engine's at start: a run-time
 /// topic (created through the API) that the engine does not have is
-/// created again, resuming its rings; a topic with more partitions in its
-/// row or on disk than the engine has (grown at run time) is grown. Then
-/// the rows record the engine's topics. A topic that cannot be made again
-/// is logged and left out of this run; its row stays.
+/// created again, resuming its rings (all those on disk: the engine counts
+/// them). Then the rows record the engine's topics. A topic that cannot be
+/// made again is logged and left out of this run; its row stays.
 async fn merge_topics(state: &EdgeState, store: &store::Store) -> Result<(), store::StoreError> {
-    let dir = state.engine.node_dir();
-    for row in store.topics().await?.into_iter().filter(|r| r.enabled) {
-        let name = row.topic_name.clone();
-        let on_disk = tickwire_proto::file::topic_partitions(&dir, &name)
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-        let want = u32::try_from(row.partitions).unwrap_or(0).max(on_disk);
-        let have = state.engine.topics().into_iter().find(|t| t.name == name);
+    let have = state.engine.topics();
+    for row in store
+        .topics()
+        .await?
+        .into_iter()
+        .filter(|r| r.enabled && r.runtime && !have.iter().any(|t| t.name == r.topic_name))
+    {
         let engine = state.engine.clone();
+        let name = row.topic_name.clone();
+        let partitions = u32::try_from(row.partitions).unwrap_or(1);
         let capacity = row.capacity.and_then(|c| u64::try_from(c).ok());
-        let done = tokio::task::spawn_blocking(move || match have {
-            Some(t) if t.partitions < want => engine.grow_topic(&name, want).map(Some),
-            Some(_) => Ok(None),
-            None if row.runtime => engine.create_topic(&name, want, capacity).map(Some),
-            None => Ok(None),
-        })
-        .await;
-        match done {
-            Ok(Ok(Some(t))) => {
+        match tokio::task::spawn_blocking(move || engine.create_topic(&name, partitions, capacity))
+            .await
+        {
+            Ok(Ok(t)) => {
                 tracing::info!(topic = %t.name, partitions = t.partitions, "topic restored from the command store")
             }
-            Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 tracing::error!(topic = %row.topic_name, error = %e, "a topic of the command store could not be restored; it is missing from this run")
             }

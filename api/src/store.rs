@@ -261,6 +261,18 @@ impl Store {
         }
     }
 
+    /// Runs an UPDATE or DELETE (or an INSERT that cannot clash);
+    /// returns the rows it touched.
+    async fn execute<'q>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Result<u64, StoreError> {
+        q.execute(&self.pool)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(|e| self.query_err(e))
+    }
+
     fn query_err(&self, source: sqlx::Error) -> StoreError {
         StoreError::Query {
             location: self.location.clone(),
@@ -297,7 +309,7 @@ impl Store {
     pub async fn record_topic(&self, t: &TopicDesc) -> Result<(), StoreError> {
         let now = rfc3339(realtime_ns());
         let origin = if t.runtime { "runtime" } else { "config" };
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO topics (id, topic_name, partitions, enabled, created_at, updated_at, origin, capacity) \
              VALUES ($1, $2, $3, 1, $4, $5, $6, $7) \
              ON CONFLICT (topic_name) DO UPDATE SET partitions = excluded.partitions, \
@@ -313,10 +325,8 @@ impl Store {
         .bind(&now)
         .bind(&now)
         .bind(origin)
-        .bind(t.capacity as i64)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.query_err(e))?;
+        .bind(t.capacity as i64);
+        self.execute(q).await?;
         Ok(())
     }
 
@@ -326,12 +336,10 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn disable_topic(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE topics SET enabled = 0, updated_at = $1 WHERE topic_name = $2")
+        let q = sqlx::query("UPDATE topics SET enabled = 0, updated_at = $1 WHERE topic_name = $2")
             .bind(rfc3339(realtime_ns()))
-            .bind(name)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.query_err(e))?;
+            .bind(name);
+        self.execute(q).await?;
         Ok(())
     }
 
@@ -397,16 +405,14 @@ impl Store {
         subscription_id: &str,
         status: &str,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
+        let q = sqlx::query(
             "UPDATE subscriptions SET status = $1, last_activity = $2 WHERE subscription_id = $3",
         )
         .bind(status)
         .bind(rfc3339(realtime_ns()))
-        .bind(subscription_id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.query_err(e))?;
-        Ok(r.rows_affected() > 0)
+        .bind(subscription_id);
+        let r = self.execute(q).await?;
+        Ok(r > 0)
     }
 
     /// Deletes a subscription; false when there was none.
@@ -414,12 +420,10 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn delete_subscription(&self, subscription_id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM subscriptions WHERE subscription_id = $1")
-            .bind(subscription_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.query_err(e))?;
-        Ok(r.rows_affected() > 0)
+        let q = sqlx::query("DELETE FROM subscriptions WHERE subscription_id = $1")
+            .bind(subscription_id);
+        let r = self.execute(q).await?;
+        Ok(r > 0)
     }
 
     /// Every subscription, oldest first.
@@ -443,7 +447,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn record_stats(&self, s: &StatsRow) -> Result<(), StoreError> {
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO distribution_stats (id, timestamp, topic_name, messages_distributed, \
              bytes_distributed, avg_latency_ms, error_count, active_subscriptions, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -456,10 +460,8 @@ impl Store {
         .bind(s.avg_latency_ms)
         .bind(s.error_count)
         .bind(s.active_subscriptions)
-        .bind(rfc3339(realtime_ns()))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.query_err(e))?;
+        .bind(rfc3339(realtime_ns()));
+        self.execute(q).await?;
         Ok(())
     }
 
@@ -563,12 +565,9 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`].
     pub async fn delete_rule(&self, name: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM routing_rules WHERE rule_name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.query_err(e))?;
-        Ok(r.rows_affected() > 0)
+        let q = sqlx::query("DELETE FROM routing_rules WHERE rule_name = $1").bind(name);
+        let r = self.execute(q).await?;
+        Ok(r > 0)
     }
 
     /// Closes the pool (waits for queries in flight).

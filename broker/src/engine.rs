@@ -338,6 +338,18 @@ impl Broker {
         let mut topics = Vec::new();
         let mut next_shard = 0usize;
         for (ti, t) in config.topics.iter().enumerate() {
+            // Readers count the partitions on disk: the configuration may
+            // grow them, never leave some without a writer.
+            if let Some(on_disk) = tickwire_proto::file::topic_partitions(&dir, &t.name)?
+                && on_disk > t.partitions
+            {
+                return Err(BrokerError::Shm(tickwire_proto::Error::Mismatch {
+                    path: dir.join(tickwire_proto::file::ring_file_name(&t.name, 0)),
+                    what: "partition count",
+                    on_disk: on_disk.into(),
+                    requested: t.partitions.into(),
+                }));
+            }
             let mut placements = Vec::new();
             let mut readers = Vec::new();
             for p in 0..t.partitions {
@@ -947,20 +959,8 @@ impl Shard {
             let seq = slot.writer.publish(&job.body);
             self.dirty[job.ring as usize] = true;
             self.batch_ingest.push(job.ingest_ns);
-            if let Some((source, token)) = job.ack {
-                self.batch_acks.push((
-                    source,
-                    job.ring,
-                    Completion {
-                        token,
-                        topic: slot.topic,
-                        partition: slot.partition,
-                        epoch: 0,
-                        seq,
-                        readers: 0,
-                    },
-                ));
-            }
+            let (topic, partition) = (slot.topic, slot.partition);
+            self.push_ack(&job, topic, partition, seq);
             n += 1;
         }
         if n == 0 {
@@ -992,16 +992,23 @@ impl Shard {
                 "an event reached a partition deleted after it was routed: not written (a source that acknowledges is not told it committed, so its upstream redelivers it)"
             );
         }
+        self.push_ack(job, u32::MAX, u32::MAX, ORPHANED);
+    }
+
+    /// Queues the completion of `job` (if its source wants one) for the end
+    /// of the batch, which fills in the epoch and readers.
+    #[inline]
+    fn push_ack(&mut self, job: &Job, topic: u32, partition: u32, seq: u64) {
         if let Some((source, token)) = job.ack {
             self.batch_acks.push((
                 source,
                 job.ring,
                 Completion {
                     token,
-                    topic: u32::MAX,
-                    partition: u32::MAX,
+                    topic,
+                    partition,
                     epoch: 0,
-                    seq: ORPHANED,
+                    seq,
                     readers: 0,
                 },
             ));

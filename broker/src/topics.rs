@@ -166,7 +166,8 @@ impl TopicControl {
 
     /// Creates a topic: its rings exist and are written from the next
     /// event routed to it. A topic whose rings are left on disk from an
-    /// earlier run (same capacity) resumes them, sequences continuing.
+    /// earlier run (same capacity) resumes them, sequences continuing, and
+    /// has at least as many partitions as are there.
     ///
     /// # Errors
     /// [`TopicError`]; nothing was changed.
@@ -191,6 +192,11 @@ impl TopicControl {
         if layout.index(&spec.name).is_some() {
             return Err(TopicError::Exists(spec.name.clone()));
         }
+        // Rings left on disk from an earlier run are resumed, all of them:
+        // readers count the partitions on disk.
+        let partitions = tickwire_proto::file::topic_partitions(&self.dir, &spec.name)
+            .map_err(BrokerError::from)?
+            .map_or(spec.partitions, |on_disk| on_disk.max(spec.partitions));
         let index = layout.topics.len() as u32;
         let mut topic = TopicState {
             name: spec.name.clone(),
@@ -202,16 +208,17 @@ impl TopicControl {
             placements: Vec::new(),
             readers: Vec::new(),
         };
-        self.add_partitions(&mut rings, index, &mut topic, spec.partitions)?;
+        self.add_partitions(&mut rings, index, &mut topic, partitions)?;
         let mut next = clone_layout(&layout);
         next.topics.push(topic.clone());
         self.shared.layout.replace(next);
-        tracing::info!(topic = %spec.name, partitions = spec.partitions, capacity, "topic created");
+        tracing::info!(topic = %spec.name, partitions, asked = spec.partitions, capacity, "topic created");
         Ok((&topic).into())
     }
 
-    /// Grows a topic to `partitions` (never fewer than it has). Keys hash
-    /// over the new count from the next event on.
+    /// Grows a run-time topic to `partitions` (never fewer than it has).
+    /// Keys hash over the new count from the next event on. A configured
+    /// topic grows in the configuration file.
     ///
     /// # Errors
     /// [`TopicError`]; nothing was changed.
@@ -223,6 +230,11 @@ impl TopicControl {
             .index(name)
             .ok_or_else(|| TopicError::NotFound(name.into()))?;
         let mut topic = layout.topics[index as usize].clone();
+        if topic.origin == TopicOrigin::Config {
+            return Err(TopicError::Conflict(format!(
+                "topic {name} is defined in the configuration file: change its partitions there and restart"
+            )));
+        }
         if partitions < topic.partitions {
             return Err(TopicError::Invalid {
                 field: "partitions",

@@ -326,6 +326,13 @@ async fn lifecycle(store_url: &str, rt: &str) {
     assert!(v.to_string().contains("fx"), "names the rule: {v}");
     let (code, _) = http.delete(&node.url("/api/v1/routing-rules/fx")).await;
     assert_eq!(code, 204);
+    let (code, v) = http
+        .patch(&node.url("/api/v1/topics/md%2Feq"), r#"{"partitions":8}"#)
+        .await;
+    assert_eq!(
+        code, 409,
+        "a configured topic grows in the configuration: {v}"
+    );
     let (code, v) = http.delete(&node.url("/api/v1/topics/md%2Feq")).await;
     assert_eq!(
         code, 409,

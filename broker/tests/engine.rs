@@ -335,7 +335,18 @@ fn a_shrunk_partition_count_is_refused_with_both_counts_and_growth_is_taken() {
         .open()
         .expect("subscriber");
     assert_eq!(sub.partitions(), [0, 1, 2, 3]);
+    drop(sub);
     broker.shutdown();
+    // Partition 0 was made when there were 3: only the rings on disk say 4,
+    // and going back to 3 would leave partition 3 without a writer.
+    let err = Broker::start(&config(dir.path(), 3, 1))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("partition count is 4 on disk but 3 was requested"),
+        "{err}"
+    );
 }
 
 /// One poll; every tick must follow the last sequence seen on its
