@@ -103,74 +103,137 @@ impl<U: Message + Default> Decoder for ProstDecoder<U> {
     }
 }
 
-fn varint(buf: &mut BytesMut, mut v: u64) {
+#[inline]
+fn varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
-        buf.put_u8((v as u8) | 0x80);
+        buf.push((v as u8) | 0x80);
         v >>= 7;
     }
-    buf.put_u8(v as u8);
+    buf.push(v as u8);
 }
 
 fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
-fn key(buf: &mut BytesMut, field: u32, wire: u8) {
+#[inline]
+fn key(buf: &mut Vec<u8>, field: u32, wire: u8) {
     varint(buf, ((field as u64) << 3) | wire as u64);
 }
 
-fn string(buf: &mut BytesMut, field: u32, s: &str) {
+#[inline]
+fn bytes_field(buf: &mut Vec<u8>, field: u32, s: &[u8]) {
     if !s.is_empty() {
         key(buf, field, 2);
         varint(buf, s.len() as u64);
-        buf.put_slice(s.as_bytes());
+        buf.extend_from_slice(s);
     }
 }
 
-fn uint(buf: &mut BytesMut, field: u32, v: u64) {
+#[inline]
+fn string(buf: &mut Vec<u8>, field: u32, s: &str) {
+    bytes_field(buf, field, s.as_bytes());
+}
+
+#[inline]
+fn uint(buf: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         key(buf, field, 0);
         varint(buf, v);
     }
 }
 
-fn sint64(buf: &mut BytesMut, field: u32, v: i64) {
+#[inline]
+fn sint64(buf: &mut Vec<u8>, field: u32, v: i64) {
     // proto3 int64: two's complement varint.
     uint(buf, field, v as u64);
 }
 
-fn double(buf: &mut BytesMut, field: u32, v: f64) {
+#[inline]
+fn double(buf: &mut Vec<u8>, field: u32, v: f64) {
     if v != 0.0 {
         key(buf, field, 1);
-        buf.put_f64_le(v);
+        buf.extend_from_slice(&v.to_le_bytes());
     }
 }
 
-fn boolean(buf: &mut BytesMut, field: u32, v: bool) {
+#[inline]
+fn boolean(buf: &mut Vec<u8>, field: u32, v: bool) {
     if v {
         key(buf, field, 0);
-        buf.put_u8(1);
+        buf.push(1);
     }
 }
 
 /// Writes `field` as a length-delimited sub-message built by `f`, with the
 /// length patched in after (the body is moved once if its length needs
 /// more than one varint byte).
-fn nested(buf: &mut BytesMut, field: u32, f: impl FnOnce(&mut BytesMut)) {
+#[inline]
+fn nested(buf: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
     key(buf, field, 2);
     let at = buf.len();
-    buf.put_u8(0);
+    buf.push(0);
     f(buf);
     let len = buf.len() - at - 1;
     let n = varint_len(len as u64);
     if n > 1 {
         // Shift the body right by n - 1 bytes.
-        buf.put_bytes(0, n - 1);
+        buf.resize(buf.len() + n - 1, 0);
         buf.copy_within(at + 1..at + 1 + len, at + n);
     }
-    let mut tmp = BytesMut::with_capacity(10);
-    varint(&mut tmp, len as u64);
-    buf[at..at + n].copy_from_slice(&tmp);
+    let mut v = len as u64;
+    for b in &mut buf[at..at + n] {
+        *b = (v as u8 & 0x7f) | 0x80;
+        v >>= 7;
+    }
+    buf[at + n - 1] &= 0x7f;
+}
+
+/// Writes a string field made of `parts` joined (ids built from numbers
+/// without `format!`: no allocation, no formatting machinery per event).
+#[inline]
+fn joined(buf: &mut Vec<u8>, field: u32, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    key(buf, field, 2);
+    varint(buf, len as u64);
+    for p in parts {
+        buf.extend_from_slice(p);
+    }
+}
+
+/// `v` as 8 lower-case hex digits.
+#[inline]
+pub fn hex8(v: u32) -> [u8; 8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 8];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = DIGITS[((v >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
+/// An instrument's part of `NormalizedMarketData` (symbol, exchange,
+/// currency), encoded once per instrument: symbology entries never change
+/// once written, so a reader may keep this for the life of its mapping.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstrumentFields {
+    strings: Box<[u8]>,
+    size_decimals: u8,
+}
+
+impl InstrumentFields {
+    /// Encodes an entry's strings.
+    pub fn new(e: &Entry) -> InstrumentFields {
+        let mut buf =
+            Vec::with_capacity(e.symbol().len() + e.exchange().len() + e.currency().len() + 6);
+        string(&mut buf, 1, e.symbol());
+        string(&mut buf, 2, e.exchange());
+        string(&mut buf, 3, e.currency());
+        InstrumentFields {
+            strings: buf.into_boxed_slice(),
+            size_decimals: e.size_decimals(),
+        }
+    }
 }
 
 fn price(px: i64) -> f64 {
@@ -203,23 +266,29 @@ pub struct TickMeta<'a> {
 /// Appends one `MarketDataBatch.messages` element (key, length and a
 /// `MarketDataMessage`) for a tick to `buf`.
 pub fn encode_tick(
-    buf: &mut BytesMut,
+    buf: &mut Vec<u8>,
     m: &TickMeta<'_>,
     b: &ArchivedFrameBody,
-    inst: Option<&Entry>,
+    inst: Option<&InstrumentFields>,
 ) {
-    use std::fmt::Write;
+    // Room for everything, so the writes below never grow the buffer.
+    buf.reserve(200 + m.topic.len() + inst.map_or(0, |i| i.strings.len()));
     nested(buf, 1, |buf| {
         // event_id: "<source_id hex>-<source_seq>".
-        let mut id = arrayvec_string();
-        let _ = write!(id, "{:08x}-{}", b.source_id(), b.source_seq());
-        string(buf, 1, &id);
+        let mut seq = itoa::Buffer::new();
+        joined(
+            buf,
+            1,
+            &[
+                &hex8(b.source_id()),
+                b"-",
+                seq.format(b.source_seq()).as_bytes(),
+            ],
+        );
         sint64(buf, 2, b.ts_event() as i64);
         nested(buf, 3, |buf| {
-            if let Some(e) = inst {
-                string(buf, 1, e.symbol());
-                string(buf, 2, e.exchange());
-                string(buf, 3, e.currency());
+            if let Some(i) = inst {
+                buf.extend_from_slice(&i.strings);
             }
             let kind = b.kind();
             string(buf, 4, kind.map_or("unknown", Kind::name));
@@ -236,16 +305,29 @@ pub fn encode_tick(
                     sint64(buf, 7, b.size_a() as i64);
                 }
             }
-            uint(buf, 12, inst.map_or(0, |e| e.size_decimals() as u64));
+            uint(buf, 12, inst.map_or(0, |i| i.size_decimals as u64));
         });
         nested(buf, 4, |buf| {
             string(buf, 1, m.topic);
             uint(buf, 2, m.partition as u64);
             uint(buf, 3, m.epoch);
             uint(buf, 4, m.seq);
-            let mut mid = arrayvec_string();
-            let _ = write!(mid, "{}:{}:{}", m.partition, m.epoch, m.seq);
-            string(buf, 5, &mid);
+            let (mut p, mut e, mut s) = (
+                itoa::Buffer::new(),
+                itoa::Buffer::new(),
+                itoa::Buffer::new(),
+            );
+            joined(
+                buf,
+                5,
+                &[
+                    p.format(m.partition).as_bytes(),
+                    b":",
+                    e.format(m.epoch).as_bytes(),
+                    b":",
+                    s.format(m.seq).as_bytes(),
+                ],
+            );
             sint64(buf, 6, b.ts_ingest() as i64);
             sint64(buf, 7, m.send_time_ns as i64);
             boolean(buf, 8, m.snapshot);
@@ -254,39 +336,6 @@ pub fn encode_tick(
             boolean(buf, 11, m.conflated);
         });
     });
-}
-
-/// A small stack string for ids (no allocation per event).
-fn arrayvec_string() -> StackStr {
-    StackStr {
-        buf: [0; 64],
-        len: 0,
-    }
-}
-
-struct StackStr {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl std::fmt::Write for StackStr {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        if end > self.buf.len() {
-            return Err(std::fmt::Error);
-        }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for StackStr {
-    type Target = str;
-    fn deref(&self) -> &str {
-        // Only whole `&str`s are ever copied in.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
 }
 
 /// Head room kept before a batch for the `StreamResponse.batch` key and
@@ -335,7 +384,7 @@ impl BatchBuf {
     /// The batch as one `StreamResponse`, leaving this buffer empty.
     pub fn take(&mut self) -> Encoded {
         let len = self.bytes();
-        let mut prefix = BytesMut::with_capacity(HEAD);
+        let mut prefix = Vec::with_capacity(HEAD);
         key(&mut prefix, 1, 2);
         varint(&mut prefix, len as u64);
         let start = HEAD - prefix.len();
@@ -402,7 +451,7 @@ mod tests {
     #[test]
     fn a_batch_of_pre_encoded_ticks_decodes_as_an_ordinary_stream_response() {
         let mut batch = BatchBuf::new();
-        let mut one = BytesMut::new();
+        let mut one = Vec::new();
         let mut expected = Vec::new();
         // Enough events that the batch length needs a multi-byte varint.
         for i in 0..300u64 {
@@ -422,7 +471,9 @@ mod tests {
                 )
             };
             body.source_seq = i;
-            body.set_source_id(0xdead_beef);
+            // Odd ids have leading zero digits.
+            let source_id = if i % 2 == 0 { 0xdead_beef } else { 0x0000_beef };
+            body.set_source_id(source_id);
             let words = body.to_words();
             let b = ArchivedFrameBody::from_words(&words);
             let meta = TickMeta {
@@ -437,7 +488,7 @@ mod tests {
             one.clear();
             encode_tick(&mut one, &meta, b, None);
             batch.push(&one);
-            expected.push((i, b.kind()));
+            expected.push((i, b.kind(), source_id));
         }
         assert_eq!(batch.events(), 300);
         let wire = batch.take();
@@ -446,14 +497,17 @@ mod tests {
             panic!("not a batch: {decoded:?}");
         };
         assert_eq!(b.messages.len(), 300);
-        for (m, (i, kind)) in b.messages.iter().zip(expected) {
+        for (m, (i, kind, source_id)) in b.messages.iter().zip(expected) {
             let md = m.metadata.as_ref().expect("metadata");
             assert_eq!(md.sequence, 1000 + i);
             assert_eq!(md.message_id, format!("3:2:{}", 1000 + i));
             assert_eq!(md.topic, "market-data/normalized/equities");
             assert_eq!(md.snapshot, i == 0);
             assert_eq!(md.source_seq, i);
-            assert_eq!(m.event_id, format!("deadbeef-{i}"));
+            assert_eq!(m.event_id, format!("{source_id:08x}-{i}"));
+            assert_eq!(md.partition, 3);
+            assert_eq!(md.epoch, 2);
+            assert_eq!(m.timestamp, 1_795_786_108_123_456_789 + i as i64);
             let d = m.data.as_ref().expect("data");
             match kind {
                 Some(Kind::Trade) => {

@@ -60,20 +60,35 @@ impl Decimal {
     }
 }
 
+impl Decimal {
+    /// Appends the decimal's digits (as [`Display`](std::fmt::Display)
+    /// writes them) without allocating: the edge writes two per event.
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        let scale = self.scale.min(18);
+        let unit = 10u64.pow(scale as u32);
+        let abs = self.mantissa.unsigned_abs();
+        let (int, frac) = (abs / unit, abs % unit);
+        if self.mantissa < 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(itoa::Buffer::new().format(int).as_bytes());
+        if frac != 0 {
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(frac).as_bytes();
+            out.push(b'.');
+            out.resize(out.len() + scale as usize - digits.len(), b'0');
+            let end = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
+            out.extend_from_slice(&digits[..end]);
+        }
+    }
+}
+
 impl std::fmt::Display for Decimal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = self.mantissa as i128;
-        let unit = 10i128.pow(self.scale as u32);
-        let (int, frac) = (v.abs() / unit, v.abs() % unit);
-        if v < 0 {
-            f.write_str("-")?;
-        }
-        write!(f, "{int}")?;
-        if frac != 0 {
-            let digits = format!("{frac:0width$}", width = self.scale as usize);
-            write!(f, ".{}", digits.trim_end_matches('0'))?;
-        }
-        Ok(())
+        let mut out = Vec::with_capacity(24);
+        self.write_to(&mut out);
+        // Only ASCII digits, '-' and '.' are written.
+        f.write_str(std::str::from_utf8(&out).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -169,8 +184,47 @@ pub struct TickJson {
 
 /// RFC 3339 UTC with nanoseconds for a time in ns since the Unix epoch.
 pub fn rfc3339(ns: u64) -> String {
-    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
-        .to_string()
+    let mut out = Vec::with_capacity(30);
+    write_rfc3339(&mut out, ns);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `ns` (since the Unix epoch) as RFC 3339 UTC with nine fraction
+/// digits, `2026-11-27T13:28:28.123456789Z`, without allocating (the edge
+/// writes one per event). A u64 of ns ends in 2554: the year always has
+/// four digits.
+pub fn write_rfc3339(out: &mut Vec<u8>, ns: u64) {
+    let secs = ns / 1_000_000_000;
+    let nanos = (ns % 1_000_000_000) as u32;
+    let days = (secs / 86_400) as i64;
+    let rem = (secs % 86_400) as u32;
+    // Days to a civil date (H. Hinnant's days_from_civil, inverted).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as u32;
+    let mut digits = |v: u32, n: usize, after: u8| {
+        let mut d = [b'0'; 9];
+        let mut v = v;
+        for i in (0..n).rev() {
+            d[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        out.extend_from_slice(&d[..n]);
+        out.push(after);
+    };
+    digits(year, 4, b'-');
+    digits(month, 2, b'-');
+    digits(day, 2, b'T');
+    digits(rem / 3600, 2, b':');
+    digits(rem / 60 % 60, 2, b':');
+    digits(rem % 60, 2, b'.');
+    digits(nanos, 9, b'Z');
 }
 
 impl TickJson {
@@ -264,5 +318,42 @@ mod tests {
             })
         );
         assert!("1e5".parse::<Decimal>().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decimals_write_the_digits_of_exact_division(mantissa: i64, scale in 0u8..=18) {
+            let text = Decimal { mantissa, scale }.to_string();
+            let unit = 10i128.pow(scale as u32);
+            let (v, int, frac) = (mantissa as i128, (mantissa as i128).abs() / unit, (mantissa as i128).abs() % unit);
+            let mut expected = format!("{}{int}", if v < 0 { "-" } else { "" });
+            if frac != 0 {
+                let digits = format!("{frac:0width$}", width = scale as usize);
+                expected = format!("{expected}.{}", digits.trim_end_matches('0'));
+            }
+            proptest::prop_assert_eq!(&text, &expected);
+        }
+
+        #[test]
+        fn rfc3339_is_humantimes_format(ns: u64) {
+            let expected = humantime::format_rfc3339_nanos(
+                std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns),
+            )
+            .to_string();
+            proptest::prop_assert_eq!(rfc3339(ns), expected);
+        }
+    }
+
+    #[test]
+    fn rfc3339_at_the_edges_of_days_months_and_leap_years() {
+        for (ns, text) in [
+            (0, "1970-01-01T00:00:00.000000000Z"),
+            (951_782_400_000_000_000, "2000-02-29T00:00:00.000000000Z"),
+            (1_795_786_108_123_456_789, "2026-11-27T13:28:28.123456789Z"),
+            (4_107_542_399_999_999_999, "2100-02-28T23:59:59.999999999Z"),
+            (u64::MAX, "2554-07-21T23:34:33.709551615Z"),
+        ] {
+            assert_eq!(rfc3339(ns), text);
+        }
     }
 }

@@ -16,11 +16,9 @@
 //!
 //! Prices and sizes are exact decimals (see `tickwire_proto::json`).
 
-use std::io::Write;
-
 use tickwire_proto::frame::{ArchivedFrameBody, Kind};
-use tickwire_proto::grpc::TickMeta;
-use tickwire_proto::json::{Decimal, rfc3339};
+use tickwire_proto::grpc::{TickMeta, hex8};
+use tickwire_proto::json::{Decimal, rfc3339, write_rfc3339};
 use tickwire_proto::symbology::Entry;
 
 fn string(buf: &mut Vec<u8>, s: &str) {
@@ -28,78 +26,130 @@ fn string(buf: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *buf, s);
 }
 
-/// Appends one JSON `MarketDataMessage` for a tick.
+#[inline]
+fn number(buf: &mut Vec<u8>, v: impl itoa::Integer) {
+    buf.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+/// An instrument's part of the JSON `data` object (`"symbol":..,
+/// "exchange":..,"currency":..,`) and its size scale, written once per
+/// instrument: symbology entries never change once written.
+#[derive(Debug, Clone, Default)]
+pub struct JsonInstrument {
+    strings: Box<[u8]>,
+    size_decimals: u8,
+}
+
+impl JsonInstrument {
+    /// Escapes an entry's strings once.
+    pub fn new(e: &Entry) -> JsonInstrument {
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(br#""symbol":"#);
+        string(&mut buf, e.symbol());
+        buf.extend_from_slice(br#","exchange":"#);
+        string(&mut buf, e.exchange());
+        buf.extend_from_slice(br#","currency":"#);
+        string(&mut buf, e.currency());
+        buf.push(b',');
+        JsonInstrument {
+            strings: buf.into_boxed_slice(),
+            size_decimals: e.size_decimals(),
+        }
+    }
+}
+
+/// Appends one JSON `MarketDataMessage` for a tick (no allocation and no
+/// formatting machinery: it runs once per event for every WebSocket
+/// subscriber's batch).
 pub fn encode_tick(
     buf: &mut Vec<u8>,
     m: &TickMeta<'_>,
     b: &ArchivedFrameBody,
-    inst: Option<&Entry>,
+    inst: Option<&JsonInstrument>,
 ) {
-    let _ = write!(
-        buf,
-        r#"{{"event_id":"{:08x}-{}","timestamp":{},"data":{{"#,
-        b.source_id(),
-        b.source_seq(),
-        b.ts_event()
-    );
-    if let Some(e) = inst {
-        buf.extend_from_slice(br#""symbol":"#);
-        string(buf, e.symbol());
-        buf.extend_from_slice(br#","exchange":"#);
-        string(buf, e.exchange());
-        buf.extend_from_slice(br#","currency":"#);
-        string(buf, e.currency());
-        buf.push(b',');
+    buf.reserve(480 + m.topic.len() + inst.map_or(0, |i| i.strings.len()));
+    buf.extend_from_slice(br#"{"event_id":""#);
+    buf.extend_from_slice(&hex8(b.source_id()));
+    buf.push(b'-');
+    number(buf, b.source_seq());
+    buf.extend_from_slice(br#"","timestamp":"#);
+    number(buf, b.ts_event());
+    buf.extend_from_slice(br#","data":{"#);
+    if let Some(i) = inst {
+        buf.extend_from_slice(&i.strings);
     }
     let kind = b.kind();
-    let _ = write!(
-        buf,
-        r#""kind":"{}","timestamp":"{}","timestamp_ns":{}"#,
-        kind.map_or("unknown", Kind::name),
-        rfc3339(b.ts_event()),
-        b.ts_event()
-    );
-    let decimals = inst.map_or(0, Entry::size_decimals);
-    let px = |buf: &mut Vec<u8>, name: &str, p: i64| {
+    buf.extend_from_slice(br#""kind":""#);
+    buf.extend_from_slice(kind.map_or("unknown", Kind::name).as_bytes());
+    buf.extend_from_slice(br#"","timestamp":""#);
+    write_rfc3339(buf, b.ts_event());
+    buf.extend_from_slice(br#"","timestamp_ns":"#);
+    number(buf, b.ts_event());
+    let decimals = inst.map_or(0, |i| i.size_decimals);
+    let px = |buf: &mut Vec<u8>, name: &[u8], p: i64| {
         if let Some(d) = Decimal::price(p) {
-            let _ = write!(buf, r#","{name}":{d}"#);
+            buf.extend_from_slice(name);
+            d.write_to(buf);
         }
+    };
+    let size = |buf: &mut Vec<u8>, name: &[u8], raw: u32| {
+        buf.extend_from_slice(name);
+        Decimal::size(raw, decimals).write_to(buf);
     };
     match kind {
         Some(Kind::Quote) => {
-            px(buf, "bid_price", b.px_a());
-            let _ = write!(
-                buf,
-                r#","bid_size":{}"#,
-                Decimal::size(b.size_a(), decimals)
-            );
-            px(buf, "ask_price", b.px_b());
-            let _ = write!(
-                buf,
-                r#","ask_size":{}"#,
-                Decimal::size(b.size_b(), decimals)
-            );
+            px(buf, br#","bid_price":"#, b.px_a());
+            size(buf, br#","bid_size":"#, b.size_a());
+            px(buf, br#","ask_price":"#, b.px_b());
+            size(buf, br#","ask_size":"#, b.size_b());
         }
         _ => {
-            px(buf, "price", b.px_a());
-            let _ = write!(buf, r#","volume":{}"#, Decimal::size(b.size_a(), decimals));
+            px(buf, br#","price":"#, b.px_a());
+            size(buf, br#","volume":"#, b.size_a());
         }
     }
     buf.extend_from_slice(br#"},"metadata":{"topic":"#);
     string(buf, m.topic);
-    let _ = write!(
-        buf,
-        r#","partition":{p},"epoch":{e},"sequence":{s},"message_id":"{p}:{e}:{s}","ingest_time_ns":{i},"send_time_ns":{t},"snapshot":{snap},"conflated":{c},"source_id":{sid},"source_seq":{sseq}}}}}"#,
-        p = m.partition,
-        e = m.epoch,
-        s = m.seq,
-        i = b.ts_ingest(),
-        t = m.send_time_ns,
-        snap = m.snapshot,
-        c = m.conflated,
-        sid = b.source_id(),
-        sseq = b.source_seq(),
+    let (mut p, mut e, mut s) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
     );
+    let (p, e, s) = (
+        p.format(m.partition).as_bytes(),
+        e.format(m.epoch).as_bytes(),
+        s.format(m.seq).as_bytes(),
+    );
+    for (part, text) in [
+        (&br#","partition":"#[..], p),
+        (br#","epoch":"#, e),
+        (br#","sequence":"#, s),
+        (br#","message_id":""#, p),
+        (b":", e),
+        (b":", s),
+    ] {
+        buf.extend_from_slice(part);
+        buf.extend_from_slice(text);
+    }
+    buf.extend_from_slice(br#"","ingest_time_ns":"#);
+    number(buf, b.ts_ingest());
+    buf.extend_from_slice(br#","send_time_ns":"#);
+    number(buf, m.send_time_ns);
+    buf.extend_from_slice(if m.snapshot {
+        br#","snapshot":true"#
+    } else {
+        br#","snapshot":false"#
+    });
+    buf.extend_from_slice(if m.conflated {
+        br#","conflated":true"#
+    } else {
+        br#","conflated":false"#
+    });
+    buf.extend_from_slice(br#","source_id":"#);
+    number(buf, b.source_id());
+    buf.extend_from_slice(br#","source_seq":"#);
+    number(buf, b.source_seq());
+    buf.extend_from_slice(b"}}");
 }
 
 /// A `WebSocketMessage` of type `data` around `elements` (comma-separated
@@ -110,7 +160,9 @@ pub fn data_message(subscription_id: &str, elements: &[u8], now_ns: u64) -> Vec<
     string(&mut out, subscription_id);
     out.extend_from_slice(br#","messages":["#);
     out.extend_from_slice(elements);
-    let _ = write!(out, r#"]}},"timestamp":"{}"}}"#, rfc3339(now_ns));
+    out.extend_from_slice(br#"]},"timestamp":""#);
+    write_rfc3339(&mut out, now_ns);
+    out.extend_from_slice(br#""}"#);
     out
 }
 
@@ -160,6 +212,62 @@ mod tests {
         assert!(
             text.contains(r#""price":12345678.123456789,"volume":100"#),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn every_field_of_a_quote_is_written_as_the_spec_names_it() {
+        let mut body = FrameBody::quote(
+            1,
+            1_795_786_108_123_456_789,
+            (150_250_000_000, 1_500),
+            (tickwire_proto::frame::UNDEF_PRICE, 0),
+        );
+        body.source_seq = 1_795_786_100_000_000_001;
+        body.set_source_id(0x00ab_cdef);
+        body.ts_ingest_delta = 3;
+        let words = body.to_words();
+        let b = ArchivedFrameBody::from_words(&words);
+        let meta = TickMeta {
+            topic: "market-data/normalized/equities",
+            partition: 12,
+            epoch: 3,
+            seq: 1_000_041,
+            send_time_ns: 1_795_786_108_200_000_000,
+            snapshot: true,
+            conflated: false,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sym =
+            tickwire_proto::symbology::SymbologyWriter::open(dir.path(), 16).expect("symbology");
+        let id = sym
+            .resolve(&tickwire_proto::symbology::Instrument {
+                symbol: "BTC-\"X\"".into(),
+                exchange: "COINBASE".into(),
+                currency: "USD".into(),
+                size_decimals: 3,
+            })
+            .expect("interned");
+        let reader = tickwire_proto::symbology::Symbology::open(dir.path()).expect("reader");
+        let inst = JsonInstrument::new(reader.get(id).expect("entry"));
+        let mut el = Vec::new();
+        encode_tick(&mut el, &meta, b, Some(&inst));
+        let v: serde_json::Value = serde_json::from_slice(&el).expect("valid JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "event_id": "00abcdef-1795786100000000001",
+                "timestamp": 1_795_786_108_123_456_789u64,
+                "data": {"symbol": "BTC-\"X\"", "exchange": "COINBASE", "currency": "USD",
+                    "kind": "quote", "timestamp": "2026-11-27T13:28:28.123456789Z",
+                    "timestamp_ns": 1_795_786_108_123_456_789u64,
+                    "bid_price": 150.25, "bid_size": 1.5, "ask_size": 0},
+                "metadata": {"topic": "market-data/normalized/equities", "partition": 12,
+                    "epoch": 3, "sequence": 1_000_041, "message_id": "12:3:1000041",
+                    "ingest_time_ns": b.ts_ingest(), "send_time_ns": 1_795_786_108_200_000_000u64,
+                    "snapshot": true, "conflated": false, "source_id": 0x00ab_cdef,
+                    "source_seq": 1_795_786_100_000_000_001u64}
+            })
         );
     }
 }

@@ -30,14 +30,14 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use shm_client::{Event, Start, Subscriber, Tick, WaitStrategy};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS, Kind, UNDEF_PRICE};
 use tickwire_proto::futex::realtime_ns;
-use tickwire_proto::grpc::{BatchBuf, TickMeta, encode_tick, notice};
+use tickwire_proto::grpc::{BatchBuf, InstrumentFields, TickMeta, encode_tick, notice};
 use tickwire_proto::pb;
-use tickwire_proto::symbology::Symbology;
+use tickwire_proto::symbology::{Entry, Symbology};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -561,12 +561,15 @@ struct State {
     /// The node's symbology, for growing the index mid-poll: an event of an
     /// instrument newer than the index must still reach its subscribers.
     sym: Option<Arc<Symbology>>,
-    epochs: HashMap<u32, u64>,
+    /// Writer epoch per partition (index), read per event.
+    epochs: Vec<u64>,
     latest: Vec<Option<Latest>>,
     dirty: Vec<u32>,
     dirty_mark: Vec<bool>,
     touched: Vec<u32>,
-    pb: BytesMut,
+    /// Each instrument's strings, encoded once per wire format.
+    wires: Vec<Option<Box<Wires>>>,
+    pb: Vec<u8>,
     json: Vec<u8>,
     now_ns: u64,
     hist: Histogram<u64>,
@@ -587,11 +590,10 @@ impl Dispatcher {
         limits: QueueLimits,
         node_dir: PathBuf,
     ) -> Dispatcher {
-        let epochs = reader
-            .partitions()
-            .into_iter()
-            .map(|p| (p, reader.epoch(p).unwrap_or(0)))
-            .collect();
+        let mut epochs = Vec::new();
+        for p in reader.partitions() {
+            set_epoch(&mut epochs, p, reader.epoch(p).unwrap_or(0));
+        }
         let sym = Symbology::open(&node_dir).ok().map(Arc::new);
         Dispatcher {
             st: State {
@@ -610,7 +612,8 @@ impl Dispatcher {
                 dirty: Vec::new(),
                 dirty_mark: Vec::new(),
                 touched: Vec::new(),
-                pb: BytesMut::with_capacity(512),
+                wires: Vec::new(),
+                pb: Vec::with_capacity(512),
                 json: Vec::with_capacity(1024),
                 now_ns: realtime_ns(),
                 hist: histogram(),
@@ -648,7 +651,7 @@ impl Dispatcher {
                 } => st.on_gap(partition, from, to),
                 Event::Reopened { partition, epoch }
                 | Event::PartitionAdded { partition, epoch } => {
-                    st.epochs.insert(partition, epoch);
+                    set_epoch(&mut st.epochs, partition, epoch);
                 }
                 Event::Replaced { removed, .. } => gone = Some(removed),
                 _ => {}
@@ -707,9 +710,17 @@ impl Dispatcher {
     }
 }
 
+fn set_epoch(epochs: &mut Vec<u64>, partition: u32, epoch: u64) {
+    let p = partition as usize;
+    if epochs.len() <= p {
+        epochs.resize(p + 1, 0);
+    }
+    epochs[p] = epoch;
+}
+
 impl State {
     fn epoch(&self, partition: u32) -> u64 {
-        self.epochs.get(&partition).copied().unwrap_or(0)
+        self.epochs.get(partition as usize).copied().unwrap_or(0)
     }
 
     fn catching_up(&self) -> bool {
@@ -791,7 +802,7 @@ impl State {
             snapshot: false,
             conflated: false,
         };
-        let inst = t.instrument();
+        let inst = wires_of(&mut self.wires, id, t.instrument());
         let (mut pb_done, mut json_done) = (false, false);
         for &slot in slots {
             let Some(s) = self.subs.get_mut(slot as usize).and_then(Option::as_mut) else {
@@ -822,7 +833,7 @@ impl State {
                 Wire::Grpc => {
                     if !pb_done {
                         self.pb.clear();
-                        encode_tick(&mut self.pb, &meta, b, inst);
+                        encode_tick(&mut self.pb, &meta, b, inst.map(|w| &w.pb));
                         pb_done = true;
                     }
                     s.pb.push(&self.pb);
@@ -830,7 +841,7 @@ impl State {
                 Wire::Json { .. } => {
                     if !json_done {
                         self.json.clear();
-                        json::encode_tick(&mut self.json, &meta, b, inst);
+                        json::encode_tick(&mut self.json, &meta, b, inst.map(|w| &w.json));
                         json_done = true;
                     }
                     if s.events > 0 {
@@ -908,7 +919,7 @@ impl State {
                         s,
                         &meta,
                         b,
-                        sym.and_then(|y| y.get(id)),
+                        wires_of(&mut self.wires, id, sym.and_then(|y| y.get(id))),
                         &mut self.pb,
                         &mut self.json,
                     );
@@ -1058,7 +1069,7 @@ impl State {
                     &mut s,
                     &meta,
                     b,
-                    sym.and_then(|y| y.get(id)),
+                    wires_of(&mut self.wires, id, sym.and_then(|y| y.get(id))),
                     &mut self.pb,
                     &mut self.json,
                 );
@@ -1147,9 +1158,9 @@ impl State {
                         break;
                     }
                     let want = ((target - next) as usize).min(512).min(budget);
-                    let epoch = self.epochs.get(p).copied().unwrap_or(0);
+                    let epoch = self.epochs.get(*p as usize).copied().unwrap_or(0);
                     let mut gaps = Vec::new();
-                    let (pb, js) = (&mut self.pb, &mut self.json);
+                    let (pb, js, wires) = (&mut self.pb, &mut self.json, &mut self.wires);
                     let n = r.poll(want, |ev| match ev {
                         Event::Tick(t)
                             if t.seq < target
@@ -1165,7 +1176,8 @@ impl State {
                                 snapshot: false,
                                 conflated: false,
                             };
-                            push_event(s, &meta, t.body, t.instrument(), pb, js);
+                            let inst = wires_of(wires, t.body.instrument_id(), t.instrument());
+                            push_event(s, &meta, t.body, inst, pb, js);
                         }
                         Event::Gap {
                             partition,
@@ -1243,24 +1255,51 @@ impl State {
     }
 }
 
+/// An instrument's strings in both wire formats.
+struct Wires {
+    pb: InstrumentFields,
+    json: json::JsonInstrument,
+}
+
+/// The instrument's wires from the cache, encoded from its symbology entry
+/// the first time (entries never change once written).
+fn wires_of<'a>(
+    cache: &'a mut Vec<Option<Box<Wires>>>,
+    id: u32,
+    entry: Option<&Entry>,
+) -> Option<&'a Wires> {
+    let idx = id as usize;
+    if cache.get(idx).is_none_or(Option::is_none) {
+        let e = entry?;
+        if cache.len() <= idx {
+            cache.resize_with(idx + 1, || None);
+        }
+        cache[idx] = Some(Box::new(Wires {
+            pb: InstrumentFields::new(e),
+            json: json::JsonInstrument::new(e),
+        }));
+    }
+    cache.get(idx)?.as_deref()
+}
+
 /// Appends one event to a subscriber's batch in its wire format.
 fn push_event(
     s: &mut LiveSub,
     meta: &TickMeta<'_>,
     b: &ArchivedFrameBody,
-    inst: Option<&tickwire_proto::symbology::Entry>,
-    pb: &mut BytesMut,
+    inst: Option<&Wires>,
+    pb: &mut Vec<u8>,
     js: &mut Vec<u8>,
 ) {
     match &s.wire {
         Wire::Grpc => {
             pb.clear();
-            encode_tick(pb, meta, b, inst);
+            encode_tick(pb, meta, b, inst.map(|w| &w.pb));
             s.pb.push(pb);
         }
         Wire::Json { .. } => {
             js.clear();
-            json::encode_tick(js, meta, b, inst);
+            json::encode_tick(js, meta, b, inst.map(|w| &w.json));
             if s.events > 0 {
                 s.json.push(b',');
             }
