@@ -22,7 +22,7 @@ use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use tickwire_proto::file::{PartitionWriter, RingParams};
 use tickwire_proto::frame::{BODY_WORDS, FrameBody, SLOT_SIZE, ingest_delta};
-use tickwire_proto::futex::{monotonic_ns, realtime_ns};
+use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::symbology::SymbologyWriter;
 
 use crate::config::{Config, IdleStrategy};
@@ -117,6 +117,8 @@ pub const JOB_BYTES: usize = std::mem::size_of::<Job>();
 struct Job {
     ring: u32,
     body: [u64; BODY_WORDS],
+    /// The frame's ingest time (CLOCK_REALTIME, ns): the one clock read
+    /// per event, also the start of the shard's ingest -> commit latency.
     ingest_ns: u64,
     ack: Option<(u32, u64)>,
 }
@@ -760,12 +762,13 @@ impl Ingest {
         }
         let mut body = *body;
         body.instrument_id = route.instrument_id;
-        body.ts_ingest_delta = ingest_delta(body.ts_event, realtime_ns());
+        let now = realtime_ns();
+        body.ts_ingest_delta = ingest_delta(body.ts_event, now);
         let shard = &self.shared.shards[place.shard as usize];
         let job = Job {
             ring: place.ring,
             body: body.to_words(),
-            ingest_ns: monotonic_ns(),
+            ingest_ns: now,
             ack: ack.map(|t| (self.source, t)),
         };
         if shard.queue.push(job).is_err() {
@@ -864,7 +867,7 @@ impl Shard {
             let n = self.batch();
             if n > 0 {
                 idle = 0;
-                let now = monotonic_ns();
+                let now = realtime_ns();
                 for &t in &self.batch_ingest {
                     let _ = hist.record(now.saturating_sub(t).max(1));
                 }
@@ -1150,7 +1153,7 @@ mod tests {
         let job = Job {
             ring: 999,
             body: FrameBody::default().to_words(),
-            ingest_ns: monotonic_ns(),
+            ingest_ns: realtime_ns(),
             ack: Some((ingest.source, 7)),
         };
         assert!(broker.shared.shards[0].queue.push(job).is_ok());
