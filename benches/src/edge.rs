@@ -14,14 +14,15 @@
 //! partition. A tickwire client counts the events in each batch and checks
 //! sequence contiguity when it subscribes to everything; gap notices count
 //! the skipped range otherwise. NATS gets one 64-byte message per event on
-//! `md.<symbol>.XBEN.trade` carrying a per-subject sequence (loss = jumps)
-//! and the publish time. Latency is receive time minus ingest time (tickwire:
+//! `md.<symbol>.XBEN.trade` carrying a per-subject sequence (loss = jumps),
+//! the publish time and the subject's index. Clients of every system read
+//! only those fields off the wire (`wire_scan`), so that the client core
+//! is not what is measured. Latency is receive time minus ingest time (tickwire:
 //! the broker's `ingest_time_ns`; NATS: the publish time), CLOCK_REALTIME on
 //! one machine. The bare servers send the same pre-encoded 64-event batch
 //! over and over: the machine's ceiling for the wire alone (no latency or
 //! loss is measured there).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tickwire_proto::futex::realtime_ns;
 
+use crate::wire_scan::{self, Notice};
 use crate::{ReaderProc, pin};
 
 const TOPIC: &str = "bench/edge";
@@ -78,11 +80,29 @@ pub struct EdgeBench {
     /// Port for the nats-server this bench starts.
     #[arg(long, default_value_t = 14222)]
     pub nats_port: u16,
+    /// Systems (comma-separated; default all): tickwire, nats, plain (the
+    /// bare servers). Leaving the baselines out is for profiling only: a
+    /// figure is reported beside its baselines.
+    #[arg(long, value_delimiter = ',')]
+    pub systems: Vec<String>,
+    /// Also find each system's highest clean rate in the grpc/ws/fanout
+    /// cases: from this offered rate (events/s; 0: off) step down until a
+    /// run of `--seconds` keeps up and loses nothing (rows with
+    /// `"mode":"highest_clean_rate"` and every try under `search`).
+    #[arg(long, default_value_t = 0)]
+    pub clean_from: u64,
+    /// Tries of the clean-rate search at most.
+    #[arg(long, default_value_t = 8)]
+    pub search_tries: usize,
 }
 
 impl EdgeBench {
     fn wants(&self, case: &str) -> bool {
         self.cases.is_empty() || self.cases.iter().any(|c| c == case)
+    }
+
+    fn runs(&self, system: &str) -> bool {
+        self.systems.is_empty() || self.systems.iter().any(|c| c == system)
     }
 
     fn layout(&self) -> Value {
@@ -191,18 +211,44 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
             core: b.client_core,
             slow: false,
         };
-        // tickwire.
-        let r = with_publisher(b, rate, Publisher::Tickwire(&tw), || {
-            spawn_client(&client("tickwire", transport))
-        })?;
-        emit(case, "tickwire", b, rate, &r);
-        // NATS, same subjects, same publisher pace and core.
-        let r = with_publisher(b, rate, Publisher::Nats(&nats), || {
-            spawn_client(&client("nats", "nats"))
-        })?;
-        emit(case, "nats", b, rate, &r);
+        // Deliveries per published event.
+        let fan = if per == 0 {
+            streams as f64
+        } else {
+            streams as f64 * per.min(b.symbols) as f64 / b.symbols as f64
+        };
+        // tickwire, then NATS (same subjects, same publisher pace and core).
+        for system in ["tickwire", "nats"] {
+            if !b.runs(system) {
+                continue;
+            }
+            let (publisher, transport) = if system == "tickwire" {
+                (Publisher::Tickwire(&tw), transport)
+            } else {
+                (Publisher::Nats(&nats), "nats")
+            };
+            let run = |rate: u64, seconds: f64| {
+                let mut a = client(system, transport);
+                a.seconds = seconds;
+                with_publisher(b, rate, publisher, || spawn_client(&a))
+            };
+            let r = run(rate, b.seconds)?;
+            emit(case, system, b, rate, &r);
+            if b.clean_from > 0 {
+                let (mut r, tries) = highest_clean_rate(b, fan, |rate| run(rate, b.seconds))?;
+                let offered = tries
+                    .last()
+                    .and_then(|t| t["offered_per_sec"].as_u64())
+                    .unwrap_or(0);
+                if let Some(o) = r.as_object_mut() {
+                    o.insert("mode".into(), json!("highest_clean_rate"));
+                    o.insert("search".into(), json!(tries));
+                }
+                emit(case, system, b, offered, &r);
+            }
+        }
         // The bare server: the wire's ceiling (1 and 8 subscribers).
-        if per == 0 {
+        if per == 0 && b.runs("plain") {
             let (system, addr_kind) = if transport == "ws" {
                 ("plain_ws", "ws")
             } else {
@@ -257,12 +303,47 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
     Ok(())
 }
 
+/// Steps the offered rate down from `--clean-from` until a run keeps up
+/// and loses nothing: no sequence jump, no gap notice, the publisher held
+/// the offered rate and the clients got every delivery it made (`fan` per
+/// published event). Each next try is 85% of the last, or 95% of what was
+/// delivered when that is lower. Returns the first clean run (or the last
+/// try) and every try.
+fn highest_clean_rate(
+    b: &EdgeBench,
+    fan: f64,
+    mut run: impl FnMut(u64) -> Result<Value, String>,
+) -> Result<(Value, Vec<Value>), String> {
+    let mut rate = b.clean_from;
+    let mut tries = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..b.search_tries {
+        let r = run(rate)?;
+        let n = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+        let (lost, gaps) = (n("lost"), n("gap_notices"));
+        let (published, delivered) = (n("published_per_sec"), n("events_per_sec"));
+        let kept_up = published >= 0.97 * rate as f64 && delivered >= 0.97 * published * fan;
+        tries.push(
+            json!({"offered_per_sec": rate, "published_per_sec": published,
+            "events_per_sec": delivered, "lost": lost, "gap_notices": gaps, "kept_up": kept_up}),
+        );
+        if lost == 0.0 && gaps == 0.0 && kept_up {
+            return Ok((r, tries));
+        }
+        last = r;
+        let kept = (delivered.min(published * fan) / fan * 0.95) as u64;
+        rate = (rate * 85 / 100).min(kept.max(1));
+    }
+    Ok((last, tries))
+}
+
 fn emit(case: &str, system: &str, b: &EdgeBench, offered: u64, r: &Value) {
     let mut v = json!({
         "bench": "edge",
         "case": case,
         "system": system,
         "offered_per_sec": offered,
+        "mode": "offered",
         "cores": b.layout(),
     });
     if let (Some(o), Some(more)) = (v.as_object_mut(), r.as_object()) {
@@ -485,21 +566,42 @@ impl PlainServer {
             })),
         };
         let batch = tickwire_proto::grpc::Encoded(bytes::Bytes::from(resp.encode_to_vec()));
-        let ws_batch: String = json!({
-            "type": "data",
-            "payload": {"subscription_id": "s1", "messages": messages.iter().map(|m| {
-                let d = m.data.clone().unwrap_or_default();
-                let md = m.metadata.clone().unwrap_or_default();
-                json!({"event_id": m.event_id, "timestamp": m.timestamp,
-                    "data": {"symbol": d.symbol, "exchange": d.exchange, "currency": d.currency, "kind": d.kind,
-                        "timestamp": "2026-11-27T13:28:28.123456789Z", "timestamp_ns": d.timestamp_ns, "price": d.price, "volume": d.volume},
-                    "metadata": {"topic": md.topic, "partition": md.partition, "epoch": md.epoch, "sequence": md.sequence,
-                        "message_id": md.message_id, "ingest_time_ns": 0, "send_time_ns": 0, "snapshot": false,
-                        "conflated": false, "source_id": 0, "source_seq": 0}})
-            }).collect::<Vec<_>>()},
-            "timestamp": "2026-11-27T13:28:28.123470000Z",
-        })
-        .to_string();
+        // The edge's own JSON for the same 64 events.
+        let mut elements = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let md = m.metadata.clone().unwrap_or_default();
+            let body = tickwire_proto::FrameBody::trade(
+                0,
+                1_795_786_108_123_456_789,
+                150_250_000_000,
+                100,
+            )
+            .to_words();
+            let meta = tickwire_proto::grpc::TickMeta {
+                topic: TOPIC,
+                partition: md.partition,
+                epoch: md.epoch,
+                seq: md.sequence,
+                send_time_ns: 0,
+                snapshot: false,
+                conflated: false,
+            };
+            if i > 0 {
+                elements.push(b',');
+            }
+            tickwire_api::dispatch::json::encode_tick(
+                &mut elements,
+                &meta,
+                tickwire_proto::frame::ArchivedFrameBody::from_words(&body),
+                None,
+            );
+        }
+        let ws_batch = String::from_utf8(tickwire_api::dispatch::json::data_message(
+            "s1",
+            &elements,
+            1_795_786_108_123_470_000,
+        ))
+        .map_err(|e| e.to_string())?;
         let (grpc, http) = rt
             .block_on(async move {
                 let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -585,6 +687,7 @@ fn plain_latest_body() -> String {
 
 // ---------------------------------------------------------------- publisher
 
+#[derive(Clone, Copy)]
 enum Publisher<'a> {
     Tickwire(&'a TwServer),
     Nats(&'a NatsServer),
@@ -622,11 +725,11 @@ fn with_publisher(
                     })
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
-                paced(rate, &stop, &sent, |n| {
+                paced(rate, &stop, &sent, |n, now| {
                     let r = &routes[n as usize % routes.len()];
                     let body = tickwire_proto::FrameBody::trade(
                         0,
-                        realtime_ns(),
+                        now,
                         (100 + (n % 1000) as i64) * tickwire_proto::frame::PRICE_SCALE,
                         100,
                     );
@@ -671,6 +774,9 @@ fn with_publisher(
                             let mut p = [0u8; 64];
                             p[..8].copy_from_slice(&seqs[k].to_le_bytes());
                             p[8..16].copy_from_slice(&realtime_ns().to_le_bytes());
+                            // The subject's index: the client's key for
+                            // its per-subject sequence check.
+                            p[16..24].copy_from_slice(&(k as u64).to_le_bytes());
                             let _ = client
                                 .publish(subjects[k].clone(), bytes::Bytes::copy_from_slice(&p))
                                 .await;
@@ -704,9 +810,12 @@ fn with_publisher(
     Ok(v)
 }
 
-/// Calls `send(n)` at `rate` per second (0: as fast as it goes) until
-/// `stop`; a refused send is retried (counted once it goes).
-fn paced(rate: u64, stop: &AtomicBool, sent: &AtomicU64, mut send: impl FnMut(u64) -> bool) {
+/// Calls `send(n, now)` at `rate` per second (0: as fast as it goes) until
+/// `stop`; a refused send is retried (counted once it goes). `now` is the
+/// wall clock read once per burst (up to 256 events): the events' own
+/// time, not what latency is measured from (the broker stamps each event's
+/// ingest time itself).
+fn paced(rate: u64, stop: &AtomicBool, sent: &AtomicU64, mut send: impl FnMut(u64, u64) -> bool) {
     let start = Instant::now();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -721,8 +830,9 @@ fn paced(rate: u64, stop: &AtomicBool, sent: &AtomicU64, mut send: impl FnMut(u6
             continue;
         }
         let burst = (due - n).min(256);
+        let now = realtime_ns();
         for _ in 0..burst {
-            if send(n) {
+            if send(n, now) {
                 n += 1;
             } else {
                 // The shard's queue is full: give the core back.
@@ -791,7 +901,8 @@ struct Tally {
     hist: Histogram<u64>,
     /// tickwire only: ingest -> taken off the ring by the edge's dispatcher.
     to_edge: Histogram<u64>,
-    last: HashMap<u64, u64>,
+    /// Last sequence per key (partition or subject index), 0: none yet.
+    last: Vec<u64>,
     contiguous: bool,
 }
 
@@ -802,7 +913,7 @@ impl Tally {
                 .unwrap_or_else(|_| unreachable!()),
             to_edge: Histogram::new_with_bounds(1, 120_000_000_000, 3)
                 .unwrap_or_else(|_| unreachable!()),
-            last: HashMap::new(),
+            last: Vec::new(),
             contiguous,
         }
     }
@@ -811,12 +922,15 @@ impl Tally {
     /// `send_ns` (when the edge took it off the ring) is 0 for NATS.
     fn event(&mut self, sh: &Shared, key: u64, seq: u64, ingest_ns: u64, send_ns: u64, now: u64) {
         let m = sh.measuring.load(Ordering::Relaxed);
-        if self.contiguous
-            && let Some(prev) = self.last.insert(key, seq)
-            && m
-            && seq > prev + 1
-        {
-            sh.lost.fetch_add(seq - prev - 1, Ordering::Relaxed);
+        if self.contiguous {
+            let k = key as usize;
+            if self.last.len() <= k {
+                self.last.resize(k + 1, 0);
+            }
+            let prev = std::mem::replace(&mut self.last[k], seq);
+            if m && prev > 0 && seq > prev + 1 {
+                sh.lost.fetch_add(seq - prev - 1, Ordering::Relaxed);
+            }
         }
         if m {
             sh.events.fetch_add(1, Ordering::Relaxed);
@@ -832,49 +946,54 @@ impl Tally {
     }
 }
 
-/// The parts of a `StreamResponse` the client reads (prost skips the rest).
-mod lite {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Response {
-        #[prost(message, optional, tag = "1")]
-        pub batch: Option<Batch>,
-        #[prost(message, optional, tag = "2")]
-        pub gap: Option<Gap>,
-        #[prost(message, optional, tag = "4")]
-        pub slow: Option<Slow>,
+/// Sends a `StreamRequest` with prost; hands each response over as its
+/// bytes, for [`wire_scan::grpc_response`].
+#[derive(Default)]
+struct RawCodec;
+
+struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
     }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Batch {
-        #[prost(message, repeated, tag = "1")]
-        pub messages: Vec<Msg>,
+}
+
+struct RequestEncoder;
+
+impl tonic::codec::Encoder for RequestEncoder {
+    type Item = tickwire_proto::pb::StreamRequest;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Self::Item,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::Message::encode(&item, dst).map_err(|e| tonic::Status::internal(e.to_string()))
     }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Msg {
-        #[prost(message, optional, tag = "4")]
-        pub metadata: Option<Meta>,
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = tickwire_proto::pb::StreamRequest;
+    type Decode = bytes::Bytes;
+    type Encoder = RequestEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RequestEncoder {
+        RequestEncoder
     }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Meta {
-        #[prost(uint32, tag = "2")]
-        pub partition: u32,
-        #[prost(uint64, tag = "4")]
-        pub sequence: u64,
-        #[prost(int64, tag = "6")]
-        pub ingest_time_ns: i64,
-        #[prost(int64, tag = "7")]
-        pub send_time_ns: i64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Gap {
-        #[prost(uint64, tag = "3")]
-        pub from_sequence: u64,
-        #[prost(uint64, tag = "4")]
-        pub to_sequence: u64,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Slow {
-        #[prost(string, tag = "1")]
-        pub policy: String,
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
     }
 }
 
@@ -889,28 +1008,11 @@ struct WsMsg {
 #[derive(serde::Deserialize, Default)]
 struct WsPayload {
     #[serde(default)]
-    messages: Vec<WsTick>,
-    #[serde(default)]
     notice: String,
     #[serde(default)]
     from_sequence: u64,
     #[serde(default)]
     to_sequence: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct WsTick {
-    metadata: WsMeta,
-}
-
-#[derive(serde::Deserialize)]
-struct WsMeta {
-    partition: u64,
-    sequence: u64,
-    #[serde(default)]
-    ingest_time_ns: u64,
-    #[serde(default)]
-    send_time_ns: u64,
 }
 
 /// The client process: opens the streams on one tokio thread, settles for
@@ -1066,7 +1168,7 @@ async fn open_grpc(
     a: &ClientArgs,
     syms: &[String],
     name: &str,
-) -> Result<tonic::Streaming<lite::Response>, String> {
+) -> Result<tonic::Streaming<bytes::Bytes>, String> {
     use tickwire_proto::pb;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))
         .map_err(|e| e.to_string())?
@@ -1085,9 +1187,8 @@ async fn open_grpc(
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/tickwire.v1.MarketDataStream/StreamMarketData",
     );
-    let codec = tonic_prost::ProstCodec::<pb::StreamRequest, lite::Response>::default();
     Ok(grpc
-        .server_streaming(tonic::Request::new(req), path, codec)
+        .server_streaming(tonic::Request::new(req), path, RawCodec)
         .await
         .map_err(|e| format!("subscribe: {e}"))?
         .into_inner())
@@ -1106,22 +1207,23 @@ async fn grpc_stream(
             break;
         };
         let now = realtime_ns();
-        if let Some(b) = m.batch {
-            for e in b.messages {
-                let md = e.metadata.unwrap_or_default();
-                t.event(
-                    sh,
-                    u64::from(md.partition),
-                    md.sequence,
-                    md.ingest_time_ns.max(0) as u64,
-                    md.send_time_ns.max(0) as u64,
-                    now,
-                );
+        let read = wire_scan::grpc_response(&m, |e| {
+            t.event(
+                sh,
+                u64::from(e.partition),
+                e.sequence,
+                e.ingest_ns,
+                e.send_ns,
+                now,
+            )
+        });
+        match read {
+            Some(Notice::None) => {}
+            Some(Notice::Gap { from, to }) => count_gap(sh, t, from, to),
+            Some(Notice::Slow) => {
+                sh.slow_notices.fetch_add(1, Ordering::Relaxed);
             }
-        } else if let Some(g) = m.gap {
-            count_gap(sh, t, g.from_sequence, g.to_sequence);
-        } else if m.slow.is_some() {
-            sh.slow_notices.fetch_add(1, Ordering::Relaxed);
+            None => return Err(format!("not a StreamResponse ({} bytes)", m.len())),
         }
     }
     Ok(())
@@ -1136,18 +1238,19 @@ async fn slow_stream(a: &ClientArgs, sh: &Shared) -> Result<(), String> {
     }
     let end = Instant::now() + Duration::from_secs(2);
     while let Ok(Ok(Some(m))) = tokio::time::timeout_at(end.into(), stream.message()).await {
-        if let Some(b) = m.batch {
-            sh.slow_events
-                .fetch_add(b.messages.len() as u64, Ordering::Relaxed);
-        } else if let Some(g) = m.gap {
-            sh.slow_gaps.fetch_add(1, Ordering::Relaxed);
-            sh.slow_gap_events.fetch_add(
-                g.to_sequence.saturating_sub(g.from_sequence) + 1,
-                Ordering::Relaxed,
-            );
-        } else if m.slow.is_some() {
-            sh.slow_told.fetch_add(1, Ordering::Relaxed);
+        let mut events = 0;
+        match wire_scan::grpc_response(&m, |_| events += 1) {
+            Some(Notice::Gap { from, to }) => {
+                sh.slow_gaps.fetch_add(1, Ordering::Relaxed);
+                sh.slow_gap_events
+                    .fetch_add(to.saturating_sub(from) + 1, Ordering::Relaxed);
+            }
+            Some(Notice::Slow) => {
+                sh.slow_told.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Notice::None) | None => {}
         }
+        sh.slow_events.fetch_add(events, Ordering::Relaxed);
     }
     sh.slow_ended.store(true, Ordering::Relaxed);
     Ok(())
@@ -1186,6 +1289,7 @@ async fn ws_stream(
         .await
         .map_err(|e| e.to_string())?;
     sh.connected.fetch_add(1, Ordering::Relaxed);
+    let keys = wire_scan::JsonKeys::default();
     while !sh.done.load(Ordering::Relaxed) {
         let Some(m) = ws.next().await else { break };
         let text = match m.map_err(|e| e.to_string())? {
@@ -1194,21 +1298,30 @@ async fn ws_stream(
             _ => continue,
         };
         let now = realtime_ns();
-        let Ok(msg) = serde_json::from_str::<WsMsg>(text.as_str()) else {
+        if keys
+            .data(text.as_bytes(), |e| {
+                t.event(
+                    sh,
+                    u64::from(e.partition),
+                    e.sequence,
+                    e.ingest_ns,
+                    e.send_ns,
+                    now,
+                )
+            })
+            .is_some()
+        {
             continue;
+        }
+        let Ok(msg) = serde_json::from_str::<WsMsg>(text.as_str()) else {
+            return Err(format!("not a WebSocketMessage: {}", text.as_str()));
         };
         match msg.kind.as_str() {
             "data" => {
-                for e in msg.payload.messages {
-                    t.event(
-                        sh,
-                        e.metadata.partition,
-                        e.metadata.sequence,
-                        e.metadata.ingest_time_ns,
-                        e.metadata.send_time_ns,
-                        now,
-                    );
-                }
+                return Err(format!(
+                    "a data message that does not scan: {}",
+                    text.as_str()
+                ));
             }
             "gap" => count_gap(sh, t, msg.payload.from_sequence, msg.payload.to_sequence),
             "slow_consumer" => {
@@ -1244,22 +1357,16 @@ async fn nats_stream(
     c.flush().await.map_err(|e| e.to_string())?;
     sh.connected.fetch_add(1, Ordering::Relaxed);
     let mut all = futures::stream::select_all(subs);
-    let mut keys: HashMap<String, u64> = HashMap::new();
     while !sh.done.load(Ordering::Relaxed) {
         let Some(m) = all.next().await else { break };
         let now = realtime_ns();
-        let key = match keys.get(m.subject.as_str()) {
-            Some(&k) => k,
-            None => {
-                let k = keys.len() as u64;
-                keys.insert(m.subject.to_string(), k);
-                k
-            }
-        };
         let p = &m.payload;
-        if p.len() >= 16 {
-            let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
-            let ts = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+        let word = |i: usize| {
+            p.get(i * 8..i * 8 + 8)
+                .and_then(|w| w.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        if let (Some(seq), Some(ts), Some(key)) = (word(0), word(1), word(2)) {
             t.event(sh, key, seq, ts, 0, now);
         }
     }

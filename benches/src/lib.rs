@@ -14,6 +14,7 @@ pub mod ice;
 pub mod plain;
 pub mod pulsar_bench;
 pub mod tw;
+pub mod wire_scan;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,309 @@
+//! What the edge bench's clients read of each event, taken straight from
+//! the wire: partition, sequence, ingest time and send time from a
+//! protobuf `StreamResponse` or a WebSocket JSON `data` message, without
+//! building the messages.
+//!
+//! The clients of all systems share one core with the publisher; building
+//! every `MarketDataMessage` (prost) or parsing every JSON object
+//! (serde_json) cost that core about half of itself at 3.4M events/s, so
+//! the client, not the server, set the figure. The NATS client reads its
+//! 16 bytes the same way. That the messages decode as whole messages is
+//! checked by the edge's own tests (`api/tests/edge.rs`) and by the tests
+//! below against prost and serde_json.
+
+use memchr::memmem;
+
+/// One event as the bench counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventMeta {
+    /// Partition.
+    pub partition: u32,
+    /// Sequence in the partition.
+    pub sequence: u64,
+    /// Ingest time, ns since the Unix epoch.
+    pub ingest_ns: u64,
+    /// When the edge took it off the ring, ns since the Unix epoch.
+    pub send_ns: u64,
+}
+
+/// What a `StreamResponse` was, besides the events it carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// Events only (one or more batches).
+    None,
+    /// A gap notice of `from..=to`.
+    Gap { from: u64, to: u64 },
+    /// A slow-consumer notice.
+    Slow,
+}
+
+fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The fields of a message: (field number, varint value or 0, the bytes
+/// of a length-delimited field or empty). Fixed-width fields are skipped.
+fn fields(b: &[u8], mut f: impl FnMut(u32, u64, &[u8]) -> Option<()>) -> Option<()> {
+    let mut i = 0;
+    while i < b.len() {
+        let key = varint(b, &mut i)?;
+        let (field, wire) = ((key >> 3) as u32, key & 7);
+        match wire {
+            0 => f(field, varint(b, &mut i)?, &[])?,
+            1 => i += 8,
+            2 => {
+                let len = usize::try_from(varint(b, &mut i)?).ok()?;
+                let body = b.get(i..i.checked_add(len)?)?;
+                i += len;
+                f(field, 0, body)?;
+            }
+            5 => i += 4,
+            _ => return None,
+        }
+    }
+    (i == b.len()).then_some(())
+}
+
+/// Walks a `StreamResponse`, calling `event` for each event of its batches
+/// (a response may hold several batches back to back). `None` when the
+/// bytes are not a `StreamResponse`.
+pub fn grpc_response(b: &[u8], mut event: impl FnMut(EventMeta)) -> Option<Notice> {
+    let mut notice = Notice::None;
+    fields(b, |field, _, body| {
+        match field {
+            // MarketDataBatch { repeated MarketDataMessage messages = 1 }
+            1 => fields(body, |f, _, message| {
+                if f != 1 {
+                    return Some(());
+                }
+                let mut m = EventMeta::default();
+                fields(message, |f, _, meta| {
+                    if f == 4 {
+                        fields(meta, |f, v, _| {
+                            match f {
+                                2 => m.partition = v as u32,
+                                4 => m.sequence = v,
+                                6 => m.ingest_ns = v,
+                                7 => m.send_ns = v,
+                                _ => {}
+                            }
+                            Some(())
+                        })?;
+                    }
+                    Some(())
+                })?;
+                event(m);
+                Some(())
+            })?,
+            2 => {
+                let (mut from, mut to) = (0, 0);
+                fields(body, |f, v, _| {
+                    match f {
+                        3 => from = v,
+                        4 => to = v,
+                        _ => {}
+                    }
+                    Some(())
+                })?;
+                notice = Notice::Gap { from, to };
+            }
+            4 => notice = Notice::Slow,
+            _ => {}
+        }
+        Some(())
+    })?;
+    Some(notice)
+}
+
+/// The unsigned number right after `key` at or after `*at`; moves `*at`
+/// past it.
+fn number_after(text: &[u8], key: &memmem::Finder<'_>, at: &mut usize) -> Option<u64> {
+    let start = *at + key.find(text.get(*at..)?)? + key.needle().len();
+    let digits = text[start..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    *at = start + digits;
+    std::str::from_utf8(&text[start..start + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The keys a JSON `data` message is scanned for.
+pub struct JsonKeys {
+    metadata: memmem::Finder<'static>,
+    partition: memmem::Finder<'static>,
+    sequence: memmem::Finder<'static>,
+    ingest: memmem::Finder<'static>,
+    send: memmem::Finder<'static>,
+}
+
+impl Default for JsonKeys {
+    fn default() -> Self {
+        JsonKeys {
+            metadata: memmem::Finder::new(br#""metadata":{"#),
+            partition: memmem::Finder::new(br#""partition":"#),
+            sequence: memmem::Finder::new(br#""sequence":"#),
+            ingest: memmem::Finder::new(br#""ingest_time_ns":"#),
+            send: memmem::Finder::new(br#""send_time_ns":"#),
+        }
+    }
+}
+
+impl JsonKeys {
+    /// Calls `event` for each event of a WebSocket `data` message, as the
+    /// edge writes it (its metadata keys in the documented order). `None`
+    /// when the text is not a data message (notices are parsed whole) or
+    /// an event's metadata does not scan.
+    pub fn data(&self, text: &[u8], mut event: impl FnMut(EventMeta)) -> Option<usize> {
+        if !text.starts_with(br#"{"type":"data""#) {
+            return None;
+        }
+        let (mut at, mut n) = (0, 0);
+        while let Some(found) = text.get(at..).and_then(|t| self.metadata.find(t)) {
+            at += found + self.metadata.needle().len();
+            let m = EventMeta {
+                partition: number_after(text, &self.partition, &mut at)? as u32,
+                sequence: number_after(text, &self.sequence, &mut at)?,
+                ingest_ns: number_after(text, &self.ingest, &mut at)?,
+                send_ns: number_after(text, &self.send, &mut at)?,
+            };
+            event(m);
+            n += 1;
+        }
+        Some(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use tickwire_proto::frame::{ArchivedFrameBody, FrameBody};
+    use tickwire_proto::grpc::{BatchBuf, TickMeta, encode_tick, notice};
+
+    fn meta(seq: u64) -> TickMeta<'static> {
+        TickMeta {
+            topic: "bench/edge",
+            partition: 3,
+            epoch: 1,
+            seq,
+            send_time_ns: 1_795_786_108_200_000_000 + seq,
+            snapshot: false,
+            conflated: false,
+        }
+    }
+
+    #[test]
+    fn the_protobuf_scan_reads_what_prost_decodes_across_merged_batches() {
+        let mut batch = BatchBuf::new();
+        let mut wire = Vec::new();
+        let mut expected = Vec::new();
+        for (round, n) in [(0u64, 300u64), (1, 2)] {
+            for i in 0..n {
+                let seq = round * 1000 + i + 1;
+                let body = FrameBody::trade(1, 1_795_786_108_123_456_789 + i, 150_250_000_000, 100)
+                    .to_words();
+                let b = ArchivedFrameBody::from_words(&body);
+                let mut one = Vec::new();
+                encode_tick(&mut one, &meta(seq), b, None);
+                batch.push(&one);
+                expected.push(EventMeta {
+                    partition: 3,
+                    sequence: seq,
+                    ingest_ns: b.ts_ingest(),
+                    send_ns: 1_795_786_108_200_000_000 + seq,
+                });
+            }
+            wire.extend_from_slice(&batch.take().0);
+        }
+        // Two batches back to back: prost merges them into one.
+        let decoded = tickwire_proto::pb::StreamResponse::decode(&wire[..]).expect("prost");
+        let Some(tickwire_proto::pb::stream_response::Kind::Batch(b)) = decoded.kind else {
+            panic!("not a batch");
+        };
+        let from_prost: Vec<EventMeta> = b
+            .messages
+            .iter()
+            .map(|m| {
+                let md = m.metadata.clone().unwrap_or_default();
+                EventMeta {
+                    partition: md.partition,
+                    sequence: md.sequence,
+                    ingest_ns: md.ingest_time_ns as u64,
+                    send_ns: md.send_time_ns as u64,
+                }
+            })
+            .collect();
+        let mut scanned = Vec::new();
+        assert_eq!(
+            grpc_response(&wire, |m| scanned.push(m)),
+            Some(Notice::None)
+        );
+        assert_eq!(scanned, from_prost);
+        assert_eq!(scanned, expected);
+        let gap = notice::gap("bench/edge", 0, 7, 9, "overrun");
+        assert_eq!(
+            grpc_response(&gap.0, |_| {}),
+            Some(Notice::Gap { from: 7, to: 9 })
+        );
+        assert_eq!(
+            grpc_response(&wire[..wire.len() - 1], |_| {}),
+            None,
+            "cut short"
+        );
+    }
+
+    #[test]
+    fn the_json_scan_reads_what_serde_parses() {
+        let mut elements = Vec::new();
+        let mut expected = Vec::new();
+        for seq in 1..=50u64 {
+            let body = FrameBody::quote(1, 1_795_786_108_123_456_789, (1, 2), (3, 4)).to_words();
+            let b = ArchivedFrameBody::from_words(&body);
+            if seq > 1 {
+                elements.push(b',');
+            }
+            tickwire_api::dispatch::json::encode_tick(&mut elements, &meta(seq), b, None);
+            expected.push((3u64, seq, b.ts_ingest(), 1_795_786_108_200_000_000 + seq));
+        }
+        let text = tickwire_api::dispatch::json::data_message("s1", &elements, 1);
+        let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        let parsed: Vec<(u64, u64, u64, u64)> = v["payload"]["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| {
+                let md = &m["metadata"];
+                let n = |k: &str| md[k].as_u64().unwrap_or(u64::MAX);
+                (
+                    n("partition"),
+                    n("sequence"),
+                    n("ingest_time_ns"),
+                    n("send_time_ns"),
+                )
+            })
+            .collect();
+        let mut scanned = Vec::new();
+        let n = JsonKeys::default().data(&text, |m| {
+            scanned.push((u64::from(m.partition), m.sequence, m.ingest_ns, m.send_ns))
+        });
+        assert_eq!(n, Some(50));
+        assert_eq!(scanned, parsed);
+        assert_eq!(scanned, expected);
+        assert_eq!(
+            JsonKeys::default().data(br#"{"type":"error"}"#, |_| {}),
+            None
+        );
+    }
+}
