@@ -212,6 +212,14 @@ pub fn hex8(v: u32) -> [u8; 8] {
     out
 }
 
+/// Appends `v` as 8 lower-case hex digits to a string.
+#[inline]
+pub fn push_hex8(out: &mut String, v: u32) {
+    for d in hex8(v) {
+        out.push(char::from(d));
+    }
+}
+
 /// An instrument's part of `NormalizedMarketData` (symbol, exchange,
 /// currency), encoded once per instrument: symbology entries never change
 /// once written, so a reader may keep this for the life of its mapping.
@@ -342,6 +350,9 @@ pub fn encode_tick(
 /// length (1 + at most 5 bytes for a length below 4 GiB).
 const HEAD: usize = 6;
 
+/// Bytes a batch buffer allocates at a time; batches are cut from it.
+const BLOCK: usize = 16 * 1024;
+
 /// Elements of one `MarketDataBatch`, gathered behind head room for the
 /// response prefix.
 #[derive(Debug)]
@@ -359,7 +370,7 @@ impl Default for BatchBuf {
 impl BatchBuf {
     /// An empty batch.
     pub fn new() -> BatchBuf {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut buf = BytesMut::with_capacity(BLOCK);
         buf.put_bytes(0, HEAD);
         BatchBuf { buf, events: 0 }
     }
@@ -383,13 +394,26 @@ impl BatchBuf {
 
     /// The batch as one `StreamResponse`, leaving this buffer empty.
     pub fn take(&mut self) -> Encoded {
-        let len = self.bytes();
-        let mut prefix = Vec::with_capacity(HEAD);
-        key(&mut prefix, 1, 2);
-        varint(&mut prefix, len as u64);
-        let start = HEAD - prefix.len();
-        self.buf[start..HEAD].copy_from_slice(&prefix);
-        let mut whole = std::mem::replace(&mut self.buf, BytesMut::with_capacity(16 * 1024));
+        // StreamResponse.batch: field 1, length-delimited, then the length.
+        let mut head = [0u8; HEAD];
+        head[0] = 0x0a;
+        let (mut n, mut v) = (1, self.bytes() as u64);
+        while v >= 0x80 {
+            head[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        head[n] = v as u8;
+        n += 1;
+        let start = HEAD - n;
+        self.buf[start..HEAD].copy_from_slice(&head[..n]);
+        // The filled part leaves; the rest of the block stays for the next
+        // batches, so a small batch does not cost a block of its own (with
+        // a thousand subscribers most batches are a few events).
+        let mut whole = self.buf.split();
+        if self.buf.capacity() < BLOCK / 4 {
+            self.buf.reserve(BLOCK);
+        }
         self.buf.put_bytes(0, HEAD);
         self.events = 0;
         whole.advance(start);
@@ -526,5 +550,44 @@ mod tests {
         // The buffer is reusable.
         assert_eq!(batch.events(), 0);
         assert_eq!(batch.take().0.as_ref(), &[0x0a, 0x00]);
+    }
+
+    #[test]
+    fn batches_cut_from_one_block_stay_intact_while_later_ones_are_written() {
+        let mut batch = BatchBuf::new();
+        let mut taken = Vec::new();
+        let mut seq = 0u64;
+        // Enough small and large batches to fill several blocks.
+        for size in (1..=60u64).chain([300, 1, 2]) {
+            for _ in 0..size {
+                seq += 1;
+                let words = FrameBody::trade(0, seq, 1, 1).to_words();
+                let meta = TickMeta {
+                    topic: "t",
+                    partition: 0,
+                    epoch: 1,
+                    seq,
+                    send_time_ns: 0,
+                    snapshot: false,
+                    conflated: false,
+                };
+                let mut one = Vec::new();
+                encode_tick(&mut one, &meta, ArchivedFrameBody::from_words(&words), None);
+                batch.push(&one);
+            }
+            taken.push((size, batch.take()));
+        }
+        let mut expected = 0u64;
+        for (size, wire) in taken {
+            let decoded = pb::StreamResponse::decode(wire.0).expect("decodes");
+            let Some(pb::stream_response::Kind::Batch(b)) = decoded.kind else {
+                panic!("not a batch");
+            };
+            assert_eq!(b.messages.len() as u64, size);
+            for m in b.messages {
+                expected += 1;
+                assert_eq!(m.metadata.map(|md| md.sequence), Some(expected));
+            }
+        }
     }
 }

@@ -63,32 +63,32 @@ impl Decimal {
 impl Decimal {
     /// Appends the decimal's digits (as [`Display`](std::fmt::Display)
     /// writes them) without allocating: the edge writes two per event.
-    pub fn write_to(self, out: &mut Vec<u8>) {
+    pub fn write_to(self, out: &mut String) {
         let scale = self.scale.min(18);
         let unit = 10u64.pow(scale as u32);
         let abs = self.mantissa.unsigned_abs();
         let (int, frac) = (abs / unit, abs % unit);
         if self.mantissa < 0 {
-            out.push(b'-');
+            out.push('-');
         }
-        out.extend_from_slice(itoa::Buffer::new().format(int).as_bytes());
+        out.push_str(itoa::Buffer::new().format(int));
         if frac != 0 {
             let mut digits = itoa::Buffer::new();
-            let digits = digits.format(frac).as_bytes();
-            out.push(b'.');
-            out.resize(out.len() + scale as usize - digits.len(), b'0');
-            let end = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
-            out.extend_from_slice(&digits[..end]);
+            let digits = digits.format(frac);
+            out.push('.');
+            for _ in digits.len()..scale as usize {
+                out.push('0');
+            }
+            out.push_str(digits.trim_end_matches('0'));
         }
     }
 }
 
 impl std::fmt::Display for Decimal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut out = Vec::with_capacity(24);
+        let mut out = String::with_capacity(24);
         self.write_to(&mut out);
-        // Only ASCII digits, '-' and '.' are written.
-        f.write_str(std::str::from_utf8(&out).map_err(|_| std::fmt::Error)?)
+        f.write_str(&out)
     }
 }
 
@@ -184,16 +184,16 @@ pub struct TickJson {
 
 /// RFC 3339 UTC with nanoseconds for a time in ns since the Unix epoch.
 pub fn rfc3339(ns: u64) -> String {
-    let mut out = Vec::with_capacity(30);
+    let mut out = String::with_capacity(30);
     write_rfc3339(&mut out, ns);
-    String::from_utf8(out).unwrap_or_default()
+    out
 }
 
 /// Appends `ns` (since the Unix epoch) as RFC 3339 UTC with nine fraction
 /// digits, `2026-11-27T13:28:28.123456789Z`, without allocating (the edge
 /// writes one per event). A u64 of ns ends in 2554: the year always has
 /// four digits.
-pub fn write_rfc3339(out: &mut Vec<u8>, ns: u64) {
+pub fn write_rfc3339(out: &mut String, ns: u64) {
     let secs = ns / 1_000_000_000;
     let nanos = (ns % 1_000_000_000) as u32;
     let days = (secs / 86_400) as i64;
@@ -208,23 +208,19 @@ pub fn write_rfc3339(out: &mut Vec<u8>, ns: u64) {
     let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = (yoe + era * 400 + i64::from(month <= 2)) as u32;
-    let mut digits = |v: u32, n: usize, after: u8| {
-        let mut d = [b'0'; 9];
-        let mut v = v;
+    let mut digits = |v: u32, n: u32, after: char| {
         for i in (0..n).rev() {
-            d[i] = b'0' + (v % 10) as u8;
-            v /= 10;
+            out.push(char::from(b'0' + (v / 10u32.pow(i) % 10) as u8));
         }
-        out.extend_from_slice(&d[..n]);
         out.push(after);
     };
-    digits(year, 4, b'-');
-    digits(month, 2, b'-');
-    digits(day, 2, b'T');
-    digits(rem / 3600, 2, b':');
-    digits(rem / 60 % 60, 2, b':');
-    digits(rem % 60, 2, b'.');
-    digits(nanos, 9, b'Z');
+    digits(year, 4, '-');
+    digits(month, 2, '-');
+    digits(day, 2, 'T');
+    digits(rem / 3600, 2, ':');
+    digits(rem / 60 % 60, 2, ':');
+    digits(rem % 60, 2, '.');
+    digits(nanos, 9, 'Z');
 }
 
 impl TickJson {

@@ -17,18 +17,25 @@
 //! Prices and sizes are exact decimals (see `tickwire_proto::json`).
 
 use tickwire_proto::frame::{ArchivedFrameBody, Kind};
-use tickwire_proto::grpc::{TickMeta, hex8};
+use tickwire_proto::grpc::{TickMeta, push_hex8};
 use tickwire_proto::json::{Decimal, rfc3339, write_rfc3339};
 use tickwire_proto::symbology::Entry;
 
-fn string(buf: &mut Vec<u8>, s: &str) {
-    // Writing JSON into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *buf, s);
+/// `s` as a JSON string: quoted as it is when nothing in it needs an
+/// escape (the usual topic name), else through serde_json.
+fn string(buf: &mut String, s: &str) {
+    if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        buf.push('"');
+        buf.push_str(s);
+        buf.push('"');
+    } else {
+        buf.push_str(&serde_json::to_string(s).unwrap_or_default());
+    }
 }
 
 #[inline]
-fn number(buf: &mut Vec<u8>, v: impl itoa::Integer) {
-    buf.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+fn number(buf: &mut String, v: impl itoa::Integer) {
+    buf.push_str(itoa::Buffer::new().format(v));
 }
 
 /// An instrument's part of the JSON `data` object (`"symbol":..,
@@ -36,23 +43,23 @@ fn number(buf: &mut Vec<u8>, v: impl itoa::Integer) {
 /// instrument: symbology entries never change once written.
 #[derive(Debug, Clone, Default)]
 pub struct JsonInstrument {
-    strings: Box<[u8]>,
+    strings: Box<str>,
     size_decimals: u8,
 }
 
 impl JsonInstrument {
     /// Escapes an entry's strings once.
     pub fn new(e: &Entry) -> JsonInstrument {
-        let mut buf = Vec::with_capacity(64);
-        buf.extend_from_slice(br#""symbol":"#);
+        let mut buf = String::with_capacity(64);
+        buf.push_str(r#""symbol":"#);
         string(&mut buf, e.symbol());
-        buf.extend_from_slice(br#","exchange":"#);
+        buf.push_str(r#","exchange":"#);
         string(&mut buf, e.exchange());
-        buf.extend_from_slice(br#","currency":"#);
+        buf.push_str(r#","currency":"#);
         string(&mut buf, e.currency());
-        buf.push(b',');
+        buf.push(',');
         JsonInstrument {
-            strings: buf.into_boxed_slice(),
+            strings: buf.into_boxed_str(),
             size_decimals: e.size_decimals(),
         }
     }
@@ -62,113 +69,109 @@ impl JsonInstrument {
 /// formatting machinery: it runs once per event for every WebSocket
 /// subscriber's batch).
 pub fn encode_tick(
-    buf: &mut Vec<u8>,
+    buf: &mut String,
     m: &TickMeta<'_>,
     b: &ArchivedFrameBody,
     inst: Option<&JsonInstrument>,
 ) {
     buf.reserve(480 + m.topic.len() + inst.map_or(0, |i| i.strings.len()));
-    buf.extend_from_slice(br#"{"event_id":""#);
-    buf.extend_from_slice(&hex8(b.source_id()));
-    buf.push(b'-');
+    buf.push_str(r#"{"event_id":""#);
+    push_hex8(buf, b.source_id());
+    buf.push('-');
     number(buf, b.source_seq());
-    buf.extend_from_slice(br#"","timestamp":"#);
+    buf.push_str(r#"","timestamp":"#);
     number(buf, b.ts_event());
-    buf.extend_from_slice(br#","data":{"#);
+    buf.push_str(r#","data":{"#);
     if let Some(i) = inst {
-        buf.extend_from_slice(&i.strings);
+        buf.push_str(&i.strings);
     }
     let kind = b.kind();
-    buf.extend_from_slice(br#""kind":""#);
-    buf.extend_from_slice(kind.map_or("unknown", Kind::name).as_bytes());
-    buf.extend_from_slice(br#"","timestamp":""#);
+    buf.push_str(r#""kind":""#);
+    buf.push_str(kind.map_or("unknown", Kind::name));
+    buf.push_str(r#"","timestamp":""#);
     write_rfc3339(buf, b.ts_event());
-    buf.extend_from_slice(br#"","timestamp_ns":"#);
+    buf.push_str(r#"","timestamp_ns":"#);
     number(buf, b.ts_event());
     let decimals = inst.map_or(0, |i| i.size_decimals);
-    let px = |buf: &mut Vec<u8>, name: &[u8], p: i64| {
+    let px = |buf: &mut String, name: &str, p: i64| {
         if let Some(d) = Decimal::price(p) {
-            buf.extend_from_slice(name);
+            buf.push_str(name);
             d.write_to(buf);
         }
     };
-    let size = |buf: &mut Vec<u8>, name: &[u8], raw: u32| {
-        buf.extend_from_slice(name);
+    let size = |buf: &mut String, name: &str, raw: u32| {
+        buf.push_str(name);
         Decimal::size(raw, decimals).write_to(buf);
     };
     match kind {
         Some(Kind::Quote) => {
-            px(buf, br#","bid_price":"#, b.px_a());
-            size(buf, br#","bid_size":"#, b.size_a());
-            px(buf, br#","ask_price":"#, b.px_b());
-            size(buf, br#","ask_size":"#, b.size_b());
+            px(buf, r#","bid_price":"#, b.px_a());
+            size(buf, r#","bid_size":"#, b.size_a());
+            px(buf, r#","ask_price":"#, b.px_b());
+            size(buf, r#","ask_size":"#, b.size_b());
         }
         _ => {
-            px(buf, br#","price":"#, b.px_a());
-            size(buf, br#","volume":"#, b.size_a());
+            px(buf, r#","price":"#, b.px_a());
+            size(buf, r#","volume":"#, b.size_a());
         }
     }
-    buf.extend_from_slice(br#"},"metadata":{"topic":"#);
+    buf.push_str(r#"},"metadata":{"topic":"#);
     string(buf, m.topic);
     let (mut p, mut e, mut s) = (
         itoa::Buffer::new(),
         itoa::Buffer::new(),
         itoa::Buffer::new(),
     );
-    let (p, e, s) = (
-        p.format(m.partition).as_bytes(),
-        e.format(m.epoch).as_bytes(),
-        s.format(m.seq).as_bytes(),
-    );
+    let (p, e, s) = (p.format(m.partition), e.format(m.epoch), s.format(m.seq));
     for (part, text) in [
-        (&br#","partition":"#[..], p),
-        (br#","epoch":"#, e),
-        (br#","sequence":"#, s),
-        (br#","message_id":""#, p),
-        (b":", e),
-        (b":", s),
+        (r#","partition":"#, p),
+        (r#","epoch":"#, e),
+        (r#","sequence":"#, s),
+        (r#","message_id":""#, p),
+        (":", e),
+        (":", s),
     ] {
-        buf.extend_from_slice(part);
-        buf.extend_from_slice(text);
+        buf.push_str(part);
+        buf.push_str(text);
     }
-    buf.extend_from_slice(br#"","ingest_time_ns":"#);
+    buf.push_str(r#"","ingest_time_ns":"#);
     number(buf, b.ts_ingest());
-    buf.extend_from_slice(br#","send_time_ns":"#);
+    buf.push_str(r#","send_time_ns":"#);
     number(buf, m.send_time_ns);
-    buf.extend_from_slice(if m.snapshot {
-        br#","snapshot":true"#
+    buf.push_str(if m.snapshot {
+        r#","snapshot":true"#
     } else {
-        br#","snapshot":false"#
+        r#","snapshot":false"#
     });
-    buf.extend_from_slice(if m.conflated {
-        br#","conflated":true"#
+    buf.push_str(if m.conflated {
+        r#","conflated":true"#
     } else {
-        br#","conflated":false"#
+        r#","conflated":false"#
     });
-    buf.extend_from_slice(br#","source_id":"#);
+    buf.push_str(r#","source_id":"#);
     number(buf, b.source_id());
-    buf.extend_from_slice(br#","source_seq":"#);
+    buf.push_str(r#","source_seq":"#);
     number(buf, b.source_seq());
-    buf.extend_from_slice(b"}}");
+    buf.push_str("}}");
 }
 
 /// A `WebSocketMessage` of type `data` around `elements` (comma-separated
 /// JSON messages).
-pub fn data_message(subscription_id: &str, elements: &[u8], now_ns: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(elements.len() + 128);
-    out.extend_from_slice(br#"{"type":"data","payload":{"subscription_id":"#);
+pub fn data_message(subscription_id: &str, elements: &str, now_ns: u64) -> String {
+    let mut out = String::with_capacity(elements.len() + 128);
+    out.push_str(r#"{"type":"data","payload":{"subscription_id":"#);
     string(&mut out, subscription_id);
-    out.extend_from_slice(br#","messages":["#);
-    out.extend_from_slice(elements);
-    out.extend_from_slice(br#"]},"timestamp":""#);
+    out.push_str(r#","messages":["#);
+    out.push_str(elements);
+    out.push_str(r#"]},"timestamp":""#);
     write_rfc3339(&mut out, now_ns);
-    out.extend_from_slice(br#""}"#);
+    out.push_str(r#""}"#);
     out
 }
 
 /// A `WebSocketMessage` of any type with a JSON payload.
-pub fn message(kind: &str, payload: serde_json::Value, now_ns: u64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
+pub fn message(kind: &str, payload: serde_json::Value, now_ns: u64) -> String {
+    serde_json::to_string(&serde_json::json!({
         "type": kind,
         "payload": payload,
         "timestamp": rfc3339(now_ns),
@@ -196,19 +199,19 @@ mod tests {
             snapshot: false,
             conflated: true,
         };
-        let mut el = Vec::new();
+        let mut el = String::new();
         encode_tick(&mut el, &meta, b, None);
-        el.push(b',');
+        el.push(',');
         encode_tick(&mut el, &meta, b, None);
         let msg = data_message("s1", &el, 1);
-        let v: serde_json::Value = serde_json::from_slice(&msg).expect("valid JSON");
+        let v: serde_json::Value = serde_json::from_str(&msg).expect("valid JSON");
         assert_eq!(v["type"], "data");
         let m = &v["payload"]["messages"][1];
         assert_eq!(m["metadata"]["topic"], "t\"x");
         assert_eq!(m["metadata"]["message_id"], "2:1:1041");
         assert_eq!(m["metadata"]["conflated"], true);
         assert_eq!(m["event_id"], "00000000-17");
-        let text = String::from_utf8(msg).expect("utf8");
+        let text = msg;
         assert!(
             text.contains(r#""price":12345678.123456789,"volume":100"#),
             "{text}"
@@ -250,9 +253,9 @@ mod tests {
             .expect("interned");
         let reader = tickwire_proto::symbology::Symbology::open(dir.path()).expect("reader");
         let inst = JsonInstrument::new(reader.get(id).expect("entry"));
-        let mut el = Vec::new();
+        let mut el = String::new();
         encode_tick(&mut el, &meta, b, Some(&inst));
-        let v: serde_json::Value = serde_json::from_slice(&el).expect("valid JSON");
+        let v: serde_json::Value = serde_json::from_str(&el).expect("valid JSON");
         assert_eq!(
             v,
             serde_json::json!({

@@ -30,7 +30,6 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
 use shm_client::{Event, Start, Subscriber, Tick, WaitStrategy};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS, Kind, UNDEF_PRICE};
@@ -43,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::spec::{Policy, StartSpec, SubscriptionSpec};
-use outbox::{Closed, Frame, Outbox};
+use outbox::{Closed, Frame, Outbox, Payload};
 
 /// Queue and batch limits for every subscriber.
 #[derive(Debug, Clone, Copy)]
@@ -436,7 +435,7 @@ struct LiveSub {
     /// Instrument ids it wants (for the index and snapshots).
     matches: Vec<u32>,
     pb: BatchBuf,
-    json: Vec<u8>,
+    json: String,
     events: u32,
     oldest_ingest_ns: u64,
     /// (partition, first seq, last seq) of the batch being built.
@@ -519,7 +518,7 @@ impl LiveSub {
         now: u64,
     ) {
         let bytes = match &self.wire {
-            Wire::Grpc => grpc.0,
+            Wire::Grpc => Payload::Binary(grpc.0),
             Wire::Json { subscription_id } => {
                 let mut payload = json();
                 payload["subscription_id"] = subscription_id.to_string().into();
@@ -528,7 +527,7 @@ impl LiveSub {
                     .and_then(|v| v.as_str())
                     .unwrap_or("notice")
                     .to_string();
-                Bytes::from(json::message(&kind, payload, now))
+                Payload::Text(json::message(&kind, payload, now))
             }
         };
         self.outbox.push_notice(Frame {
@@ -570,7 +569,7 @@ struct State {
     /// Each instrument's strings, encoded once per wire format.
     wires: Vec<Option<Box<Wires>>>,
     pb: Vec<u8>,
-    json: Vec<u8>,
+    json: String,
     now_ns: u64,
     hist: Histogram<u64>,
     /// When `hist` was last merged into the shared one: merging scans and
@@ -614,7 +613,7 @@ impl Dispatcher {
                 touched: Vec::new(),
                 wires: Vec::new(),
                 pb: Vec::with_capacity(512),
-                json: Vec::with_capacity(1024),
+                json: String::with_capacity(1024),
                 now_ns: realtime_ns(),
                 hist: histogram(),
                 hist_merged: Instant::now(),
@@ -845,9 +844,9 @@ impl State {
                         json_done = true;
                     }
                     if s.events > 0 {
-                        s.json.push(b',');
+                        s.json.push(',');
                     }
-                    s.json.extend_from_slice(&self.json);
+                    s.json.push_str(&self.json);
                 }
             }
             if s.events == 0 {
@@ -1032,7 +1031,7 @@ impl State {
             outbox: n.outbox,
             matches,
             pb: BatchBuf::new(),
-            json: Vec::new(),
+            json: String::new(),
             events: 0,
             oldest_ingest_ns: 0,
             ranges: Vec::new(),
@@ -1289,7 +1288,7 @@ fn push_event(
     b: &ArchivedFrameBody,
     inst: Option<&Wires>,
     pb: &mut Vec<u8>,
-    js: &mut Vec<u8>,
+    js: &mut String,
 ) {
     match &s.wire {
         Wire::Grpc => {
@@ -1301,9 +1300,9 @@ fn push_event(
             js.clear();
             json::encode_tick(js, meta, b, inst.map(|w| &w.json));
             if s.events > 0 {
-                s.json.push(b',');
+                s.json.push(',');
             }
-            s.json.extend_from_slice(js);
+            s.json.push_str(js);
         }
     }
     s.note(meta.partition, meta.seq, b.ts_ingest());
@@ -1358,9 +1357,9 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
     let events = std::mem::take(&mut s.events);
     let frame = Frame {
         bytes: match &s.wire {
-            Wire::Grpc => s.pb.take().0,
+            Wire::Grpc => Payload::Binary(s.pb.take().0),
             Wire::Json { subscription_id } => {
-                let b = Bytes::from(json::data_message(subscription_id, &s.json, now));
+                let b = Payload::Text(json::data_message(subscription_id, &s.json, now));
                 s.json.clear();
                 b
             }

@@ -10,11 +10,50 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+/// A frame's bytes as the wire takes them.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A protobuf `StreamResponse`.
+    Binary(Bytes),
+    /// A WebSocket JSON message, kept a `String` from the dispatcher to
+    /// the socket so that the writer never checks its UTF-8 again.
+    Text(String),
+}
+
+impl Payload {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.as_ref().len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes (no copy).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Binary(b) => b,
+            Payload::Text(t) => Bytes::from(t),
+        }
+    }
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Payload::Binary(b) => b,
+            Payload::Text(t) => t.as_bytes(),
+        }
+    }
+}
+
 /// One message ready for the wire.
 #[derive(Debug, Clone)]
 pub struct Frame {
     /// Protobuf `StreamResponse` or WebSocket JSON text.
-    pub bytes: Bytes,
+    pub bytes: Payload,
     /// Events it carries (0 for notices).
     pub events: u32,
     /// Ingest time of its oldest event (ns since the Unix epoch), 0 if none.
@@ -235,7 +274,7 @@ mod tests {
 
     fn frame(events: u32, len: usize) -> Frame {
         Frame {
-            bytes: Bytes::from(vec![0u8; len]),
+            bytes: Payload::Binary(Bytes::from(vec![0u8; len])),
             events,
             oldest_ingest_ns: 0,
         }

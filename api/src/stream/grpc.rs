@@ -68,9 +68,9 @@ fn frames(sub: SubscriptionHandle, heartbeat: std::time::Duration) -> EncodedStr
             match sub.outbox.next(heartbeat).await {
                 Next::Frame(f) => {
                     let bytes = if f.events > 0 {
-                        merge_queued(&sub, f.bytes)
+                        merge_queued(&sub, f.bytes.into_bytes())
                     } else {
-                        f.bytes
+                        f.bytes.into_bytes()
                     };
                     sub.shared.record_send(f.oldest_ingest_ns, bytes.len());
                     Some((Ok(Encoded(bytes)), (sub, false)))
@@ -108,9 +108,9 @@ fn merge_queued(sub: &SubscriptionHandle, first: bytes::Bytes) -> bytes::Bytes {
     };
     let mut out = bytes::BytesMut::with_capacity(first.len() + next.bytes.len() * 2);
     out.extend_from_slice(&first);
-    out.extend_from_slice(&next.bytes);
+    out.extend_from_slice(next.bytes.as_ref());
     while let Some(f) = sub.outbox.pop_data(MERGE_MAX.saturating_sub(out.len())) {
-        out.extend_from_slice(&f.bytes);
+        out.extend_from_slice(f.bytes.as_ref());
     }
     out.freeze()
 }

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::EdgeState;
 use crate::auth::Right;
-use crate::dispatch::outbox::Next;
+use crate::dispatch::outbox::{Next, Payload};
 use crate::dispatch::{SubscriptionHandle, Wire, json};
 use crate::error::ApiError;
 use crate::spec::SubscriptionSpec;
@@ -166,8 +166,8 @@ fn error_message(e: &ApiError, subscription_id: Option<&str>) -> Message {
     text(json::message("error", p, realtime_ns()))
 }
 
-fn text(bytes: Vec<u8>) -> Message {
-    Message::Text(String::from_utf8(bytes).unwrap_or_default().into())
+fn text(json: String) -> Message {
+    Message::Text(json.into())
 }
 
 /// Field names in serde errors start with the payload.
@@ -197,12 +197,17 @@ pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>
                 match n {
                     Next::Frame(f) => {
                         s.shared.record_send(f.oldest_ingest_ns, f.bytes.len());
-                        // The dispatcher wrote JSON text: no copy, one
-                        // UTF-8 check (a frame failing it would be a bug,
-                        // and goes out empty rather than as bad text).
-                        let m = Message::Text(
-                            axum::extract::ws::Utf8Bytes::try_from(f.bytes).unwrap_or_default(),
-                        );
+                        // The dispatcher wrote JSON text as a String: no
+                        // copy and no second UTF-8 check.
+                        let m = Message::Text(match f.bytes {
+                            Payload::Text(t) => t.into(),
+                            // Never built for a WebSocket subscription; a
+                            // frame failing the check would go out empty
+                            // rather than as bad text.
+                            Payload::Binary(b) => {
+                                axum::extract::ws::Utf8Bytes::try_from(b).unwrap_or_default()
+                            }
+                        });
                         if tx.feed(m).await.is_err() {
                             return;
                         }
