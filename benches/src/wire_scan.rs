@@ -266,19 +266,19 @@ mod tests {
 
     #[test]
     fn the_json_scan_reads_what_serde_parses() {
-        let mut elements = Vec::new();
+        let mut elements = String::new();
         let mut expected = Vec::new();
         for seq in 1..=50u64 {
             let body = FrameBody::quote(1, 1_795_786_108_123_456_789, (1, 2), (3, 4)).to_words();
             let b = ArchivedFrameBody::from_words(&body);
             if seq > 1 {
-                elements.push(b',');
+                elements.push(',');
             }
             tickwire_api::dispatch::json::encode_tick(&mut elements, &meta(seq), b, None);
             expected.push((3u64, seq, b.ts_ingest(), 1_795_786_108_200_000_000 + seq));
         }
         let text = tickwire_api::dispatch::json::data_message("s1", &elements, 1);
-        let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
         let parsed: Vec<(u64, u64, u64, u64)> = v["payload"]["messages"]
             .as_array()
             .expect("messages")
@@ -295,7 +295,7 @@ mod tests {
             })
             .collect();
         let mut scanned = Vec::new();
-        let n = JsonKeys::default().data(&text, |m| {
+        let n = JsonKeys::default().data(text.as_bytes(), |m| {
             scanned.push((u64::from(m.partition), m.sequence, m.ingest_ns, m.send_ns))
         });
         assert_eq!(n, Some(50));
