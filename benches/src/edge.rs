@@ -884,6 +884,9 @@ struct Shared {
     done: AtomicBool,
     connected: AtomicU64,
     events: AtomicU64,
+    /// Messages (gRPC responses, WebSocket data messages, NATS messages)
+    /// that carried them.
+    messages: AtomicU64,
     lost: AtomicU64,
     gap_notices: AtomicU64,
     slow_notices: AtomicU64,
@@ -1048,6 +1051,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         done: AtomicBool::new(false),
         connected: AtomicU64::new(0),
         events: AtomicU64::new(0),
+        messages: AtomicU64::new(0),
         lost: AtomicU64::new(0),
         gap_notices: AtomicU64::new(0),
         slow_notices: AtomicU64::new(0),
@@ -1139,6 +1143,9 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         Ok::<_, String>((hist, to_edge, elapsed))
     })?;
     let events = sh.events.load(Ordering::Relaxed);
+    let messages = sh.messages.load(Ordering::Relaxed);
+    let per_message =
+        (messages > 0).then(|| (events as f64 / messages as f64 * 10.0).round() / 10.0);
     let connected = sh.connected.load(Ordering::Relaxed);
     if connected == 0 {
         return Err(format!("{} {}: no stream connected", a.system, a.transport));
@@ -1156,6 +1163,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         "connected": connected,
         "transport": a.transport,
         "events": events,
+        "events_per_message": per_message,
         "events_per_sec": (events as f64 / elapsed.as_secs_f64()).round(),
         "lost": sh.lost.load(Ordering::Relaxed),
         "gap_notices": sh.gap_notices.load(Ordering::Relaxed),
@@ -1227,6 +1235,9 @@ async fn grpc_stream(
                 now,
             )
         });
+        if sh.measuring.load(Ordering::Relaxed) {
+            sh.messages.fetch_add(1, Ordering::Relaxed);
+        }
         match read {
             Some(Notice::None) => {}
             Some(Notice::Gap { from, to }) => count_gap(sh, t, from, to),
@@ -1287,6 +1298,8 @@ async fn ws_stream(
     let mut cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
     cfg.max_message_size = Some(64 << 20);
     cfg.max_frame_size = Some(64 << 20);
+    // tungstenite zero-fills this much of its buffer on every read.
+    cfg.read_buffer_size = 16 << 10;
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -1321,6 +1334,9 @@ async fn ws_stream(
             })
             .is_some()
         {
+            if sh.measuring.load(Ordering::Relaxed) {
+                sh.messages.fetch_add(1, Ordering::Relaxed);
+            }
             continue;
         }
         let Ok(msg) = serde_json::from_str::<WsMsg>(text.as_str()) else {
@@ -1378,6 +1394,9 @@ async fn nats_stream(
         };
         if let (Some(seq), Some(ts), Some(key)) = (word(0), word(1), word(2)) {
             t.event(sh, key, seq, ts, 0, now);
+            if sh.measuring.load(Ordering::Relaxed) {
+                sh.messages.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     Ok(())
