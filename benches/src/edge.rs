@@ -925,6 +925,15 @@ thread_local! {
     });
 }
 
+impl Shared {
+    /// Counts a message that carried events (while measuring).
+    fn message(&self) {
+        if self.measuring.load(Ordering::Relaxed) {
+            self.messages.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// One stream's tally: sequence contiguity (when it takes everything) and
 /// latency samples while measuring.
 struct Tally {
@@ -939,6 +948,12 @@ impl Tally {
             last: Vec::new(),
             contiguous,
         }
+    }
+
+    /// One event read off the tickwire wire.
+    fn scanned(&mut self, sh: &Shared, e: wire_scan::EventMeta, now: u64) {
+        let partition = u64::from(e.partition);
+        self.event(sh, partition, e.sequence, e.ingest_ns, e.send_ns, now);
     }
 
     /// One event on `key` (partition or subject) with sequence `seq`;
@@ -1229,19 +1244,8 @@ async fn grpc_stream(
             break;
         };
         let now = realtime_ns();
-        let read = wire_scan::grpc_response(&m, |e| {
-            t.event(
-                sh,
-                u64::from(e.partition),
-                e.sequence,
-                e.ingest_ns,
-                e.send_ns,
-                now,
-            )
-        });
-        if sh.measuring.load(Ordering::Relaxed) {
-            sh.messages.fetch_add(1, Ordering::Relaxed);
-        }
+        let read = wire_scan::grpc_response(&m, |e| t.scanned(sh, e, now));
+        sh.message();
         match read {
             Some(Notice::None) => {}
             Some(Notice::Gap { from, to }) => count_gap(sh, t, from, to),
@@ -1326,21 +1330,10 @@ async fn ws_stream(
         };
         let now = realtime_ns();
         if keys
-            .data(text.as_bytes(), |e| {
-                t.event(
-                    sh,
-                    u64::from(e.partition),
-                    e.sequence,
-                    e.ingest_ns,
-                    e.send_ns,
-                    now,
-                )
-            })
+            .data(text.as_bytes(), |e| t.scanned(sh, e, now))
             .is_some()
         {
-            if sh.measuring.load(Ordering::Relaxed) {
-                sh.messages.fetch_add(1, Ordering::Relaxed);
-            }
+            sh.message();
             continue;
         }
         let Ok(msg) = serde_json::from_str::<WsMsg>(text.as_str()) else {
@@ -1398,9 +1391,7 @@ async fn nats_stream(
         };
         if let (Some(seq), Some(ts), Some(key)) = (word(0), word(1), word(2)) {
             t.event(sh, key, seq, ts, 0, now);
-            if sh.measuring.load(Ordering::Relaxed) {
-                sh.messages.fetch_add(1, Ordering::Relaxed);
-            }
+            sh.message();
         }
     }
     Ok(())
