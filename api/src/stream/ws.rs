@@ -170,14 +170,26 @@ fn text(json: String) -> Message {
     Message::Text(json.into())
 }
 
-/// Field names in serde errors start with the payload.
-fn payload_error(e: serde_json::Error) -> ApiError {
-    let msg = e.to_string();
-    let field = msg
-        .split('`')
-        .nth(1)
-        .map_or("payload".to_string(), |f| format!("payload.{f}"));
-    ApiError::invalid(field, msg)
+/// A payload of type `T`, or an error naming the field that was wrong
+/// (`payload.filters.min_price`), not only the payload.
+fn parse_payload<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let msg = e.inner().to_string();
+        let mut field = String::from("payload");
+        let path = e.path().to_string();
+        if path != "." {
+            field = format!("payload.{path}");
+        }
+        // An unknown or missing field is named by serde itself; the path
+        // is where it was (or was not) found.
+        if (msg.starts_with("unknown field") || msg.starts_with("missing field"))
+            && let Some(name) = msg.split('`').nth(1)
+            && !field.ends_with(&format!(".{name}"))
+        {
+            field = format!("{field}.{name}");
+        }
+        ApiError::invalid(field, msg)
+    })
 }
 
 /// Serves one connection until the client leaves or the edge stops.
@@ -291,8 +303,7 @@ async fn handle(
     })?;
     match m.kind.as_str() {
         "subscribe" => {
-            let s: Subscribe =
-                serde_json::from_value(m.payload).map_err(|e| (payload_error(e), None))?;
+            let s: Subscribe = parse_payload(m.payload).map_err(|e| (e, None))?;
             let (id, req) = to_request(s).map_err(|e| (e, None))?;
             let id = match id {
                 Some(id) if id.is_empty() || id.len() > 64 => {
@@ -357,8 +368,7 @@ async fn handle(
             )))
         }
         "unsubscribe" => {
-            let u: Unsubscribe =
-                serde_json::from_value(m.payload).map_err(|e| (payload_error(e), None))?;
+            let u: Unsubscribe = parse_payload(m.payload).map_err(|e| (e, None))?;
             if subs.remove(&u.subscription_id).is_none() {
                 return Err((
                     ApiError::NotFound {
@@ -391,5 +401,40 @@ fn prefix_payload(e: ApiError) -> ApiError {
             why,
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of<T: serde::de::DeserializeOwned + std::fmt::Debug>(payload: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(payload).expect("json");
+        let e = parse_payload::<T>(v).expect_err("a bad payload");
+        e.body()["error"]["field"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    #[test]
+    fn a_bad_payload_names_the_field_by_its_path() {
+        for (payload, field) in [
+            (
+                r#"{"filters":{"min_price":"x"}}"#,
+                "payload.filters.min_price",
+            ),
+            (r#"{"symbols":"AAPL"}"#, "payload.symbols"),
+            (r#"{"symbols":["AAPL", 7]}"#, "payload.symbols[1]"),
+            (r#"{"symbol":["AAPL"]}"#, "payload.symbol"),
+            (
+                r#"{"filters":{"min_prise":1}}"#,
+                "payload.filters.min_prise",
+            ),
+            (r#"{"snapshot":"yes"}"#, "payload.snapshot"),
+        ] {
+            assert_eq!(field_of::<Subscribe>(payload), field, "{payload}");
+        }
+        assert_eq!(field_of::<Unsubscribe>("{}"), "payload.subscription_id");
     }
 }
