@@ -237,13 +237,16 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
             let r = run(rate, b.seconds).unwrap_or_else(|e| json!({ "error": e }));
             emit(case, system, b, rate, &r);
             if b.clean_from > 0 {
-                let (mut r, tries) = highest_clean_rate(b, fan, |rate| run(rate, b.seconds))?;
+                let (mut r, tries, clean) = highest_clean_rate(b, fan, |rate| run(rate, b.seconds));
                 let offered = tries
                     .last()
                     .and_then(|t| t["offered_per_sec"].as_u64())
                     .unwrap_or(0);
                 if let Some(o) = r.as_object_mut() {
                     o.insert("mode".into(), json!("highest_clean_rate"));
+                    // False when every try lost or fell behind: the row is
+                    // then the last try.
+                    o.insert("clean".into(), json!(clean));
                     o.insert("search".into(), json!(tries));
                 }
                 emit(case, system, b, offered, &r);
@@ -312,12 +315,13 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
 /// being worked off is not keeping up). Each next try is 85% of the last,
 /// or 95% of what was delivered when that is lower. Each try comes after
 /// 2 s without publishing, so that a backlog of the run before it is not
-/// counted in it. Returns the first clean run (or the last try) and every try.
+/// counted in it. Returns the first clean run (or the last try), every
+/// try, and whether the run returned was clean.
 fn highest_clean_rate(
     b: &EdgeBench,
     fan: f64,
     mut run: impl FnMut(u64) -> Result<Value, String>,
-) -> Result<(Value, Vec<Value>), String> {
+) -> (Value, Vec<Value>, bool) {
     let mut rate = b.clean_from;
     let mut tries = Vec::new();
     let mut last = Value::Null;
@@ -335,7 +339,7 @@ fn highest_clean_rate(
             "events_per_sec": delivered, "lost": lost, "gap_notices": gaps, "kept_up": kept_up}),
         );
         if lost == 0.0 && gaps == 0.0 && kept_up {
-            return Ok((r, tries));
+            return (r, tries, true);
         }
         last = r;
         let next = rate * 85 / 100;
@@ -343,7 +347,7 @@ fn highest_clean_rate(
         // A failed try (no figures) steps down by 15% only.
         rate = if kept > 0 { next.min(kept) } else { next };
     }
-    Ok((last, tries))
+    (last, tries, false)
 }
 
 fn emit(case: &str, system: &str, b: &EdgeBench, offered: u64, r: &Value) {

@@ -279,8 +279,10 @@ pub fn encode_tick(
     b: &ArchivedFrameBody,
     inst: Option<&InstrumentFields>,
 ) {
-    // Room for everything, so the writes below never grow the buffer.
-    buf.reserve(200 + m.topic.len() + inst.map_or(0, |i| i.strings.len()));
+    // Room for the largest element (ids and varints at their longest,
+    // about 270 bytes besides the strings), so the writes below do not
+    // grow the buffer one by one.
+    buf.reserve(320 + m.topic.len() + inst.map_or(0, |i| i.strings.len()));
     nested(buf, 1, |buf| {
         // event_id: "<source_id hex>-<source_seq>".
         let mut seq = itoa::Buffer::new();
@@ -550,6 +552,54 @@ mod tests {
         // The buffer is reusable.
         assert_eq!(batch.events(), 0);
         assert_eq!(batch.take().0.as_ref(), &[0x0a, 0x00]);
+    }
+
+    #[test]
+    fn an_instruments_pre_encoded_strings_decode_as_its_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = crate::symbology::SymbologyWriter::open(dir.path(), 16).expect("open");
+        let id = w
+            .resolve(&crate::symbology::Instrument {
+                symbol: "BTC-USD".into(),
+                exchange: "COINBASE".into(),
+                currency: "USD".into(),
+                size_decimals: 8,
+            })
+            .expect("interned");
+        let reader = crate::symbology::Symbology::open(dir.path()).expect("reader");
+        let inst = InstrumentFields::new(reader.get(id).expect("entry"));
+        let words = FrameBody::trade(id, 7, 65_000_500_000_000, 12_345).to_words();
+        let meta = TickMeta {
+            topic: "crypto/spot",
+            partition: 0,
+            epoch: u64::MAX,
+            seq: u64::MAX,
+            send_time_ns: u64::MAX,
+            snapshot: true,
+            conflated: true,
+        };
+        let mut batch = BatchBuf::new();
+        let mut one = Vec::new();
+        encode_tick(
+            &mut one,
+            &meta,
+            ArchivedFrameBody::from_words(&words),
+            Some(&inst),
+        );
+        batch.push(&one);
+        let decoded = pb::StreamResponse::decode(batch.take().0).expect("decodes");
+        let Some(pb::stream_response::Kind::Batch(b)) = decoded.kind else {
+            panic!("not a batch");
+        };
+        let d = b.messages[0].data.clone().expect("data");
+        assert_eq!(
+            (d.symbol.as_str(), d.exchange.as_str(), d.currency.as_str()),
+            ("BTC-USD", "COINBASE", "USD")
+        );
+        assert_eq!((d.size_decimals, d.volume, d.price), (8, 12_345, 65_000.5));
+        let md = b.messages[0].metadata.clone().expect("metadata");
+        assert_eq!(md.message_id, format!("0:{}:{}", u64::MAX, u64::MAX));
+        assert!(md.snapshot && md.conflated);
     }
 
     #[test]
