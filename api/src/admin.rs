@@ -30,7 +30,7 @@ fn topic_info(t: &crate::TopicDesc) -> pb::TopicInfo {
         topic: t.name.clone(),
         partitions: t.partitions,
         capacity: t.capacity,
-        retention_policy: "ring".into(),
+        retention_policy: t.retention_policy(),
         enabled: true,
         origin: if t.runtime { "runtime" } else { "config" }.into(),
     }
@@ -48,19 +48,28 @@ pub async fn create_topic(
     state: &EdgeState,
     r: pb::CreateTopicRequest,
 ) -> Result<pb::TopicInfo, ApiError> {
-    if !r.retention_policy.is_empty() && r.retention_policy != "ring" {
-        humantime::parse_duration(&r.retention_policy).map_err(|e| {
+    let retention = if r.retention_policy.is_empty() {
+        None
+    } else {
+        let d = humantime::parse_duration(&r.retention_policy).map_err(|e| {
             ApiError::invalid(
                 "retention_policy",
                 format!("{:?} is not a duration such as 7d: {e}", r.retention_policy),
             )
         })?;
-    }
+        if d.is_zero() {
+            return Err(ApiError::invalid(
+                "retention_policy",
+                "a retention of zero would delete every segment as it is written",
+            ));
+        }
+        Some(d)
+    };
     let store = state.store()?.clone();
     let name = r.topic.clone();
     let capacity = (r.capacity != 0).then_some(r.capacity);
     let desc = blocking(state, move |e| {
-        e.create_topic(&name, r.partitions, capacity)
+        e.create_topic(&name, r.partitions, capacity, retention)
     })
     .await?;
     if let Err(e) = store.record_topic(&desc).await {

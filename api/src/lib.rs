@@ -46,6 +46,20 @@ pub struct TopicDesc {
     pub capacity: u64,
     /// Created at run time through the admin API (else: configured).
     pub runtime: bool,
+    /// How long its journal keeps events (`None`: no journal; events live
+    /// as long as their ring slots).
+    pub retention: Option<std::time::Duration>,
+}
+
+impl TopicDesc {
+    /// The spec's `retention_policy`: a duration such as `7days`, or
+    /// `ring` when there is no journal.
+    pub fn retention_policy(&self) -> String {
+        self.retention.map_or_else(
+            || "ring".to_string(),
+            |d| humantime::format_duration(d).to_string(),
+        )
+    }
 }
 
 /// What the edge needs from the engine (the broker implements it).
@@ -70,8 +84,9 @@ pub trait Engine: Send + Sync + 'static {
         Err(("rules".into(), "this engine has no router".into()))
     }
     /// Creates a topic with `partitions` partitions of `capacity` slots
-    /// (`None`: the node default); its rings are written from the next
-    /// event routed to it. Blocking (creates files, waits for the shards).
+    /// (`None`: the node default) whose journal keeps `retention` (`None`:
+    /// the journal's default); its rings are written from the next event
+    /// routed to it. Blocking (creates files, waits for the shards).
     ///
     /// # Errors
     /// [`ApiError::Invalid`] naming the field, [`ApiError::AlreadyExists`],
@@ -81,8 +96,9 @@ pub trait Engine: Send + Sync + 'static {
         name: &str,
         partitions: u32,
         capacity: Option<u64>,
+        retention: Option<std::time::Duration>,
     ) -> Result<TopicDesc, ApiError> {
-        let _ = (partitions, capacity);
+        let _ = (partitions, capacity, retention);
         Err(ApiError::Unimplemented(format!(
             "this engine cannot create topic {name:?} at run time"
         )))
@@ -586,8 +602,11 @@ async fn merge_topics(state: &EdgeState, store: &store::Store) -> Result<(), sto
         let name = row.topic_name.clone();
         let partitions = u32::try_from(row.partitions).unwrap_or(1);
         let capacity = row.capacity.and_then(|c| u64::try_from(c).ok());
-        match tokio::task::spawn_blocking(move || engine.create_topic(&name, partitions, capacity))
-            .await
+        let retention = humantime::parse_duration(&row.retention_policy).ok();
+        match tokio::task::spawn_blocking(move || {
+            engine.create_topic(&name, partitions, capacity, retention)
+        })
+        .await
         {
             Ok(Ok(t)) => {
                 tracing::info!(topic = %t.name, partitions = t.partitions, "topic restored from the command store")

@@ -13,10 +13,12 @@ use crate::error::ApiError;
 pub enum StartSpec {
     /// What comes next.
     Latest,
-    /// The oldest event each partition's ring still holds.
+    /// The oldest event kept (the journal's, else the ring's).
     Earliest,
     /// After these (partition, epoch, sequence); other partitions at Latest.
     After(Vec<(u32, u64, u64)>),
+    /// The first event at or after this UTC time (ns) on each partition.
+    Time(u64),
 }
 
 /// What a full subscriber queue does.
@@ -179,6 +181,18 @@ impl SubscriptionSpec {
                     ids.push((m.partition, m.epoch, m.sequence));
                 }
                 StartSpec::After(ids)
+            }
+            Ok(pb::MessagePosition::Timestamp) => {
+                if r.start_time_ns <= 0 {
+                    return Err(ApiError::invalid(
+                        "start_time_ns",
+                        format!(
+                            "{} is not a time: start position TIMESTAMP needs UTC nanoseconds since 1970",
+                            r.start_time_ns
+                        ),
+                    ));
+                }
+                StartSpec::Time(r.start_time_ns as u64)
             }
             Err(_) => {
                 return Err(ApiError::invalid(

@@ -310,14 +310,15 @@ impl Store {
         let now = rfc3339(realtime_ns());
         let origin = if t.runtime { "runtime" } else { "config" };
         let q = sqlx::query(
-            "INSERT INTO topics (id, topic_name, partitions, enabled, created_at, updated_at, origin, capacity) \
-             VALUES ($1, $2, $3, 1, $4, $5, $6, $7) \
+            "INSERT INTO topics (id, topic_name, partitions, enabled, created_at, updated_at, origin, capacity, retention_policy) \
+             VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8) \
              ON CONFLICT (topic_name) DO UPDATE SET partitions = excluded.partitions, \
              enabled = 1, updated_at = excluded.updated_at, origin = excluded.origin, \
-             capacity = excluded.capacity \
+             capacity = excluded.capacity, retention_policy = excluded.retention_policy \
              WHERE topics.partitions <> excluded.partitions OR topics.enabled <> 1 \
              OR topics.origin <> excluded.origin OR topics.capacity IS NULL \
-             OR topics.capacity <> excluded.capacity",
+             OR topics.capacity <> excluded.capacity \
+             OR topics.retention_policy <> excluded.retention_policy",
         )
         .bind(uuid())
         .bind(&t.name)
@@ -325,7 +326,8 @@ impl Store {
         .bind(&now)
         .bind(&now)
         .bind(origin)
-        .bind(t.capacity as i64);
+        .bind(t.capacity as i64)
+        .bind(t.retention_policy());
         self.execute(q).await?;
         Ok(())
     }

@@ -41,6 +41,7 @@ impl Engine for TestEngine {
             partitions: 2,
             capacity: 1024,
             runtime: false,
+            retention: Some(Duration::from_secs(7 * 86_400)),
         }]
     }
     fn default_topic(&self) -> String {
@@ -1056,7 +1057,8 @@ async fn restart_keeps_the_command_side(url: String) {
         .find(|t| t.topic_name == TOPIC)
         .expect("the topic's row");
     assert_eq!((t.partitions, t.enabled), (2, true));
-    assert_eq!(t.retention_policy, "7d");
+    // The engine's retention, as the row keeps it.
+    assert_eq!(t.retention_policy, "7days");
     let stats = store.stats(TOPIC, 100).await.expect("stats rows");
     let delivered: i64 = stats.iter().map(|r| r.messages_distributed).sum();
     assert!(

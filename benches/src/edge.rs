@@ -385,6 +385,9 @@ impl TwServer {
         let mut cfg = Config::default();
         cfg.node.dir = Some(dir);
         cfg.synthetic.enabled = false;
+        // NATS core keeps nothing on disk: neither does this run (the
+        // journal has its own benchmark, `tickwire-bench history`).
+        cfg.journal.enabled = false;
         cfg.shards.count = 1;
         cfg.shards.pin = true;
         cfg.shards.cores = vec![b.server_core];

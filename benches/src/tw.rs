@@ -164,6 +164,9 @@ pub fn ingest(run: &Run, tether_ms: u64) -> Result<Vec<serde_json::Value>, Strin
     let mut cfg = Config::default();
     cfg.node.dir = Some(dir.clone());
     cfg.synthetic.enabled = false;
+    // The baselines (a plain ring, iceoryx2) keep nothing on disk; the
+    // journal has its own benchmark (`tickwire-bench history`).
+    cfg.journal.enabled = false;
     cfg.shards.count = 1;
     cfg.shards.pin = true;
     cfg.shards.cores = vec![run.reader_core];

@@ -52,6 +52,64 @@ pub struct Config {
     pub bridge: tickwire_bridge::BridgeConfig,
     /// The remote edge: gRPC, REST, WebSocket.
     pub edge: tickwire_api::EdgeConfig,
+    /// The on-disk journal of every committed event.
+    pub journal: JournalConfig,
+}
+
+/// How the journal writes.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalIo {
+    /// io_uring when the kernel allows it, else write(2) (logged).
+    Auto,
+    /// io_uring, or refuse to start.
+    Uring,
+    /// write(2).
+    Plain,
+}
+
+/// The journal: every committed event appended to segment files on disk.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Journal every topic (a gating reader of each ring: ingest slows
+    /// rather than the journal skipping).
+    pub enabled: bool,
+    /// Where; default `<node dir>/journal`, or `/var/tmp/tickwire/<id>/journal`
+    /// when the node directory is a tmpfs such as /dev/shm.
+    pub dir: Option<PathBuf>,
+    /// How long segments are kept, for topics that set no `retention`
+    /// (a duration such as `7d`, `12h`).
+    pub retention: String,
+    /// Most bytes kept per partition (0: no cap); the oldest segments go first.
+    pub max_bytes_per_partition: u64,
+    /// Frames (64 bytes) per segment file.
+    pub segment_frames: u64,
+    /// Bytes per write.
+    pub write_bytes: usize,
+    /// How often written segments are fdatasync'ed (ms; 0: left to the
+    /// kernel). What a power loss can take; a killed process loses nothing.
+    pub fsync_interval_ms: u64,
+    /// `auto`, `uring` or `plain`.
+    pub io: JournalIo,
+    /// Pin the journal thread to this core.
+    pub core: Option<usize>,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            dir: None,
+            retention: "7d".into(),
+            max_bytes_per_partition: 0,
+            segment_frames: tickwire_proto::journal::DEFAULT_SEGMENT_FRAMES,
+            write_bytes: 256 * 1024,
+            fsync_interval_ms: 1000,
+            io: JournalIo::Auto,
+            core: None,
+        }
+    }
 }
 
 /// Node identity and where its files live.
@@ -125,6 +183,8 @@ pub struct TopicConfig {
     /// Routing key template: `{symbol}`, `{exchange}`, `{currency}`, `{kind}`
     /// (parsed when the file is read).
     pub routing_key: crate::router::RoutingTemplate,
+    /// How long its journal keeps events (default `journal.retention`).
+    pub retention: Option<String>,
 }
 
 /// The synthetic feed.
@@ -236,6 +296,7 @@ impl Default for TopicConfig {
             partitions: 4,
             capacity: 1 << 16,
             routing_key: crate::router::RoutingTemplate::default(),
+            retention: None,
         }
     }
 }
@@ -270,6 +331,7 @@ impl Default for Config {
             stats: StatsConfig::default(),
             bridge: tickwire_bridge::BridgeConfig::default(),
             edge: tickwire_api::EdgeConfig::default(),
+            journal: JournalConfig::default(),
         }
     }
 }
@@ -309,6 +371,29 @@ impl Config {
         self.node.dir.clone().unwrap_or_else(|| {
             Path::new(tickwire_proto::file::DEFAULT_SHM_ROOT).join(&self.node.id)
         })
+    }
+
+    /// The journal's directory (see [`JournalConfig::dir`]).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.journal
+            .dir
+            .clone()
+            .unwrap_or_else(|| crate::journal::default_dir(&self.node_dir(), &self.node.id))
+    }
+
+    /// The journal settings, resolved (call after [`validate`](Self::validate)).
+    pub fn journal_settings(&self) -> crate::journal::JournalSettings {
+        let j = &self.journal;
+        crate::journal::JournalSettings {
+            root: self.journal_dir(),
+            retention: humantime::parse_duration(&j.retention)
+                .unwrap_or(std::time::Duration::from_secs(7 * 86_400)),
+            max_bytes: j.max_bytes_per_partition,
+            segment_frames: j.segment_frames,
+            write_bytes: j.write_bytes,
+            fsync: (j.fsync_interval_ms > 0)
+                .then(|| std::time::Duration::from_millis(j.fsync_interval_ms)),
+        }
     }
 
     /// The modes and group the broker creates files with; the group name
@@ -458,6 +543,42 @@ impl Config {
                     format!("{} is not a power of two in 4..=1073741824", t.capacity),
                 );
             }
+        }
+        let j = &self.journal;
+        if let Err(e) = humantime::parse_duration(&j.retention) {
+            return bad(
+                "journal.retention",
+                format!("{:?} is not a duration such as 7d: {e}", j.retention),
+            );
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            if let Some(r) = &t.retention
+                && let Err(e) = humantime::parse_duration(r)
+            {
+                return bad(
+                    &format!("topics[{i}].retention"),
+                    format!("{r:?} is not a duration such as 7d: {e}"),
+                );
+            }
+        }
+        let seg = tickwire_proto::journal::INDEX_EVERY;
+        if j.segment_frames < seg || !j.segment_frames.is_multiple_of(seg) || j.segment_frames > 1 << 26 {
+            return bad(
+                "journal.segment_frames",
+                format!(
+                    "{} is not a multiple of {seg} in {seg}..=67108864",
+                    j.segment_frames
+                ),
+            );
+        }
+        if !(4096..=64 << 20).contains(&j.write_bytes) || !j.write_bytes.is_multiple_of(64) {
+            return bad(
+                "journal.write_bytes",
+                format!(
+                    "{} is not a multiple of 64 in 4096..=67108864",
+                    j.write_bytes
+                ),
+            );
         }
         if self.synthetic.enabled && !self.topics.iter().any(|t| t.name == self.synthetic.topic) {
             return bad(

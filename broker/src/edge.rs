@@ -23,6 +23,7 @@ fn desc(t: &TopicInfo) -> TopicDesc {
         partitions: t.partitions,
         capacity: t.capacity,
         runtime: t.origin == TopicOrigin::Runtime,
+        retention: t.retention,
     }
 }
 
@@ -88,6 +89,7 @@ impl Engine for BrokerEngine {
         name: &str,
         partitions: u32,
         capacity: Option<u64>,
+        retention: Option<std::time::Duration>,
     ) -> Result<TopicDesc, ApiError> {
         self.topics
             .create(&TopicSpec {
@@ -95,6 +97,7 @@ impl Engine for BrokerEngine {
                 partitions,
                 capacity,
                 template: None,
+                retention,
             })
             .map(|t| desc(&t))
             .map_err(|e| api_error(name, e))

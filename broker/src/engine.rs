@@ -50,6 +50,9 @@ pub enum BrokerError {
         /// Bytes free there.
         available: u64,
     },
+    /// The journal could not be opened or started.
+    #[error("journal: {0}")]
+    Journal(String),
     /// A shard thread could not be started.
     #[error("cannot start shard thread {shard}: {source}")]
     Thread {
@@ -190,6 +193,8 @@ pub struct TopicState {
     pub(crate) placements: Vec<Placement>,
     /// Reader slots in use per partition, counted at housekeeping.
     pub(crate) readers: Vec<Arc<AtomicU32>>,
+    /// Its journal's retention (`None`: the journal's default).
+    pub retention: Option<Duration>,
 }
 
 /// The node's topics, by topic index. Replaced as a whole when a topic is
@@ -321,6 +326,7 @@ pub struct Broker {
     node_dir: std::path::PathBuf,
     config: Config,
     rules: Arc<crate::rules::RuleTable>,
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl Broker {
@@ -391,8 +397,33 @@ impl Broker {
                 deleted: false,
                 placements,
                 readers,
+                retention: t
+                    .retention
+                    .as_deref()
+                    .and_then(|r| humantime::parse_duration(r).ok()),
             });
         }
+        // The journal takes its reader slot on every ring before any shard
+        // writes one.
+        let journal = if config.journal.enabled {
+            let settings = config.journal_settings();
+            let j = crate::journal::Journal::new(settings, config.journal.io)?;
+            crate::journal::link_from_node_dir(&dir, j.root())?;
+            j.start_thread(config.journal.core)?;
+            for t in &config.topics {
+                let retention = t
+                    .retention
+                    .as_deref()
+                    .and_then(|r| humantime::parse_duration(r).ok());
+                for p in 0..t.partitions {
+                    let path = dir.join(tickwire_proto::file::ring_file_name(&t.name, p));
+                    j.add(j.open_partition(&t.name, p, &path, retention)?);
+                }
+            }
+            Some(Arc::new(j))
+        } else {
+            None
+        };
         let layout = Arc::new(Versioned::new(Layout { topics }));
         let shared = Arc::new(Shared {
             shards: (0..n_shards)
@@ -449,6 +480,7 @@ impl Broker {
             modes,
             ring_counts,
             next_shard,
+            journal.clone(),
         ));
         Ok(Broker {
             resolver: Resolver::new(layout.view(), Arc::new(Mutex::new(symbology))),
@@ -459,6 +491,7 @@ impl Broker {
             node_dir: dir,
             config: config.clone(),
             rules: Arc::default(),
+            journal,
         })
     }
 
@@ -506,6 +539,11 @@ impl Broker {
             in_flight: 0,
             max_in_flight: max_in_flight.max(1),
         }
+    }
+
+    /// The journal's counters (`None` when it is off).
+    pub fn journal_stats(&self) -> Option<crate::journal::JournalStats> {
+        self.journal.as_ref().map(|j| j.stats())
     }
 
     /// Counters and the merged ingest -> commit histogram.
@@ -559,6 +597,10 @@ impl Broker {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // After the shards: it writes what they committed last.
+        if let Some(j) = &self.journal {
+            j.shutdown();
         }
     }
 }
@@ -828,6 +870,9 @@ struct Shard {
     batch_acks: Vec<(u32, u32, Completion)>,
     /// Live readers per ring, counted at housekeeping.
     readers: Vec<u32>,
+    /// Reader slots the journal holds on each ring (1 when it is on): not
+    /// subscribers, so not counted as readers.
+    journal_slots: u32,
 }
 
 impl Shard {
@@ -854,6 +899,7 @@ impl Shard {
             batch_ingest: Vec::with_capacity(c.shards.batch_max),
             batch_acks: Vec::with_capacity(c.shards.batch_max),
             readers: vec![0; n],
+            journal_slots: u32::from(c.journal.enabled),
         }
     }
 
@@ -1116,7 +1162,7 @@ impl Shard {
             let Some(slot) = slot else { continue };
             let w = &mut slot.writer;
             w.reclaim_dead();
-            self.readers[i] = w.live_readers();
+            self.readers[i] = w.live_readers().saturating_sub(self.journal_slots);
             slot.readers.store(self.readers[i], Ordering::Relaxed);
             let s = w.core().stats();
             gate_waits += s.gate_waits;

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod edge;
 pub mod engine;
+pub mod journal;
 pub mod pulsar;
 pub mod router;
 pub mod rules;

@@ -58,6 +58,8 @@ pub struct TopicSpec {
     pub capacity: Option<u64>,
     /// Routing-key template; `None`: `{symbol}.{exchange}.{kind}`.
     pub template: Option<RoutingTemplate>,
+    /// How long its journal keeps events; `None`: the journal's default.
+    pub retention: Option<Duration>,
 }
 
 /// Why a topic change was refused. Nothing was changed.
@@ -99,17 +101,9 @@ pub struct TopicInfo {
     pub capacity: u64,
     /// Where it came from.
     pub origin: TopicOrigin,
-}
-
-impl From<&TopicState> for TopicInfo {
-    fn from(t: &TopicState) -> Self {
-        TopicInfo {
-            name: t.name.clone(),
-            partitions: t.partitions,
-            capacity: t.capacity,
-            origin: t.origin,
-        }
-    }
+    /// How long its journal keeps events (`None`: the journal is off, so
+    /// events live only as long as their ring slots).
+    pub retention: Option<Duration>,
 }
 
 struct Rings {
@@ -127,6 +121,7 @@ pub struct TopicControl {
     modes: FileModes,
     default_capacity: u64,
     rings: Mutex<Rings>,
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl TopicControl {
@@ -136,6 +131,7 @@ impl TopicControl {
         modes: FileModes,
         counts: Vec<u32>,
         next_shard: usize,
+        journal: Option<Arc<crate::journal::Journal>>,
     ) -> TopicControl {
         TopicControl {
             shared,
@@ -146,6 +142,7 @@ impl TopicControl {
                 .first()
                 .map_or(1 << 16, |t: &crate::config::TopicConfig| t.capacity),
             rings: Mutex::new(Rings { counts, next_shard }),
+            journal,
         }
     }
 
@@ -155,7 +152,7 @@ impl TopicControl {
             .layout
             .load()
             .live()
-            .map(|(_, t)| t.into())
+            .map(|(_, t)| self.info(t))
             .collect()
     }
 
@@ -207,13 +204,14 @@ impl TopicControl {
             deleted: false,
             placements: Vec::new(),
             readers: Vec::new(),
+            retention: spec.retention,
         };
-        self.add_partitions(&mut rings, index, &mut topic, partitions)?;
+        self.add_partitions(&mut rings, index, &mut topic, partitions, spec.retention)?;
         let mut next = clone_layout(&layout);
         next.topics.push(topic.clone());
         self.shared.layout.replace(next);
         tracing::info!(topic = %spec.name, partitions, asked = spec.partitions, capacity, "topic created");
-        Ok((&topic).into())
+        Ok(self.info(&topic))
     }
 
     /// Grows a run-time topic to `partitions` (never fewer than it has).
@@ -245,15 +243,16 @@ impl TopicControl {
             });
         }
         if partitions == topic.partitions {
-            return Ok((&topic).into());
+            return Ok(self.info(&topic));
         }
         let before = topic.partitions;
-        self.add_partitions(&mut rings, index, &mut topic, partitions)?;
+        let retention = topic.retention;
+        self.add_partitions(&mut rings, index, &mut topic, partitions, retention)?;
         let mut next = clone_layout(&layout);
         next.topics[index as usize] = topic.clone();
         self.shared.layout.replace(next);
         tracing::info!(topic = %name, from = before, to = partitions, "topic grown");
-        Ok((&topic).into())
+        Ok(self.info(&topic))
     }
 
     /// Deletes a topic: senders stop routing to it at once, what was
@@ -287,6 +286,11 @@ impl TopicControl {
             waits.push(wait);
         }
         self.wait(waits, "close the topic's rings")?;
+        // The journal writes what the closed rings still hold, then its
+        // files go with the topic.
+        if let Some(j) = &self.journal {
+            j.remove_topic(name);
+        }
         for p in 0..topic.partitions {
             let path = self.dir.join(ring_file_name(name, p));
             for f in [readers_path(&path), path] {
@@ -299,6 +303,19 @@ impl TopicControl {
         }
         tracing::info!(topic = %name, partitions = topic.partitions, "topic deleted");
         Ok(())
+    }
+
+    fn info(&self, t: &TopicState) -> TopicInfo {
+        TopicInfo {
+            name: t.name.clone(),
+            partitions: t.partitions,
+            capacity: t.capacity,
+            origin: t.origin,
+            retention: self
+                .journal
+                .as_ref()
+                .map(|j| t.retention.unwrap_or(j.default_retention())),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Rings> {
@@ -316,6 +333,7 @@ impl TopicControl {
         index: u32,
         topic: &mut TopicState,
         to: u32,
+        retention: Option<Duration>,
     ) -> Result<(), TopicError> {
         let from = topic.partitions;
         check_free(
@@ -337,6 +355,11 @@ impl TopicControl {
             )
             .map_err(BrokerError::from)?;
             log_ring_open(&topic.name, p, &w, topic.capacity);
+            // Before the shard writes it: the journal's cursor comes first.
+            if let Some(j) = &self.journal {
+                let path = self.dir.join(ring_file_name(&topic.name, p));
+                j.add(j.open_partition(&topic.name, p, &path, retention)?);
+            }
             writers.push((p, w));
         }
         let n_shards = rings.counts.len();

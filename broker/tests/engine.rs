@@ -567,6 +567,7 @@ fn a_topic_created_grown_and_deleted_at_run_time_is_written_read_and_removed() {
         partitions: 2,
         capacity: Some(1 << 12),
         template: None,
+        retention: None,
     };
     let info = topics.create(&spec).expect("created");
     assert_eq!((info.partitions, info.capacity), (2, 1 << 12));

@@ -60,6 +60,7 @@ fn node_with_template(bridge: BridgeConfig, routing_key: &str) -> Node {
         partitions: 2,
         capacity: 1 << 14,
         routing_key: RoutingTemplate::parse(routing_key).expect("template"),
+        retention: None,
     }];
     // Housekeeping (reader counts for subscribers_notified) every 20 ms.
     c.shards.reclaim_interval_ms = 20;

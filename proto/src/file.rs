@@ -1169,6 +1169,16 @@ impl PartitionReader {
         self.core.cursor()
     }
 
+    /// Moves the cursor (a replay joining the ring, a journal writer
+    /// resuming after what it holds) and publishes it, if registered. A
+    /// tethered reader moving its cursor back only holds the writer from
+    /// the writer's next look at the readers: what it wrote before may
+    /// already have lapped the new cursor (that reads as a lap).
+    pub fn set_cursor(&mut self, cursor: u64) {
+        self.core.set_cursor(cursor);
+        self.store_cursor(self.core.cursor());
+    }
+
     /// Publishes the cursor to the writer (once per poll), if registered.
     #[inline]
     pub fn store_cursor(&self, cursor: u64) {

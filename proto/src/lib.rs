@@ -6,6 +6,7 @@
 //!   reads, tethered readers, gating, waking), model-checked with loom.
 //! - [`file`]: creating, validating and mapping ring files; the locks.
 //! - [`symbology`]: instrument ids shared by writer and readers.
+//! - [`journal`]: the on-disk journal's frames and segments, and reading them.
 //!
 //! Nothing here allocates or makes a syscall on the per-event path.
 
@@ -22,6 +23,8 @@ pub mod error;
 pub mod file;
 #[cfg(all(feature = "fuzzing", not(loom)))]
 pub mod fuzzing;
+#[cfg(not(loom))]
+pub mod journal;
 #[cfg(all(feature = "json", not(loom)))]
 pub mod json;
 #[cfg(not(loom))]

@@ -180,6 +180,11 @@ impl<'a> RingRef<'a> {
         self.writer.epoch.load(Ordering::Acquire)
     }
 
+    /// The first sequence the current epoch's writer assigned (or will).
+    pub fn epoch_start_seq(&self) -> u64 {
+        self.writer.epoch_start_seq.load(Ordering::Acquire)
+    }
+
     /// Last sequence the writer published (per batch; the writer may be a
     /// batch ahead of it).
     #[inline]

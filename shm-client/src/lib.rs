@@ -39,6 +39,7 @@ use tickwire_proto::file::{
     FileStatus, PartitionReader, StartAt, partition_paths, ring_file_name, topic_partitions,
 };
 use tickwire_proto::frame::BODY_WORDS;
+use tickwire_proto::journal::{JournalRead, JournalReader};
 use tickwire_proto::ring::{Read, Tether};
 pub use tickwire_proto::symbology::{Entry, Symbology};
 pub use tickwire_proto::{ArchivedFrameBody, FrameBody, Kind};
@@ -50,12 +51,20 @@ pub enum Start {
     /// After the last published event: only what comes next.
     #[default]
     Latest,
-    /// The oldest event still in each ring (shared memory holds the last
-    /// `capacity` events; older history is the journal's job).
+    /// The oldest event kept: the journal's oldest when the node keeps a
+    /// journal (`<node dir>/journal`), else the oldest still in each ring.
+    /// What is replayed from the journal joins the live ring with no gap
+    /// and no duplicate.
     Earliest,
-    /// At this sequence number on every partition. A sequence that has left
-    /// the ring yields a [`Event::Gap`] and reading continues from the oldest.
+    /// At this sequence number on every partition: from the journal when
+    /// it has left the ring. A sequence neither holds yields an
+    /// [`Event::Gap`] with the exact range, and reading goes on after it.
     Sequence(u64),
+    /// At the first event (in sequence order) whose event time is at or
+    /// after this UTC time in nanoseconds, per partition: found through the
+    /// journal's time index, then in the ring; Latest when every event
+    /// kept is older.
+    Time(u64),
 }
 
 /// How [`Subscriber::recv`] waits when nothing is there.
@@ -254,6 +263,11 @@ pub struct Stats {
     pub lost: u64,
     /// Times a partition was untethered.
     pub untethered: u64,
+    /// Ticks read from the journal (replayed) rather than the ring.
+    pub replayed: u64,
+    /// Journal frames that could not be read (each also a one-sequence
+    /// gap); [`Subscriber::journal_error`] says why.
+    pub journal_errors: u64,
 }
 
 /// What the subscriber last told the caller about a partition's writer.
@@ -276,6 +290,9 @@ pub struct SubscriberBuilder {
     filter: Filter,
     wait: WaitStrategy,
     slack: Option<u64>,
+    journal_dir: Option<PathBuf>,
+    journal_fill: Option<bool>,
+    use_journal: bool,
 }
 
 /// The node directory a subscriber uses when none is given:
@@ -331,6 +348,27 @@ impl SubscriberBuilder {
         self.slack = Some(slots);
         self
     }
+    /// Where the node's journal is (default `<node dir>/journal`, which the
+    /// broker makes a link to wherever it keeps it).
+    pub fn journal_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.journal_dir = Some(dir.into());
+        self
+    }
+    /// Read the rings only, never the journal: Earliest is the oldest event
+    /// each ring holds, and a sequence that has left the ring is a gap.
+    pub fn ring_only(mut self) -> Self {
+        self.use_journal = false;
+        self
+    }
+    /// When the ring laps this subscriber, read what it missed from the
+    /// journal instead of reporting a gap (it keeps replaying from disk
+    /// until it catches up with the ring). Default: on for starts in the
+    /// past (Earliest, a sequence, a time), off for Latest, whose readers
+    /// usually want the newest data and an exact gap notice.
+    pub fn journal_fill(mut self, on: bool) -> Self {
+        self.journal_fill = Some(on);
+        self
+    }
 
     /// Maps the rings and registers a reader slot on each partition. A
     /// partition whose files are not there yet (a broker that is creating
@@ -364,6 +402,10 @@ impl SubscriberBuilder {
         }
         let filter = CompiledFilter::compile(&self.filter, symbology.as_ref())?;
         let paths = partition_paths(&dir, &self.topic, count);
+        let journal_root = self
+            .journal_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("journal"));
         let mut parts = Vec::with_capacity(wanted.len());
         for &p in &wanted {
             let Some(path) = paths.get(p as usize) else {
@@ -380,10 +422,11 @@ impl SubscriberBuilder {
                 std::thread::sleep(Duration::from_millis(10));
                 tries += 1;
             }
-            parts.push(Part::open(path, p, &self)?);
+            parts.push(Part::open(path, p, &self, &journal_root)?);
         }
         let follow = self.partitions.is_none().then(|| Follow {
             dir,
+            journal_root,
             builder: self.clone().start(Start::Earliest),
         });
         Ok(Subscriber {
@@ -397,6 +440,7 @@ impl SubscriberBuilder {
             wait: self.wait,
             stats: Stats::default(),
             last_check: std::time::Instant::now(),
+            journal_error: None,
         })
     }
 }
@@ -408,10 +452,35 @@ struct Part {
     seen: WriterSeen,
     /// A writer-state event waiting to be delivered on the next poll.
     pending: Option<Found>,
+    /// The partition's journal, when the node keeps one and this
+    /// subscriber reads from it.
+    journal: Option<JournalSide>,
+}
+
+/// Replay from the journal, and the switch to the ring by sequence.
+struct JournalSide {
+    reader: JournalReader,
+    /// Reading the journal (else the ring).
+    replaying: bool,
+    /// While replaying: the next sequence to read from the journal.
+    next: u64,
+    /// The ring's lap that sent us to the journal, until the journal
+    /// delivers its first sequence: if the journal ends right there, it
+    /// does not have it either, and the lap is a real gap.
+    lap: Option<(u64, u64)>,
+    /// Fill laps from the journal.
+    fill: bool,
+    /// Writer epochs by first sequence, read when first needed.
+    epochs: Vec<(u64, u64)>,
 }
 
 impl Part {
-    fn open(path: &Path, partition: u32, b: &SubscriberBuilder) -> Result<Part, Error> {
+    fn open(
+        path: &Path,
+        partition: u32,
+        b: &SubscriberBuilder,
+        journal_root: &Path,
+    ) -> Result<Part, Error> {
         let start = b
             .positions
             .iter()
@@ -419,13 +488,28 @@ impl Part {
             .find(|(p, _)| *p == partition)
             .map(|&(_, s)| Start::Sequence(s))
             .unwrap_or(b.start);
-        let start = match start {
-            Start::Latest => StartAt::Latest,
-            Start::Earliest => StartAt::Earliest,
-            Start::Sequence(s) => StartAt::Sequence(s),
+        let journal = if b.use_journal {
+            JournalReader::open(&tickwire_proto::journal::partition_dir(
+                journal_root,
+                &b.topic,
+                partition,
+            ))?
+        } else {
+            None
         };
+        let fill = b.journal_fill.unwrap_or(start != Start::Latest);
         let budget = b.tether.map(|d| d.as_nanos().min(u64::MAX as u128) as u64);
-        let reader = PartitionReader::open(path, start, budget, b.slack)?;
+        // A replay starts the ring reader at Latest: its reader slot never
+        // holds the writer back while the journal is read.
+        let ring_start = match start {
+            Start::Latest => StartAt::Latest,
+            Start::Earliest if journal.as_ref().and_then(|j| j.oldest()).is_some() => {
+                StartAt::Latest
+            }
+            Start::Earliest => StartAt::Earliest,
+            Start::Sequence(_) | Start::Time(_) => StartAt::Latest,
+        };
+        let mut reader = PartitionReader::open(path, ring_start, budget, b.slack)?;
         let slot_size = reader.file().statics().slot_size;
         if slot_size as usize != frame::SLOT_SIZE {
             return Err(Error::SlotSize {
@@ -433,14 +517,79 @@ impl Part {
                 slot_size,
             });
         }
-        let stored = reader.cursor();
-        Ok(Part {
+        let ring = reader.ring();
+        let published = ring.published();
+        let oldest = published.saturating_sub(ring.capacity() - 1).max(1);
+        let mut side = journal.map(|reader| JournalSide {
+            reader,
+            replaying: false,
+            next: 0,
+            lap: None,
+            fill,
+            epochs: Vec::new(),
+        });
+        // Where to begin: Some(seq) in the journal, else the ring's cursor.
+        let replay_from = match (start, side.as_mut()) {
+            (Start::Earliest, Some(j)) => j.reader.oldest(),
+            (Start::Sequence(s), Some(_)) if s.max(1) < oldest => Some(s.max(1)),
+            (Start::Sequence(s), None) => {
+                reader.set_cursor(s.max(1));
+                None
+            }
+            (Start::Sequence(s), Some(_)) => {
+                reader.set_cursor(s);
+                None
+            }
+            (Start::Time(t), j) => {
+                let found = match j {
+                    Some(j) => j.reader.seek_time(t)?,
+                    None => None,
+                };
+                if found.is_none() {
+                    let at = first_in_ring_at_or_after(&mut reader, oldest, t);
+                    reader.set_cursor(at);
+                }
+                found
+            }
+            _ => None,
+        };
+        if let (Some(seq), Some(j)) = (replay_from, side.as_mut()) {
+            j.replaying = true;
+            j.next = seq;
+        }
+        let mut part = Part {
             partition,
             reader,
-            stored,
+            stored: 0,
             seen: WriterSeen::Live,
             pending: None,
-        })
+            journal: side.filter(|j| j.replaying || j.fill),
+        };
+        part.stored = part.writer_cursor();
+        part.reader.store_cursor(part.stored);
+        Ok(part)
+    }
+
+    /// The next sequence this subscriber reads on the partition.
+    fn cursor(&self) -> u64 {
+        match &self.journal {
+            Some(j) if j.replaying => j.next,
+            _ => self.reader.cursor(),
+        }
+    }
+
+    /// The cursor the ring's writer sees: while replaying from the journal,
+    /// past everything published, so a tethered subscriber never holds the
+    /// writer back for what it reads from disk.
+    fn writer_cursor(&self) -> u64 {
+        match &self.journal {
+            Some(j) if j.replaying => self.reader.ring().published() + 1,
+            _ => self.reader.cursor(),
+        }
+    }
+
+    fn replaying(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| j.replaying)
     }
 
     /// Looks at the writer and the file (syscalls: only when idle) and
@@ -487,6 +636,7 @@ impl Part {
 /// grows later, and how to open them (from their first event).
 struct Follow {
     dir: PathBuf,
+    journal_root: PathBuf,
     builder: SubscriberBuilder,
 }
 
@@ -502,6 +652,7 @@ pub struct Subscriber {
     wait: WaitStrategy,
     stats: Stats,
     last_check: std::time::Instant,
+    journal_error: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -566,6 +717,9 @@ impl Subscriber {
             filter: Filter::default(),
             wait: WaitStrategy::default(),
             slack: None,
+            journal_dir: None,
+            journal_fill: None,
+            use_journal: true,
         }
     }
 
@@ -583,6 +737,7 @@ impl Subscriber {
             filter,
             symbology,
             stats,
+            journal_error,
             ..
         } = self;
         let n_parts = parts.len();
@@ -603,24 +758,81 @@ impl Subscriber {
                     partition: part.partition,
                 });
             }
+            // One tick, from the ring or the journal, in `buf`.
+            macro_rules! tick {
+                ($seq:expr) => {{
+                    let body = ArchivedFrameBody::from_words(buf);
+                    if filter.matches(body, symbology.as_ref()) {
+                        stats.delivered += 1;
+                        n += 1;
+                        f(Event::Tick(Tick {
+                            partition: part.partition,
+                            seq: $seq,
+                            body,
+                            symbology: symbology.as_ref(),
+                        }));
+                    } else {
+                        stats.filtered += 1;
+                    }
+                }};
+            }
+            macro_rules! gap {
+                ($from:expr, $to:expr) => {{
+                    let (from, to) = ($from, $to);
+                    stats.gaps += 1;
+                    stats.lost += to - from + 1;
+                    n += 1;
+                    f(Event::Gap {
+                        partition: part.partition,
+                        from,
+                        to,
+                    });
+                }};
+            }
             while n < max && budget > 0 {
                 budget -= 1;
-                match part.reader.try_read(buf) {
-                    Read::Frame(seq) => {
-                        let body = ArchivedFrameBody::from_words(buf);
-                        if filter.matches(body, symbology.as_ref()) {
-                            stats.delivered += 1;
-                            n += 1;
-                            f(Event::Tick(Tick {
-                                partition: part.partition,
-                                seq,
-                                body,
-                                symbology: symbology.as_ref(),
-                            }));
-                        } else {
-                            stats.filtered += 1;
+                if let Some(j) = part.journal.as_mut().filter(|j| j.replaying) {
+                    let seq = j.next;
+                    match j.reader.read(seq, buf) {
+                        Ok(JournalRead::Frame) => {
+                            j.next = seq + 1;
+                            j.lap = None;
+                            stats.replayed += 1;
+                            tick!(seq);
+                        }
+                        Ok(JournalRead::Missing { to }) => {
+                            j.next = to + 1;
+                            gap!(seq, to);
+                        }
+                        Ok(JournalRead::End) => {
+                            j.replaying = false;
+                            match j.lap.take() {
+                                // Neither the ring nor the journal has it
+                                // (no journal is being written): the gap
+                                // the ring reported, and on from there.
+                                Some((from, to)) if from == seq => {
+                                    part.reader.set_cursor(to + 1);
+                                    gap!(from, to);
+                                }
+                                // Join the ring by sequence: it holds `seq`
+                                // unless the writer has moved on since,
+                                // which reads as a lap and sends us back.
+                                _ => part.reader.set_cursor(seq),
+                            }
+                        }
+                        Err(e) => {
+                            // A frame that cannot be read is reported as the
+                            // exact one-sequence gap it is, and why.
+                            j.next = seq + 1;
+                            stats.journal_errors += 1;
+                            *journal_error = Some(e.to_string());
+                            gap!(seq, seq);
                         }
                     }
+                    continue;
+                }
+                match part.reader.try_read(buf) {
+                    Read::Frame(seq) => tick!(seq),
                     Read::Empty => {
                         if let Some(e) = part.pending.take().and_then(Found::notice) {
                             n += 1;
@@ -629,18 +841,18 @@ impl Subscriber {
                         break;
                     }
                     Read::Lapped { from, to } => {
-                        stats.gaps += 1;
-                        stats.lost += to - from + 1;
-                        n += 1;
-                        f(Event::Gap {
-                            partition: part.partition,
-                            from,
-                            to,
-                        });
+                        if let Some(j) = part.journal.as_mut().filter(|j| j.fill) {
+                            // What the ring no longer holds, the journal does.
+                            j.replaying = true;
+                            j.next = from;
+                            j.lap = Some((from, to));
+                            continue;
+                        }
+                        gap!(from, to);
                     }
                 }
             }
-            let c = part.reader.cursor();
+            let c = part.writer_cursor();
             if c != part.stored {
                 part.stored = c;
                 part.reader.store_cursor(c);
@@ -710,7 +922,8 @@ impl Subscriber {
             if !path.exists() {
                 return;
             }
-            let Ok(mut part) = Part::open(&path, partition, &follow.builder) else {
+            let Ok(mut part) = Part::open(&path, partition, &follow.builder, &follow.journal_root)
+            else {
                 return;
             };
             part.pending = Some(Found::Added(partition, part.reader.ring().epoch()));
@@ -722,7 +935,7 @@ impl Subscriber {
     fn anything_ready(parts: &[Part]) -> bool {
         parts
             .iter()
-            .any(|p| p.reader.ready() || p.pending.is_some())
+            .any(|p| p.replaying() || p.reader.ready() || p.pending.is_some())
     }
 
     /// The next event, if one is there now.
@@ -840,7 +1053,7 @@ impl Subscriber {
     pub fn positions(&self) -> Vec<(u32, u64)> {
         self.parts
             .iter()
-            .map(|p| (p.partition, p.reader.cursor()))
+            .map(|p| (p.partition, p.cursor()))
             .collect()
     }
 
@@ -854,7 +1067,7 @@ impl Subscriber {
     pub fn lag(&self) -> u64 {
         self.parts
             .iter()
-            .map(|p| (p.reader.ring().published() + 1).saturating_sub(p.reader.cursor()))
+            .map(|p| (p.reader.ring().published() + 1).saturating_sub(p.cursor()))
             .sum()
     }
 
@@ -865,6 +1078,59 @@ impl Subscriber {
             .iter()
             .find(|p| p.partition == partition)
             .map(|p| p.reader.ring().epoch())
+    }
+
+    /// The epoch of the writer that committed `seq` on `partition` (the
+    /// message id's epoch): from the journal's records for replayed
+    /// events, else the ring's current writer.
+    pub fn epoch_of(&mut self, partition: u32, seq: u64) -> Option<u64> {
+        let p = self.parts.iter_mut().find(|p| p.partition == partition)?;
+        let ring = p.reader.ring();
+        if seq >= ring.epoch_start_seq() {
+            return Some(ring.epoch());
+        }
+        let j = p.journal.as_mut()?;
+        if let Some(e) = tickwire_proto::journal::epoch_of(&j.epochs, seq) {
+            return Some(e);
+        }
+        j.epochs = tickwire_proto::journal::read_epochs(j.reader.dir());
+        tickwire_proto::journal::epoch_of(&j.epochs, seq)
+    }
+
+    /// The writer epochs of `partition` as (first sequence, epoch), oldest
+    /// first: the journal's records and the ring's current writer. Look a
+    /// sequence up with [`tickwire_proto::journal::epoch_of`].
+    pub fn epochs(&mut self, partition: u32) -> Vec<(u64, u64)> {
+        let Some(p) = self.parts.iter_mut().find(|p| p.partition == partition) else {
+            return Vec::new();
+        };
+        let ring = p.reader.ring();
+        let current = (ring.epoch_start_seq(), ring.epoch());
+        let mut out = match p.journal.as_mut() {
+            Some(j) => {
+                if j.epochs.last().is_none_or(|&(_, e)| e != current.1) {
+                    j.epochs = tickwire_proto::journal::read_epochs(j.reader.dir());
+                }
+                j.epochs.clone()
+            }
+            None => Vec::new(),
+        };
+        if out.last().is_none_or(|&(_, e)| e != current.1) {
+            out.push(current);
+        }
+        out
+    }
+
+    /// Whether `partition` is being replayed from the journal now.
+    pub fn replaying(&self, partition: u32) -> bool {
+        self.parts
+            .iter()
+            .any(|p| p.partition == partition && p.replaying())
+    }
+
+    /// Why the last journal frame could not be read, if one could not.
+    pub fn journal_error(&self) -> Option<&str> {
+        self.journal_error.as_deref()
     }
 
     /// The symbology table, when the node has one.
@@ -908,5 +1174,25 @@ impl Subscriber {
             .iter()
             .find(|p| p.partition == partition)
             .map(|p| p.reader.file().path())
+    }
+}
+
+/// The first sequence in the ring from `oldest` whose event time is at or
+/// after `t`, else the next one to be written (Latest). The
+/// reader's cursor is left anywhere: the caller sets it.
+fn first_in_ring_at_or_after(reader: &mut PartitionReader, oldest: u64, t: u64) -> u64 {
+    let mut buf = [0u64; BODY_WORDS];
+    reader.set_cursor(oldest);
+    loop {
+        match reader.try_read(&mut buf) {
+            Read::Frame(seq) => {
+                if ArchivedFrameBody::from_words(&buf).ts_event() >= t {
+                    return seq;
+                }
+            }
+            // Lapped while looking: go on from where the ring put us.
+            Read::Lapped { .. } => {}
+            Read::Empty => return reader.cursor(),
+        }
     }
 }

@@ -315,8 +315,11 @@ impl Hub {
         }
         let reader = Subscriber::builder(topic)
             .node_dir(&self.node_dir)
-            // From the oldest event held: the latest-value table starts full.
+            // From the oldest event the rings hold: the latest-value table
+            // starts full. Live reading never replays from disk: a lapped
+            // dispatcher reports gaps (replays are each subscription's own).
             .start(Start::Earliest)
+            .ring_only()
             .wait(WaitStrategy::Futex { spins: 200 })
             .open()
             .map_err(|e| match e {
@@ -993,6 +996,9 @@ impl State {
             StartSpec::Earliest => {
                 Some(self.open_catch_up(positions.keys().map(|&p| (p, Start::Earliest)).collect())?)
             }
+            &StartSpec::Time(t) => {
+                Some(self.open_catch_up(positions.keys().map(|&p| (p, Start::Time(t))).collect())?)
+            }
             StartSpec::After(ids) => {
                 let mut starts = Vec::new();
                 for (i, &(p, epoch, seq)) in ids.iter().enumerate() {
@@ -1157,7 +1163,9 @@ impl State {
                         break;
                     }
                     let want = ((target - next) as usize).min(512).min(budget);
-                    let epoch = self.epochs.get(*p as usize).copied().unwrap_or(0);
+                    let live_epoch = self.epochs.get(*p as usize).copied().unwrap_or(0);
+                    // Replayed events carry the epoch that wrote them.
+                    let epochs = r.epochs(*p);
                     let mut gaps = Vec::new();
                     let (pb, js, wires) = (&mut self.pb, &mut self.json, &mut self.wires);
                     let n = r.poll(want, |ev| match ev {
@@ -1169,7 +1177,8 @@ impl State {
                             let meta = TickMeta {
                                 topic: &topic,
                                 partition: t.partition,
-                                epoch,
+                                epoch: tickwire_proto::journal::epoch_of(&epochs, t.seq)
+                                    .unwrap_or(live_epoch),
                                 seq: t.seq,
                                 send_time_ns: now,
                                 snapshot: false,

@@ -8,8 +8,10 @@
 //!   `subscription_name`, `filters`, `topic`, `start`, `snapshot`,
 //!   `policy`, `heartbeat_interval_ms`) plus an optional `subscription_id`;
 //!   omitted ones take defaults (all data types, latest, drop).
-//!   `start` is `"latest"`, `"earliest"` or
-//!   `{"message_ids":[{"partition":0,"epoch":1,"sequence":41}]}`.
+//!   `start` is `"latest"`, `"earliest"`,
+//!   `{"message_ids":[{"partition":0,"epoch":1,"sequence":41}]}` or
+//!   `{"time":"2026-12-02T14:30:00Z"}` (RFC 3339; the first event at or
+//!   after it, replayed from the journal).
 //! - `{"type":"unsubscribe","payload":{"subscription_id":"s1"}}`.
 //!
 //! Server to client: `subscribed`, `unsubscribed`, `data` (a batch:
@@ -71,6 +73,7 @@ struct MessageIdJson {
 enum StartJson {
     Named(String),
     Ids { message_ids: Vec<MessageIdJson> },
+    Time { time: String },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,11 +127,29 @@ fn to_request(s: Subscribe) -> Result<(Option<String>, pb::StreamRequest), ApiEr
                     return Err(ApiError::invalid(
                         "payload.start",
                         format!(
-                            "{other:?} is not a start (latest, earliest, or {{\"message_ids\": [..]}})"
+                            "{other:?} is not a start (latest, earliest, {{\"message_ids\": [..]}} or {{\"time\": \"2026-12-02T14:30:00Z\"}})"
                         ),
                     ));
                 }
             } as i32;
+        }
+        Some(StartJson::Time { time }) => {
+            let t = humantime::parse_rfc3339_weak(&time).map_err(|e| {
+                ApiError::invalid(
+                    "payload.start.time",
+                    format!("{time:?} is not an RFC 3339 time such as 2026-12-02T14:30:00Z: {e}"),
+                )
+            })?;
+            let ns = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| {
+                    ApiError::invalid("payload.start.time", format!("{time:?} is before 1970"))
+                })?
+                .as_nanos();
+            r.start_position = pb::MessagePosition::Timestamp as i32;
+            r.start_time_ns = i64::try_from(ns).map_err(|_| {
+                ApiError::invalid("payload.start.time", format!("{time:?} is too far ahead"))
+            })?;
         }
         Some(StartJson::Ids { message_ids }) => {
             r.start_position = pb::MessagePosition::MessageId as i32;
