@@ -10,6 +10,7 @@
 //! clock for all processes, so `now - ts` in the reader is one-way latency.
 
 pub mod edge;
+pub mod history_bench;
 pub mod ice;
 pub mod plain;
 pub mod pulsar_bench;

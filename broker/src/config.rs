@@ -562,7 +562,10 @@ impl Config {
             }
         }
         let seg = tickwire_proto::journal::INDEX_EVERY;
-        if j.segment_frames < seg || !j.segment_frames.is_multiple_of(seg) || j.segment_frames > 1 << 26 {
+        if j.segment_frames < seg
+            || !j.segment_frames.is_multiple_of(seg)
+            || j.segment_frames > 1 << 26
+        {
             return bad(
                 "journal.segment_frames",
                 format!(

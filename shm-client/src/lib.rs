@@ -758,10 +758,10 @@ impl Subscriber {
                     partition: part.partition,
                 });
             }
-            // One tick, from the ring or the journal, in `buf`.
+            // One tick, from the ring (in `buf`) or the journal (in place).
             macro_rules! tick {
-                ($seq:expr) => {{
-                    let body = ArchivedFrameBody::from_words(buf);
+                ($seq:expr, $body:expr) => {{
+                    let body = $body;
                     if filter.matches(body, symbology.as_ref()) {
                         stats.delivered += 1;
                         n += 1;
@@ -790,21 +790,37 @@ impl Subscriber {
                 }};
             }
             while n < max && budget > 0 {
-                budget -= 1;
                 if let Some(j) = part.journal.as_mut().filter(|j| j.replaying) {
                     let seq = j.next;
-                    match j.reader.read(seq, buf) {
+                    match j.reader.load(seq) {
                         Ok(JournalRead::Frame) => {
-                            j.next = seq + 1;
+                            // The block's checked frames, read in place.
+                            let mut k = 0;
+                            for fr in j.reader.buffered(seq) {
+                                if n >= max || budget == 0 {
+                                    break;
+                                }
+                                budget -= 1;
+                                let Ok(words) = <&[u64; BODY_WORDS]>::try_from(&fr[1..]) else {
+                                    break;
+                                };
+                                tick!(seq + k, ArchivedFrameBody::from_words(words));
+                                k += 1;
+                            }
+                            if k == 0 {
+                                budget = budget.saturating_sub(1);
+                            }
+                            j.next = seq + k;
                             j.lap = None;
-                            stats.replayed += 1;
-                            tick!(seq);
+                            stats.replayed += k;
                         }
                         Ok(JournalRead::Missing { to }) => {
+                            budget -= 1;
                             j.next = to + 1;
                             gap!(seq, to);
                         }
                         Ok(JournalRead::End) => {
+                            budget -= 1;
                             j.replaying = false;
                             match j.lap.take() {
                                 // Neither the ring nor the journal has it
@@ -823,6 +839,7 @@ impl Subscriber {
                         Err(e) => {
                             // A frame that cannot be read is reported as the
                             // exact one-sequence gap it is, and why.
+                            budget -= 1;
                             j.next = seq + 1;
                             stats.journal_errors += 1;
                             *journal_error = Some(e.to_string());
@@ -831,8 +848,9 @@ impl Subscriber {
                     }
                     continue;
                 }
+                budget -= 1;
                 match part.reader.try_read(buf) {
-                    Read::Frame(seq) => tick!(seq),
+                    Read::Frame(seq) => tick!(seq, ArchivedFrameBody::from_words(buf)),
                     Read::Empty => {
                         if let Some(e) = part.pending.take().and_then(Found::notice) {
                             n += 1;

@@ -31,6 +31,8 @@ enum Cmd {
     Pulsar(benches::pulsar_bench::PulsarBench),
     /// The remote edge (gRPC, WebSocket, REST) beside NATS and the bare servers.
     Edge(benches::edge::EdgeBench),
+    /// The journal (append, replay-merge) beside plain sequential writes and reads.
+    History(benches::history_bench::HistoryBench),
     /// Internal: an edge client process.
     #[command(name = "__edge_client", hide = true)]
     EdgeClient(benches::edge::ClientArgs),
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
             benches::pulsar_bench::run(&b)
         }
         Cmd::Edge(b) => benches::edge::run(&b),
+        Cmd::History(b) => benches::history_bench::run(&b),
         Cmd::EdgeClient(a) => benches::edge::client(&a).map(|v| println!("{v}")),
         Cmd::Shm(mut b) => {
             b.trials = b.trials.max(1);
