@@ -19,6 +19,7 @@ pub mod admin;
 pub mod auth;
 pub mod dispatch;
 pub mod error;
+pub mod history;
 pub mod rest;
 pub mod spec;
 pub mod store;

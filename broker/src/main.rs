@@ -294,6 +294,17 @@ impl StatsWindow {
             reclaimed = s.reclaimed,
             "stats (rates and latency over the interval)"
         );
+        if let Some(j) = broker.journal_stats() {
+            tracing::info!(
+                journaled = j.events,
+                journal_lag = s.events.saturating_sub(j.events),
+                journal_bytes = j.bytes,
+                write_errors = j.write_errors,
+                segments_deleted = j.segments_deleted,
+                io = j.io,
+                "journal"
+            );
+        }
         if s.lost_completions > 0 {
             tracing::error!(
                 lost_completions = s.lost_completions,
@@ -328,7 +339,10 @@ struct TailArgs {
     /// Stop after N events.
     #[arg(long)]
     count: Option<u64>,
-    /// Start: latest, earliest, or a sequence number.
+    /// Start: latest; earliest (the journal's oldest event, else the
+    /// ring's); ring (the oldest still in the ring); a sequence number; or
+    /// an RFC 3339 time such as 2026-12-02T14:30:00Z (the first event at
+    /// or after it). Starts in the past replay from the journal and join live.
     #[arg(long, default_value = "latest")]
     start: String,
     /// Node directory (default: $TICKWIRE_NODE_DIR, else /dev/shm/tickwire/default).
@@ -392,8 +406,21 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
     let start = match a.start.as_str() {
         "latest" => Start::Latest,
         "earliest" => Start::Earliest,
+        "ring" => Start::RingEarliest,
+        s if s.contains('T') => {
+            let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+                format!("--start {s:?}: not an RFC 3339 time such as 2026-12-02T14:30:00Z: {e}")
+            })?;
+            let ns = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| format!("--start {s:?}: before 1970"))?
+                .as_nanos();
+            Start::Time(u64::try_from(ns).map_err(|_| format!("--start {s:?}: too far ahead"))?)
+        }
         s => Start::Sequence(s.parse().map_err(|_| {
-            format!("--start {s:?}: expected latest, earliest or a sequence number")
+            format!(
+                "--start {s:?}: expected latest, earliest, ring, a sequence number or an RFC 3339 time"
+            )
         })?),
     };
     let filter = Filter::default()

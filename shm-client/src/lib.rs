@@ -60,6 +60,10 @@ pub enum Start {
     /// it has left the ring. A sequence neither holds yields an
     /// [`Event::Gap`] with the exact range, and reading goes on after it.
     Sequence(u64),
+    /// The oldest event still in each ring, never the journal's older
+    /// ones (what a reader that wants recent history and then live wants,
+    /// such as a latest-value table).
+    RingEarliest,
     /// At the first event (in sequence order) whose event time is at or
     /// after this UTC time in nanoseconds, per partition: found through the
     /// journal's time index, then in the ring; Latest when every event
@@ -506,7 +510,7 @@ impl Part {
             Start::Earliest if journal.as_ref().and_then(|j| j.oldest()).is_some() => {
                 StartAt::Latest
             }
-            Start::Earliest => StartAt::Earliest,
+            Start::Earliest | Start::RingEarliest => StartAt::Earliest,
             Start::Sequence(_) | Start::Time(_) => StartAt::Latest,
         };
         let mut reader = PartitionReader::open(path, ring_start, budget, b.slack)?;

@@ -316,10 +316,11 @@ impl Hub {
         let reader = Subscriber::builder(topic)
             .node_dir(&self.node_dir)
             // From the oldest event the rings hold: the latest-value table
-            // starts full. Live reading never replays from disk: a lapped
-            // dispatcher reports gaps (replays are each subscription's own).
-            .start(Start::Earliest)
-            .ring_only()
+            // starts full. A dispatcher the ring laps (a burst longer than
+            // the ring while it was busy) reads what it missed from the
+            // journal: remote subscribers lose nothing the node journaled.
+            .start(Start::RingEarliest)
+            .journal_fill(true)
             .wait(WaitStrategy::Futex { spins: 200 })
             .open()
             .map_err(|e| match e {

@@ -164,11 +164,25 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
         &self,
         request: Request<pb::HistoricalRequest>,
     ) -> Result<Response<EncodedStream>, Status> {
-        self.state.auth.check_grpc(&request)?;
-        Err(ApiError::Unimplemented(
-            "historical streams need the journal, which this build does not have yet".into(),
-        )
-        .into())
+        let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Read)?;
+        let spec = crate::history::RangeSpec::from_request(&r, topic)?;
+        let permit = self
+            .state
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Limit("too many streams on this node".into()))?;
+        let rx = crate::history::start(
+            self.state.engine.node_dir(),
+            spec,
+            self.state.config.max_batch,
+            self.state.cancel.child_token(),
+        )?;
+        let stream = futures::stream::unfold((rx, permit), |(mut rx, permit)| async move {
+            let e = rx.recv().await?;
+            Some((Ok(e), (rx, permit)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn manage_subscription(

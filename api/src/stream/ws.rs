@@ -458,4 +458,23 @@ mod tests {
         }
         assert_eq!(field_of::<Unsubscribe>("{}"), "payload.subscription_id");
     }
+
+    #[test]
+    fn a_time_start_is_an_rfc3339_time_and_a_bad_one_names_the_field() {
+        let sub = |start: &str| {
+            let v: serde_json::Value =
+                serde_json::from_str(&format!(r#"{{"start":{start}}}"#)).expect("json");
+            to_request(parse_payload::<Subscribe>(v).expect("payload"))
+        };
+        let (_, r) = sub(r#"{"time":"2026-12-02T14:30:00.5Z"}"#).expect("ok");
+        assert_eq!(r.start_position, pb::MessagePosition::Timestamp as i32);
+        assert_eq!(r.start_time_ns, 1_796_221_800_500_000_000);
+        for bad in [
+            r#"{"time":"yesterday"}"#,
+            r#"{"time":"1969-12-31T23:59:59Z"}"#,
+        ] {
+            let e = sub(bad).expect_err("refused");
+            assert_eq!(e.body()["error"]["field"], "payload.start.time", "{bad}");
+        }
+    }
 }

@@ -1,0 +1,266 @@
+//! `StreamHistoricalData`: the raw events of a time range, read from the
+//! journal (and the ring for what the journal is about to write), encoded
+//! as the live stream's batches, then a `StreamEnd` with reason `complete`.
+//!
+//! A range is a position in each partition's stream: from its first event
+//! at or after `start_time_ns` up to, not including, its first event at or
+//! after `end_time_ns` (or what was published when the request came, if
+//! that is sooner), in sequence order. Event times within a partition are
+//! close to ordered, not strictly: an event stamped inside the range but
+//! committed after the end's first event is not included, and one stamped
+//! outside it but committed inside is. Gaps (what retention deleted, what
+//! the journal never had) come as gap notices with reason `not_journaled`.
+//! Bars (`interval` 1m, 5m, 1h, 1d) come with the bar store.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shm_client::{Event, Filter, Start, Subscriber};
+use tickwire_proto::futex::realtime_ns;
+use tickwire_proto::grpc::{BatchBuf, Encoded, InstrumentFields, TickMeta, encode_tick, notice};
+use tickwire_proto::pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+
+/// The most events one request may ask for.
+pub const MAX_LIMIT: u32 = 10_000_000;
+/// Events when the request sets no limit.
+pub const DEFAULT_LIMIT: u32 = 1_000_000;
+
+/// A checked `HistoricalRequest` for raw events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeSpec {
+    /// Topic.
+    pub topic: String,
+    /// Only this symbol (any venue); empty: every symbol.
+    pub symbol: String,
+    /// From the first event at or after this time (UTC ns).
+    pub start_ns: u64,
+    /// Up to the first event at or after this time (UTC ns).
+    pub end_ns: u64,
+    /// Most events.
+    pub limit: u32,
+}
+
+impl RangeSpec {
+    /// Checks a request; `topic` is the topic it names or the default.
+    ///
+    /// # Errors
+    /// [`ApiError::Invalid`] naming the field; [`ApiError::Unimplemented`]
+    /// for bars.
+    pub fn from_request(r: &pb::HistoricalRequest, topic: String) -> Result<RangeSpec, ApiError> {
+        match r.interval.as_str() {
+            "" | "raw" | "tick" => {}
+            "1m" | "5m" | "1h" | "1d" => {
+                return Err(ApiError::Unimplemented(format!(
+                    "interval {:?}: bars are not served yet; ask for raw events (interval \"\" or \"raw\")",
+                    r.interval
+                )));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "interval",
+                    format!("{other:?} is not an interval (raw, 1m, 5m, 1h, 1d)"),
+                ));
+            }
+        }
+        if r.start_time_ns <= 0 {
+            return Err(ApiError::invalid(
+                "start_time_ns",
+                format!(
+                    "{} is not a time: UTC nanoseconds since 1970",
+                    r.start_time_ns
+                ),
+            ));
+        }
+        let end = if r.end_time_ns == 0 {
+            realtime_ns()
+        } else {
+            r.end_time_ns.max(0) as u64
+        };
+        if end <= r.start_time_ns as u64 {
+            return Err(ApiError::invalid(
+                "end_time_ns",
+                format!(
+                    "{} is not after start_time_ns {}",
+                    r.end_time_ns, r.start_time_ns
+                ),
+            ));
+        }
+        if r.limit > MAX_LIMIT {
+            return Err(ApiError::invalid(
+                "limit",
+                format!(
+                    "{} is above the most one request may ask for, {MAX_LIMIT}",
+                    r.limit
+                ),
+            ));
+        }
+        if r.symbol.len() > 64 {
+            return Err(ApiError::invalid("symbol", "longer than 64 bytes"));
+        }
+        Ok(RangeSpec {
+            topic,
+            symbol: r.symbol.clone(),
+            start_ns: r.start_time_ns as u64,
+            end_ns: end,
+            limit: if r.limit == 0 { DEFAULT_LIMIT } else { r.limit },
+        })
+    }
+}
+
+/// Starts reading the range on a blocking thread; its batches come on the
+/// returned channel (bounded: a slow client slows the reading, nothing is
+/// dropped), then the end notice. Dropping the receiver stops it.
+///
+/// # Errors
+/// [`ApiError::NotFound`] for a topic without rings; [`ApiError::Unavailable`].
+pub fn start(
+    node_dir: PathBuf,
+    spec: RangeSpec,
+    max_batch: u32,
+    cancel: CancellationToken,
+) -> Result<mpsc::Receiver<Encoded>, ApiError> {
+    let mut filter = Filter::default();
+    if !spec.symbol.is_empty() {
+        filter = filter.symbols([spec.symbol.clone()]);
+    }
+    let sub = Subscriber::builder(spec.topic.clone())
+        .node_dir(&node_dir)
+        .start(Start::Time(spec.start_ns))
+        .filter(filter)
+        .open()
+        .map_err(|e| match e {
+            shm_client::Error::NoSuchTopic { .. } => ApiError::NotFound {
+                what: "topic",
+                name: spec.topic.clone(),
+            },
+            other => {
+                tracing::warn!(topic = %spec.topic, error = %other, "cannot open a historical reader");
+                ApiError::Unavailable(format!("topic {} cannot be read now", spec.topic))
+            }
+        })?;
+    let (tx, rx) = mpsc::channel(16);
+    std::thread::Builder::new()
+        .name("tickwire-history".into())
+        .spawn(move || read_range(sub, spec, max_batch.max(1), tx, cancel))
+        .map_err(ApiError::internal)?;
+    Ok(rx)
+}
+
+fn read_range(
+    mut sub: Subscriber,
+    spec: RangeSpec,
+    max_batch: u32,
+    tx: mpsc::Sender<Encoded>,
+    cancel: CancellationToken,
+) {
+    // Where each partition stops: what was published when asked.
+    let mut until: HashMap<u32, u64> = sub
+        .published()
+        .into_iter()
+        .map(|(p, s)| (p, s + 1))
+        .collect();
+    let epochs: HashMap<u32, Vec<(u64, u64)>> = sub
+        .partitions()
+        .into_iter()
+        .map(|p| (p, sub.epochs(p)))
+        .collect();
+    let mut wires: HashMap<u32, InstrumentFields> = HashMap::new();
+    let mut batch = BatchBuf::new();
+    let mut elem = Vec::new();
+    let mut sent = 0u64;
+    let mut notices: Vec<Encoded> = Vec::new();
+    let topic = spec.topic.clone();
+    let mut idle = 0u32;
+    let send = |e: Encoded| tx.blocking_send(e).is_ok();
+    loop {
+        if cancel.is_cancelled() || tx.is_closed() {
+            return;
+        }
+        let positions: HashMap<u32, u64> = sub.positions().into_iter().collect();
+        // A partition is done at its limit position or once it passed the end.
+        until.retain(|p, u| positions.get(p).is_some_and(|&c| c < *u));
+        if until.is_empty() || sent >= u64::from(spec.limit) {
+            break;
+        }
+        let now = realtime_ns();
+        let n = sub.poll(4096, |e| match e {
+            Event::Tick(t) => {
+                let Some(&stop) = until.get(&t.partition) else {
+                    return;
+                };
+                if t.seq >= stop || sent >= u64::from(spec.limit) {
+                    return;
+                }
+                if t.body.ts_event() >= spec.end_ns {
+                    // The first at or after the end: this partition is done.
+                    until.insert(t.partition, t.seq);
+                    return;
+                }
+                let id = t.body.instrument_id();
+                let inst = match wires.get(&id) {
+                    Some(w) => Some(w),
+                    None => t
+                        .instrument()
+                        .map(|e| &*wires.entry(id).or_insert_with(|| InstrumentFields::new(e))),
+                };
+                let meta = TickMeta {
+                    topic: &topic,
+                    partition: t.partition,
+                    epoch: epochs
+                        .get(&t.partition)
+                        .and_then(|e| tickwire_proto::journal::epoch_of(e, t.seq))
+                        .unwrap_or(0),
+                    seq: t.seq,
+                    send_time_ns: now,
+                    snapshot: false,
+                    conflated: false,
+                };
+                elem.clear();
+                encode_tick(&mut elem, &meta, t.body, inst);
+                batch.push(&elem);
+                sent += 1;
+            }
+            Event::Gap {
+                partition,
+                from,
+                to,
+            } => notices.push(notice::gap(&topic, partition, from, to, "not_journaled")),
+            _ => {}
+        });
+        if batch.events() >= max_batch || (n == 0 && batch.events() > 0) || !notices.is_empty() {
+            if batch.events() > 0 && !send(batch.take()) {
+                return;
+            }
+            for e in notices.drain(..) {
+                if !send(e) {
+                    return;
+                }
+            }
+        }
+        let moved = sub
+            .positions()
+            .into_iter()
+            .any(|(p, c)| positions.get(&p) != Some(&c));
+        if n == 0 && !moved {
+            idle += 1;
+            // Everything asked for was published, so it is in the ring or
+            // the journal: nothing for a second means it never comes.
+            if idle > 2_000 {
+                tracing::warn!(topic = %topic, left = ?until, "historical read made no progress for 1 s; ending it");
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        } else {
+            idle = 0;
+        }
+    }
+    if batch.events() > 0 && !send(batch.take()) {
+        return;
+    }
+    let _ = send(notice::end("complete"));
+}
