@@ -589,6 +589,9 @@ impl Broker {
     }
 
     fn stop_and_join(&mut self) {
+        if let Some(j) = &self.journal {
+            j.request_stop();
+        }
         self.stop.store(true, Ordering::Release);
         for s in &self.shared.shards {
             if let Some(t) = s.thread.get() {

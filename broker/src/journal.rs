@@ -50,6 +50,9 @@ use tickwire_proto::ring::Read;
 use crate::config::JournalIo;
 use crate::engine::BrokerError;
 
+/// How long a stopping journal keeps trying writes that fail.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// How often retention looks at the segments: a quarter of the shortest
 /// retention, within these bounds.
 const RETENTION_EVERY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
@@ -97,6 +100,9 @@ enum Command {
 struct Shared {
     commands: Mutex<Vec<Command>>,
     has_commands: AtomicBool,
+    /// The broker is stopping: writes that keep failing are given up.
+    stop_requested: AtomicBool,
+    /// The shards have stopped: write what the rings hold, then end.
     stop: AtomicBool,
     thread: OnceLock<std::thread::Thread>,
     counters: Counters,
@@ -159,6 +165,7 @@ impl Journal {
             shared: Arc::new(Shared {
                 commands: Mutex::new(Vec::new()),
                 has_commands: AtomicBool::new(false),
+                stop_requested: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 thread: OnceLock::new(),
                 counters: Counters::default(),
@@ -313,9 +320,20 @@ impl Journal {
         }
     }
 
+    /// The broker is stopping (before its shards stop): from now on,
+    /// writes that have failed for 5 s are given up, so that a full or
+    /// gone disk never keeps a shard waiting for the journal at shutdown.
+    pub fn request_stop(&self) {
+        self.shared.stop_requested.store(true, Ordering::Release);
+        if let Some(t) = self.shared.thread.get() {
+            t.unpark();
+        }
+    }
+
     /// Writes what the rings still hold (their writers stopped first),
     /// syncs, and stops the thread.
     pub fn shutdown(&self) {
+        self.shared.stop_requested.store(true, Ordering::Release);
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.shared.thread.get() {
             t.unpark();
@@ -464,6 +482,8 @@ struct Part {
     durable_next: u64,
     closing: bool,
     last_error_log: Option<Instant>,
+    /// Since when its writes fail (cleared by one that succeeds).
+    failing_since: Option<Instant>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -521,7 +541,7 @@ impl Part {
                     journal_end = end,
                     ring_oldest = oldest,
                     lost = oldest - end - 1,
-                    "journal: the ring no longer holds what the journal is missing (was the journal off?); sequences in between are not journaled"
+                    "journal: the ring no longer holds what the journal is missing (the journal was off, or its disk refused writes at the last shutdown); sequences in between are not journaled"
                 );
                 counters
                     .gap_frames
@@ -571,6 +591,7 @@ impl Part {
             durable_next: start,
             closing: false,
             last_error_log: None,
+            failing_since: None,
         })
     }
 
@@ -708,6 +729,30 @@ impl Writer {
             if stopping && !pending {
                 break;
             }
+            if self.shared.stop_requested.load(Ordering::Acquire)
+                && self
+                    .parts
+                    .iter()
+                    .any(|p| p.failing_since.is_some_and(|t| t.elapsed() >= STOP_WAIT))
+            {
+                // A disk that takes no more writes (full, gone) while the
+                // broker stops: give up, releasing the rings (their shards
+                // may be waiting for us to commit their last events). What
+                // is unwritten stays in the rings; the next start journals
+                // what they still hold.
+                let unwritten: Vec<String> = self
+                    .parts
+                    .iter()
+                    .map(|p| format!("{}/{} from {}", p.topic, p.partition, p.durable_next))
+                    .collect();
+                tracing::error!(partitions = ?unwritten, "journal: writes still failing at shutdown; stopping without them (the rings keep those events and the next start journals them)");
+                for p in &mut self.parts {
+                    // A write the kernel may still be doing keeps its buffer.
+                    std::mem::forget(p.inflight.take());
+                }
+                self.parts.clear();
+                break;
+            }
             idle = idle.saturating_add(1);
             if pending {
                 self.wait_completion();
@@ -821,6 +866,7 @@ impl Writer {
             let e = std::io::Error::from_raw_os_error(-res);
             counters.write_errors.fetch_add(1, Ordering::Relaxed);
             w.retry_at = Some(Instant::now() + Duration::from_millis(100));
+            p.failing_since.get_or_insert_with(Instant::now);
             if p.last_error_log
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
             {
@@ -830,6 +876,7 @@ impl Writer {
             }
             return;
         }
+        p.failing_since = None;
         w.done += res as usize;
         if w.done < w.buf.len() {
             // A short write: the rest goes next.
