@@ -381,3 +381,99 @@ fn retention_deletes_whole_old_segments_only() {
     assert!(broker.journal_stats().expect("journal").segments_deleted >= 9);
     broker.shutdown();
 }
+
+/// A disk that refuses writes (here: a file-size limit, as a full disk
+/// would): the journal says so and keeps every byte it had; ingest slows
+/// (the ring waits for the journal, the queue fills, sources are refused)
+/// instead of the journal skipping; and the broker still stops promptly.
+#[test]
+fn a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--exact", "full_disk_child", "--ignored", "--nocapture"])
+        .env("TICKWIRE_JOURNAL_TEST_DIR", dir.path())
+        .output()
+        .expect("child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .expect("the child's result");
+    let v: Vec<u64> = line[7..]
+        .split(' ')
+        .map(|x| x.parse().expect("number"))
+        .collect();
+    let (accepted, write_errors, shutdown_ms) = (v[0], v[1], v[2]);
+    assert!(write_errors > 0, "the journal saw the refusal");
+    assert!(
+        accepted < 200_000,
+        "ingest was slowed down: {accepted} accepted"
+    );
+    assert!(shutdown_ms < 15_000, "shutdown took {shutdown_ms} ms");
+    // Every byte the journal wrote is an intact frame, from the first on.
+    let cfg = config(dir.path(), 1, 4096);
+    let frames = journal_frames(&cfg.journal_dir(), 0);
+    assert_eq!(
+        frames.len() as u64,
+        (1 << 20) / 64,
+        "the journal filled what it was allowed"
+    );
+    for (i, &(seq, src)) in frames.iter().enumerate() {
+        assert_eq!((seq, src), (i as u64 + 1, i as u64 + 1));
+    }
+}
+
+/// Run by the test above in its own process (the limit is per process).
+#[test]
+#[ignore = "run by a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown"]
+fn full_disk_child() {
+    let Some(dir) = std::env::var_os("TICKWIRE_JOURNAL_TEST_DIR") else {
+        return;
+    };
+    let mut cfg = config(Path::new(&dir), 1, 4096);
+    cfg.journal.io = tickwire_broker::config::JournalIo::Plain;
+    // One segment file that would grow past the limit.
+    cfg.journal.segment_frames = 1 << 20;
+    let broker = Broker::start(&cfg).expect("broker");
+    // From now on no file of this process may grow past 1 MiB: writes past
+    // it fail with EFBIG, as they would with ENOSPC on a full disk.
+    // SAFETY: plain libc calls with valid arguments.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let lim = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+    }
+    let mut ingest = broker.ingest(1);
+    let rs = routes(&mut ingest, 4);
+    let mut accepted = 0u64;
+    let mut refused_since: Option<Instant> = None;
+    while accepted < 200_000 {
+        let mut body = FrameBody::trade(0, accepted + 1, 1, 1);
+        body.source_seq = accepted + 1;
+        match ingest.try_send(&rs[(accepted % 4) as usize], &body, None) {
+            Ok(()) => {
+                accepted += 1;
+                refused_since = None;
+            }
+            Err(_) => {
+                if refused_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1)
+                {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+    let errors = broker.journal_stats().expect("journal").write_errors;
+    let t = Instant::now();
+    broker.shutdown();
+    println!("RESULT {accepted} {errors} {}", t.elapsed().as_millis());
+}
