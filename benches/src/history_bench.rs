@@ -314,6 +314,8 @@ pub fn run(b: &HistoryBench) -> Result<(), String> {
         );
 
         if b.wants("replay_merge") {
+            // Not measured against the kernel's writeback of what was just written.
+            sync_all();
             replay(b, &mut n, &jdir, total_events)?;
         }
         drop(n);
