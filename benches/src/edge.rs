@@ -380,31 +380,15 @@ struct TwServer {
 
 impl TwServer {
     fn start(b: &EdgeBench) -> Result<TwServer, String> {
-        use tickwire_broker::config::{Config, IdleStrategy, TopicConfig};
-        let dir = crate::tw::fresh_dir("edge");
-        let mut cfg = Config::default();
-        cfg.node.dir = Some(dir);
-        cfg.synthetic.enabled = false;
-        // NATS core keeps nothing on disk: neither does this run (the
-        // journal has its own benchmark, `tickwire-bench history`).
-        cfg.journal.enabled = false;
-        cfg.shards.count = 1;
-        cfg.shards.pin = true;
-        cfg.shards.cores = vec![b.server_core];
-        // The shard shares core 0 with the dispatcher and the edge: when
-        // idle it does not spin (that keeps them off the core: ~0.8 ms of
-        // p50 at 100k/s with the defaults), it yields a little (at full rate
-        // the queue empties for microseconds; parking at once costs the
-        // publisher a wake per event) and then parks.
-        cfg.shards.idle = IdleStrategy::Adaptive;
-        cfg.shards.spin_iterations = 0;
-        cfg.shards.yield_iterations = 50;
-        cfg.topics = vec![TopicConfig {
-            name: TOPIC.into(),
-            partitions: 1,
-            capacity: 1 << 21,
-            ..TopicConfig::default()
-        }];
+        // The shard shares core 0 with the dispatcher and the edge. NATS
+        // core keeps nothing on disk: neither does this run (the journal
+        // has its own benchmark, `tickwire-bench history`).
+        let mut cfg = crate::tw::shared_core_config(
+            crate::tw::fresh_dir("edge"),
+            b.server_core,
+            TOPIC,
+            1 << 21,
+        );
         cfg.edge.grpc_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
         cfg.edge.http_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
         let broker =

@@ -28,12 +28,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use shm_client::{Event, Start, Subscriber, WaitStrategy};
-use tickwire_broker::config::{Config, IdleStrategy, TopicConfig};
 use tickwire_broker::engine::{Broker, Ingest};
 use tickwire_broker::router::Route;
 use tickwire_proto::FrameBody;
 use tickwire_proto::futex::realtime_ns;
-use tickwire_proto::symbology::Instrument;
 
 const TOPIC: &str = "bench/history";
 
@@ -86,45 +84,19 @@ struct Node {
 
 fn node(b: &HistoryBench, journal: Option<&Path>) -> Result<Node, String> {
     let shm = crate::tw::fresh_dir("history");
-    let mut cfg = Config::default();
-    cfg.node.dir = Some(shm.clone());
-    cfg.synthetic.enabled = false;
+    // The shard shares core 0 with the journal thread (and the live
+    // writer of the replay case).
+    let mut cfg = crate::tw::shared_core_config(shm.clone(), b.shard_core, TOPIC, 1 << 18);
     cfg.edge.enabled = false;
     cfg.stats.log_interval_secs = 0;
-    cfg.shards.count = 1;
-    cfg.shards.pin = true;
-    cfg.shards.cores = vec![b.shard_core];
-    cfg.shards.idle = IdleStrategy::Adaptive;
-    cfg.shards.spin_iterations = 0;
-    cfg.shards.yield_iterations = 50;
-    cfg.topics = vec![TopicConfig {
-        name: TOPIC.into(),
-        partitions: 1,
-        capacity: 1 << 18,
-        ..TopicConfig::default()
-    }];
-    match journal {
-        Some(dir) => {
-            cfg.journal.dir = Some(dir.to_path_buf());
-            cfg.journal.core = Some(b.journal_core);
-        }
-        None => cfg.journal.enabled = false,
+    if let Some(dir) = journal {
+        cfg.journal.enabled = true;
+        cfg.journal.dir = Some(dir.to_path_buf());
+        cfg.journal.core = Some(b.journal_core);
     }
     let broker = Broker::start(&cfg).map_err(|e| format!("broker: {e}"))?;
     let mut ingest = broker.ingest(1);
-    let topic = ingest.resolver().topic(TOPIC).ok_or("topic")?;
-    let route = ingest
-        .resolver()
-        .route(
-            topic,
-            &Instrument {
-                symbol: "BENCH".into(),
-                exchange: "XBEN".into(),
-                currency: "USD".into(),
-                size_decimals: 0,
-            },
-        )
-        .map_err(|e| e.to_string())?;
+    let route = crate::tw::bench_route(&mut ingest, TOPIC)?;
     Ok(Node {
         broker,
         ingest,

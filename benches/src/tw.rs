@@ -148,6 +148,61 @@ pub fn reader(
 /// Empty polls the ingest case's shard spins before parking.
 pub const INGEST_SHARD_SPINS: u32 = 100;
 
+/// A one-shard, one-partition broker pinned to `core`, with the synthetic
+/// feed and the journal off: when idle the shard does not spin (that keeps
+/// what shares its core off it: ~0.8 ms of p50 at 100k/s with the
+/// defaults), it yields a little (at full rate the queue empties for
+/// microseconds; parking at once costs the publisher a wake per event) and
+/// then parks.
+pub fn shared_core_config(
+    dir: PathBuf,
+    core: usize,
+    topic: &str,
+    capacity: u64,
+) -> tickwire_broker::config::Config {
+    use tickwire_broker::config::{Config, IdleStrategy, TopicConfig};
+    let mut cfg = Config::default();
+    cfg.node.dir = Some(dir);
+    cfg.synthetic.enabled = false;
+    cfg.journal.enabled = false;
+    cfg.shards.count = 1;
+    cfg.shards.pin = true;
+    cfg.shards.cores = vec![core];
+    cfg.shards.idle = IdleStrategy::Adaptive;
+    cfg.shards.spin_iterations = 0;
+    cfg.shards.yield_iterations = 50;
+    cfg.topics = vec![TopicConfig {
+        name: topic.into(),
+        partitions: 1,
+        capacity,
+        ..TopicConfig::default()
+    }];
+    cfg
+}
+
+/// The route of the benchmarks' one instrument (BENCH on XBEN) in `topic`.
+///
+/// # Errors
+/// No such topic; a full symbology table.
+pub fn bench_route(
+    ingest: &mut tickwire_broker::engine::Ingest,
+    topic: &str,
+) -> Result<tickwire_broker::router::Route, String> {
+    let topic = ingest.resolver().topic(topic).ok_or("topic")?;
+    ingest
+        .resolver()
+        .route(
+            topic,
+            &tickwire_proto::symbology::Instrument {
+                symbol: "BENCH".into(),
+                exchange: "XBEN".into(),
+                currency: "USD".into(),
+                size_decimals: 0,
+            },
+        )
+        .map_err(|e| e.to_string())
+}
+
 /// `ingest_1x1`: events go through the broker's router and shard queue
 /// (`Ingest::try_send`) from a paced producer; the reader is a process on
 /// the shard's core.
@@ -158,7 +213,6 @@ pub fn ingest(run: &Run, tether_ms: u64) -> Result<Vec<serde_json::Value>, Strin
     use tickwire_broker::config::{Config, IdleStrategy, TopicConfig};
     use tickwire_broker::engine::Broker;
     use tickwire_proto::FrameBody;
-    use tickwire_proto::symbology::Instrument;
 
     let dir = fresh_dir("ingest");
     let mut cfg = Config::default();
@@ -183,19 +237,7 @@ pub fn ingest(run: &Run, tether_ms: u64) -> Result<Vec<serde_json::Value>, Strin
     }];
     let broker = Broker::start(&cfg).map_err(|e| e.to_string())?;
     let mut ingest = broker.ingest(1);
-    let topic = ingest.resolver().topic(TOPIC).ok_or("topic")?;
-    let route = ingest
-        .resolver()
-        .route(
-            topic,
-            &Instrument {
-                symbol: "BENCH".into(),
-                exchange: "XBEN".into(),
-                currency: "USD".into(),
-                size_decimals: 0,
-            },
-        )
-        .map_err(|e| e.to_string())?;
+    let route = bench_route(&mut ingest, TOPIC)?;
     let args: Vec<String> = [
         "--system",
         "tickwire",

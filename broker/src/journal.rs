@@ -131,6 +131,8 @@ pub struct Journal {
     settings: JournalSettings,
     io_name: &'static str,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Held (flock) while the journal is open.
+    _lock: File,
 }
 
 impl Journal {
@@ -145,6 +147,28 @@ impl Journal {
     pub fn new(settings: JournalSettings, io: JournalIo) -> Result<Journal, BrokerError> {
         std::fs::create_dir_all(&settings.root)
             .map_err(|e| journal_err("create", &settings.root, e))?;
+        // One broker per journal: two nodes given the same directory would
+        // interleave unrelated sequences into the same segments.
+        let lock_path = settings.root.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| journal_err("open", &lock_path, e))?;
+        // SAFETY: flock on a descriptor we own; non-blocking.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            return Err(BrokerError::Journal(format!(
+                "{} is in use by another tickwire serve (each node needs a journal directory of its own: set journal.dir)",
+                settings.root.display()
+            )));
+        }
         let io_name = match io {
             JournalIo::Plain => "write",
             JournalIo::Uring | JournalIo::Auto => match io_uring::IoUring::new(8) {
@@ -173,6 +197,7 @@ impl Journal {
             settings,
             io_name,
             thread: Mutex::new(None),
+            _lock: lock,
         })
     }
 

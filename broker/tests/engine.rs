@@ -26,19 +26,11 @@ fn config(dir: &std::path::Path, partitions: u32, shards: usize) -> Config {
     c
 }
 
+#[path = "support/routes.rs"]
+mod support;
+
 fn routes(ingest: &mut Ingest, n: usize) -> Vec<Route> {
-    let topic = ingest.resolver().topic(TOPIC).expect("topic");
-    (0..n)
-        .map(|i| {
-            let inst = Instrument {
-                symbol: format!("SYM{i}"),
-                exchange: "XNAS".into(),
-                currency: "USD".into(),
-                size_decimals: 0,
-            };
-            ingest.resolver().route(topic, &inst).expect("route")
-        })
-        .collect()
+    support::routes(ingest, TOPIC, n)
 }
 
 /// Sends `body` along `route`, retrying on backpressure while draining

@@ -12,9 +12,12 @@ use tickwire_broker::router::Route;
 use tickwire_proto::FrameBody;
 use tickwire_proto::frame::BODY_WORDS;
 use tickwire_proto::journal::{self, JournalRead, JournalReader};
-use tickwire_proto::symbology::Instrument;
 
 const TOPIC: &str = "test/journal";
+
+/// Set in the environment of a test's own child process: the test then
+/// plays the child's part.
+const CHILD: &str = "TICKWIRE_JOURNAL_TEST_CHILD";
 
 fn config(dir: &Path, partitions: u32, capacity: u64) -> Config {
     let mut c = Config::default();
@@ -31,19 +34,11 @@ fn config(dir: &Path, partitions: u32, capacity: u64) -> Config {
     c
 }
 
+#[path = "support/routes.rs"]
+mod support;
+
 fn routes(ingest: &mut Ingest, n: usize) -> Vec<Route> {
-    let topic = ingest.resolver().topic(TOPIC).expect("topic");
-    (0..n)
-        .map(|i| {
-            let inst = Instrument {
-                symbol: format!("SYM{i}"),
-                exchange: "XNAS".into(),
-                currency: "USD".into(),
-                size_decimals: 0,
-            };
-            ingest.resolver().route(topic, &inst).expect("route")
-        })
-        .collect()
+    support::routes(ingest, TOPIC, n)
 }
 
 /// Sends events `from..=to` (event time = `t0 + i`, source_seq = i),
@@ -273,11 +268,19 @@ fn every_event_is_journaled_and_a_time_start_lands_on_the_first_at_or_after_it()
 /// every committed sequence once, and sequences continue under a new epoch.
 #[test]
 fn after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once() {
+    if std::env::var_os(CHILD).is_some() {
+        return crash_child();
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), 1, 1 << 14);
     let root = cfg.journal_dir();
     let status = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .args(["--exact", "crash_child", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
         .env("TICKWIRE_JOURNAL_TEST_DIR", dir.path())
         .stderr(std::process::Stdio::null())
         .status()
@@ -316,10 +319,8 @@ fn after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once() {
     assert_eq!(epochs, vec![(1, 1), (9_001, 2)], "epochs by first sequence");
 }
 
-/// Run by the test above in its own process: commits 9000 events, then
-/// dies at once, whatever the journal has written by then.
-#[test]
-#[ignore = "run by after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once"]
+/// The test above, in its own process: commits 9000 events, then dies at
+/// once, whatever the journal has written by then.
 fn crash_child() {
     let Some(dir) = std::env::var_os("TICKWIRE_JOURNAL_TEST_DIR") else {
         return;
@@ -388,9 +389,17 @@ fn retention_deletes_whole_old_segments_only() {
 /// instead of the journal skipping; and the broker still stops promptly.
 #[test]
 fn a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown() {
+    if std::env::var_os(CHILD).is_some() {
+        return full_disk_child();
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .args(["--exact", "full_disk_child", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
         .env("TICKWIRE_JOURNAL_TEST_DIR", dir.path())
         .output()
         .expect("child");
@@ -428,9 +437,7 @@ fn a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown() {
     }
 }
 
-/// Run by the test above in its own process (the limit is per process).
-#[test]
-#[ignore = "run by a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown"]
+/// The test above, in its own process (the limit is per process).
 fn full_disk_child() {
     let Some(dir) = std::env::var_os("TICKWIRE_JOURNAL_TEST_DIR") else {
         return;
@@ -476,4 +483,30 @@ fn full_disk_child() {
     let t = Instant::now();
     broker.shutdown();
     println!("RESULT {accepted} {errors} {}", t.elapsed().as_millis());
+}
+
+/// Two nodes (different node directories) given the same journal
+/// directory: the second is refused with a reason, and nothing of the
+/// first is touched.
+#[test]
+fn a_journal_directory_serves_one_broker_at_a_time() {
+    let (a, b, j) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let mut ca = config(a.path(), 1, 1024);
+    ca.journal.dir = Some(j.path().to_path_buf());
+    let mut cb = config(b.path(), 1, 1024);
+    cb.journal.dir = Some(j.path().to_path_buf());
+    let first = Broker::start(&ca).expect("first broker");
+    let err = Broker::start(&cb)
+        .err()
+        .expect("second refused")
+        .to_string();
+    assert!(err.contains("in use by another tickwire serve"), "{err}");
+    first.shutdown();
+    Broker::start(&cb)
+        .expect("free once the first stopped")
+        .shutdown();
 }
