@@ -114,6 +114,11 @@ pub trait Engine: Send + Sync + 'static {
             "this engine cannot grow topic {name:?} at run time"
         )))
     }
+    /// Node-wide counters for `/metrics` beyond the edge's own (the
+    /// journal's, say): (name, help, value), all counters.
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
     /// Deletes a topic: its readers are told, its rings removed. Blocking.
     ///
     /// # Errors

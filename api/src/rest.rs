@@ -212,6 +212,9 @@ async fn metrics(State(state): S) -> Response {
             let _ = writeln!(out, "{n}_count{{topic=\"{}\"}} {}", t.topic, h.len());
         }
     }
+    for (n, help, v) in state.engine.counters() {
+        let _ = writeln!(out, "# HELP {n} {help}\n# TYPE {n} counter\n{n} {v}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -15,6 +15,7 @@ pub struct BrokerEngine {
     config: Config,
     rules: std::sync::Arc<crate::rules::RuleTable>,
     topics: std::sync::Arc<TopicControl>,
+    journal: Option<std::sync::Arc<crate::journal::Journal>>,
 }
 
 fn desc(t: &TopicInfo) -> TopicDesc {
@@ -71,6 +72,7 @@ impl BrokerEngine {
             config: broker.config().clone(),
             rules: broker.rules(),
             topics: broker.topics(),
+            journal: broker.journal(),
         }
     }
 }
@@ -108,6 +110,40 @@ impl Engine for BrokerEngine {
             .grow(name, partitions)
             .map(|t| desc(&t))
             .map_err(|e| api_error(name, e))
+    }
+
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let Some(j) = &self.journal else {
+            return Vec::new();
+        };
+        let s = j.stats();
+        vec![
+            (
+                "tickwire_journal_events_total",
+                "Events written to the journal.",
+                s.events,
+            ),
+            (
+                "tickwire_journal_bytes_total",
+                "Bytes written to the journal.",
+                s.bytes,
+            ),
+            (
+                "tickwire_journal_write_errors_total",
+                "Journal writes that failed (each retried; ingest waits meanwhile).",
+                s.write_errors,
+            ),
+            (
+                "tickwire_journal_segments_deleted_total",
+                "Journal segments deleted by retention.",
+                s.segments_deleted,
+            ),
+            (
+                "tickwire_journal_gap_events_total",
+                "Events never journaled: the ring had moved past the journal when it started.",
+                s.gap_frames,
+            ),
+        ]
     }
 
     fn delete_topic(&self, name: &str) -> Result<(), ApiError> {

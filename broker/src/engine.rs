@@ -541,6 +541,11 @@ impl Broker {
         }
     }
 
+    /// The journal (`None` when it is off).
+    pub fn journal(&self) -> Option<Arc<crate::journal::Journal>> {
+        self.journal.clone()
+    }
+
     /// The journal's counters (`None` when it is off).
     pub fn journal_stats(&self) -> Option<crate::journal::JournalStats> {
         self.journal.as_ref().map(|j| j.stats())

@@ -14,6 +14,9 @@ use tickwire_proto::pb::stream_response::Kind as R;
 use tickwire_proto::symbology::Instrument;
 use tokio_util::sync::CancellationToken;
 
+#[path = "../../api/tests/support/http.rs"]
+mod http;
+
 const TOPIC: &str = "md/replay";
 
 /// Sends trades with event times `t0 + i` and source sequences `i`.
@@ -277,6 +280,21 @@ async fn grpc_streams_from_earliest_and_from_a_time_replay_the_journal_and_join_
         .await
         .expect_err("bars are not served yet");
     assert_eq!(bars.code(), tonic::Code::Unimplemented);
+    // The journal's counters are on /metrics.
+    let (code, text) = http::Client
+        .get_text(&format!("http://{}/metrics", edge.http_addr))
+        .await;
+    assert_eq!(code, 200);
+    let journaled: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tickwire_journal_events_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("tickwire_journal_events_total");
+    assert!(journaled >= history, "{journaled}");
+    assert!(
+        text.contains("tickwire_journal_write_errors_total 0"),
+        "{text}"
+    );
     // A timestamp of 0 is refused, naming the field.
     let err = client
         .stream_market_data(request(pb::MessagePosition::Timestamp, 0))
