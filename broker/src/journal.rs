@@ -184,6 +184,7 @@ impl Journal {
                 }
             },
         };
+        remove_expired_replaced(&settings.root, settings.retention);
         tracing::info!(dir = %settings.root.display(), io = io_name, retention = %humantime::format_duration(settings.retention), segment_bytes = settings.segment_frames * FRAME_BYTES as u64, "journal open");
         Ok(Journal {
             shared: Arc::new(Shared {
@@ -1100,6 +1101,38 @@ fn write_inflight(io: &mut Io, p: &mut Part) {
                 Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
             };
             finished.push((p.id, res));
+        }
+    }
+}
+
+/// Deletes journals moved aside (`<partition>.replaced-<unix secs>`: their
+/// ring was created anew) once they are older than `retention`.
+fn remove_expired_replaced(root: &Path, retention: Duration) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((_, secs)) = name.rsplit_once(".replaced-") else {
+            continue;
+        };
+        let Ok(secs) = secs.parse::<u64>() else {
+            continue;
+        };
+        if now.saturating_sub(secs) < retention.as_secs() {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => {
+                tracing::info!(dir = %e.path().display(), "journal: deleted a replaced journal past its retention")
+            }
+            Err(err) => {
+                tracing::warn!(dir = %e.path().display(), error = %err, "journal: a replaced journal could not be deleted")
+            }
         }
     }
 }

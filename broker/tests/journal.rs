@@ -510,3 +510,74 @@ fn a_journal_directory_serves_one_broker_at_a_time() {
         .expect("free once the first stopped")
         .shutdown();
 }
+
+/// Rings deleted and created anew (a fresh node directory) while the
+/// journal stays: the old journal is moved aside, never mixed with the new
+/// sequences, so Earliest replays only the new ring's events; a moved-aside
+/// journal past the retention is deleted at the next start.
+#[test]
+fn a_journal_ahead_of_a_new_ring_is_moved_aside_not_mixed() {
+    let (first, second, j) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let mut cfg = config(first.path(), 1, 1024);
+    cfg.journal.dir = Some(j.path().to_path_buf());
+    let broker = Broker::start(&cfg).expect("broker");
+    let mut ingest = broker.ingest(1);
+    let rs = routes(&mut ingest, 4);
+    send_range(&mut ingest, &rs, 1, 500, 0);
+    wait_until("500 journaled", || {
+        broker.journal_stats().expect("journal").events >= 500
+    });
+    broker.shutdown();
+    // New rings, same journal directory.
+    cfg.node.dir = Some(second.path().to_path_buf());
+    let broker = Broker::start(&cfg).expect("broker");
+    let mut ingest = broker.ingest(1);
+    let rs = routes(&mut ingest, 4);
+    send_range(&mut ingest, &rs, 10_001, 10_100, 0);
+    wait_until("100 journaled", || {
+        broker.journal_stats().expect("journal").events >= 100
+    });
+    let frames = journal_frames(j.path(), 0);
+    assert_eq!(frames.len(), 100);
+    assert_eq!(
+        frames[0],
+        (1, 10_001),
+        "the new ring's first event, sequence 1"
+    );
+    let aside: Vec<String> = std::fs::read_dir(j.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the old journal, moved aside: {aside:?}");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(second.path())
+        .journal_dir(j.path())
+        .start(Start::Earliest)
+        .open()
+        .expect("sub");
+    let mut first_seen = None;
+    sub.poll(1, |e| {
+        if let Event::Tick(t) = e {
+            first_seen = Some((t.seq, t.body.source_seq()));
+        }
+    });
+    assert_eq!(first_seen, Some((1, 10_001)));
+    drop((sub, ingest));
+    broker.shutdown();
+    // Past its retention, the moved-aside journal goes at the next start.
+    cfg.journal.retention = "1s".into();
+    std::thread::sleep(Duration::from_millis(2_100));
+    Broker::start(&cfg).expect("broker").shutdown();
+    let left = std::fs::read_dir(j.path())
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".replaced-"))
+        .count();
+    assert_eq!(left, 0);
+}
