@@ -19,6 +19,15 @@ const TOPIC: &str = "test/journal";
 /// plays the child's part.
 const CHILD: &str = "TICKWIRE_JOURNAL_TEST_CHILD";
 
+/// This test binary running only `test` as its child part, on `dir`.
+fn child(test: &str, dir: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().expect("exe"));
+    c.args(["--exact", test, "--nocapture"])
+        .env(CHILD, "1")
+        .env("TICKWIRE_JOURNAL_TEST_DIR", dir);
+    c
+}
+
 fn config(dir: &Path, partitions: u32, capacity: u64) -> Config {
     let mut c = Config::default();
     c.node.dir = Some(dir.to_path_buf());
@@ -274,17 +283,13 @@ fn after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = config(dir.path(), 1, 1 << 14);
     let root = cfg.journal_dir();
-    let status = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .args([
-            "--exact",
-            "after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .env("TICKWIRE_JOURNAL_TEST_DIR", dir.path())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("child");
+    let status = child(
+        "after_a_crash_and_a_torn_tail_the_journal_has_every_committed_event_once",
+        dir.path(),
+    )
+    .stderr(std::process::Stdio::null())
+    .status()
+    .expect("child");
     assert!(!status.success(), "the child aborts");
     // What a crash mid-write leaves: half a frame, then a page of zeros.
     let pdir = journal::partition_dir(&root, TOPIC, 0);
@@ -393,16 +398,12 @@ fn a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown() {
         return full_disk_child();
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .args([
-            "--exact",
-            "a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .env("TICKWIRE_JOURNAL_TEST_DIR", dir.path())
-        .output()
-        .expect("child");
+    let out = child(
+        "a_disk_that_refuses_writes_slows_ingest_and_never_blocks_shutdown",
+        dir.path(),
+    )
+    .output()
+    .expect("child");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
