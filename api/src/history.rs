@@ -229,17 +229,24 @@ fn read_range(
                 partition,
                 from,
                 to,
-            } => notices.push(notice::gap(&topic, partition, from, to, "not_journaled")),
+            } => {
+                // In stream order: the events before the gap, then the gap.
+                if batch.events() > 0 {
+                    notices.push(batch.take());
+                }
+                notices.push(notice::gap(&topic, partition, from, to, "not_journaled"));
+            }
             _ => {}
         });
         if batch.events() >= max_batch || (n == 0 && batch.events() > 0) || !notices.is_empty() {
-            if batch.events() > 0 && !send(batch.take()) {
-                return;
-            }
+            // What came before (batches cut at gaps, the gaps), then the rest.
             for e in notices.drain(..) {
                 if !send(e) {
                     return;
                 }
+            }
+            if batch.events() > 0 && !send(batch.take()) {
+                return;
             }
         }
         let moved = sub

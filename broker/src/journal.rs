@@ -731,17 +731,20 @@ impl Writer {
             {
                 self.sync_all();
             }
-            let every = self
-                .parts
-                .iter()
-                .map(|p| p.retention / 4)
-                .min()
-                .unwrap_or(RETENTION_EVERY.1)
-                .clamp(RETENTION_EVERY.0, RETENTION_EVERY.1);
-            if self.last_retention.elapsed() >= every {
-                self.last_retention = Instant::now();
-                for i in 0..self.parts.len() {
-                    self.retention(i);
+            // At most every 100 ms: is retention due?
+            if self.last_retention.elapsed() >= RETENTION_EVERY.0 {
+                let every = self
+                    .parts
+                    .iter()
+                    .map(|p| p.retention / 4)
+                    .min()
+                    .unwrap_or(RETENTION_EVERY.1)
+                    .clamp(RETENTION_EVERY.0, RETENTION_EVERY.1);
+                if self.last_retention.elapsed() >= every {
+                    self.last_retention = Instant::now();
+                    for i in 0..self.parts.len() {
+                        self.retention(i);
+                    }
                 }
             }
             if work > 0 {
@@ -949,13 +952,10 @@ impl Writer {
 
     fn retry_failed(&mut self, i: usize) {
         let p = &mut self.parts[i];
-        if let Some(w) = &p.inflight
+        if let Some(w) = p.inflight.as_mut()
             && w.retry_at.is_some_and(|t| Instant::now() >= t)
         {
-            let p = &mut self.parts[i];
-            if let Some(w) = p.inflight.as_mut() {
-                w.retry_at = None;
-            }
+            w.retry_at = None;
             write_inflight(&mut self.io, p);
         }
     }

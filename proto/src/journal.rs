@@ -122,19 +122,17 @@ pub fn decode_frame(seq: u64, bytes: &[u8], out: &mut [u64; BODY_WORDS]) -> bool
     if bytes.len() < FRAME_BYTES {
         return false;
     }
-    let word = |i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(w)
-    };
-    let tag = word(0);
-    if tag & 0xffff_ffff != seq & 0xffff_ffff {
+    let mut f = [0u64; 8];
+    for (i, w) in f.iter_mut().enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        *w = u64::from_le_bytes(b);
+    }
+    if !frame_ok(seq, &f) {
         return false;
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = word(i + 1);
-    }
-    (tag >> 32) as u32 == crc_of(seq, out)
+    out.copy_from_slice(&f[1..]);
+    true
 }
 
 /// The event time of a frame body (the time index and time starts use it).

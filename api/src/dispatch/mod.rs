@@ -1154,6 +1154,8 @@ impl State {
             let mut budget = 65_536usize;
             for (p, r) in readers.iter_mut() {
                 let target = live.get(p).copied().unwrap_or(0);
+                // Replayed events carry the epoch that wrote them.
+                let epochs = r.epochs(*p);
                 loop {
                     let next = r.positions().first().map_or(target, |x| x.1);
                     if next >= target {
@@ -1165,8 +1167,6 @@ impl State {
                     }
                     let want = ((target - next) as usize).min(512).min(budget);
                     let live_epoch = self.epochs.get(*p as usize).copied().unwrap_or(0);
-                    // Replayed events carry the epoch that wrote them.
-                    let epochs = r.epochs(*p);
                     let mut gaps = Vec::new();
                     let (pb, js, wires) = (&mut self.pb, &mut self.json, &mut self.wires);
                     let n = r.poll(want, |ev| match ev {
