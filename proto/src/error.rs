@@ -144,6 +144,14 @@ pub enum Error {
         /// Asked for.
         requested: u64,
     },
+    /// A record of a file (a bar, say) fails its check.
+    #[error("{path}: {what}")]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// Which record and what is wrong with it.
+        what: String,
+    },
     /// A parameter passed by the caller is invalid.
     #[error("invalid {what}: {why}")]
     Invalid {

@@ -18,6 +18,8 @@ pub mod shm;
 pub(crate) mod sync;
 
 #[cfg(not(loom))]
+pub mod bars;
+#[cfg(not(loom))]
 pub mod error;
 #[cfg(not(loom))]
 pub mod file;
