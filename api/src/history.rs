@@ -10,7 +10,10 @@
 //! committed after the end's first event is not included, and one stamped
 //! outside it but committed inside is. Gaps (what retention deleted, what
 //! the journal never had) come as gap notices with reason `not_journaled`.
-//! Bars (`interval` 1m, 5m, 1h, 1d) come with the bar store.
+//!
+//! With `interval` 1m, 5m, 1h or 1d it streams bars instead
+//! ([`start_bars`]): the bars whose start is in the range, instrument by
+//! instrument, as `BarBatch` messages, then the same `StreamEnd`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,6 +40,10 @@ pub struct RangeSpec {
     pub topic: String,
     /// Only this symbol (any venue); empty: every symbol.
     pub symbol: String,
+    /// Only this venue; empty: every venue.
+    pub exchange: String,
+    /// Only this currency; empty: every currency.
+    pub currency: String,
     /// From the first event at or after this time (UTC ns).
     pub start_ns: u64,
     /// Up to the first event at or after this time (UTC ns).
@@ -55,10 +62,13 @@ impl RangeSpec {
         match r.interval.as_str() {
             "" | "raw" | "tick" => {}
             "1m" | "5m" | "1h" | "1d" => {
-                return Err(ApiError::Unimplemented(format!(
-                    "interval {:?}: bars are not served yet; ask for raw events (interval \"\" or \"raw\")",
-                    r.interval
-                )));
+                return Err(ApiError::invalid(
+                    "interval",
+                    format!(
+                        "{:?} asks for bars, not raw events (see BarSpec)",
+                        r.interval
+                    ),
+                ));
             }
             other => {
                 return Err(ApiError::invalid(
@@ -99,12 +109,20 @@ impl RangeSpec {
                 ),
             ));
         }
-        if r.symbol.len() > 64 {
-            return Err(ApiError::invalid("symbol", "longer than 64 bytes"));
+        for (field, v) in [
+            ("symbol", &r.symbol),
+            ("exchange", &r.exchange),
+            ("currency", &r.currency),
+        ] {
+            if v.len() > 64 {
+                return Err(ApiError::invalid(field, "longer than 64 bytes"));
+            }
         }
         Ok(RangeSpec {
             topic,
             symbol: r.symbol.clone(),
+            exchange: r.exchange.clone(),
+            currency: r.currency.clone(),
             start_ns: r.start_time_ns as u64,
             end_ns: end,
             limit: if r.limit == 0 { DEFAULT_LIMIT } else { r.limit },
@@ -127,6 +145,12 @@ pub fn start(
     let mut filter = Filter::default();
     if !spec.symbol.is_empty() {
         filter = filter.symbols([spec.symbol.clone()]);
+    }
+    if !spec.exchange.is_empty() {
+        filter = filter.exchanges([spec.exchange.clone()]);
+    }
+    if !spec.currency.is_empty() {
+        filter = filter.currencies([spec.currency.clone()]);
     }
     let sub = Subscriber::builder(spec.topic.clone())
         .node_dir(&node_dir)
@@ -270,4 +294,167 @@ fn read_range(
         return;
     }
     let _ = send(notice::end("complete"));
+}
+
+/// A checked `HistoricalRequest` for bars.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BarSpec {
+    /// Topic.
+    pub topic: String,
+    /// Only this symbol; empty: every symbol.
+    pub symbol: String,
+    /// Only this venue.
+    pub exchange: Option<String>,
+    /// Only this currency.
+    pub currency: Option<String>,
+    /// The bars: interval, range (`limit` is the most in all).
+    pub query: crate::bars::BarQuery,
+}
+
+impl BarSpec {
+    /// Checks a request whose interval names bars; `None` when it asks for
+    /// raw events.
+    ///
+    /// # Errors
+    /// [`ApiError::Invalid`] naming the field.
+    pub fn from_request(
+        r: &pb::HistoricalRequest,
+        topic: String,
+    ) -> Result<Option<BarSpec>, ApiError> {
+        let Some(interval) = tickwire_proto::bars::Interval::parse(&r.interval) else {
+            return Ok(None);
+        };
+        // The same checks as raw events: times, limit, symbol.
+        let raw = RangeSpec::from_request(
+            &pb::HistoricalRequest {
+                interval: String::new(),
+                ..r.clone()
+            },
+            topic,
+        )?;
+        let most = crate::bars::max_range_ns(interval);
+        if raw.end_ns - raw.start_ns > most {
+            return Err(ApiError::invalid(
+                "end_time_ns",
+                format!(
+                    "the range is longer than one request may cover with {} bars ({})",
+                    interval.name(),
+                    humantime::format_duration(Duration::from_nanos(most))
+                ),
+            ));
+        }
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Ok(Some(BarSpec {
+            topic: raw.topic,
+            symbol: raw.symbol,
+            exchange: opt(&r.exchange),
+            currency: opt(&r.currency),
+            query: crate::bars::BarQuery {
+                interval,
+                from_ns: raw.start_ns,
+                to_ns: raw.end_ns,
+                limit: raw.limit as usize,
+            },
+        }))
+    }
+}
+
+/// Streams the bars of `spec` from the bar store `dir` on a blocking
+/// thread: `BarBatch` messages of at most `max_batch` bars, instrument by
+/// instrument (symbology order), then `StreamEnd` `complete` (or `error`,
+/// logged, when a bar file cannot be read).
+///
+/// # Errors
+/// [`ApiError::NotFound`] when no instrument matches.
+pub fn start_bars(
+    dir: PathBuf,
+    symbology: std::sync::Arc<tickwire_proto::symbology::Symbology>,
+    resampler: Option<std::sync::Arc<dyn crate::bars::Resampler>>,
+    spec: BarSpec,
+    max_batch: u32,
+    cancel: CancellationToken,
+) -> Result<mpsc::Receiver<Encoded>, ApiError> {
+    use tickwire_proto::bars::Interval;
+    let ids: Vec<u32> = crate::bars::instruments(
+        &symbology,
+        &spec.symbol,
+        spec.exchange.as_deref(),
+        spec.currency.as_deref(),
+    )
+    .into_iter()
+    .map(|(id, _)| id)
+    .collect();
+    if ids.is_empty() {
+        return Err(ApiError::NotFound {
+            what: "symbol",
+            name: spec.symbol,
+        });
+    }
+    if spec.query.interval != Interval::M1 && resampler.is_none() {
+        return Err(ApiError::Unimplemented(format!(
+            "interval {}: this tickwire was built without the history feature (Polars); it serves 1m bars only",
+            spec.query.interval.name()
+        )));
+    }
+    let (tx, rx) = mpsc::channel(16);
+    let max_batch = (max_batch.max(1) as usize).min(crate::bars::MAX_BARS);
+    std::thread::Builder::new()
+        .name("tickwire-bars-read".into())
+        .spawn(move || {
+            let send = |e: Encoded| tx.blocking_send(e).is_ok();
+            let mut left = spec.query.limit;
+            let complete = crate::bars::complete_through(&dir, &spec.topic);
+            for id in ids {
+                let Some(entry) = symbology.get(id) else {
+                    continue;
+                };
+                let mut from = spec.query.from_ns;
+                while left > 0 {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    let q = crate::bars::BarQuery {
+                        from_ns: from,
+                        limit: left.min(max_batch),
+                        ..spec.query
+                    };
+                    let page = match crate::bars::query(&dir, &spec.topic, id, &q, resampler.as_deref()) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(topic = %spec.topic, error = %e, "a bar stream ends early");
+                            let _ = send(notice::end("error"));
+                            return;
+                        }
+                    };
+                    left -= page.bars.len();
+                    if !page.bars.is_empty() {
+                        let bars = page
+                            .bars
+                            .iter()
+                            .map(|b| {
+                                let done = crate::bars::is_complete(
+                                    b.start_ns,
+                                    spec.query.interval,
+                                    complete,
+                                );
+                                crate::bars::bar_pb(b, entry, spec.query.interval, done)
+                            })
+                            .collect();
+                        let m = pb::StreamResponse {
+                            kind: Some(pb::stream_response::Kind::Bars(pb::BarBatch { bars })),
+                        };
+                        if !send(Encoded::message(&m)) {
+                            return;
+                        }
+                    }
+                    match page.next_ns {
+                        Some(n) => from = n,
+                        None => break,
+                    }
+                }
+            }
+            let _ = send(notice::end("complete"));
+        })
+        .map_err(ApiError::internal)?;
+    Ok(rx)
 }

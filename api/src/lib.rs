@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bars;
 pub mod dispatch;
 pub mod error;
 pub mod history;
@@ -71,6 +72,15 @@ pub trait Engine: Send + Sync + 'static {
     fn topics(&self) -> Vec<TopicDesc>;
     /// The topic a request without one means.
     fn default_topic(&self) -> String;
+    /// The bar store (`None`: this node builds no bars, so it serves no
+    /// history).
+    fn bars_dir(&self) -> Option<PathBuf> {
+        None
+    }
+    /// What computes 5m/1h/1d bars from 1m bars (`None`: 1m bars only).
+    fn resampler(&self) -> Option<Arc<dyn bars::Resampler>> {
+        None
+    }
     /// Checks `rules` (the whole set, in any order) and, unless `dry_run`,
     /// makes them the routing of new events at once.
     ///

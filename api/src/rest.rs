@@ -29,6 +29,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/api/v1/market-data/{symbol}/latest"),
+    ("get", "/api/v1/market-data/{symbol}/history"),
     ("get", "/api/v1/market-data/stream"),
     ("get", "/api/v1/topics"),
     ("post", "/api/v1/topics"),
@@ -59,6 +60,7 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/market-data/{symbol}/latest", get(latest))
+        .route("/api/v1/market-data/{symbol}/history", get(history))
         .route("/api/v1/market-data/stream", get(ws))
         .route("/api/v1/topics", get(list_topics).post(create_topic))
         .route(
@@ -802,4 +804,202 @@ async fn delete_rule(
     })
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    start_time: Option<String>,
+    end_time: Option<String>,
+    interval: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    exchange: Option<String>,
+    currency: Option<String>,
+    topic: Option<String>,
+}
+
+/// A time parameter: RFC 3339 (`2026-12-02T09:30:00Z`) or UTC ns since 1970.
+fn time_param(field: &str, v: &str) -> Result<u64, ApiError> {
+    crate::bars::parse_time(v).map_err(|why| ApiError::invalid(field, why))
+}
+
+/// The checked parameters of a history request.
+fn history_params(q: &HistoryQuery, now_ns: u64) -> Result<crate::bars::BarQuery, ApiError> {
+    use crate::bars::{DEFAULT_BARS, MAX_BARS, max_range_ns};
+    use tickwire_proto::bars::Interval;
+    let interval = match q.interval.as_deref() {
+        None => Interval::M1,
+        Some(i) => Interval::parse(i).ok_or_else(|| {
+            ApiError::invalid(
+                "interval",
+                format!("{i:?} is not an interval (1m, 5m, 1h, 1d)"),
+            )
+        })?,
+    };
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_BARS,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_BARS).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("{l:?}: a number of bars from 1 to {MAX_BARS}"),
+                ));
+            }
+        },
+    };
+    let end = match q.end_time.as_deref() {
+        None => now_ns,
+        Some(v) => time_param("end_time", v)?,
+    };
+    let start = match q.start_time.as_deref() {
+        // The last `limit` bars.
+        None => end.saturating_sub((limit as u64).saturating_mul(interval.ns())),
+        Some(v) => time_param("start_time", v)?,
+    };
+    if start >= end {
+        return Err(ApiError::invalid(
+            "start_time",
+            format!("{} is not before end_time {}", rfc3339(start), rfc3339(end)),
+        ));
+    }
+    let most = max_range_ns(interval);
+    if end - start > most {
+        return Err(ApiError::invalid(
+            "end_time",
+            format!(
+                "the range {} .. {} is longer than one request may cover with {} bars ({}); ask for a shorter range or a longer interval",
+                rfc3339(start),
+                rfc3339(end),
+                interval.name(),
+                humantime::format_duration(std::time::Duration::from_nanos(most))
+            ),
+        ));
+    }
+    // A cursor (from a page's `next_cursor`) continues the same range.
+    let from = match q.cursor.as_deref() {
+        None => start,
+        Some(c) => match c.parse::<u64>() {
+            Ok(n) if (start..end).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "cursor",
+                    format!("{c:?} is not a cursor of this range (a page's next_cursor)"),
+                ));
+            }
+        },
+    };
+    Ok(crate::bars::BarQuery {
+        interval,
+        from_ns: from,
+        to_ns: end,
+        limit,
+    })
+}
+
+/// `GET /api/v1/market-data/{symbol}/history`: the spec's
+/// `HistoricalDataResponse`, bars of one instrument.
+async fn history(
+    State(state): S,
+    headers: HeaderMap,
+    Path(symbol): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use tickwire_proto::symbology::{MAX_CURRENCY, MAX_EXCHANGE, MAX_SYMBOL};
+    let k = key(&state, &headers)?;
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    if symbol.is_empty() || symbol.len() > MAX_SYMBOL {
+        return Err(ApiError::invalid(
+            "symbol",
+            format!("{symbol:?}: 1 to {MAX_SYMBOL} bytes"),
+        ));
+    }
+    nonempty("exchange", &q.exchange, MAX_EXCHANGE)?;
+    nonempty("currency", &q.currency, MAX_CURRENCY)?;
+    let bq = history_params(&q, tickwire_proto::futex::realtime_ns())?;
+    let topic = q
+        .topic
+        .clone()
+        .unwrap_or_else(|| state.default_topic.clone());
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    if !state.engine.topics().iter().any(|t| t.name == topic) {
+        return Err(ApiError::NotFound {
+            what: "topic",
+            name: topic,
+        });
+    }
+    let Some(dir) = state.engine.bars_dir() else {
+        return Err(ApiError::Unavailable(
+            "this node keeps no history (history.enabled or journal.enabled is false)".into(),
+        ));
+    };
+    let sym = state.hub.symbology()?;
+    let found =
+        crate::bars::instruments(&sym, &symbol, q.exchange.as_deref(), q.currency.as_deref());
+    let (id, entry) = match found.as_slice() {
+        [] => {
+            return Err(ApiError::NotFound {
+                what: "symbol",
+                name: symbol,
+            });
+        }
+        [one] => *one,
+        many => {
+            let mut venues: Vec<String> = many
+                .iter()
+                .map(|(_, e)| format!("{} {}", e.exchange(), e.currency()))
+                .collect();
+            venues.sort();
+            venues.dedup();
+            return Err(ApiError::invalid(
+                "exchange",
+                format!(
+                    "{symbol} is quoted on several venues ({}): name one with exchange= (and currency=)",
+                    venues.join(", ")
+                ),
+            ));
+        }
+    };
+    let (exchange, currency, decimals) = (
+        entry.exchange().to_string(),
+        entry.currency().to_string(),
+        entry.size_decimals(),
+    );
+    let resampler = state.engine.resampler();
+    let t2 = topic.clone();
+    let (page, complete) = tokio::task::spawn_blocking(move || {
+        crate::bars::query(&dir, &t2, id, &bq, resampler.as_deref())
+            .map(|p| (p, crate::bars::complete_through(&dir, &t2)))
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    // Written by hand: a page is up to 10,000 bars.
+    let q = |v: &str| serde_json::to_string(v).unwrap_or_default();
+    let mut body = String::with_capacity(256 + page.bars.len() * 240);
+    let _ = write!(
+        body,
+        "{{\"symbol\":{},\"exchange\":{},\"currency\":{},\"topic\":{},\"interval\":\"{}\",\"start_time\":\"{}\",\"end_time\":\"{}\",\"count\":{},\"has_more\":{},\"next_cursor\":{},\"complete_through\":{},\"data\":[",
+        q(&symbol),
+        q(&exchange),
+        q(&currency),
+        q(&topic),
+        bq.interval.name(),
+        rfc3339(bq.from_ns),
+        rfc3339(bq.to_ns),
+        page.bars.len(),
+        page.next_ns.is_some(),
+        page.next_ns
+            .map_or("null".to_string(), |n| format!("\"{n}\"")),
+        complete.map_or("null".to_string(), |c| format!("\"{}\"", rfc3339(c))),
+    );
+    for (i, b) in page.bars.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        let done = crate::bars::is_complete(b.start_ns, bq.interval, complete);
+        crate::bars::write_bar_json(&mut body, b, decimals, done);
+    }
+    body.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }

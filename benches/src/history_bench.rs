@@ -14,6 +14,9 @@
 //!   `plain_read`, a sequential read of the same segment files in the
 //!   reader's block size.
 //!
+//! - `history_1m_day`, `history_1h_month`: REST history beside the same
+//!   query in PostgreSQL ([`crate::bars_bench`]).
+//!
 //! Cores: the shard and the journal thread on `--shard-core` (0), the
 //! producer and the subscriber on `--client-core` (1). Rings live in
 //! /dev/shm; the journal under `--dir` (default /var/tmp, the machine's
@@ -64,7 +67,11 @@ pub struct HistoryBench {
     /// measured here: unpinned or on core 1 slows ingest to 0.75x).
     #[arg(long, default_value_t = 0)]
     pub journal_core: usize,
-    /// Only these cases (comma-separated): journal_append, replay_merge.
+    /// Requests per REST and PostgreSQL history case (after 20 of warm-up).
+    #[arg(long, default_value_t = 300)]
+    pub history_requests: u64,
+    /// Only these cases (comma-separated): journal_append, replay_merge,
+    /// history_1m_day, history_1h_month.
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
 }
@@ -294,6 +301,13 @@ pub fn run(b: &HistoryBench) -> Result<(), String> {
     }
     let _ = (journal_rate, plain_rate);
     let _ = std::fs::remove_dir_all(&root);
+    let bars: Vec<&str> = ["history_1m_day", "history_1h_month"]
+        .into_iter()
+        .filter(|c| b.wants(c))
+        .collect();
+    if !bars.is_empty() {
+        crate::bars_bench::run(b, &bars, &out)?;
+    }
     Ok(())
 }
 

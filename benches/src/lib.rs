@@ -9,6 +9,7 @@
 //! `i` jumping counts lost events. `ts` is CLOCK_MONOTONIC at publish: one
 //! clock for all processes, so `now - ts` in the reader is one-way latency.
 
+pub mod bars_bench;
 pub mod edge;
 pub mod history_bench;
 pub mod ice;

@@ -54,6 +54,33 @@ pub struct Config {
     pub edge: tickwire_api::EdgeConfig,
     /// The on-disk journal of every committed event.
     pub journal: JournalConfig,
+    /// Bars built from the journal, for history.
+    pub history: HistoryConfig,
+}
+
+/// One-minute bars built from the journal (REST and gRPC history).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Build bars (needs the journal).
+    pub enabled: bool,
+    /// How long after a minute's end, in event time, its bars are closed
+    /// and written; events for a closed minute are counted as late and
+    /// left out.
+    pub lateness: String,
+    /// Events stamped further ahead of the clock than this are left out
+    /// of bars (a source with a wrong clock must not close every minute).
+    pub max_skew: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: true,
+            lateness: "5s".into(),
+            max_skew: "1m".into(),
+        }
+    }
 }
 
 /// How the journal writes.
@@ -332,6 +359,7 @@ impl Default for Config {
             bridge: tickwire_bridge::BridgeConfig::default(),
             edge: tickwire_api::EdgeConfig::default(),
             journal: JournalConfig::default(),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -393,6 +421,18 @@ impl Config {
             write_bytes: j.write_bytes,
             fsync: (j.fsync_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(j.fsync_interval_ms)),
+        }
+    }
+
+    /// The bar builder's settings (call after [`validate`](Self::validate)).
+    pub fn bar_settings(&self) -> crate::bars::BarSettings {
+        let d = |s: &str, or: u64| {
+            humantime::parse_duration(s).unwrap_or(std::time::Duration::from_secs(or))
+        };
+        crate::bars::BarSettings {
+            journal_root: self.journal_dir(),
+            lateness: d(&self.history.lateness, 5),
+            max_skew: d(&self.history.max_skew, 60),
         }
     }
 
@@ -550,6 +590,14 @@ impl Config {
                 "journal.retention",
                 format!("{:?} is not a duration such as 7d: {e}", j.retention),
             );
+        }
+        for (k, v) in [
+            ("history.lateness", &self.history.lateness),
+            ("history.max_skew", &self.history.max_skew),
+        ] {
+            if let Err(e) = humantime::parse_duration(v) {
+                return bad(k, format!("{v:?} is not a duration such as 5s: {e}"));
+            }
         }
         for (i, t) in self.topics.iter().enumerate() {
             if let Some(r) = &t.retention

@@ -16,6 +16,22 @@ pub struct BrokerEngine {
     rules: std::sync::Arc<crate::rules::RuleTable>,
     topics: std::sync::Arc<TopicControl>,
     journal: Option<std::sync::Arc<crate::journal::Journal>>,
+    bars: Option<std::sync::Arc<crate::bars::Bars>>,
+}
+
+/// 5m/1h/1d bars with Polars (`tickwire-history`).
+#[cfg(feature = "history")]
+struct PolarsResampler;
+
+#[cfg(feature = "history")]
+impl tickwire_api::bars::Resampler for PolarsResampler {
+    fn resample(
+        &self,
+        minutes: &[tickwire_proto::bars::Bar],
+        interval: tickwire_proto::bars::Interval,
+    ) -> Result<Vec<tickwire_proto::bars::Bar>, String> {
+        tickwire_history::resample(minutes, interval).map_err(|e| e.to_string())
+    }
 }
 
 fn desc(t: &TopicInfo) -> TopicDesc {
@@ -73,6 +89,7 @@ impl BrokerEngine {
             rules: broker.rules(),
             topics: broker.topics(),
             journal: broker.journal(),
+            bars: broker.bars(),
         }
     }
 }
@@ -117,7 +134,7 @@ impl Engine for BrokerEngine {
             return Vec::new();
         };
         let s = j.stats();
-        vec![
+        let mut out = vec![
             (
                 "tickwire_journal_events_total",
                 "Events written to the journal.",
@@ -143,7 +160,39 @@ impl Engine for BrokerEngine {
                 "Events never journaled: the ring had moved past the journal when it started.",
                 s.gap_frames,
             ),
-        ]
+        ];
+        if let Some(b) = &self.bars {
+            let c = b.counters();
+            let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            out.extend([
+                (
+                    "tickwire_bars_events_total",
+                    "Events folded into one-minute bars.",
+                    r(&c.events),
+                ),
+                (
+                    "tickwire_bars_written_total",
+                    "One-minute bars written to the bar store.",
+                    r(&c.bars),
+                ),
+                (
+                    "tickwire_bars_late_events_total",
+                    "Events left out of bars: their minute had been written (history.lateness).",
+                    r(&c.late),
+                ),
+                (
+                    "tickwire_bars_future_events_total",
+                    "Events left out of bars: stamped too far ahead of the clock (history.max_skew).",
+                    r(&c.future),
+                ),
+                (
+                    "tickwire_bars_errors_total",
+                    "Bar builder errors (a journal it cannot read, bars it cannot write).",
+                    r(&c.errors),
+                ),
+            ]);
+        }
+        out
     }
 
     fn delete_topic(&self, name: &str) -> Result<(), ApiError> {
@@ -185,6 +234,21 @@ impl Engine for BrokerEngine {
     }
 
     /// The synthetic feed's topic when it is on, else the first topic.
+    fn bars_dir(&self) -> Option<PathBuf> {
+        (self.bars.is_some()).then(|| tickwire_api::bars::bar_dir(&self.config.journal_dir()))
+    }
+
+    fn resampler(&self) -> Option<std::sync::Arc<dyn tickwire_api::bars::Resampler>> {
+        #[cfg(feature = "history")]
+        {
+            Some(std::sync::Arc::new(PolarsResampler))
+        }
+        #[cfg(not(feature = "history"))]
+        {
+            None
+        }
+    }
+
     fn default_topic(&self) -> String {
         if self.config.synthetic.enabled {
             return self.config.synthetic.topic.clone();

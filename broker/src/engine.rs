@@ -327,6 +327,7 @@ pub struct Broker {
     config: Config,
     rules: Arc<crate::rules::RuleTable>,
     journal: Option<Arc<crate::journal::Journal>>,
+    bars: Option<Arc<crate::bars::Bars>>,
 }
 
 impl Broker {
@@ -474,6 +475,13 @@ impl Broker {
             ingest_queue_bytes = config.queue_bytes(),
             "rings open"
         );
+        // Bars are built from the journal's files: no ring slot, started last.
+        let bars = match &journal {
+            Some(_) if config.history.enabled => {
+                Some(Arc::new(crate::bars::Bars::start(config.bar_settings())?))
+            }
+            _ => None,
+        };
         let control = Arc::new(crate::topics::TopicControl::new(
             shared.clone(),
             config,
@@ -491,6 +499,7 @@ impl Broker {
             node_dir: dir,
             config: config.clone(),
             rules: Arc::default(),
+            bars,
             journal,
         })
     }
@@ -546,6 +555,11 @@ impl Broker {
         self.journal.clone()
     }
 
+    /// The bar builder (`None` when the journal or history is off).
+    pub fn bars(&self) -> Option<Arc<crate::bars::Bars>> {
+        self.bars.clone()
+    }
+
     /// The journal's counters (`None` when it is off).
     pub fn journal_stats(&self) -> Option<crate::journal::JournalStats> {
         self.journal.as_ref().map(|j| j.stats())
@@ -594,6 +608,9 @@ impl Broker {
     }
 
     fn stop_and_join(&mut self) {
+        if let Some(b) = &self.bars {
+            b.shutdown();
+        }
         if let Some(j) = &self.journal {
             j.request_stop();
         }

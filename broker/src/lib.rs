@@ -11,9 +11,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bars;
 pub mod config;
 pub mod edge;
 pub mod engine;
+#[cfg(feature = "history")]
+pub mod export;
 pub mod journal;
 pub mod pulsar;
 pub mod router;

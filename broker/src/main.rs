@@ -39,6 +39,42 @@ enum Command {
     },
     /// Print a topic's events from shared memory.
     Tail(TailArgs),
+    /// Write a time range of a topic's raw events (from the journal) or
+    /// bars (1m, 5m, 1h, 1d) to a Parquet file.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Topic, e.g. market-data/normalized/equities.
+    topic: String,
+    /// From: an RFC 3339 time such as 2026-12-02T14:30:00Z, or UTC ns.
+    #[arg(long)]
+    from: String,
+    /// To (not included); default now.
+    #[arg(long)]
+    to: Option<String>,
+    /// raw (events), 1m, 5m, 1h or 1d (bars).
+    #[arg(long, default_value = "raw")]
+    interval: String,
+    /// The Parquet file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Only these symbols (repeatable).
+    #[arg(long = "symbol")]
+    symbols: Vec<String>,
+    /// Only these exchanges (repeatable).
+    #[arg(long = "exchange")]
+    exchanges: Vec<String>,
+    /// Only these currencies (repeatable).
+    #[arg(long = "currency")]
+    currencies: Vec<String>,
+    /// Node directory (default: $TICKWIRE_NODE_DIR, else /dev/shm/tickwire/default).
+    #[arg(long)]
+    node_dir: Option<PathBuf>,
+    /// The journal directory (default: the node directory's `journal` link).
+    #[arg(long)]
+    journal_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +94,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, node_dir } => serve(config, node_dir),
         Command::Tail(args) => tail_cmd(args),
+        Command::Export(args) => export_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -397,6 +434,58 @@ fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} must be a finite number of seconds, 0 or more"))
 }
 
+#[cfg(feature = "history")]
+fn export_cmd(a: ExportArgs) -> Result<(), AnyError> {
+    use tickwire_api::bars::parse_time;
+    let interval = match a.interval.as_str() {
+        "raw" => None,
+        i => Some(
+            tickwire_proto::bars::Interval::parse(i)
+                .ok_or_else(|| format!("--interval {i:?}: expected raw, 1m, 5m, 1h or 1d"))?,
+        ),
+    };
+    let from_ns = parse_time(&a.from).map_err(|e| format!("--from {e}"))?;
+    let to_ns = match &a.to {
+        Some(t) => parse_time(t).map_err(|e| format!("--to {e}"))?,
+        None => tickwire_proto::futex::realtime_ns(),
+    };
+    if from_ns >= to_ns {
+        return Err(format!("--from {:?} is not before --to", a.from).into());
+    }
+    let node_dir = a.node_dir.unwrap_or_else(shm_client::default_node_dir);
+    let spec = tickwire_broker::export::ExportSpec {
+        journal_dir: a.journal_dir.unwrap_or_else(|| node_dir.join("journal")),
+        node_dir,
+        topic: a.topic,
+        symbols: a.symbols,
+        exchanges: a.exchanges,
+        currencies: a.currencies,
+        from_ns,
+        to_ns,
+        interval,
+        out: a.out,
+    };
+    let started = Instant::now();
+    let done = tickwire_broker::export::export(&spec)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "{}",
+        serde_json::json!({
+            "out": spec.out.display().to_string(),
+            "rows": done.rows,
+            "missing_sequences": done.missing,
+            "interval": a.interval,
+            "secs": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "history"))]
+fn export_cmd(_: ExportArgs) -> Result<(), AnyError> {
+    Err("this tickwire was built without the history feature (Polars): rebuild with default features to export".into())
+}
+
 fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
     let kinds = a
         .kinds
@@ -407,16 +496,9 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         "latest" => Start::Latest,
         "earliest" => Start::Earliest,
         "ring" => Start::RingEarliest,
-        s if s.contains('T') => {
-            let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
-                format!("--start {s:?}: not an RFC 3339 time such as 2026-12-02T14:30:00Z: {e}")
-            })?;
-            let ns = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| format!("--start {s:?}: before 1970"))?
-                .as_nanos();
-            Start::Time(u64::try_from(ns).map_err(|_| format!("--start {s:?}: too far ahead"))?)
-        }
+        s if s.contains('T') => Start::Time(
+            tickwire_api::bars::parse_time(s).map_err(|e| format!("--start {e}"))?,
+        ),
         s => Start::Sequence(s.parse().map_err(|_| {
             format!(
                 "--start {s:?}: expected latest, earliest, ring, a sequence number or an RFC 3339 time"

@@ -165,19 +165,49 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
         request: Request<pb::HistoricalRequest>,
     ) -> Result<Response<EncodedStream>, Status> {
         let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Read)?;
-        let spec = crate::history::RangeSpec::from_request(&r, topic)?;
+        let bars = crate::history::BarSpec::from_request(&r, topic.clone())?;
+        let spec = match bars {
+            Some(_) => None,
+            None => Some(crate::history::RangeSpec::from_request(&r, topic)?),
+        };
         let permit = self
             .state
             .streams
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Limit("too many streams on this node".into()))?;
-        let rx = crate::history::start(
-            self.state.engine.node_dir(),
-            spec,
-            self.state.config.max_batch,
-            self.state.cancel.child_token(),
-        )?;
+        let rx = match (bars, spec) {
+            (Some(b), _) => {
+                if !self.state.engine.topics().iter().any(|t| t.name == b.topic) {
+                    return Err(ApiError::NotFound {
+                        what: "topic",
+                        name: b.topic,
+                    }
+                    .into());
+                }
+                let dir = self.state.engine.bars_dir().ok_or_else(|| {
+                    ApiError::Unavailable(
+                        "this node keeps no history (history.enabled or journal.enabled is false)"
+                            .into(),
+                    )
+                })?;
+                crate::history::start_bars(
+                    dir,
+                    self.state.hub.symbology()?,
+                    self.state.engine.resampler(),
+                    b,
+                    self.state.config.max_batch,
+                    self.state.cancel.child_token(),
+                )?
+            }
+            (None, Some(spec)) => crate::history::start(
+                self.state.engine.node_dir(),
+                spec,
+                self.state.config.max_batch,
+                self.state.cancel.child_token(),
+            )?,
+            (None, None) => return Err(ApiError::internal("no historical request").into()),
+        };
         let stream = futures::stream::unfold((rx, permit), |(mut rx, permit)| async move {
             let e = rx.recv().await?;
             Some((Ok(e), (rx, permit)))

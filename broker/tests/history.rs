@@ -1,0 +1,502 @@
+//! History: one-minute bars built from the journal, 5m/1h bars resampled
+//! with Polars, over REST and gRPC, equal to a plain model of the trades
+//! sent; parameter errors; late events; a restart that neither loses nor
+//! doubles a bar; Parquet export.
+
+#![cfg(feature = "history")]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use tickwire_api::{Edge, EdgeConfig};
+use tickwire_broker::config::{Config, TopicConfig};
+use tickwire_broker::edge::BrokerEngine;
+use tickwire_broker::engine::{Broker, Ingest};
+use tickwire_proto::FrameBody;
+use tickwire_proto::bars::{Interval, MINUTE_NS};
+use tickwire_proto::pb;
+use tickwire_proto::pb::stream_response::Kind as R;
+use tokio_util::sync::CancellationToken;
+
+#[path = "../../api/tests/support/http.rs"]
+mod http;
+#[path = "support/routes.rs"]
+mod support;
+
+const TOPIC: &str = "md/history";
+const PX: i64 = 1_000_000_000;
+
+/// One event sent: (instrument index, trade?, time, price, size).
+type Sent = (usize, bool, u64, i64, u32);
+
+/// Events of minutes `from..to` after `t0`: SYM0 and SYM1 trade (SYM1
+/// not every minute), SYM2 only quotes.
+fn events(t0: u64, from: u64, to: u64) -> Vec<Sent> {
+    let mut out = Vec::new();
+    for m in from..to {
+        for j in 0..5u64 {
+            let t = t0 + m * MINUTE_NS + j * 7_000_000_000 + 1;
+            let wiggle = ((m * 31 + j * 17) % 23) as i64;
+            out.push((0, true, t, (100 + wiggle) * PX, (1 + j * m % 9) as u32));
+            if m % 7 != 3 {
+                out.push((1, true, t + 5, (50 + wiggle / 2) * PX + 250_000_000, 10));
+            }
+            out.push((2, false, t + 9, (20 + wiggle) * PX, 0));
+        }
+    }
+    out
+}
+
+fn send(ingest: &mut Ingest, evs: &[Sent]) {
+    let routes = support::routes(ingest, TOPIC, 3);
+    for &(i, trade, t, px, size) in evs {
+        let body = if trade {
+            FrameBody::trade(0, t, px, size)
+        } else {
+            // A quote of px - 0.5 / px + 0.5: its mid is px.
+            FrameBody::quote(0, t, (px - PX / 2, 5), (px + PX / 2, 7))
+        };
+        while ingest.try_send(&routes[i], &body, None).is_err() {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// (start, open, high, low, close, volume, trades, notional, mid).
+type ModelBar = (u64, i64, i64, i64, i64, u64, u32, i128, bool);
+
+/// The model: one [`ModelBar`] per bar of `interval`, for instrument `i`.
+fn model(evs: &[Sent], i: usize, interval: Interval) -> Vec<ModelBar> {
+    let mut groups: BTreeMap<u64, Vec<&Sent>> = BTreeMap::new();
+    for e in evs.iter().filter(|e| e.0 == i) {
+        groups.entry(interval.bucket(e.2)).or_default().push(e);
+    }
+    groups
+        .into_iter()
+        .map(|(start, g)| {
+            let trades: Vec<&&Sent> = g.iter().filter(|e| e.1).collect();
+            let mid = trades.is_empty();
+            let use_: Vec<&&Sent> = if mid { g.iter().collect() } else { trades };
+            (
+                start,
+                use_[0].3,
+                use_.iter().map(|e| e.3).max().unwrap_or(0),
+                use_.iter().map(|e| e.3).min().unwrap_or(0),
+                use_[use_.len() - 1].3,
+                use_.iter().map(|e| u64::from(e.4)).sum(),
+                if mid { 0 } else { use_.len() as u32 },
+                use_.iter().map(|e| i128::from(e.3) * i128::from(e.4)).sum(),
+                mid,
+            )
+        })
+        .collect()
+}
+
+fn px(v: &Value) -> i64 {
+    let s = v.to_string();
+    let d: tickwire_proto::json::Decimal = s.parse().unwrap_or_else(|_| panic!("decimal {s}"));
+    d.mantissa * 10i64.pow(9 - u32::from(d.scale))
+}
+
+/// REST bars as the model's tuples (notional from vwap is not exact: left 0).
+fn as_model(data: &[Value]) -> Vec<ModelBar> {
+    data.iter()
+        .map(|b| {
+            (
+                b["timestamp_ns"].as_u64().expect("timestamp_ns"),
+                px(&b["open"]),
+                px(&b["high"]),
+                px(&b["low"]),
+                px(&b["close"]),
+                b["volume"].as_u64().expect("volume"),
+                b["trade_count"].as_u64().expect("trade_count") as u32,
+                0,
+                b["price_source"] == "mid",
+            )
+        })
+        .collect()
+}
+
+fn without_notional(m: Vec<ModelBar>) -> Vec<ModelBar> {
+    m.into_iter()
+        .map(|mut b| {
+            b.7 = 0;
+            b
+        })
+        .collect()
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.node.dir = Some(dir.join("node"));
+    c.journal.dir = Some(dir.join("journal"));
+    c.synthetic.enabled = false;
+    c.history.lateness = "1s".into();
+    c.topics = vec![TopicConfig {
+        name: TOPIC.into(),
+        partitions: 2,
+        capacity: 4096,
+        ..TopicConfig::default()
+    }];
+    c
+}
+
+async fn edge(broker: &Broker, cancel: &CancellationToken) -> Edge {
+    Edge::start(
+        EdgeConfig {
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
+            ..EdgeConfig::default()
+        },
+        std::sync::Arc::new(BrokerEngine::new(broker)),
+        cancel.clone(),
+    )
+    .await
+    .expect("edge")
+}
+
+/// All 1m bars of `sym` in [t0, t0 + minutes), following the cursor with
+/// pages of `page`.
+async fn all_bars(base: &str, sym: &str, t0: u64, minutes: u64, page: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = format!(
+            "{base}/api/v1/market-data/{sym}/history?topic=md%2Fhistory&start_time={t0}&end_time={}&limit={page}{}",
+            t0 + minutes * MINUTE_NS,
+            cursor
+                .as_ref()
+                .map_or(String::new(), |c| format!("&cursor={c}"))
+        );
+        let (code, body) = http::Client.get(&url).await;
+        assert_eq!(code, 200, "{body}");
+        let data = body["data"].as_array().expect("data").clone();
+        assert_eq!(body["count"].as_u64(), Some(data.len() as u64));
+        assert!(data.len() <= page);
+        out.extend(data);
+        match body["next_cursor"].as_str() {
+            Some(c) => {
+                assert_eq!(body["has_more"], true);
+                cursor = Some(c.to_string());
+            }
+            None => {
+                assert_eq!(body["has_more"], false);
+                return out;
+            }
+        }
+    }
+}
+
+/// Waits until `sym` has `n` one-minute bars in the range.
+async fn wait_bars(base: &str, sym: &str, t0: u64, minutes: u64, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = all_bars(base, sym, t0, minutes, 10_000).await.len();
+        if got >= n {
+            assert_eq!(got, n, "no more bars than minutes with events");
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            let (_, m) = http::Client.get_text(&format!("{base}/metrics")).await;
+            panic!(
+                "{got} of {n} bars of {sym} built: {}",
+                m.lines()
+                    .filter(|l| l.starts_with("tickwire_bars") || l.starts_with("tickwire_journal"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bars_over_rest_and_grpc_equal_a_model_of_the_trades_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = config(dir.path());
+    // Four hours back, on the hour: every 1h bucket sent is complete.
+    let now = tickwire_proto::futex::realtime_ns();
+    let t0 = Interval::H1.bucket(now) - 4 * 60 * MINUTE_NS;
+    let first = events(t0, 0, 150);
+    let cancel = CancellationToken::new();
+    let broker = Broker::start(&c).expect("broker");
+    let mut ingest = broker.ingest(1);
+    send(&mut ingest, &first);
+    let e = edge(&broker, &cancel).await;
+    let base = format!("http://{}", e.http_addr);
+    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+        wait_bars(&base, sym, t0, 240, model(&first, i, Interval::M1).len()).await;
+    }
+
+    // 1m bars, paged 40 at a time, equal the model; SYM2 has mid bars.
+    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+        let got = all_bars(&base, sym, t0, 240, 40).await;
+        assert_eq!(
+            as_model(&got),
+            without_notional(model(&first, i, Interval::M1)),
+            "{sym}"
+        );
+        assert!(got.iter().all(|b| b["complete"] == true));
+    }
+    let (_, sym2) = http::Client
+        .get(&format!(
+            "{base}/api/v1/market-data/SYM2/history?topic=md%2Fhistory&start_time={t0}&limit=1"
+        ))
+        .await;
+    assert_eq!(sym2["data"][0]["price_source"], "mid");
+    assert_eq!(sym2["data"][0]["vwap"], Value::Null);
+    let (_, sym0) = http::Client
+        .get(&format!(
+            "{base}/api/v1/market-data/SYM0/history?topic=md%2Fhistory&start_time={t0}&limit=1"
+        ))
+        .await;
+    let m0 = model(&first, 0, Interval::M1)[0];
+    assert_eq!(
+        px(&sym0["data"][0]["vwap"]),
+        (m0.7 / i128::from(m0.5)) as i64,
+        "vwap"
+    );
+    assert_eq!(sym0["exchange"], "XNAS");
+
+    // 5m and 1h bars (Polars) equal the model's.
+    for (interval, name) in [(Interval::M5, "5m"), (Interval::H1, "1h")] {
+        for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+            let (code, body) = http::Client
+                .get(&format!(
+                    "{base}/api/v1/market-data/{sym}/history?topic=md%2Fhistory&interval={name}&start_time={t0}&end_time={}&limit=1000",
+                    t0 + 240 * MINUTE_NS
+                ))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            let data = body["data"].as_array().expect("data");
+            assert_eq!(
+                as_model(data),
+                without_notional(model(&first, i, interval)),
+                "{sym} {name}"
+            );
+            // Complete: every minute closed. The builder closed through
+            // the last minute with events; a later minute could still come.
+            for b in data {
+                let end = b["timestamp_ns"].as_u64().expect("ts") + interval.ns();
+                assert_eq!(
+                    b["complete"],
+                    end <= t0 + 150 * MINUTE_NS,
+                    "{sym} {name} {b}"
+                );
+            }
+        }
+    }
+
+    // gRPC bars: the same as REST's.
+    let mut client = pb::market_data_stream_client::MarketDataStreamClient::connect(format!(
+        "http://{}",
+        e.grpc_addr
+    ))
+    .await
+    .expect("connect");
+    let mut s = client
+        .stream_historical_data(pb::HistoricalRequest {
+            topic: TOPIC.into(),
+            symbol: "SYM1".into(),
+            interval: "5m".into(),
+            start_time_ns: t0 as i64,
+            end_time_ns: (t0 + 240 * MINUTE_NS) as i64,
+            ..Default::default()
+        })
+        .await
+        .expect("bars")
+        .into_inner();
+    let mut grpc = Vec::new();
+    loop {
+        match s.message().await.expect("stream").and_then(|m| m.kind) {
+            Some(R::Bars(b)) => grpc.extend(b.bars),
+            Some(R::End(end)) => {
+                assert_eq!(end.reason, "complete");
+                break;
+            }
+            other => panic!("bars then the end: {other:?}"),
+        }
+    }
+    let want = model(&first, 1, Interval::M5);
+    assert_eq!(grpc.len(), want.len());
+    for (g, w) in grpc.iter().zip(&want) {
+        assert_eq!(
+            (
+                g.start_time_ns as u64,
+                g.volume as u64,
+                g.trade_count as u32
+            ),
+            (w.0, w.5, w.6)
+        );
+        assert_eq!(g.symbol, "SYM1");
+        assert!((g.open - w.1 as f64 / 1e9).abs() < 1e-9);
+    }
+
+    // Bad parameters: 400 naming the field, or 404.
+    let h = |q: &str| format!("{base}/api/v1/market-data/SYM0/history?topic=md%2Fhistory&{q}");
+    for (q, field) in [
+        ("interval=2m".to_string(), "interval"),
+        ("limit=0".into(), "limit"),
+        ("limit=10001".into(), "limit"),
+        ("limit=ten".into(), "limit"),
+        (format!("start_time={}&end_time={t0}", t0 + 1), "start_time"),
+        ("start_time=yesterday".into(), "start_time"),
+        (
+            "start_time=2026-01-01T00:00:00Z&end_time=2026-03-01T00:00:00Z".into(),
+            "end_time",
+        ),
+        (format!("start_time={t0}&cursor=12"), "cursor"),
+        ("colour=red".into(), "query"),
+    ] {
+        let (code, body) = http::Client.get(&h(&q)).await;
+        assert_eq!(code, 400, "{q}: {body}");
+        assert!(
+            body.to_string().contains(field),
+            "{q}: {field} named in {body}"
+        );
+    }
+    let (code, _) = http::Client
+        .get(&format!(
+            "{base}/api/v1/market-data/NOPE/history?topic=md%2Fhistory"
+        ))
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = http::Client
+        .get(&format!(
+            "{base}/api/v1/market-data/SYM0/history?topic=no%2Fsuch"
+        ))
+        .await;
+    assert_eq!(code, 404);
+
+    // A late trade (its minute was written) is counted and left out.
+    send(&mut ingest, &[(0, true, t0 + 3, 999 * PX, 1)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http::Client.get_text(&format!("{base}/metrics")).await;
+        if metric(&text, "tickwire_bars_late_events_total") >= 1 {
+            assert!(metric(&text, "tickwire_bars_written_total") > 0);
+            assert_eq!(metric(&text, "tickwire_bars_errors_total"), 0);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late trade is counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = all_bars(&base, "SYM0", t0, 240, 10_000).await;
+    assert_eq!(
+        as_model(&got),
+        without_notional(model(&first, 0, Interval::M1)),
+        "unchanged"
+    );
+
+    // Parquet export of bars and of raw events.
+    let node_dir = dir.path().join("node");
+    let out = dir.path().join("sym0.parquet");
+    let spec = tickwire_broker::export::ExportSpec {
+        node_dir: node_dir.clone(),
+        journal_dir: dir.path().join("journal"),
+        topic: TOPIC.into(),
+        symbols: vec!["SYM0".into()],
+        exchanges: Vec::new(),
+        currencies: Vec::new(),
+        from_ns: t0,
+        to_ns: t0 + 240 * MINUTE_NS,
+        interval: Some(Interval::H1),
+        out: out.clone(),
+    };
+    let done = tickwire_broker::export::export(&spec).expect("export bars");
+    assert_eq!(done.rows, model(&first, 0, Interval::H1).len() as u64);
+    let raw_out = dir.path().join("sym0-events.parquet");
+    let raw = tickwire_broker::export::export(&tickwire_broker::export::ExportSpec {
+        interval: None,
+        to_ns: t0 + 10 * MINUTE_NS,
+        out: raw_out.clone(),
+        ..spec.clone()
+    })
+    .expect("export events");
+    assert_eq!(
+        raw.rows,
+        first
+            .iter()
+            .filter(|e| e.0 == 0 && e.2 < t0 + 10 * MINUTE_NS)
+            .count() as u64
+    );
+    assert_eq!(raw.missing, 0);
+    {
+        use tickwire_history::polars::prelude::{ParquetReader, SerReader};
+        let df = ParquetReader::new(std::fs::File::open(&out).expect("open"))
+            .finish()
+            .expect("parquet");
+        assert_eq!(df.height() as u64, done.rows);
+        let close = df
+            .column("close")
+            .expect("close")
+            .f64()
+            .expect("f64")
+            .get(0);
+        let m = model(&first, 0, Interval::H1)[0];
+        assert_eq!(close, Some(m.4 as f64 / 1e9));
+        let ev = ParquetReader::new(std::fs::File::open(&raw_out).expect("open"))
+            .finish()
+            .expect("parquet");
+        assert_eq!(ev.height() as u64, raw.rows);
+        let seqs: Vec<u64> = ev
+            .column("sequence")
+            .expect("sequence")
+            .u64()
+            .expect("u64")
+            .iter()
+            .flatten()
+            .collect();
+        let parts: Vec<u32> = ev
+            .column("partition")
+            .expect("partition")
+            .u32()
+            .expect("u32")
+            .iter()
+            .flatten()
+            .collect();
+        assert!(
+            parts.iter().all(|&p| p == parts[0]),
+            "one instrument, one partition"
+        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in sequence order");
+    }
+
+    // A restart: the bars stay, new minutes add to them, none doubled.
+    cancel.cancel();
+    drop(e);
+    drop(ingest);
+    broker.shutdown();
+    let second = events(t0, 150, 180);
+    let cancel = CancellationToken::new();
+    let broker = Broker::start(&c).expect("broker again");
+    let mut ingest = broker.ingest(1);
+    send(&mut ingest, &second);
+    let e = edge(&broker, &cancel).await;
+    let base = format!("http://{}", e.http_addr);
+    let all: Vec<Sent> = first.iter().chain(&second).copied().collect();
+    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+        wait_bars(&base, sym, t0, 240, model(&all, i, Interval::M1).len()).await;
+        let got = all_bars(&base, sym, t0, 240, 10_000).await;
+        assert_eq!(
+            as_model(&got),
+            without_notional(model(&all, i, Interval::M1)),
+            "{sym} after a restart"
+        );
+    }
+    cancel.cancel();
+    drop(e);
+    drop(ingest);
+    broker.shutdown();
+}
