@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bars;
+pub mod cache;
 pub mod dispatch;
 pub mod error;
 pub mod history;
@@ -227,6 +228,12 @@ pub struct EdgeConfig {
     pub store_url: String,
     /// Seconds between `distribution_stats` rows (per topic); 0 writes none.
     pub stats_interval_secs: u64,
+    /// The spec's cache (`latest:{symbol}`, `topic_stats:{topic}`, ...):
+    /// `redis://host:port/db`, or empty for the in-process cache.
+    pub cache_url: String,
+    /// How often the cache's keys are written (ms): at most once per
+    /// interval per changed key.
+    pub cache_interval_ms: u64,
 }
 
 impl Default for EdgeConfig {
@@ -246,6 +253,8 @@ impl Default for EdgeConfig {
             auth: auth::AuthConfig::default(),
             store_url: String::new(),
             stats_interval_secs: 60,
+            cache_url: String::new(),
+            cache_interval_ms: 1000,
         }
     }
 }
@@ -256,6 +265,12 @@ impl EdgeConfig {
     /// # Errors
     /// The key and why.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.cache_url.is_empty() {
+            cache::Cache::new(&self.cache_url)?;
+        }
+        if self.cache_interval_ms == 0 {
+            return Err("edge.cache_interval_ms: must be at least 1".into());
+        }
         let loopback = self.grpc_addr.ip().is_loopback() && self.http_addr.ip().is_loopback();
         if !self.auth.enabled && !loopback && !self.auth.allow_unauthenticated_remote {
             return Err(format!(
@@ -318,6 +333,8 @@ pub struct EdgeState {
     pub rules_lock: tokio::sync::Mutex<()>,
     /// The command-side store, once [`Edge::start`] has opened it.
     store: std::sync::OnceLock<Arc<store::Store>>,
+    /// The spec's cache (Redis or in process).
+    pub cache: cache::Cache,
 }
 
 impl EdgeState {
@@ -342,6 +359,7 @@ impl EdgeState {
     ) -> Result<Arc<EdgeState>, ApiError> {
         config.validate().map_err(ApiError::Unavailable)?;
         let auth = auth::Auth::new(&config.auth).map_err(ApiError::Unavailable)?;
+        let cache = cache::Cache::new(&config.cache_url).map_err(ApiError::Unavailable)?;
         let hub = dispatch::Hub::new(
             engine.node_dir(),
             dispatch::QueueLimits {
@@ -368,6 +386,7 @@ impl EdgeState {
             cancel,
             rules_lock: tokio::sync::Mutex::new(()),
             store: std::sync::OnceLock::new(),
+            cache,
         }))
     }
 }
@@ -581,6 +600,10 @@ impl Edge {
                 std::time::Duration::from_secs(config.stats_interval_secs),
             )));
         }
+        tasks.push(tokio::spawn(cache::run(
+            state.clone(),
+            std::time::Duration::from_millis(config.cache_interval_ms),
+        )));
         Ok(Edge {
             grpc_addr,
             http_addr,

@@ -115,6 +115,7 @@ async fn health(State(state): S) -> Response {
         "status": if ok {"ok"} else {"degraded"},
         "uptime_secs": state.started.elapsed().as_secs(),
         "topics": topics,
+        "cache": state.cache.mode(),
     });
     let code = if ok {
         StatusCode::OK
@@ -214,6 +215,38 @@ async fn metrics(State(state): S) -> Response {
             let _ = writeln!(out, "{n}_count{{topic=\"{}\"}} {}", t.topic, h.len());
         }
     }
+    {
+        let c = state.cache.counters();
+        for (n, help, v) in [
+            (
+                "tickwire_cache_redis_writes_total",
+                "Cache keys written to Redis.",
+                &c.redis_writes,
+            ),
+            (
+                "tickwire_cache_redis_errors_total",
+                "Redis calls of the cache that failed or timed out.",
+                &c.redis_errors,
+            ),
+            (
+                "tickwire_cache_redis_hits_total",
+                "REST reads answered from Redis (symbols another node holds).",
+                &c.redis_hits,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {n} {help}\n# TYPE {n} counter\n{n} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let mode = state.cache.mode();
+        let _ = writeln!(
+            out,
+            "# HELP tickwire_cache_redis_up 1 when the cache writes to Redis, 0 when Redis is configured but unreachable (the node serves from its own copy).\n# TYPE tickwire_cache_redis_up gauge\ntickwire_cache_redis_up {}",
+            u8::from(mode == "redis")
+        );
+    }
     for (n, help, v) in state.engine.counters() {
         let _ = writeln!(out, "# HELP {n} {help}\n# TYPE {n} counter\n{n} {v}");
     }
@@ -284,14 +317,61 @@ async fn latest(
         }
     }
     let Some((id, l)) = best else {
-        return Err(ApiError::NotFound {
-            what: "symbol",
-            name: symbol,
-        });
+        return cached_latest(&state, &symbol, &q).await;
     };
     let e = sym
         .get(id)
         .ok_or_else(|| ApiError::internal("symbology entry vanished"))?;
+    venues.sort();
+    venues.dedup();
+    Ok(Json(latest_json(&topic, e, &l, &venues)).into_response())
+}
+
+/// `latest:{symbol}` from the cache (Redis: another node holds the
+/// symbol's partition), when this node has none; 404 otherwise.
+async fn cached_latest(
+    state: &EdgeState,
+    symbol: &str,
+    q: &LatestQuery,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound {
+        what: "symbol",
+        name: symbol.to_string(),
+    };
+    let Some((text, crate::cache::Source::Redis)) =
+        state.cache.get(&format!("latest:{symbol}")).await
+    else {
+        return Err(not_found());
+    };
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        tracing::warn!(
+            symbol,
+            "cache: latest:{{symbol}} in Redis is not JSON; ignored"
+        );
+        return Err(not_found());
+    };
+    let field = |f: &str| v["data"][f].as_str().map(str::to_string);
+    if q.exchange
+        .as_ref()
+        .is_some_and(|x| field("exchange").as_ref() != Some(x))
+        || q.currency
+            .as_ref()
+            .is_some_and(|c| field("currency").as_ref() != Some(c))
+    {
+        return Err(not_found());
+    }
+    v["cache"] = "redis".into();
+    Ok(Json(v).into_response())
+}
+
+/// The spec's `LatestDataResponse` for one instrument's latest event
+/// (REST latest, and `latest:{symbol}` in the cache).
+pub(crate) fn latest_json(
+    topic: &str,
+    e: &tickwire_proto::symbology::Entry,
+    l: &crate::dispatch::Latest,
+    venues: &[String],
+) -> serde_json::Value {
     let b = l.body();
     let decimals = e.size_decimals();
     let mut data = serde_json::json!({
@@ -315,9 +395,7 @@ async fn latest(
             data["volume"] = dec(Some(Decimal::size(b.size_a(), decimals))).into();
         }
     }
-    venues.sort();
-    venues.dedup();
-    Ok(Json(serde_json::json!({
+    serde_json::json!({
         "symbol": e.symbol(),
         "data": data,
         "timestamp": rfc3339(b.ts_event()),
@@ -327,8 +405,7 @@ async fn latest(
         "partition": l.partition,
         "sequence": l.seq,
         "message_id": format!("{}:{}:{}", l.partition, l.epoch, l.seq),
-    }))
-    .into_response())
+    })
 }
 
 /// Bytes a WebSocket connection reads at a time (not a limit on what a
@@ -487,7 +564,7 @@ async fn delete_topic(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn stats_json(s: &pb::TopicStats) -> serde_json::Value {
+pub(crate) fn stats_json(s: &pb::TopicStats) -> serde_json::Value {
     let l = s.latency.unwrap_or_default();
     serde_json::json!({
         "topic": s.topic, "partitions": s.partitions, "events": s.events, "bytes": s.bytes,
@@ -518,7 +595,7 @@ async fn distribution(State(state): S, headers: HeaderMap) -> Result<Response, A
     Ok(Json(serde_json::json!({ "topics": out, "timestamp": rfc3339(tickwire_proto::futex::realtime_ns()) })).into_response())
 }
 
-fn sub_json(s: &pb::SubscriptionStats) -> serde_json::Value {
+pub(crate) fn sub_json(s: &pb::SubscriptionStats) -> serde_json::Value {
     let status = pb::SubscriptionStatus::try_from(s.status).map_or("ERROR", |x| {
         x.as_str_name().trim_start_matches("SUBSCRIPTION_STATUS_")
     });

@@ -409,3 +409,130 @@ fn merge(row: &mut Value, more: Value) {
         o.extend(m);
     }
 }
+
+/// `cache_latest`: REST latest on a node that does not hold the symbol
+/// (answered from Redis, written there by the node that does), beside
+/// REST latest on the node that holds it and a plain Redis GET of the same
+/// key, each over one connection from the client core.
+///
+/// # Errors
+/// A broker or edge that cannot start; Redis unreachable is a row.
+pub fn cache_latest(
+    b: &crate::history_bench::HistoryBench,
+    out: &dyn Fn(Value),
+) -> Result<(), String> {
+    let url =
+        std::env::var("TICKWIRE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let node = |tag: &str| {
+        let dir = crate::tw::fresh_dir(tag);
+        let mut cfg = crate::tw::shared_core_config(dir.clone(), b.shard_core, TOPIC, 1 << 12);
+        cfg.stats.log_interval_secs = 0;
+        cfg.edge.enabled = true;
+        cfg.edge.grpc_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+        cfg.edge.http_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+        cfg.edge.cache_url = url.clone();
+        cfg.edge.cache_interval_ms = 100;
+        let broker =
+            tickwire_broker::engine::Broker::start(&cfg).map_err(|e| format!("broker: {e}"))?;
+        Ok::<_, String>((dir, cfg, broker))
+    };
+    let (dir_a, cfg_a, a) = node("cache-a")?;
+    let (dir_b, cfg_b, b_node) = node("cache-b")?;
+    let mut ingest = a.ingest(1);
+    let route = crate::tw::bench_route(&mut ingest, TOPIC)?;
+    let body = FrameBody::trade(0, realtime_ns(), 123_450_000_000, 100);
+    while ingest.try_send(&route, &body, None).is_err() {
+        std::hint::spin_loop();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let start = |cfg: &tickwire_broker::config::Config,
+                 broker: &tickwire_broker::engine::Broker| {
+        rt.block_on(tickwire_api::Edge::start(
+            cfg.edge.clone(),
+            std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(broker)),
+            cancel.clone(),
+        ))
+        .map_err(|e| format!("edge: {e}"))
+    };
+    let ea = start(&cfg_a, &a)?;
+    let eb = start(&cfg_b, &b_node)?;
+    crate::pin(b.client_core);
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let path = "/api/v1/market-data/BENCH/latest?topic=bench%2Fbars";
+    let result = client.block_on(async {
+        // B answers once A's writer has put the key in Redis.
+        let mut http_b = Http::connect(eb.http_addr).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _) = http_b.get(path).await?;
+            if status == 200 {
+                break;
+            }
+            if Instant::now() > deadline {
+                out(json!({"bench": "history", "case": "cache_latest", "system": "tickwire", "error": format!("node B never answered from Redis at {url}: is it up (scripts/services.sh up)?")}));
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut http_a = Http::connect(ea.http_addr).await?;
+        for (system, http) in [("tickwire_remote_via_redis", &mut http_b), ("tickwire_local", &mut http_a)] {
+            let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            for i in 0..(b.history_requests * 10 + 100) {
+                let t = Instant::now();
+                let (status, body) = http.get(path).await?;
+                let took = t.elapsed().as_nanos() as u64;
+                if status != 200 {
+                    return Err(format!("cache_latest: HTTP {status}: {}", String::from_utf8_lossy(&body)));
+                }
+                if i >= 100 {
+                    let _ = h.record(took);
+                }
+            }
+            let mut row = json!({"bench": "history", "case": "cache_latest", "system": system});
+            merge(&mut row, pct_us(&h));
+            out(row);
+        }
+        // The floor: the same key with a plain GET over one connection.
+        let mut conn = redis::Client::open(url.as_str())
+            .map_err(|e| e.to_string())?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+        for i in 0..(b.history_requests * 10 + 100) {
+            let t = Instant::now();
+            let v: Option<String> = redis::cmd("GET")
+                .arg("latest:BENCH")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            let took = t.elapsed().as_nanos() as u64;
+            if v.is_none() {
+                return Err("latest:BENCH vanished from Redis".into());
+            }
+            if i >= 100 {
+                let _ = h.record(took);
+            }
+        }
+        let mut row = json!({"bench": "history", "case": "cache_latest", "system": "redis_get"});
+        merge(&mut row, pct_us(&h));
+        out(row);
+        Ok::<(), String>(())
+    });
+    cancel.cancel();
+    drop(rt);
+    drop(ingest);
+    a.shutdown();
+    b_node.shutdown();
+    let _ = std::fs::remove_dir_all(&dir_a);
+    let _ = std::fs::remove_dir_all(&dir_b);
+    result
+}

@@ -15,7 +15,9 @@
 //!   reader's block size.
 //!
 //! - `history_1m_day`, `history_1h_month`: REST history beside the same
-//!   query in PostgreSQL ([`crate::bars_bench`]).
+//!   query in PostgreSQL; `cache_latest`: REST latest of a symbol another
+//!   node holds, through Redis, beside a plain Redis GET
+//!   ([`crate::bars_bench`]).
 //!
 //! Cores: the shard and the journal thread on `--shard-core` (0), the
 //! producer and the subscriber on `--client-core` (1). Rings live in
@@ -71,7 +73,7 @@ pub struct HistoryBench {
     #[arg(long, default_value_t = 300)]
     pub history_requests: u64,
     /// Only these cases (comma-separated): journal_append, replay_merge,
-    /// history_1m_day, history_1h_month.
+    /// history_1m_day, history_1h_month, cache_latest.
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
 }
@@ -307,6 +309,9 @@ pub fn run(b: &HistoryBench) -> Result<(), String> {
         .collect();
     if !bars.is_empty() {
         crate::bars_bench::run(b, &bars, &out)?;
+    }
+    if b.wants("cache_latest") {
+        crate::bars_bench::cache_latest(b, &out)?;
     }
     Ok(())
 }

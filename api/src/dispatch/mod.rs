@@ -120,6 +120,9 @@ pub struct TopicShared {
     pub send_latency: Mutex<Histogram<u64>>,
     /// Set when the dispatcher has stopped (topic deleted, shutdown).
     pub stopped: std::sync::atomic::AtomicBool,
+    /// Per partition: (partition, last published sequence, next sequence
+    /// the dispatcher reads), every 100 ms.
+    pub backlog: Mutex<Vec<(u32, u64, u64)>>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -131,6 +134,7 @@ impl TopicShared {
         TopicShared {
             topic: topic.into(),
             latest: Mutex::new(HashMap::new()),
+            backlog: Mutex::new(Vec::new()),
             events: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -633,6 +637,7 @@ impl Dispatcher {
     fn run(mut self, cancel: CancellationToken) {
         let mut last_publish = Instant::now();
         let mut last_check = Instant::now();
+        let mut last_backlog = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 self.st.close_all(Closed::Shutdown);
@@ -674,6 +679,19 @@ impl Dispatcher {
             if last_publish.elapsed() >= Duration::from_millis(10) || n == 0 {
                 self.st.publish();
                 last_publish = Instant::now();
+            }
+            if last_backlog.elapsed() >= Duration::from_millis(100) {
+                let positions: HashMap<u32, u64> = self.reader.positions().into_iter().collect();
+                let b: Vec<(u32, u64, u64)> = self
+                    .reader
+                    .published()
+                    .into_iter()
+                    .map(|(p, s)| (p, s, positions.get(&p).copied().unwrap_or(0)))
+                    .collect();
+                if let Ok(mut l) = self.st.shared.backlog.lock() {
+                    *l = b;
+                }
+                last_backlog = Instant::now();
             }
             if n == 0 && !self.st.catching_up() {
                 // Looks at the writers and for new partitions every 100 ms.
