@@ -234,6 +234,17 @@ pub struct EdgeConfig {
     /// How often the cache's keys are written (ms): at most once per
     /// interval per changed key.
     pub cache_interval_ms: u64,
+    /// Seconds between `distribution_metrics_ts` rows (per topic and
+    /// partition); 0 writes none.
+    pub metrics_interval_secs: u64,
+    /// How long the query side (`distribution_metrics_ts`,
+    /// `message_delivery_log`) keeps rows, e.g. `7d`.
+    pub metrics_retention: String,
+    /// `message_delivery_log` keeps every failed delivery (each gap a
+    /// subscriber is told of) and one delivered frame in this many (0:
+    /// none): logging each of millions of deliveries a second is not
+    /// sensible.
+    pub delivery_log_sample: u64,
 }
 
 impl Default for EdgeConfig {
@@ -255,6 +266,9 @@ impl Default for EdgeConfig {
             stats_interval_secs: 60,
             cache_url: String::new(),
             cache_interval_ms: 1000,
+            metrics_interval_secs: 10,
+            metrics_retention: "7d".into(),
+            delivery_log_sample: 10_000,
         }
     }
 }
@@ -267,6 +281,12 @@ impl EdgeConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !self.cache_url.is_empty() {
             cache::Cache::new(&self.cache_url)?;
+        }
+        if let Err(e) = humantime::parse_duration(&self.metrics_retention) {
+            return Err(format!(
+                "edge.metrics_retention: {:?} is not a duration such as 7d: {e}",
+                self.metrics_retention
+            ));
         }
         if self.cache_interval_ms == 0 {
             return Err("edge.cache_interval_ms: must be at least 1".into());
@@ -366,6 +386,7 @@ impl EdgeState {
                 max_events: config.queue_events,
                 max_bytes: config.queue_bytes,
                 max_batch: config.max_batch,
+                delivery_sample: config.delivery_log_sample,
             },
             cancel.clone(),
         );
@@ -600,6 +621,15 @@ impl Edge {
                 std::time::Duration::from_secs(config.stats_interval_secs),
             )));
         }
+        if config.metrics_interval_secs > 0 {
+            tasks.push(tokio::spawn(record_metrics(
+                state.clone(),
+                store.clone(),
+                std::time::Duration::from_secs(config.metrics_interval_secs),
+                humantime::parse_duration(&config.metrics_retention)
+                    .unwrap_or(std::time::Duration::from_secs(7 * 86_400)),
+            )));
+        }
         tasks.push(tokio::spawn(cache::run(
             state.clone(),
             std::time::Duration::from_millis(config.cache_interval_ms),
@@ -733,6 +763,119 @@ async fn record_stats(state: Arc<EdgeState>, store: Arc<store::Store>, every: st
                     hist,
                 },
             );
+        }
+    }
+}
+
+/// Writes `distribution_metrics_ts` every interval: per topic and
+/// partition, the publish rate, the topic's ingest-to-dispatch p50/p99 in
+/// the interval, the share of events remote subscribers did not get, the
+/// dispatcher's backlog, subscribers and whether the partition's writer
+/// published. Keeps the tables' time partitions (and drops those past
+/// `retention`) at start and every five minutes. A store that cannot be
+/// written is logged once per outage; the edge goes on.
+async fn record_metrics(
+    state: Arc<EdgeState>,
+    store: Arc<store::Store>,
+    every: std::time::Duration,
+    retention: std::time::Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    type Prev = (
+        u64,
+        u64,
+        Option<hdrhistogram::Histogram<u64>>,
+        HashMap<u32, u64>,
+    );
+    let mut last: HashMap<String, Prev> = HashMap::new();
+    let mut failing = false;
+    let mut maintained: Option<std::time::Instant> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if maintained.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(300)) {
+            match store
+                .maintain_query_side(tickwire_proto::futex::realtime_ns(), retention)
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::info!(
+                        dropped = n,
+                        "query side: partitions past the retention dropped"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "query side: partitions not maintained"),
+            }
+            maintained = Some(std::time::Instant::now());
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.cancel.cancelled() => return,
+        }
+        let now = tickwire_proto::futex::realtime_ns();
+        let secs = every.as_secs_f64();
+        let mut rows = Vec::new();
+        for t in state.hub.running() {
+            let delivered = t.delivered.load(Relaxed);
+            let dropped = t.dropped.load(Relaxed);
+            let hist = t.dispatch_latency.lock().ok().map(|h| h.clone());
+            let backlog = t.backlog.lock().map(|b| b.clone()).unwrap_or_default();
+            let Some((d0, x0, h0, p0)) = last.get(&t.topic) else {
+                // The first look: the base of the next interval.
+                let pubs = backlog.iter().map(|&(p, s, _)| (p, s)).collect();
+                last.insert(t.topic.clone(), (delivered, dropped, hist, pubs));
+                continue;
+            };
+            let q = |h: &Option<hdrhistogram::Histogram<u64>>, q: f64| {
+                let mut d = h.clone()?;
+                if let Some(p) = h0 {
+                    d.subtract(p).ok()?;
+                }
+                (!d.is_empty()).then(|| d.value_at_quantile(q) as f64 / 1e6)
+            };
+            let (dd, dx) = (delivered.saturating_sub(*d0), dropped.saturating_sub(*x0));
+            for &(p, published, position) in &backlog {
+                let rate = published.saturating_sub(p0.get(&p).copied().unwrap_or(published));
+                rows.push(store::MetricsRow {
+                    ts_ns: now as i64,
+                    topic_name: t.topic.clone(),
+                    partition_id: i64::from(p),
+                    throughput_per_second: rate as f64 / secs,
+                    latency_p50_ms: q(&hist, 0.5),
+                    latency_p99_ms: q(&hist, 0.99),
+                    error_rate: dx as f64 / (dd + dx).max(1) as f64,
+                    backlog_size: (published + 1).saturating_sub(position) as i64,
+                    consumer_count: t.subscribers.load(Relaxed) as i64,
+                    producer_count: i64::from(rate > 0),
+                });
+            }
+            let pubs = backlog.iter().map(|&(p, s, _)| (p, s)).collect();
+            last.insert(t.topic.clone(), (delivered, dropped, hist, pubs));
+        }
+        let deliveries = state.hub.delivery_log.drain();
+        if !deliveries.is_empty()
+            && let Err(e) = store.record_deliveries(&deliveries).await
+        {
+            tracing::warn!(error = %e, records = deliveries.len(), "message_delivery_log rows not written");
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        match store.record_metrics(&rows).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(
+                    store = store.location(),
+                    "distribution metrics written again"
+                );
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "distribution metrics not written; retrying each interval");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -44,6 +44,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/subscriptions/{topic}/{name}/pause"),
     ("post", "/api/v1/subscriptions/{topic}/{name}/resume"),
     ("get", "/api/v1/stats/distribution"),
+    ("get", "/api/v1/stats/metrics"),
     ("get", "/api/v1/routing-rules"),
     ("post", "/api/v1/routing-rules"),
     ("put", "/api/v1/routing-rules/{name}"),
@@ -79,6 +80,7 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
         .route("/api/v1/subscriptions/{topic}/{name}/pause", post(pause))
         .route("/api/v1/subscriptions/{topic}/{name}/resume", post(resume))
         .route("/api/v1/stats/distribution", get(distribution))
+        .route("/api/v1/stats/metrics", get(metrics_range))
         .route("/api/v1/routing-rules", get(list_rules).post(create_rule))
         .route(
             "/api/v1/routing-rules/{name}",
@@ -593,6 +595,85 @@ async fn distribution(State(state): S, headers: HeaderMap) -> Result<Response, A
         }
     }
     Ok(Json(serde_json::json!({ "topics": out, "timestamp": rfc3339(tickwire_proto::futex::realtime_ns()) })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsQuery {
+    topic: Option<String>,
+    start_time: Option<String>,
+    end_time: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /api/v1/stats/metrics`: a topic's `distribution_metrics_ts` rows
+/// in a time range (default the last hour), oldest first.
+async fn metrics_range(
+    State(state): S,
+    headers: HeaderMap,
+    query: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let topic = q
+        .topic
+        .clone()
+        .unwrap_or_else(|| state.default_topic.clone());
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    let end = match q.end_time.as_deref() {
+        Some(v) => time_param("end_time", v)?,
+        None => tickwire_proto::futex::realtime_ns(),
+    };
+    let start = match q.start_time.as_deref() {
+        Some(v) => time_param("start_time", v)?,
+        None => end.saturating_sub(3_600_000_000_000),
+    };
+    if start >= end {
+        return Err(ApiError::invalid(
+            "start_time",
+            format!("{} is not before end_time {}", rfc3339(start), rfc3339(end)),
+        ));
+    }
+    let limit = match q.limit.as_deref() {
+        None => 10_000,
+        Some(l) => match l.parse::<i64>() {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("{l:?}: 1 to 100000 rows"),
+                ));
+            }
+        },
+    };
+    let rows = state
+        .store()?
+        .metrics(&topic, start as i64, end as i64, limit)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "metrics not read");
+            ApiError::Unavailable("the query-side store cannot be read now".into())
+        })?;
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "timestamp": rfc3339(r.ts_ns.max(0) as u64), "topic_name": r.topic_name,
+                "partition_id": r.partition_id, "throughput_per_second": r.throughput_per_second,
+                "latency_p50_ms": r.latency_p50_ms, "latency_p99_ms": r.latency_p99_ms,
+                "error_rate": r.error_rate, "backlog_size": r.backlog_size,
+                "consumer_count": r.consumer_count, "producer_count": r.producer_count,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "topic": topic,
+        "start_time": rfc3339(start),
+        "end_time": rfc3339(end),
+        "count": rows.len(),
+        "metrics": rows,
+    }))
+    .into_response())
 }
 
 pub(crate) fn sub_json(s: &pb::SubscriptionStats) -> serde_json::Value {

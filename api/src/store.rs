@@ -137,6 +137,32 @@ pub struct StatsRow {
     pub active_subscriptions: i64,
 }
 
+/// A `distribution_metrics_ts` row: one topic partition over one interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsRow {
+    /// The end of the interval, UTC ns.
+    pub ts_ns: i64,
+    /// Topic.
+    pub topic_name: String,
+    /// Partition.
+    pub partition_id: i64,
+    /// Events published to the partition per second over the interval.
+    pub throughput_per_second: f64,
+    /// Ingest-to-dispatch latency of the topic's events in the interval, ms.
+    pub latency_p50_ms: Option<f64>,
+    /// The same, 99th percentile.
+    pub latency_p99_ms: Option<f64>,
+    /// Events remote subscribers did not get (dropped) per event handed to them.
+    pub error_rate: f64,
+    /// Events published but not yet read by the edge's dispatcher.
+    pub backlog_size: i64,
+    /// Live remote subscriptions of the topic.
+    pub consumer_count: i64,
+    /// Writers of the partition that published in the interval (0 or 1:
+    /// one shard writes a partition).
+    pub producer_count: i64,
+}
+
 /// The command-side database.
 pub struct Store {
     pool: AnyPool,
@@ -493,6 +519,294 @@ impl Store {
             },
         )
         .await
+    }
+
+    /// Appends `distribution_metrics_ts` rows (one statement per row, in one
+    /// transaction).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_metrics(&self, rows: &[MetricsRow]) -> Result<(), StoreError> {
+        let (ts, p50, p99) = if self.backend == Backend::Postgres {
+            ("$1::timestamptz", "$6::float8", "$7::float8")
+        } else {
+            ("$1", "$6", "$7")
+        };
+        let sql = format!(
+            "INSERT INTO distribution_metrics_ts (timestamp, ts_ns, topic_name, partition_id, \
+             throughput_per_second, latency_p50_ms, latency_p99_ms, error_rate, backlog_size, \
+             consumer_count, producer_count) VALUES ({ts}, $2, $3, $4, $5, {p50}, {p99}, $8, $9, $10, $11)"
+        );
+        let mut tx = self.pool.begin().await.map_err(|e| self.query_err(e))?;
+        for r in rows {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(rfc3339(r.ts_ns.max(0) as u64))
+                .bind(r.ts_ns)
+                .bind(&r.topic_name)
+                .bind(r.partition_id)
+                .bind(r.throughput_per_second)
+                .bind(r.latency_p50_ms)
+                .bind(r.latency_p99_ms)
+                .bind(r.error_rate)
+                .bind(r.backlog_size)
+                .bind(r.consumer_count)
+                .bind(r.producer_count)
+                // Not prepared once for all rows: the Any driver types a
+                // NULL on its own, and a later value would not match it.
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.query_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.query_err(e))
+    }
+
+    /// Appends `message_delivery_log` rows: `message_id` is
+    /// `partition:from` (`partition:from-to` for a range), `offset_position`
+    /// the first sequence.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn record_deliveries(
+        &self,
+        rows: &[crate::dispatch::DeliveryRecord],
+    ) -> Result<(), StoreError> {
+        let ts = if self.backend == Backend::Postgres {
+            "$1::timestamptz"
+        } else {
+            "$1"
+        };
+        // Optional values typed in the statement: PostgreSQL prepares it
+        // once, and a NULL first must not fix a parameter's type.
+        let (lat, err) = if self.backend == Backend::Postgres {
+            ("$7::float8", "$9::text")
+        } else {
+            ("$7", "$9")
+        };
+        let sql = format!(
+            "INSERT INTO message_delivery_log (timestamp, ts_ns, message_id, topic_name, partition_id, \
+             offset_position, delivery_latency_ms, retry_count, status, error_message) \
+             VALUES ({ts}, $2, $3, $4, $5, $6, {lat}, 0, $8, {err})"
+        );
+        let mut tx = self.pool.begin().await.map_err(|e| self.query_err(e))?;
+        for r in rows {
+            let id = if r.from == r.to {
+                format!("{}:{}", r.partition, r.from)
+            } else {
+                format!("{}:{}-{}", r.partition, r.from, r.to)
+            };
+            let error = (r.status != "delivered").then(|| {
+                format!(
+                    "{}: sequences {}..={} ({} events) not sent to subscription {}",
+                    r.reason,
+                    r.from,
+                    r.to,
+                    r.to - r.from + 1,
+                    r.subscription
+                )
+            });
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(rfc3339(r.ts_ns))
+                .bind(r.ts_ns as i64)
+                .bind(id)
+                .bind(&r.topic)
+                .bind(i64::from(r.partition))
+                .bind(r.from as i64)
+                .bind(r.latency_ms)
+                .bind(r.status)
+                .bind(error)
+                // Not prepared once for all rows: the Any driver types a
+                // NULL on its own, and a later value would not match it.
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.query_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.query_err(e))
+    }
+
+    /// `message_delivery_log` rows of a topic in `[from_ns, to_ns)`:
+    /// (UTC ns, message id, status, error message), oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn deliveries(
+        &self,
+        topic: &str,
+        from_ns: i64,
+        to_ns: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String, Option<String>)>, StoreError> {
+        self.fetch(
+            sqlx::query(
+                "SELECT ts_ns, message_id, status, error_message FROM message_delivery_log \
+                 WHERE topic_name = $1 AND ts_ns >= $2 AND ts_ns < $3 ORDER BY ts_ns LIMIT $4",
+            )
+            .bind(topic)
+            .bind(from_ns)
+            .bind(to_ns)
+            .bind(limit),
+            |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)),
+        )
+        .await
+    }
+
+    /// A topic's metrics rows in `[from_ns, to_ns)`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn metrics(
+        &self,
+        topic: &str,
+        from_ns: i64,
+        to_ns: i64,
+        limit: i64,
+    ) -> Result<Vec<MetricsRow>, StoreError> {
+        // PostgreSQL prunes partitions on `timestamp`; SQLite has ts_ns indexed.
+        let range = if self.backend == Backend::Postgres {
+            "timestamp >= to_timestamp($2::float8 / 1e9) AND timestamp < to_timestamp($3::float8 / 1e9) \
+             AND ts_ns >= $2 AND ts_ns < $3"
+        } else {
+            "ts_ns >= $2 AND ts_ns < $3"
+        };
+        self.fetch(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT ts_ns, topic_name, partition_id, throughput_per_second, latency_p50_ms, \
+                 latency_p99_ms, error_rate, backlog_size, consumer_count, producer_count \
+                 FROM distribution_metrics_ts WHERE topic_name = $1 AND {range} \
+                 ORDER BY ts_ns, partition_id LIMIT $4"
+            )))
+            .bind(topic)
+            .bind(from_ns)
+            .bind(to_ns)
+            .bind(limit),
+            |r| {
+                Ok(MetricsRow {
+                    ts_ns: r.try_get(0)?,
+                    topic_name: r.try_get(1)?,
+                    partition_id: r.try_get(2)?,
+                    throughput_per_second: r.try_get(3)?,
+                    latency_p50_ms: r.try_get(4)?,
+                    latency_p99_ms: r.try_get(5)?,
+                    error_rate: r.try_get(6)?,
+                    backlog_size: r.try_get(7)?,
+                    consumer_count: r.try_get(8)?,
+                    producer_count: r.try_get(9)?,
+                })
+            },
+        )
+        .await
+    }
+
+    /// Keeps the query side's time partitions: on PostgreSQL without
+    /// TimescaleDB, creates the hourly `distribution_metrics_ts` and daily
+    /// `message_delivery_log` partitions from the one holding `now_ns` to
+    /// two ahead, and drops those wholly older than `retention`; with
+    /// TimescaleDB, drops chunks past it; on SQLite, deletes rows past it.
+    /// Returns the partitions (or chunks, or rows) dropped.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn maintain_query_side(
+        &self,
+        now_ns: u64,
+        retention: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let cutoff = now_ns.saturating_sub(retention.as_nanos() as u64);
+        if self.backend == Backend::Sqlite {
+            let mut n = 0;
+            for t in ["distribution_metrics_ts", "message_delivery_log"] {
+                n += self
+                    .execute(
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DELETE FROM {t} WHERE ts_ns < $1"
+                        )))
+                        .bind(cutoff as i64),
+                    )
+                    .await?;
+            }
+            return Ok(n);
+        }
+        let timescale = !self
+            .fetch(
+                sqlx::query("SELECT 1::bigint FROM pg_extension WHERE extname = 'timescaledb'"),
+                |r| r.try_get::<i64, _>(0),
+            )
+            .await?
+            .is_empty();
+        if timescale {
+            let mut n = 0;
+            for t in ["distribution_metrics_ts", "message_delivery_log"] {
+                n += self
+                    .fetch(
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "SELECT count(*)::bigint FROM drop_chunks('{t}', older_than => to_timestamp($1::float8 / 1e9))"
+                        )))
+                        .bind(cutoff as i64),
+                        |r| r.try_get::<i64, _>(0),
+                    )
+                    .await?
+                    .first()
+                    .copied()
+                    .unwrap_or(0) as u64;
+            }
+            return Ok(n);
+        }
+        const HOUR: u64 = 3_600_000_000_000;
+        const DAY: u64 = 24 * HOUR;
+        let mut dropped = 0;
+        for (table, every) in [
+            ("distribution_metrics_ts", HOUR),
+            ("message_delivery_log", DAY),
+        ] {
+            let first = now_ns - now_ns % every;
+            for k in 0..3 {
+                let from = first + k * every;
+                let name = format!("{table}_p{}", from / 1_000_000_000);
+                self.execute(sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} \
+                     FOR VALUES FROM ('{}') TO ('{}')",
+                    rfc3339(from),
+                    rfc3339(from + every)
+                ))))
+                .await?;
+            }
+            let parts = self
+                .fetch(
+                    sqlx::query(
+                        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1",
+                    )
+                    .bind(table),
+                    |r| r.try_get::<String, _>(0),
+                )
+                .await?;
+            // Rows outside every partition (the DEFAULT one) age out too.
+            dropped += self
+                .execute(
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DELETE FROM {table}_default WHERE timestamp < to_timestamp($1::float8 / 1e9)"
+                    )))
+                    .bind(cutoff as i64),
+                )
+                .await?;
+            for part in parts {
+                let Some(start) = part
+                    .strip_prefix(&format!("{table}_p"))
+                    .and_then(|s| s.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if (start * 1_000_000_000).saturating_add(every) <= cutoff {
+                    self.execute(sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP TABLE IF EXISTS {part}"
+                    ))))
+                    .await?;
+                    dropped += 1;
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     /// Every routing rule, highest priority first.

@@ -114,6 +114,7 @@ async fn edge(broker: &Broker, cache_url: &str, cancel: &CancellationToken) -> E
             http_addr: "127.0.0.1:0".parse().expect("addr"),
             cache_url: cache_url.into(),
             cache_interval_ms: 100,
+            metrics_interval_secs: 1,
             ..EdgeConfig::default()
         },
         std::sync::Arc::new(BrokerEngine::new(broker)),
@@ -338,6 +339,36 @@ async fn the_same_keys_and_ttls_in_process() {
         if key.starts_with("latest") {
             assert_eq!(price(&v), "42");
         }
+    }
+    // The query side: distribution_metrics_ts rows, per partition, each second.
+    let base = format!("http://{}", e.http_addr);
+    until("distribution_metrics_ts rows", async || {
+        let (code, v) = http::Client
+            .get(&format!("{base}/api/v1/stats/metrics?topic=md%2Fcache"))
+            .await;
+        code == 200 && v["count"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    let (_, v) = http::Client
+        .get(&format!("{base}/api/v1/stats/metrics?topic=md%2Fcache"))
+        .await;
+    let m = &v["metrics"][0];
+    assert_eq!(
+        (m["topic_name"].as_str(), m["partition_id"].as_i64()),
+        (Some(TOPIC), Some(0)),
+        "{v}"
+    );
+    assert_eq!(m["backlog_size"], 0, "{v}");
+    for (q, field) in [
+        ("limit=0", "limit"),
+        ("start_time=soon", "start_time"),
+        ("colour=red", "query"),
+    ] {
+        let (code, body) = http::Client
+            .get(&format!("{base}/api/v1/stats/metrics?{q}"))
+            .await;
+        assert_eq!(code, 400, "{q}");
+        assert!(body.to_string().contains(field), "{q}: {body}");
     }
     // A symbol this node does not have is not found (no Redis to ask).
     let (code, _) = http::Client

@@ -53,6 +53,66 @@ pub struct QueueLimits {
     pub max_bytes: usize,
     /// Events per batch message.
     pub max_batch: u32,
+    /// `message_delivery_log`: one delivered frame in this many is logged
+    /// (0: none; every failed delivery is logged regardless).
+    pub delivery_sample: u64,
+}
+
+/// One `message_delivery_log` record: a range of a partition a subscriber
+/// was not sent (a gap notice), or a sampled delivered frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    /// When, UTC ns.
+    pub ts_ns: u64,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// First sequence.
+    pub from: u64,
+    /// Last sequence.
+    pub to: u64,
+    /// The subscription (its name, or `#<id>` for an unnamed one).
+    pub subscription: String,
+    /// `delivered` or `failed`.
+    pub status: &'static str,
+    /// Why it failed (`slow_consumer`, `not_journaled`, ...); empty when delivered.
+    pub reason: String,
+    /// Delivered: ingest to handed to the socket, ms.
+    pub latency_ms: Option<f64>,
+}
+
+/// Delivery records on their way to the store: bounded, never blocking
+/// the dispatcher (a record that finds it full is counted, not kept).
+#[derive(Debug, Default)]
+pub struct DeliveryLog {
+    q: Mutex<std::collections::VecDeque<DeliveryRecord>>,
+    /// Records dropped because the log was full (the store is behind).
+    pub lost: AtomicU64,
+    sample_every: u64,
+}
+
+/// Records kept at most between two writes of the log.
+const DELIVERY_LOG_CAP: usize = 65_536;
+
+impl DeliveryLog {
+    fn push(&self, r: DeliveryRecord) {
+        let mut q = self.q.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= DELIVERY_LOG_CAP {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        } else {
+            q.push_back(r);
+        }
+    }
+
+    /// Takes every record waiting.
+    pub fn drain(&self) -> Vec<DeliveryRecord> {
+        self.q
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
 }
 
 impl Default for QueueLimits {
@@ -61,6 +121,7 @@ impl Default for QueueLimits {
             max_events: 65_536,
             max_bytes: 16 << 20,
             max_batch: 256,
+            delivery_sample: 10_000,
         }
     }
 }
@@ -123,6 +184,8 @@ pub struct TopicShared {
     /// Per partition: (partition, last published sequence, next sequence
     /// the dispatcher reads), every 100 ms.
     pub backlog: Mutex<Vec<(u32, u64, u64)>>,
+    /// The hub's delivery log.
+    pub delivery_log: Arc<DeliveryLog>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -130,8 +193,9 @@ fn histogram() -> Histogram<u64> {
 }
 
 impl TopicShared {
-    fn new(topic: &str) -> TopicShared {
+    fn new(topic: &str, delivery_log: Arc<DeliveryLog>) -> TopicShared {
         TopicShared {
+            delivery_log,
             topic: topic.into(),
             latest: Mutex::new(HashMap::new()),
             backlog: Mutex::new(Vec::new()),
@@ -190,6 +254,8 @@ pub struct Hub {
     next_id: AtomicU64,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     symbology: Mutex<Option<Arc<Symbology>>>,
+    /// Failed and sampled deliveries, for `message_delivery_log`.
+    pub delivery_log: Arc<DeliveryLog>,
 }
 
 /// A live subscription: its queue and its way back to the dispatcher.
@@ -251,6 +317,10 @@ impl Hub {
     /// A hub over a node directory.
     pub fn new(node_dir: PathBuf, limits: QueueLimits, cancel: CancellationToken) -> Hub {
         Hub {
+            delivery_log: Arc::new(DeliveryLog {
+                sample_every: limits.delivery_sample,
+                ..DeliveryLog::default()
+            }),
             node_dir,
             limits,
             topics: Mutex::new(HashMap::new()),
@@ -337,7 +407,7 @@ impl Hub {
                     ApiError::Unavailable(format!("topic {topic} cannot be read now"))
                 }
             })?;
-        let shared = Arc::new(TopicShared::new(topic));
+        let shared = Arc::new(TopicShared::new(topic, self.delivery_log.clone()));
         let (tx, rx) = std::sync::mpsc::channel();
         let d = Dispatcher::new(
             reader,
@@ -459,6 +529,21 @@ struct LiveSub {
     /// Catching up from the past: per-partition readers; not yet live.
     catch_up: Option<Vec<(u32, Subscriber)>>,
     closed: bool,
+    /// Where failed and sampled deliveries go.
+    log: Arc<DeliveryLog>,
+    /// Frames queued, for the delivery log's sample.
+    frames: u64,
+}
+
+impl LiveSub {
+    /// Its name in the delivery log.
+    fn log_name(&self) -> String {
+        if self.spec.name.is_empty() {
+            format!("#{}", self.id)
+        } else {
+            self.spec.name.clone()
+        }
+    }
 }
 
 impl LiveSub {
@@ -1068,6 +1153,8 @@ impl State {
             paused: false,
             catch_up,
             closed: false,
+            log: self.shared.delivery_log.clone(),
+            frames: 0,
         };
         let now = realtime_ns();
         if s.spec.snapshot {
@@ -1349,6 +1436,17 @@ fn send_gap(
         return;
     }
     s.outbox.counters.gaps.fetch_add(1, Ordering::Relaxed);
+    s.log.push(DeliveryRecord {
+        ts_ns: now,
+        topic: topic.to_string(),
+        partition,
+        from,
+        to,
+        subscription: s.log_name(),
+        status: "failed",
+        reason: reason.to_string(),
+        latency_ms: None,
+    });
     s.notice(
         notice::gap(topic, partition, from, to, reason),
         || {
@@ -1412,7 +1510,26 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
         return events as u64;
     }
     let items = std::mem::take(&mut s.items);
+    let oldest = frame.oldest_ingest_ns;
     let Err(_) = s.outbox.try_push(frame) else {
+        s.frames += 1;
+        let every = s.log.sample_every;
+        if every > 0
+            && s.frames.is_multiple_of(every)
+            && let Some(&(p, from, to)) = ranges.first()
+        {
+            s.log.push(DeliveryRecord {
+                ts_ns: now,
+                topic: topic.to_string(),
+                partition: p,
+                from,
+                to,
+                subscription: s.log_name(),
+                status: "delivered",
+                reason: String::new(),
+                latency_ms: (oldest > 0).then(|| now.saturating_sub(oldest) as f64 / 1e6),
+            });
+        }
         return 0;
     };
     let (qe, qb) = s.outbox.depth();
