@@ -272,6 +272,24 @@ fn nonempty(field: &str, v: &Option<String>, max: usize) -> Result<(), ApiError>
     }
 }
 
+/// Checks an instrument's path symbol and its `exchange`/`currency`
+/// parameters against the symbology's field sizes.
+fn instrument_params(
+    symbol: &str,
+    exchange: &Option<String>,
+    currency: &Option<String>,
+) -> Result<(), ApiError> {
+    use tickwire_proto::symbology::{MAX_CURRENCY, MAX_EXCHANGE, MAX_SYMBOL};
+    if symbol.is_empty() || symbol.len() > MAX_SYMBOL {
+        return Err(ApiError::invalid(
+            "symbol",
+            format!("{symbol:?}: 1 to {MAX_SYMBOL} bytes"),
+        ));
+    }
+    nonempty("exchange", exchange, MAX_EXCHANGE)?;
+    nonempty("currency", currency, MAX_CURRENCY)
+}
+
 async fn latest(
     State(state): S,
     headers: HeaderMap,
@@ -280,15 +298,7 @@ async fn latest(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    use tickwire_proto::symbology::{MAX_CURRENCY, MAX_EXCHANGE, MAX_SYMBOL};
-    if symbol.is_empty() || symbol.len() > MAX_SYMBOL {
-        return Err(ApiError::invalid(
-            "symbol",
-            format!("{symbol:?}: 1 to {MAX_SYMBOL} bytes"),
-        ));
-    }
-    nonempty("exchange", &q.exchange, MAX_EXCHANGE)?;
-    nonempty("currency", &q.currency, MAX_CURRENCY)?;
+    instrument_params(&symbol, &q.exchange, &q.currency)?;
     let topic = q
         .topic
         .clone()
@@ -1064,17 +1074,9 @@ async fn history(
     Path(symbol): Path<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    use tickwire_proto::symbology::{MAX_CURRENCY, MAX_EXCHANGE, MAX_SYMBOL};
     let k = key(&state, &headers)?;
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    if symbol.is_empty() || symbol.len() > MAX_SYMBOL {
-        return Err(ApiError::invalid(
-            "symbol",
-            format!("{symbol:?}: 1 to {MAX_SYMBOL} bytes"),
-        ));
-    }
-    nonempty("exchange", &q.exchange, MAX_EXCHANGE)?;
-    nonempty("currency", &q.currency, MAX_CURRENCY)?;
+    instrument_params(&symbol, &q.exchange, &q.currency)?;
     let bq = history_params(&q, tickwire_proto::futex::realtime_ns())?;
     let topic = q
         .topic

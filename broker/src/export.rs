@@ -69,11 +69,18 @@ pub fn export(s: &ExportSpec) -> Result<Exported, String> {
         .map_err(|e| format!("the node's symbology (instrument names) cannot be read: {e}"))?;
     let mut out = ParquetOut::create(&s.out).map_err(|e| e.to_string())?;
     let done = match s.interval {
-        None => events(s, &sym, &mut out)?,
-        Some(i) => bars(s, &sym, i, &mut out)?,
-    };
-    let rows = out.finish().map_err(|e| e.to_string())?;
-    Ok(Exported { rows, ..done })
+        None => events(s, &sym, &mut out),
+        Some(i) => bars(s, &sym, i, &mut out),
+    }
+    .and_then(|done| {
+        let rows = out.finish().map_err(|e| e.to_string())?;
+        Ok(Exported { rows, ..done })
+    });
+    if done.is_err() {
+        // No half-written file left behind to be taken for an export.
+        let _ = std::fs::remove_file(&s.out);
+    }
+    done
 }
 
 /// The partitions of `topic` that have a journal: (partition, directory).

@@ -44,6 +44,20 @@ enum Command {
     Export(ExportArgs),
 }
 
+/// Which instruments (`tail`, `export`).
+#[derive(clap::Args)]
+struct InstrumentArgs {
+    /// Only these symbols (repeatable).
+    #[arg(long = "symbol")]
+    symbols: Vec<String>,
+    /// Only these exchanges (repeatable).
+    #[arg(long = "exchange")]
+    exchanges: Vec<String>,
+    /// Only these currencies (repeatable).
+    #[arg(long = "currency")]
+    currencies: Vec<String>,
+}
+
 #[derive(clap::Args)]
 struct ExportArgs {
     /// Topic, e.g. market-data/normalized/equities.
@@ -60,15 +74,8 @@ struct ExportArgs {
     /// The Parquet file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Only these symbols (repeatable).
-    #[arg(long = "symbol")]
-    symbols: Vec<String>,
-    /// Only these exchanges (repeatable).
-    #[arg(long = "exchange")]
-    exchanges: Vec<String>,
-    /// Only these currencies (repeatable).
-    #[arg(long = "currency")]
-    currencies: Vec<String>,
+    #[command(flatten)]
+    only: InstrumentArgs,
     /// Node directory (default: $TICKWIRE_NODE_DIR, else /dev/shm/tickwire/default).
     #[arg(long)]
     node_dir: Option<PathBuf>,
@@ -358,15 +365,8 @@ impl StatsWindow {
 struct TailArgs {
     /// Topic, e.g. market-data/normalized/equities.
     topic: String,
-    /// Only these symbols (repeatable).
-    #[arg(long = "symbol")]
-    symbols: Vec<String>,
-    /// Only these exchanges (repeatable).
-    #[arg(long = "exchange")]
-    exchanges: Vec<String>,
-    /// Only these currencies (repeatable).
-    #[arg(long = "currency")]
-    currencies: Vec<String>,
+    #[command(flatten)]
+    only: InstrumentArgs,
     /// Only this kind: trade or quote (repeatable).
     #[arg(long = "kind")]
     kinds: Vec<String>,
@@ -457,9 +457,9 @@ fn export_cmd(a: ExportArgs) -> Result<(), AnyError> {
         journal_dir: a.journal_dir.unwrap_or_else(|| node_dir.join("journal")),
         node_dir,
         topic: a.topic,
-        symbols: a.symbols,
-        exchanges: a.exchanges,
-        currencies: a.currencies,
+        symbols: a.only.symbols,
+        exchanges: a.only.exchanges,
+        currencies: a.only.currencies,
         from_ns,
         to_ns,
         interval,
@@ -506,9 +506,9 @@ fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {
         })?),
     };
     let filter = Filter::default()
-        .symbols(a.symbols.clone())
-        .exchanges(a.exchanges.clone())
-        .currencies(a.currencies.clone())
+        .symbols(a.only.symbols.clone())
+        .exchanges(a.only.exchanges.clone())
+        .currencies(a.only.currencies.clone())
         .kinds(kinds);
     let dir = a
         .node_dir
@@ -648,7 +648,7 @@ fn say_what_we_wait_for(sub: &mut Subscriber, a: &TailArgs, start: Start, dir: &
         let _ = writeln!(
             err,
             "tickwire tail: none of the {known} instruments known now matches --symbol {:?} --exchange {:?} --currency {:?} (names match ignoring case); waiting for one to appear",
-            a.symbols, a.exchanges, a.currencies
+            a.only.symbols, a.only.exchanges, a.only.currencies
         );
     }
 }
