@@ -138,6 +138,8 @@ impl Fixture {
             c.queue_events = 64;
             c.queue_bytes = 64 * 1024;
             c.max_batch = 16;
+            c.metrics_interval_secs = 1;
+            c.delivery_log_sample = 1;
         })
         .await
     }
@@ -385,6 +387,39 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
         (1..=total).collect::<Vec<_>>(),
         "delivered + gaps = everything, in order"
     );
+    // message_delivery_log: each range the slow client was told it missed
+    // is a failed row; delivered frames are sampled (here every one).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = f
+            .edge()
+            .store
+            .deliveries(TOPIC, 0, i64::MAX, 100_000)
+            .await
+            .expect("delivery log");
+        let failed: Vec<_> = rows.iter().filter(|r| r.2 == "failed").collect();
+        let delivered = rows.iter().filter(|r| r.2 == "delivered").count();
+        if !failed.is_empty() && delivered > 0 {
+            assert!(
+                failed.iter().all(|r| r
+                    .3
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("slow_consumer:"))),
+                "{failed:?}"
+            );
+            assert!(
+                failed
+                    .iter()
+                    .all(|r| r.1.starts_with("0:") || r.1.starts_with("1:"))
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "failed and delivered rows: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     f.stop().await;
 }
 
