@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tickwire_proto::bars::{Bar, BarFile, Interval, MINUTE_NS, bar_path};
+use tickwire_proto::bars::{Bar, BarFile, Interval, MINUTE_NS, bar_files, merge_bars};
 use tickwire_proto::json::Decimal;
 use tickwire_proto::symbology::{Entry, Symbology};
 
@@ -109,27 +109,24 @@ pub fn query(
     q: &BarQuery,
     resampler: Option<&dyn Resampler>,
 ) -> Result<BarPage, ApiError> {
-    let path = bar_path(dir, topic, instrument);
-    let file = match BarFile::open(&path) {
-        Ok(Some(f)) => f,
-        Ok(None) => {
-            return Ok(BarPage {
-                bars: Vec::new(),
-                next_ns: None,
-            });
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "a bar file cannot be read");
-            return Err(ApiError::internal(format!(
-                "bars of {topic} cannot be read"
-            )));
-        }
+    let bad = |e: tickwire_proto::Error| {
+        tracing::warn!(error = %e, "a bar file cannot be read");
+        ApiError::internal(format!("bars of {topic} cannot be read"))
     };
+    // One file per partition that had the instrument's events.
+    let mut files = Vec::new();
+    for path in bar_files(dir, topic, instrument) {
+        if let Some(f) = BarFile::open(&path).map_err(bad)? {
+            files.push(f);
+        }
+    }
     let read = |from: u64, to: u64, n: usize| {
-        file.range(from, to, n).map_err(|e| {
-            tracing::warn!(error = %e, "a bar file cannot be read");
-            ApiError::internal(format!("bars of {topic} cannot be read"))
-        })
+        let lists = files
+            .iter()
+            .map(|f| f.range(from, to, n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        Ok::<_, ApiError>(merge_bars(lists))
     };
     let mut bars = match q.interval {
         Interval::M1 => read(q.from_ns, q.to_ns, q.limit + 1)?,

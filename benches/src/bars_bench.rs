@@ -28,7 +28,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use sqlx::Row;
 use tickwire_proto::FrameBody;
-use tickwire_proto::bars::{BarFile, Interval, MINUTE_NS, bar_path};
+use tickwire_proto::bars::{BarFile, Interval, MINUTE_NS, bar_files};
 use tickwire_proto::futex::realtime_ns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -313,12 +313,16 @@ async fn postgres(
         .ok()
         .and_then(|s| (1..=s.count()).find(|&i| s.get(i).is_some_and(|e| e.symbol() == "BENCH")))
         .ok_or("BENCH is not in the symbology")?;
-    let file = BarFile::open(&bar_path(bar_dir, TOPIC, id))
-        .map_err(|e| e.to_string())?
-        .ok_or("no bar file")?;
-    let bars = file
-        .range(0, u64::MAX, usize::MAX)
-        .map_err(|e| e.to_string())?;
+    let mut lists = Vec::new();
+    for path in bar_files(bar_dir, TOPIC, id) {
+        if let Some(file) = BarFile::open(&path).map_err(|e| e.to_string())? {
+            lists.push(
+                file.range(0, u64::MAX, usize::MAX)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+    }
+    let bars = tickwire_proto::bars::merge_bars(lists);
     for q in [
         "DROP TABLE IF EXISTS bench_bars_1m",
         "CREATE TABLE bench_bars_1m (symbol text NOT NULL, ts timestamptz NOT NULL, open bigint NOT NULL, high bigint NOT NULL, low bigint NOT NULL, close bigint NOT NULL, volume bigint NOT NULL, notional bigint NOT NULL, trades integer NOT NULL, PRIMARY KEY (symbol, ts))",

@@ -175,6 +175,8 @@ impl State {
 struct Part {
     /// `<topic with / as ~>`, as the journal and bar store name it.
     topic: String,
+    /// Its partition.
+    partition: u32,
     journal: PathBuf,
     state_path: PathBuf,
     reader: Option<JournalReader>,
@@ -244,7 +246,10 @@ impl Run {
             let Some((topic, part)) = name.rsplit_once('.') else {
                 continue;
             };
-            if topic.is_empty() || part.parse::<u32>().is_err() || !e.path().is_dir() {
+            let Ok(partition) = part.parse::<u32>() else {
+                continue;
+            };
+            if topic.is_empty() || !e.path().is_dir() {
                 continue;
             }
             let path = e.path();
@@ -273,6 +278,7 @@ impl Run {
                 path.clone(),
                 Part {
                     topic: topic.to_string(),
+                    partition,
                     journal: path,
                     state_path,
                     reader: None,
@@ -400,7 +406,7 @@ impl Run {
         let mut failed = None;
         let pending = std::mem::take(&mut p.pending);
         for (inst, bar) in pending {
-            let path = bar_path(&self.dir, &p.topic.replace('~', "/"), inst);
+            let path = bar_path(&self.dir, &p.topic.replace('~', "/"), inst, p.partition);
             let r = BarFile::create(&path, inst).and_then(|mut f| {
                 f.put(&bar)?;
                 f.sync()

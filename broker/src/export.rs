@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use tickwire_history::{BarRow, EventRow, ParquetOut};
-use tickwire_proto::bars::{BarFile, Interval, bar_path};
+use tickwire_proto::bars::{BarFile, Interval, bar_files, merge_bars};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS, price_to_f64};
 use tickwire_proto::journal::{JournalRead, JournalReader};
 use tickwire_proto::symbology::{Entry, Symbology};
@@ -180,11 +180,13 @@ fn bars(
         let Some(e) = sym.get(id).filter(|e| wanted(s, e)) else {
             continue;
         };
-        let path = bar_path(&dir, &s.topic, id);
-        let Some(f) = BarFile::open(&path).map_err(|e| e.to_string())? else {
-            continue;
-        };
-        let minutes = f.range(lo, hi, usize::MAX).map_err(|e| e.to_string())?;
+        let mut lists = Vec::new();
+        for path in bar_files(&dir, &s.topic, id) {
+            if let Some(f) = BarFile::open(&path).map_err(|e| e.to_string())? {
+                lists.push(f.range(lo, hi, usize::MAX).map_err(|e| e.to_string())?);
+            }
+        }
+        let minutes = merge_bars(lists);
         let bars = tickwire_history::resample(&minutes, interval).map_err(|e| e.to_string())?;
         rows.extend(
             bars.into_iter()

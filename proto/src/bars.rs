@@ -11,7 +11,7 @@
 //! bars byte for byte.
 //!
 //! ```text
-//!  <journal root>/bars/<topic with / as ~>/<instrument id>.bars
+//!  <journal root>/bars/<topic with / as ~>/<instrument id>.<partition>.bars
 //!
 //!  header (64 bytes, little-endian)
 //!   0  magic          b"TKWBARS\0"
@@ -441,10 +441,95 @@ impl BarBuilder {
     }
 }
 
-/// The bar file of `instrument` in `topic` under the bar store `dir`.
-pub fn bar_path(dir: &Path, topic: &str, instrument: u32) -> PathBuf {
+/// The bar file of `instrument` in `topic` built from `partition`, under
+/// the bar store `dir`. One file per partition: a topic's routing key may
+/// send an instrument's trades and quotes to different partitions (the
+/// default, `{symbol}.{exchange}.{kind}`, does), and each partition's
+/// builder sees only its own; [`merge_bars`] joins them when read.
+pub fn bar_path(dir: &Path, topic: &str, instrument: u32, partition: u32) -> PathBuf {
     dir.join(topic.replace('/', "~"))
-        .join(format!("{instrument}.bars"))
+        .join(format!("{instrument}.{partition}.bars"))
+}
+
+/// The bar files of `instrument` in `topic` (one per partition that had
+/// its events), in partition order.
+pub fn bar_files(dir: &Path, topic: &str, instrument: u32) -> Vec<PathBuf> {
+    let prefix = format!("{instrument}.");
+    let Ok(rd) = std::fs::read_dir(dir.join(topic.replace('/', "~"))) else {
+        return Vec::new();
+    };
+    let mut files: Vec<(u32, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let p = name
+                .to_str()?
+                .strip_prefix(&prefix)?
+                .strip_suffix(".bars")?
+                .parse::<u32>()
+                .ok()?;
+            Some((p, e.path()))
+        })
+        .collect();
+    files.sort();
+    files.into_iter().map(|(_, p)| p).collect()
+}
+
+impl Bar {
+    /// Joins a bar of the same minute from another partition: trades win
+    /// over mid prices; between two of a kind, open is the one of the
+    /// earlier first event, close of the later last event (the left one on
+    /// a tie), and the rest add up.
+    pub fn combine(&mut self, o: &Bar) {
+        match (self.is_mid(), o.is_mid()) {
+            (true, false) => *self = *o,
+            (false, true) => {}
+            _ => {
+                if o.first_ns < self.first_ns {
+                    self.open = o.open;
+                }
+                if o.last_ns > self.last_ns {
+                    self.close = o.close;
+                }
+                self.high = self.high.max(o.high);
+                self.low = self.low.min(o.low);
+                self.volume += o.volume;
+                self.notional += o.notional;
+                self.first_ns = self.first_ns.min(o.first_ns);
+                self.last_ns = self.last_ns.max(o.last_ns);
+                self.count += o.count;
+            }
+        }
+    }
+}
+
+/// Merges the bars of one instrument's partitions (each list in start
+/// order) into one list in start order, a minute present in several
+/// [`combined`](Bar::combine).
+pub fn merge_bars(lists: Vec<Vec<Bar>>) -> Vec<Bar> {
+    let mut lists = lists.into_iter().filter(|l| !l.is_empty());
+    let Some(first) = lists.next() else {
+        return Vec::new();
+    };
+    lists.fold(first, |acc, l| {
+        let mut out = Vec::with_capacity(acc.len().max(l.len()));
+        let (mut a, mut b) = (acc.into_iter().peekable(), l.into_iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.start_ns == y.start_ns => {
+                    let mut m = *x;
+                    m.combine(y);
+                    out.push(m);
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x.start_ns < y.start_ns => out.extend(a.next()),
+                (Some(_), Some(_)) | (None, Some(_)) => out.extend(b.next()),
+                (Some(_), None) => out.extend(a.next()),
+                (None, None) => return out,
+            }
+        }
+    })
 }
 
 /// One instrument's bar file.
@@ -720,6 +805,65 @@ mod tests {
     }
 
     #[test]
+    fn partitions_merge_by_minute_with_trades_over_mids() {
+        let m = 1_000 * MINUTE_NS;
+        let t = |start: u64, first: u64, last: u64, open: i64, close: i64| Bar {
+            start_ns: start,
+            open,
+            high: open.max(close),
+            low: open.min(close),
+            close,
+            volume: 10,
+            notional: 10 * open as i128,
+            first_ns: first,
+            last_ns: last,
+            count: 2,
+            flags: 0,
+        };
+        let mid = |start: u64| Bar {
+            flags: BAR_MID,
+            volume: 0,
+            notional: 0,
+            ..t(start, start, start + 1, 7, 7)
+        };
+        // Partition 0: trades of minutes 0 and 2; partition 1: quotes of 0, 1, 2;
+        // partition 2: more trades of minute 2, earlier and later.
+        let merged = merge_bars(vec![
+            vec![
+                t(m, m + 5, m + 9, 10, 11),
+                t(
+                    m + 2 * MINUTE_NS,
+                    m + 2 * MINUTE_NS + 5,
+                    m + 2 * MINUTE_NS + 6,
+                    20,
+                    21,
+                ),
+            ],
+            vec![mid(m), mid(m + MINUTE_NS), mid(m + 2 * MINUTE_NS)],
+            vec![t(
+                m + 2 * MINUTE_NS,
+                m + 2 * MINUTE_NS + 1,
+                m + 2 * MINUTE_NS + 9,
+                30,
+                31,
+            )],
+        ]);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(
+            (merged[0].open, merged[0].is_mid()),
+            (10, false),
+            "trades win"
+        );
+        assert!(merged[1].is_mid(), "a minute with quotes only");
+        let b = merged[2];
+        assert_eq!(
+            (b.open, b.close, b.high, b.low, b.volume, b.count),
+            (30, 31, 31, 20, 20, 4)
+        );
+        assert_eq!(merge_bars(Vec::new()), Vec::new());
+    }
+
+    #[test]
     fn intervals_align_to_utc() {
         let t = 1_700_000_123_456_789_000u64;
         assert_eq!(Interval::D1.bucket(t) % (86_400 * 1_000_000_000), 0);
@@ -786,7 +930,7 @@ mod tests {
     #[test]
     fn the_store_appends_replaces_the_last_and_keeps_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = bar_path(dir.path(), "a/b", 3);
+        let path = bar_path(dir.path(), "a/b", 3, 0);
         let mut f = BarFile::create(&path, 3).expect("create");
         let bar = |m: u64, px: i64| Bar::first(m * MINUTE_NS, px, 1, 0);
         assert_eq!(f.put(&bar(1, 1)).expect("put"), Put::Appended);
