@@ -196,15 +196,8 @@ fn run_on(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let engine = std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(&broker));
     let cancel = tokio_util::sync::CancellationToken::new();
-    let edge = rt
-        .block_on(tickwire_api::Edge::start(
-            cfg.edge.clone(),
-            engine,
-            cancel.clone(),
-        ))
-        .map_err(|e| format!("edge: {e}"))?;
+    let edge = crate::tw::start_edge(&rt, cfg, &broker, &cancel)?;
     let all = [
         Case {
             name: "history_1m_day",
@@ -454,17 +447,8 @@ pub fn cache_latest(
         .build()
         .map_err(|e| e.to_string())?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let start = |cfg: &tickwire_broker::config::Config,
-                 broker: &tickwire_broker::engine::Broker| {
-        rt.block_on(tickwire_api::Edge::start(
-            cfg.edge.clone(),
-            std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(broker)),
-            cancel.clone(),
-        ))
-        .map_err(|e| format!("edge: {e}"))
-    };
-    let ea = start(&cfg_a, &a)?;
-    let eb = start(&cfg_b, &b_node)?;
+    let ea = crate::tw::start_edge(&rt, &cfg_a, &a, &cancel)?;
+    let eb = crate::tw::start_edge(&rt, &cfg_b, &b_node, &cancel)?;
     crate::pin(b.client_core);
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -400,14 +400,7 @@ impl TwServer {
             .build()
             .map_err(|e| e.to_string())?;
         let cancel = tokio_util::sync::CancellationToken::new();
-        let engine = Arc::new(tickwire_broker::edge::BrokerEngine::new(&broker));
-        let edge = rt
-            .block_on(tickwire_api::Edge::start(
-                cfg.edge.clone(),
-                engine,
-                cancel.clone(),
-            ))
-            .map_err(|e| format!("edge: {e}"))?;
+        let edge = crate::tw::start_edge(&rt, &cfg, &broker, &cancel)?;
         Ok(TwServer {
             grpc: edge.grpc_addr,
             http: edge.http_addr,

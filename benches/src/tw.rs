@@ -184,6 +184,24 @@ pub fn shared_core_config(
 ///
 /// # Errors
 /// No such topic; a full symbology table.
+/// Starts the edge of `broker` (with `cfg.edge`) on `rt`.
+///
+/// # Errors
+/// The edge's start error.
+pub fn start_edge(
+    rt: &tokio::runtime::Runtime,
+    cfg: &tickwire_broker::config::Config,
+    broker: &tickwire_broker::engine::Broker,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<tickwire_api::Edge, String> {
+    rt.block_on(tickwire_api::Edge::start(
+        cfg.edge.clone(),
+        std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(broker)),
+        cancel.clone(),
+    ))
+    .map_err(|e| format!("edge: {e}"))
+}
+
 pub fn bench_route(
     ingest: &mut tickwire_broker::engine::Ingest,
     topic: &str,

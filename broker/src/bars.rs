@@ -235,28 +235,15 @@ impl Run {
 
     /// Finds the journal's partition directories (`<topic>.<n>`).
     fn scan(&mut self) {
-        let root = &self.settings.journal_root;
-        let Ok(rd) = std::fs::read_dir(root) else {
-            return;
-        };
         let mut seen = Vec::new();
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some((topic, part)) = name.rsplit_once('.') else {
-                continue;
-            };
-            let Ok(partition) = part.parse::<u32>() else {
-                continue;
-            };
-            if topic.is_empty() || !e.path().is_dir() {
-                continue;
-            }
-            let path = e.path();
+        for (topic, partition, path) in
+            tickwire_proto::journal::partition_dirs(&self.settings.journal_root)
+        {
             seen.push(path.clone());
             if self.parts.contains_key(&path) {
                 continue;
             }
+            let name = format!("{topic}.{partition}");
             let state_path = self.dir.join(format!("{name}.state"));
             let inode = inode_of(&path);
             let saved = State::load(&state_path);

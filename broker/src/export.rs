@@ -85,18 +85,15 @@ pub fn export(s: &ExportSpec) -> Result<Exported, String> {
 
 /// The partitions of `topic` that have a journal: (partition, directory).
 fn partitions(root: &Path, topic: &str) -> Result<Vec<(u32, PathBuf)>, String> {
-    let prefix = format!("{}.", topic.replace('/', "~"));
-    let rd = std::fs::read_dir(root)
-        .map_err(|e| format!("the journal {} cannot be read: {e}", root.display()))?;
-    let mut parts: Vec<(u32, PathBuf)> = rd
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            let p = name.to_str()?.strip_prefix(&prefix)?.parse::<u32>().ok()?;
-            Some((p, e.path()))
-        })
+    if !root.is_dir() {
+        return Err(format!("the journal {} cannot be read", root.display()));
+    }
+    let enc = topic.replace('/', "~");
+    let parts: Vec<(u32, PathBuf)> = tickwire_proto::journal::partition_dirs(root)
+        .into_iter()
+        .filter(|(t, _, _)| *t == enc)
+        .map(|(_, p, path)| (p, path))
         .collect();
-    parts.sort();
     if parts.is_empty() {
         return Err(format!(
             "topic {topic:?} has no journal in {} (is it the node's journal directory, and the topic's name right?)",

@@ -303,18 +303,12 @@ impl Journal {
             );
             return;
         }
-        let root = &self.settings.root;
-        let prefix = format!("{}.", topic.replace('/', "~"));
-        if let Ok(rd) = std::fs::read_dir(root) {
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let Some(name) = name.to_str() else { continue };
-                if let Some(rest) = name.strip_prefix(&prefix)
-                    && rest.parse::<u32>().is_ok()
-                    && let Err(err) = std::fs::remove_dir_all(e.path())
-                {
-                    tracing::warn!(dir = %e.path().display(), error = %err, "a deleted topic's journal could not be removed");
-                }
+        let enc = topic.replace('/', "~");
+        for (t, _, path) in tickwire_proto::journal::partition_dirs(&self.settings.root) {
+            if t == enc
+                && let Err(err) = std::fs::remove_dir_all(&path)
+            {
+                tracing::warn!(dir = %path.display(), error = %err, "a deleted topic's journal could not be removed");
             }
         }
     }

@@ -217,7 +217,9 @@ async fn keys_and_ttls_in_redis_a_remote_symbol_and_an_outage() {
     ] {
         let (v, ttl) = get(&mut c, &key).expect("key");
         assert!(
-            ttl > most * 8 / 10 - 2_000 && ttl <= most,
+            // Rewritten once half gone (each 100 ms interval looks): a live
+            // key never has less than half its TTL left, nor more than all.
+            ttl > most / 2 - 1_000 && ttl <= most,
             "{key}: TTL {ttl} of {most}"
         );
         assert!(!v.is_null(), "{key}");
@@ -332,7 +334,7 @@ async fn the_same_keys_and_ttls_in_process() {
         let (v, left) = cache.get_local(&key).unwrap_or_else(|| panic!("{key}"));
         assert!(
             left <= Duration::from_secs(ttl)
-                && left > Duration::from_secs(ttl) * 8 / 10 - Duration::from_secs(2),
+                && left > Duration::from_secs(ttl) / 2 - Duration::from_secs(1),
             "{key}: {left:?}"
         );
         let v: serde_json::Value = serde_json::from_str(&v).expect("json");

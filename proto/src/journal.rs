@@ -59,6 +59,26 @@ pub fn partition_dir(root: &Path, topic: &str, partition: u32) -> PathBuf {
     root.join(format!("{}.{partition}", topic.replace('/', "~")))
 }
 
+/// The partition directories under a journal root: (topic as the
+/// directory names it, `/` as `~`; partition; path), in name order. Other
+/// entries (the lock, journals moved aside, the bar store) are left out.
+pub fn partition_dirs(root: &Path) -> Vec<(String, u32, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u32, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let (topic, part) = name.to_str()?.rsplit_once('.')?;
+            let part = part.parse::<u32>().ok()?;
+            (!topic.is_empty() && e.path().is_dir()).then(|| (topic.to_string(), part, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// A segment's file name.
 pub fn segment_name(first: u64) -> String {
     format!("{first:020}.seg")
