@@ -581,6 +581,36 @@ mod tests {
     }
 
     #[test]
+    fn partition_dirs_are_the_topic_partition_directories_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in [
+            "md~eq.0",
+            "md~eq.1",
+            "md~eq.0.replaced-1700000000",
+            "bars",
+            "other.7",
+            "x.y",
+        ] {
+            std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+        }
+        std::fs::write(dir.path().join(".lock"), b"").expect("lock");
+        std::fs::write(dir.path().join("file.3"), b"").expect("file");
+        let got: Vec<(String, u32)> = partition_dirs(dir.path())
+            .into_iter()
+            .map(|(t, p, _)| (t, p))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("md~eq".into(), 0),
+                ("md~eq".into(), 1),
+                ("other".into(), 7)
+            ]
+        );
+        assert!(partition_dirs(&dir.path().join("none")).is_empty());
+    }
+
+    #[test]
     fn the_crc_instruction_and_the_portable_crc_agree() {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for _ in 0..10_000 {
