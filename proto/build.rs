@@ -63,6 +63,17 @@ fn raw_stream_server() {
         )
         .method(
             Method::builder()
+                .name("consume_market_data")
+                .route_name("ConsumeMarketData")
+                .input_type("crate::pb::ConsumeRequest")
+                .output_type("crate::grpc::Encoded")
+                .codec_path("crate::grpc::EncodedCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .method(
+            Method::builder()
                 .name("manage_subscription")
                 .route_name("ManageSubscription")
                 .input_type("crate::pb::SubscriptionRequest")

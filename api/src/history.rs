@@ -243,6 +243,7 @@ fn read_range(
                     send_time_ns: now,
                     snapshot: false,
                     conflated: false,
+                    redeliveries: 0,
                 };
                 elem.clear();
                 encode_tick(&mut elem, &meta, t.body, inst);

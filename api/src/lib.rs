@@ -21,6 +21,7 @@ pub mod bars;
 pub mod cache;
 pub mod dispatch;
 pub mod error;
+pub mod group;
 pub mod history;
 pub mod rest;
 pub mod spec;
@@ -339,6 +340,8 @@ pub struct EdgeState {
     pub default_topic: String,
     /// Named subscriptions.
     pub subscriptions: admin::Subscriptions,
+    /// Subscription groups running on this node.
+    pub groups: group::Groups,
     /// gRPC stream permits.
     pub streams: Arc<Semaphore>,
     /// WebSocket connection permits.
@@ -402,6 +405,7 @@ impl EdgeState {
             hub,
             auth,
             subscriptions: admin::Subscriptions::default(),
+            groups: group::Groups::default(),
             rates: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
             cancel,
@@ -648,6 +652,9 @@ impl Edge {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Groups write their cursors as they stop: before the store closes.
+        let state = self.state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.groups.join()).await;
         self.store.close().await;
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || state.hub.join()).await;

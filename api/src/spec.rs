@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use tickwire_proto::frame::{Kind, price_from_f64};
+use tickwire_proto::frame::{ArchivedFrameBody, Kind, UNDEF_PRICE, price_from_f64};
 use tickwire_proto::pb;
 
 use crate::error::ApiError;
+pub use crate::group::GroupType;
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +80,27 @@ pub struct SubscriptionSpec {
     pub policy: Policy,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// A subscription group's options (`None`: a plain live stream).
+    pub group: Option<GroupOpts>,
+}
+
+/// How a consumer takes part in a subscription group.
+#[derive(Debug, Clone)]
+pub struct GroupOpts {
+    /// Type.
+    pub kind: GroupType,
+    /// At least once: events are done when acknowledged.
+    pub acked: bool,
+    /// Consumer name.
+    pub consumer: String,
+    /// Failover priority (lower first).
+    pub priority: i32,
+    /// Most unacknowledged events it holds.
+    pub window: u32,
+    /// Redelivery (Shared) or removal (others) after this.
+    pub ack_timeout: Duration,
+    /// Dead-letter after this many deliveries (0: never).
+    pub max_redeliveries: u32,
 }
 
 fn finite_price(field: &str, v: Option<f64>) -> Result<Option<i64>, ApiError> {
@@ -212,35 +234,83 @@ impl SubscriptionSpec {
                 ));
             }
         };
-        match pb::SubscriptionType::try_from(r.subscription_type) {
-            Ok(pb::SubscriptionType::Exclusive) => {}
-            Ok(t) => {
-                return Err(ApiError::Unimplemented(format!(
-                    "subscription_type {}: subscription groups come in a later release; this build serves EXCLUSIVE streams",
-                    t.as_str_name()
-                )));
-            }
+        let kind = match pb::SubscriptionType::try_from(r.subscription_type) {
+            Ok(pb::SubscriptionType::Exclusive) => GroupType::Exclusive,
+            Ok(pb::SubscriptionType::Failover) => GroupType::Failover,
+            Ok(pb::SubscriptionType::Shared) => GroupType::Shared,
+            Ok(pb::SubscriptionType::KeyShared) => GroupType::KeyShared,
             Err(_) => {
                 return Err(ApiError::invalid(
                     "subscription_type",
                     format!("{} is not a subscription type", r.subscription_type),
                 ));
             }
-        }
-        match pb::DeliveryMode::try_from(r.delivery_mode) {
-            Ok(pb::DeliveryMode::AtMostOnce) => {}
-            Ok(m) => {
-                return Err(ApiError::Unimplemented(format!(
-                    "delivery_mode {}: acknowledgements come with subscription groups in a later release; this build delivers AT_MOST_ONCE with exact gap notices",
-                    m.as_str_name()
-                )));
-            }
+        };
+        let acked = match pb::DeliveryMode::try_from(r.delivery_mode) {
+            Ok(pb::DeliveryMode::AtMostOnce) => false,
+            Ok(pb::DeliveryMode::AtLeastOnce | pb::DeliveryMode::ExactlyOnce) => true,
             Err(_) => {
                 return Err(ApiError::invalid(
                     "delivery_mode",
                     format!("{} is not a delivery mode", r.delivery_mode),
                 ));
             }
+        };
+        let group = if kind == GroupType::Exclusive && !acked {
+            None
+        } else {
+            if r.subscription_name.is_empty() {
+                return Err(ApiError::invalid(
+                    "subscription_name",
+                    "a subscription group (a type other than EXCLUSIVE, or AT_LEAST_ONCE) needs a name its consumers share",
+                ));
+            }
+            if r.snapshot {
+                return Err(ApiError::invalid(
+                    "snapshot",
+                    "a subscription group has no initial image: each event goes to one consumer",
+                ));
+            }
+            if r.consumer_name.len() > 100 {
+                return Err(ApiError::invalid("consumer_name", "longer than 100 bytes"));
+            }
+            if r.receiver_queue_size > 1_000_000 {
+                return Err(ApiError::invalid(
+                    "receiver_queue_size",
+                    format!("{} is above the 1,000,000 maximum", r.receiver_queue_size),
+                ));
+            }
+            Some(GroupOpts {
+                kind,
+                acked,
+                consumer: if r.consumer_name.is_empty() {
+                    format!("consumer-{}", uuid::Uuid::new_v4().simple())
+                } else {
+                    r.consumer_name.clone()
+                },
+                priority: r.priority_level,
+                window: match r.receiver_queue_size {
+                    0 => 1000,
+                    n => n,
+                },
+                ack_timeout: match r.ack_timeout_ms {
+                    0 => Duration::from_secs(30),
+                    ms if ms < 100 => {
+                        return Err(ApiError::invalid(
+                            "ack_timeout_ms",
+                            format!("{ms} ms is below the 100 ms minimum"),
+                        ));
+                    }
+                    ms => Duration::from_millis(ms as u64),
+                },
+                max_redeliveries: r.max_redeliveries,
+            })
+        };
+        if r.consumer_name.len() + r.priority_level.unsigned_abs() as usize > 0 && group.is_none() {
+            return Err(ApiError::invalid(
+                if r.consumer_name.is_empty() { "priority_level" } else { "consumer_name" },
+                "only for subscription groups (a type other than EXCLUSIVE, or AT_LEAST_ONCE)",
+            ));
         }
         let heartbeat = match r.heartbeat_interval_ms {
             0 => Duration::from_secs(1),
@@ -272,7 +342,45 @@ impl SubscriptionSpec {
             snapshot: r.snapshot,
             policy,
             heartbeat,
+            group,
         })
+    }
+
+    #[inline]
+    /// Whether an event passes the data-type, price and volume filters
+    /// (the instrument is checked by [`wants_instrument`](Self::wants_instrument)).
+    pub fn passes(&self, b: &ArchivedFrameBody) -> bool {
+        let s = self;
+        if s.kinds & (1 << b.kind().map_or(0, Kind::code)) == 0 {
+            return false;
+        }
+        if s.min_price.is_some() || s.max_price.is_some() {
+            let px = match b.kind() {
+                Some(Kind::Quote) => match (b.px_a(), b.px_b()) {
+                    (UNDEF_PRICE, UNDEF_PRICE) => return false,
+                    (UNDEF_PRICE, a) => a,
+                    (bid, UNDEF_PRICE) => bid,
+                    (bid, ask) => ((bid as i128 + ask as i128) / 2) as i64,
+                },
+                _ => b.px_a(),
+            };
+            if px == UNDEF_PRICE
+                || s.min_price.is_some_and(|lo| px < lo)
+                || s.max_price.is_some_and(|hi| px > hi)
+            {
+                return false;
+            }
+        }
+        if let Some(v) = s.min_volume {
+            let vol = match b.kind() {
+                Some(Kind::Quote) => b.size_a().max(b.size_b()),
+                _ => b.size_a(),
+            };
+            if (vol as u64) < v {
+                return false;
+            }
+        }
+        true
     }
 
     /// Whether an instrument (by its names) is one this subscription wants.
@@ -325,8 +433,29 @@ mod tests {
             ..Default::default()
         })
         .expect("refused");
-        assert_eq!(f, None);
-        assert!(msg.contains("SUBSCRIPTION_TYPE_KEY_SHARED"), "{msg}");
+        assert_eq!(f.as_deref(), Some("subscription_name"), "{msg}");
+        let (f, _) = bad(pb::StreamRequest {
+            subscription_type: pb::SubscriptionType::Shared as i32,
+            subscription_name: "g".into(),
+            ack_timeout_ms: 5,
+            ..Default::default()
+        })
+        .expect("refused");
+        assert_eq!(f.as_deref(), Some("ack_timeout_ms"));
+        let g = SubscriptionSpec::from_request(
+            &pb::StreamRequest {
+                subscription_type: pb::SubscriptionType::KeyShared as i32,
+                delivery_mode: pb::DeliveryMode::AtLeastOnce as i32,
+                subscription_name: "g".into(),
+                ..Default::default()
+            },
+            "t",
+            &limits(),
+        )
+        .expect("a group")
+        .group
+        .expect("group options");
+        assert_eq!((g.kind, g.acked, g.window), (GroupType::KeyShared, true, 1000));
         let ok = SubscriptionSpec::from_request(&pb::StreamRequest::default(), "t", &limits())
             .expect("defaults are valid");
         assert_eq!(ok.topic, "t");

@@ -91,6 +91,29 @@ pub struct TopicRow {
     pub capacity: Option<i64>,
 }
 
+/// An event a subscription group gave up on (`dead_letters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRow {
+    /// `<topic>/<subscription>`.
+    pub subscription_id: String,
+    /// Topic.
+    pub topic_name: String,
+    /// Partition.
+    pub partition: u32,
+    /// Sequence.
+    pub sequence: u64,
+    /// `<partition>:<epoch>:<sequence>`.
+    pub message_id: String,
+    /// Times it was sent.
+    pub deliveries: u32,
+    /// Why it was given up on.
+    pub reason: String,
+    /// The event as the WebSocket API's JSON message.
+    pub event: String,
+    /// When, RFC 3339.
+    pub created_at: String,
+}
+
 /// A `subscriptions` row. `filters` is the JSON of everything a stream
 /// needs to resume it (symbols, data types, the filter criteria, policy,
 /// delivery mode).
@@ -452,6 +475,139 @@ impl Store {
             .bind(subscription_id);
         let r = self.execute(q).await?;
         Ok(r > 0)
+    }
+
+    /// A subscription group's acknowledged cursors: (partition, first
+    /// sequence not yet done).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn cursors(&self, subscription_id: &str) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.fetch(
+            sqlx::query(
+                "SELECT partition_id, next_sequence FROM subscription_cursors \
+                 WHERE subscription_id = $1 ORDER BY partition_id",
+            )
+            .bind(subscription_id),
+            |r| {
+                let p: i64 = r.try_get(0)?;
+                let n: i64 = r.try_get(1)?;
+                Ok((p as u32, n.max(0) as u64))
+            },
+        )
+        .await
+    }
+
+    /// Writes a subscription group's cursors (one transaction).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn save_cursors(
+        &self,
+        subscription_id: &str,
+        cursors: &[(u32, u64)],
+    ) -> Result<(), StoreError> {
+        let now = rfc3339(realtime_ns());
+        let mut tx = self.pool.begin().await.map_err(|e| self.query_err(e))?;
+        for &(p, next) in cursors {
+            sqlx::query(
+                "INSERT INTO subscription_cursors (subscription_id, partition_id, next_sequence, updated_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (subscription_id, partition_id) \
+                 DO UPDATE SET next_sequence = excluded.next_sequence, updated_at = excluded.updated_at",
+            )
+            .bind(subscription_id)
+            .bind(i64::from(p))
+            .bind(next as i64)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.query_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.query_err(e))
+    }
+
+    /// Forgets a subscription group's cursors and dead letters (the
+    /// subscription was deleted).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn delete_cursors(&self, subscription_id: &str) -> Result<(), StoreError> {
+        self.execute(
+            sqlx::query("DELETE FROM subscription_cursors WHERE subscription_id = $1")
+                .bind(subscription_id),
+        )
+        .await?;
+        self.execute(
+            sqlx::query("DELETE FROM dead_letters WHERE subscription_id = $1").bind(subscription_id),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Records events a subscription group gave up on.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.query_err(e))?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO dead_letters (id, subscription_id, topic_name, partition_id, sequence_number, \
+                 message_id, deliveries, reason, event, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(&r.subscription_id)
+            .bind(&r.topic_name)
+            .bind(i64::from(r.partition))
+            .bind(r.sequence as i64)
+            .bind(&r.message_id)
+            .bind(i64::from(r.deliveries))
+            .bind(&r.reason)
+            .bind(&r.event)
+            .bind(&r.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.query_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.query_err(e))
+    }
+
+    /// A subscription's dead letters, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`].
+    pub async fn dead_letters(
+        &self,
+        subscription_id: &str,
+        limit: u32,
+    ) -> Result<Vec<DeadLetterRow>, StoreError> {
+        self.fetch(
+            sqlx::query(
+                "SELECT subscription_id, topic_name, partition_id, sequence_number, message_id, \
+                 deliveries, reason, event, created_at FROM dead_letters \
+                 WHERE subscription_id = $1 ORDER BY created_at, partition_id, sequence_number LIMIT $2",
+            )
+            .bind(subscription_id)
+            .bind(i64::from(limit)),
+            |r| {
+                let p: i64 = r.try_get(2)?;
+                let q: i64 = r.try_get(3)?;
+                let d: i64 = r.try_get(5)?;
+                Ok(DeadLetterRow {
+                    subscription_id: r.try_get(0)?,
+                    topic_name: r.try_get(1)?,
+                    partition: p as u32,
+                    sequence: q as u64,
+                    message_id: r.try_get(4)?,
+                    deliveries: d as u32,
+                    reason: r.try_get(6)?,
+                    event: r.try_get(7)?,
+                    created_at: r.try_get(8)?,
+                })
+            },
+        )
+        .await
     }
 
     /// Every subscription, oldest first.

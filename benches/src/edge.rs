@@ -578,6 +578,7 @@ impl PlainServer {
                 send_time_ns: 0,
                 snapshot: false,
                 conflated: false,
+                redeliveries: 0,
             };
             if i > 0 {
                 elements.push(',');

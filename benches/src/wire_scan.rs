@@ -201,6 +201,7 @@ mod tests {
             send_time_ns: 1_795_786_108_200_000_000 + seq,
             snapshot: false,
             conflated: false,
+            redeliveries: 0,
         }
     }
 

@@ -269,6 +269,8 @@ pub struct TickMeta<'a> {
     pub snapshot: bool,
     /// Sent in place of earlier updates that were skipped (CONFLATE).
     pub conflated: bool,
+    /// Times a subscription group sent it before (at-least-once).
+    pub redeliveries: u32,
 }
 
 /// Appends one `MarketDataBatch.messages` element (key, length and a
@@ -344,6 +346,7 @@ pub fn encode_tick(
             uint(buf, 9, b.source_id() as u64);
             uint(buf, 10, b.source_seq());
             boolean(buf, 11, m.conflated);
+            uint(buf, 12, m.redeliveries as u64);
         });
     });
 }
@@ -510,6 +513,7 @@ mod tests {
                 send_time_ns: 7,
                 snapshot: i == 0,
                 conflated: false,
+                redeliveries: 0,
             };
             one.clear();
             encode_tick(&mut one, &meta, b, None);
@@ -577,6 +581,7 @@ mod tests {
             send_time_ns: u64::MAX,
             snapshot: true,
             conflated: true,
+            redeliveries: 0,
         };
         let mut batch = BatchBuf::new();
         let mut one = Vec::new();
@@ -620,6 +625,7 @@ mod tests {
                     send_time_ns: 0,
                     snapshot: false,
                     conflated: false,
+                    redeliveries: 0,
                 };
                 let mut one = Vec::new();
                 encode_tick(&mut one, &meta, ArchivedFrameBody::from_words(&words), None);

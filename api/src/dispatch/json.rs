@@ -148,6 +148,10 @@ pub fn encode_tick(
     } else {
         r#","conflated":false"#
     });
+    if m.redeliveries > 0 {
+        buf.push_str(r#","redelivery_count":"#);
+        number(buf, m.redeliveries as u64);
+    }
     buf.push_str(r#","source_id":"#);
     number(buf, b.source_id());
     buf.push_str(r#","source_seq":"#);
@@ -198,6 +202,7 @@ mod tests {
             send_time_ns: 5,
             snapshot: false,
             conflated: true,
+            redeliveries: 0,
         };
         let mut el = String::new();
         encode_tick(&mut el, &meta, b, None);
@@ -239,6 +244,7 @@ mod tests {
             send_time_ns: 1_795_786_108_200_000_000,
             snapshot: true,
             conflated: false,
+            redeliveries: 0,
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let mut sym =

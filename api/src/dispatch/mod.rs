@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use shm_client::{Event, Start, Subscriber, Tick, WaitStrategy};
-use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS, Kind, UNDEF_PRICE};
+use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS};
 use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::grpc::{BatchBuf, InstrumentFields, TickMeta, encode_tick, notice};
 use tickwire_proto::pb;
@@ -549,37 +549,7 @@ impl LiveSub {
 impl LiveSub {
     #[inline]
     fn passes(&self, b: &ArchivedFrameBody) -> bool {
-        let s = &self.spec;
-        if s.kinds & (1 << b.kind().map_or(0, Kind::code)) == 0 {
-            return false;
-        }
-        if s.min_price.is_some() || s.max_price.is_some() {
-            let px = match b.kind() {
-                Some(Kind::Quote) => match (b.px_a(), b.px_b()) {
-                    (UNDEF_PRICE, UNDEF_PRICE) => return false,
-                    (UNDEF_PRICE, a) => a,
-                    (bid, UNDEF_PRICE) => bid,
-                    (bid, ask) => ((bid as i128 + ask as i128) / 2) as i64,
-                },
-                _ => b.px_a(),
-            };
-            if px == UNDEF_PRICE
-                || s.min_price.is_some_and(|lo| px < lo)
-                || s.max_price.is_some_and(|hi| px > hi)
-            {
-                return false;
-            }
-        }
-        if let Some(v) = s.min_volume {
-            let vol = match b.kind() {
-                Some(Kind::Quote) => b.size_a().max(b.size_b()),
-                _ => b.size_a(),
-            };
-            if (vol as u64) < v {
-                return false;
-            }
-        }
-        true
+        self.spec.passes(b)
     }
 
     fn note(&mut self, partition: u32, seq: u64, ingest: u64) {
@@ -907,6 +877,7 @@ impl State {
             send_time_ns: self.now_ns,
             snapshot: false,
             conflated: false,
+            redeliveries: 0,
         };
         let inst = wires_of(&mut self.wires, id, t.instrument());
         let (mut pb_done, mut json_done) = (false, false);
@@ -1020,6 +991,7 @@ impl State {
                         send_time_ns: now,
                         snapshot: false,
                         conflated: true,
+                        redeliveries: 0,
                     };
                     push_event(
                         s,
@@ -1175,6 +1147,7 @@ impl State {
                     send_time_ns: now,
                     snapshot: true,
                     conflated: false,
+                    redeliveries: 0,
                 };
                 push_event(
                     &mut s,
@@ -1289,6 +1262,7 @@ impl State {
                                 send_time_ns: now,
                                 snapshot: false,
                                 conflated: false,
+                                redeliveries: 0,
                             };
                             let inst = wires_of(wires, t.body.instrument_id(), t.instrument());
                             push_event(s, &meta, t.body, inst, pb, js);
@@ -1370,14 +1344,14 @@ impl State {
 }
 
 /// An instrument's strings in both wire formats.
-struct Wires {
-    pb: InstrumentFields,
-    json: json::JsonInstrument,
+pub(crate) struct Wires {
+    pub(crate) pb: InstrumentFields,
+    pub(crate) json: json::JsonInstrument,
 }
 
 /// The instrument's wires from the cache, encoded from its symbology entry
 /// the first time (entries never change once written).
-fn wires_of<'a>(
+pub(crate) fn wires_of<'a>(
     cache: &'a mut Vec<Option<Box<Wires>>>,
     id: u32,
     entry: Option<&Entry>,

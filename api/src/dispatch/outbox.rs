@@ -71,6 +71,9 @@ pub enum Closed {
     Deleted,
     /// The edge is shutting down.
     Shutdown,
+    /// A subscription group removed this consumer (it did not acknowledge
+    /// in time, or its subscription was reset).
+    Removed(String),
 }
 
 impl Closed {
@@ -81,6 +84,7 @@ impl Closed {
             Closed::TopicGone(s) => s.clone(),
             Closed::Deleted => "subscription deleted".into(),
             Closed::Shutdown => "the broker is shutting down".into(),
+            Closed::Removed(s) => s.clone(),
         }
     }
 }
@@ -166,6 +170,20 @@ impl Outbox {
         drop(q);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// Queues a data frame past the limits: for a subscription group,
+    /// whose consumers' credit windows bound what is queued.
+    pub fn push(&self, f: Frame) {
+        let mut q = self.lock();
+        if q.closed.is_some() {
+            return;
+        }
+        q.events += f.events as usize;
+        q.bytes += f.bytes.len();
+        q.frames.push_back(f);
+        drop(q);
+        self.notify.notify_one();
     }
 
     /// Queues a notice (gap, slow consumer, snapshot end) past the limits:

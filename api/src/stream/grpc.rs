@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 
 use crate::EdgeState;
 use crate::auth::Right;
-use crate::dispatch::outbox::{Closed, Next};
+use crate::dispatch::TopicShared;
+use crate::dispatch::outbox::{Closed, Next, Outbox};
 use crate::dispatch::{SubscriptionHandle, Wire};
 use crate::error::ApiError;
 use crate::spec::SubscriptionSpec;
@@ -59,33 +60,49 @@ type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>
 /// idle; the end notice and a status when the dispatcher closes it.
 /// Dropping the stream (the client went away) unsubscribes.
 fn frames(sub: SubscriptionHandle, heartbeat: std::time::Duration) -> EncodedStream {
+    let (outbox, shared) = (sub.outbox.clone(), sub.shared.clone());
+    outbox_frames(outbox, Some(shared), sub, heartbeat)
+}
+
+/// The frames of an outbox as a response stream; `hold` (the
+/// subscription or group membership) lives as long as the stream, and
+/// `shared` counts what is sent.
+pub(crate) fn outbox_frames<H: Send + 'static>(
+    outbox: Arc<Outbox>,
+    shared: Option<Arc<TopicShared>>,
+    hold: H,
+    heartbeat: std::time::Duration,
+) -> EncodedStream {
     Box::pin(futures::stream::unfold(
-        (sub, false),
-        move |(sub, done)| async move {
+        (outbox, shared, hold, false),
+        move |(outbox, shared, hold, done)| async move {
             if done {
                 return None;
             }
-            match sub.outbox.next(heartbeat).await {
+            match outbox.next(heartbeat).await {
                 Next::Frame(f) => {
                     let bytes = if f.events > 0 {
-                        merge_queued(&sub, f.bytes.into_bytes())
+                        merge_queued(&outbox, f.bytes.into_bytes())
                     } else {
                         f.bytes.into_bytes()
                     };
-                    sub.shared.record_send(f.oldest_ingest_ns, bytes.len());
-                    Some((Ok(Encoded(bytes)), (sub, false)))
+                    if let Some(s) = &shared {
+                        s.record_send(f.oldest_ingest_ns, bytes.len());
+                    }
+                    Some((Ok(Encoded(bytes)), (outbox, shared, hold, false)))
                 }
                 Next::Idle => Some((
                     Ok(notice::heartbeat(tickwire_proto::futex::realtime_ns())),
-                    (sub, false),
+                    (outbox, shared, hold, false),
                 )),
                 Next::Closed(why) => {
                     let status = match &why {
                         Closed::SlowConsumer(_) => Status::resource_exhausted(why.reason()),
                         Closed::TopicGone(_) | Closed::Deleted => Status::not_found(why.reason()),
                         Closed::Shutdown => Status::unavailable(why.reason()),
+                        Closed::Removed(_) => Status::aborted(why.reason()),
                     };
-                    Some((Err(status), (sub, true)))
+                    Some((Err(status), (outbox, shared, hold, true)))
                 }
             }
         },
@@ -102,14 +119,14 @@ const MERGE_MAX: usize = 256 * 1024;
 /// back to back decode as one batch holding both, in order. A writer that
 /// keeps up finds nothing queued and sends `first` as it is; one that is
 /// behind sends fewer, larger messages.
-fn merge_queued(sub: &SubscriptionHandle, first: bytes::Bytes) -> bytes::Bytes {
-    let Some(next) = sub.outbox.pop_data(MERGE_MAX.saturating_sub(first.len())) else {
+fn merge_queued(outbox: &Outbox, first: bytes::Bytes) -> bytes::Bytes {
+    let Some(next) = outbox.pop_data(MERGE_MAX.saturating_sub(first.len())) else {
         return first;
     };
     let mut out = bytes::BytesMut::with_capacity(first.len() + next.bytes.len() * 2);
     out.extend_from_slice(&first);
     out.extend_from_slice(next.bytes.as_ref());
-    while let Some(f) = sub.outbox.pop_data(MERGE_MAX.saturating_sub(out.len())) {
+    while let Some(f) = outbox.pop_data(MERGE_MAX.saturating_sub(out.len())) {
         out.extend_from_slice(f.bytes.as_ref());
     }
     out.freeze()
@@ -142,6 +159,25 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
                     self.state.config.max_streams, self.state.config.max_streams
                 ))
             })?;
+        if let Some(g) = &spec.group {
+            if g.acked {
+                return Err(ApiError::invalid(
+                    "delivery_mode",
+                    "AT_LEAST_ONCE needs acknowledgements: use ConsumeMarketData (bidirectional) or a WebSocket",
+                )
+                .into());
+            }
+            let heartbeat = spec.heartbeat;
+            let member =
+                crate::group::join(&self.state, spec, Wire::Grpc, Arc::new(Notify::new())).await?;
+            let outbox = member.outbox.clone();
+            return Ok(Response::new(outbox_frames(
+                outbox,
+                None,
+                (member, permit),
+                heartbeat,
+            )));
+        }
         let heartbeat = spec.heartbeat;
         let name = spec.name.clone();
         let sub = self
@@ -213,6 +249,86 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
             Some((Ok(e), (rx, permit)))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ConsumeMarketDataStream = EncodedStream;
+
+    async fn consume_market_data(
+        &self,
+        request: Request<tonic::Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<EncodedStream>, Status> {
+        let key = self.state.auth.check_grpc(&request)?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before `subscribe`"))?;
+        let Some(pb::consume_request::Kind::Subscribe(r)) = first.kind else {
+            return Err(ApiError::invalid(
+                "subscribe",
+                "the first ConsumeRequest must be `subscribe`",
+            )
+            .into());
+        };
+        let spec =
+            SubscriptionSpec::from_request(&r, &self.state.default_topic, &self.state.limits)?;
+        if spec.group.is_none() {
+            return Err(ApiError::invalid(
+                "subscribe.delivery_mode",
+                "ConsumeMarketData serves subscription groups: set delivery_mode AT_LEAST_ONCE or a subscription_type other than EXCLUSIVE (StreamMarketData serves plain streams)",
+            )
+            .into());
+        }
+        self.state
+            .auth
+            .allow(key.as_deref(), &spec.topic, Right::Read)?;
+        let permit = self
+            .state
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Limit(format!(
+                    "{} streams are open; the limit is {}",
+                    self.state.config.max_streams, self.state.config.max_streams
+                ))
+            })?;
+        let heartbeat = spec.heartbeat;
+        let member =
+            Arc::new(crate::group::join(&self.state, spec, Wire::Grpc, Arc::new(Notify::new())).await?);
+        let outbox = member.outbox.clone();
+        // Acks arrive on the request stream; a bad one ends this stream
+        // (and only it) with INVALID_ARGUMENT naming the field.
+        let acker = member.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => return,
+                };
+                let r = match m.kind {
+                    Some(pb::consume_request::Kind::Ack(a)) => acker.ack(
+                        a.message_ids
+                            .iter()
+                            .map(|m| (m.partition, m.sequence))
+                            .collect(),
+                        a.cumulative,
+                    ),
+                    Some(pb::consume_request::Kind::Subscribe(_)) => Err(ApiError::invalid(
+                        "subscribe",
+                        "already subscribed: one subscription per ConsumeMarketData stream",
+                    )),
+                    None => Err(ApiError::invalid("kind", "an empty ConsumeRequest")),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "consumer request refused");
+                    acker.outbox.close(Closed::Removed(e.to_string()));
+                    return;
+                }
+            }
+        });
+        let hold = (member, permit, AbortOnDrop(reader));
+        Ok(Response::new(outbox_frames(outbox, None, hold, heartbeat)))
     }
 
     async fn manage_subscription(
@@ -397,5 +513,14 @@ mod tests {
             .map(|m| m.metadata.as_ref().map_or(0, |md| md.sequence))
             .collect();
         assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    }
+}
+
+/// Ends a task when the stream holding it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
