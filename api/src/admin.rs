@@ -8,6 +8,7 @@ use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::pb;
 
 use crate::EdgeState;
+use crate::group::Groups;
 use crate::dispatch::outbox::Closed;
 use crate::dispatch::{SubControl, SubscriptionHandle};
 use crate::error::ApiError;
@@ -442,6 +443,19 @@ impl Subscriptions {
                     last_activity: now,
                 })
                 .await?;
+            if r.delivery_mode != pb::DeliveryMode::AtMostOnce as i32
+                && r.start_position == pb::MessagePosition::Latest as i32
+            {
+                // Durable from now: what is published after this call waits
+                // for the first consumer, as in Pulsar.
+                let positions = shm_client::Subscriber::builder(r.topic.clone())
+                    .node_dir(state.engine.node_dir())
+                    .ring_only()
+                    .open()
+                    .map(|s| s.positions())
+                    .unwrap_or_default();
+                state.store()?.save_cursors(&id, &positions).await?;
+            }
             let mut all = self.lock();
             all.insert(
                 key.clone(),
@@ -494,8 +508,9 @@ impl Subscriptions {
             for s in &n.streams {
                 s.set_paused(paused);
             }
+            state.groups.set_paused(&key.0, &key.1, paused);
         }
-        let stats = self.stats(&key.0, &key.1)?;
+        let stats = self.stats(&state.groups, &key.0, &key.1)?;
         Ok(pb::SubscriptionResponse {
             subscription_id: stats.subscription_id.clone(),
             status: stats.status,
@@ -513,15 +528,23 @@ impl Subscriptions {
     /// [`ApiError::NotFound`].
     pub async fn delete(&self, state: &EdgeState, topic: &str, name: &str) -> Result<(), ApiError> {
         let key = (topic.to_string(), name.to_string());
-        let id = self
-            .lock()
-            .get(&key)
-            .map(|n| n.id.clone())
-            .ok_or_else(|| ApiError::NotFound {
+        let id = crate::group::subscription_id(topic, name);
+        let named = self.lock().contains_key(&key);
+        // A group its consumers started has no row, only cursors.
+        if !named
+            && state.groups.get(topic, name).is_none()
+            && state.store()?.cursors(&id).await?.is_empty()
+        {
+            return Err(ApiError::NotFound {
                 what: "subscription",
                 name: name.into(),
-            })?;
-        state.store()?.delete_subscription(&id).await?;
+            });
+        }
+        if named {
+            state.store()?.delete_subscription(&id).await?;
+        }
+        state.groups.close(topic, name, Closed::Deleted);
+        state.store()?.delete_cursors(&id).await?;
         let Some(n) = self.lock().remove(&key) else {
             // Deleted by a concurrent request meanwhile.
             return Ok(());
@@ -547,14 +570,30 @@ impl Subscriptions {
     ///
     /// # Errors
     /// [`ApiError::NotFound`].
-    pub fn stats(&self, topic: &str, name: &str) -> Result<pb::SubscriptionStats, ApiError> {
+    pub fn stats(
+        &self,
+        groups: &Groups,
+        topic: &str,
+        name: &str,
+    ) -> Result<pb::SubscriptionStats, ApiError> {
+        let group = groups.get(topic, name);
         let mut all = self.lock();
-        let n = all
-            .get_mut(&(topic.to_string(), name.to_string()))
-            .ok_or_else(|| ApiError::NotFound {
+        let Some(n) = all.get_mut(&(topic.to_string(), name.to_string())) else {
+            // A group its consumers started without ManageSubscription.
+            let g = group.ok_or_else(|| ApiError::NotFound {
                 what: "subscription",
                 name: name.into(),
             })?;
+            let mut s = pb::SubscriptionStats {
+                subscription_id: crate::group::subscription_id(topic, name),
+                topic: topic.into(),
+                subscription: name.into(),
+                created_at_ns: g.started_ns as i64,
+                ..Default::default()
+            };
+            group_stats(&mut s, &g);
+            return Ok(s);
+        };
         n.streams.retain(SubControl::alive);
         let mut s = pb::SubscriptionStats {
             subscription_id: n.id.clone(),
@@ -585,17 +624,78 @@ impl Subscriptions {
             s.rate_per_sec = s.delivered.saturating_sub(n.last_rate.1) as f64 / secs;
         }
         n.last_rate = (now, s.delivered);
-        let _ = &n.request;
+        match group {
+            Some(g) => group_stats(&mut s, &g),
+            None => {
+                s.subscription_type = type_name(n.request.r#type).into();
+                s.delivery_mode = pb::DeliveryMode::try_from(n.request.delivery_mode)
+                    .map_or("AT_MOST_ONCE", |m| {
+                        m.as_str_name().trim_start_matches("DELIVERY_MODE_")
+                    })
+                    .into();
+            }
+        }
         Ok(s)
     }
 
-    /// Every subscription's stats.
-    pub fn all(&self) -> Vec<pb::SubscriptionStats> {
-        let keys: Vec<(String, String)> = self.lock().keys().cloned().collect();
+    /// Every subscription's stats (those created through the API, and
+    /// groups their consumers started).
+    pub fn all(&self, groups: &Groups) -> Vec<pb::SubscriptionStats> {
+        let mut keys: Vec<(String, String)> = self.lock().keys().cloned().collect();
+        for g in groups.all() {
+            let k = (g.topic.clone(), g.name.clone());
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
         keys.into_iter()
-            .filter_map(|(t, n)| self.stats(&t, &n).ok())
+            .filter_map(|(t, n)| self.stats(groups, &t, &n).ok())
             .collect()
     }
+}
+
+/// Adds a running group's figures to a subscription's stats.
+fn group_stats(s: &mut pb::SubscriptionStats, g: &crate::group::GroupShared) {
+    let snap = g.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    s.subscription_type = g.kind.name().into();
+    s.delivery_mode = if g.acked { "AT_LEAST_ONCE" } else { "AT_MOST_ONCE" }.into();
+    s.connections += snap.members.len() as u32;
+    s.delivered += snap.counters.delivered;
+    s.gaps += u64::from(snap.lost > 0);
+    s.dropped += snap.lost;
+    s.unacked = snap.unacked as u64;
+    s.redelivered = snap.counters.redelivered;
+    s.acked = snap.counters.acked;
+    s.dead_lettered = snap.counters.dead_lettered;
+    s.backlog = snap.ready as u64;
+    s.lag += (snap.ready + snap.unacked) as u64;
+    if snap.paused {
+        s.status = pb::SubscriptionStatus::Paused as i32;
+    }
+    s.cursors = snap
+        .cursors
+        .iter()
+        .map(|&(p, next)| pb::MessageId {
+            partition: p,
+            epoch: 0,
+            sequence: next,
+        })
+        .collect();
+    s.consumers = snap
+        .members
+        .iter()
+        .map(|m| pb::ConsumerStats {
+            consumer_name: m.name.clone(),
+            priority_level: m.priority,
+            unacked: m.unacked,
+            receiver_queue_size: m.window,
+            hash_slots: m.slots,
+            active_partitions: m.partitions.clone(),
+            draining: m.draining,
+            delivered: m.delivered,
+            acked: m.acked,
+        })
+        .collect();
 }
 
 /// The rules that compile on their own: a stored rule whose topic is gone

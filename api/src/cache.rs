@@ -407,7 +407,7 @@ async fn values(state: &crate::EdgeState) -> Vec<(String, String, Duration)> {
             }
         }
     }
-    for s in state.subscriptions.all() {
+    for s in state.subscriptions.all(&state.groups) {
         out.push((
             format!("subscription:{}", s.subscription_id),
             crate::rest::sub_json(&s).to_string(),

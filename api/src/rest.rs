@@ -43,6 +43,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/subscriptions/{topic}/{name}"),
     ("post", "/api/v1/subscriptions/{topic}/{name}/pause"),
     ("post", "/api/v1/subscriptions/{topic}/{name}/resume"),
+    ("get", "/api/v1/subscriptions/{topic}/{name}/dead-letters"),
     ("get", "/api/v1/stats/distribution"),
     ("get", "/api/v1/stats/metrics"),
     ("get", "/api/v1/routing-rules"),
@@ -78,6 +79,10 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
             get(subscription_stats).delete(delete_subscription),
         )
         .route("/api/v1/subscriptions/{topic}/{name}/pause", post(pause))
+        .route(
+            "/api/v1/subscriptions/{topic}/{name}/dead-letters",
+            get(dead_letters),
+        )
         .route("/api/v1/subscriptions/{topic}/{name}/resume", post(resume))
         .route("/api/v1/stats/distribution", get(distribution))
         .route("/api/v1/stats/metrics", get(metrics_range))
@@ -697,6 +702,17 @@ pub(crate) fn sub_json(s: &pb::SubscriptionStats) -> serde_json::Value {
         "connections": s.connections,
         "last_activity": (s.last_activity_ns > 0).then(|| rfc3339(s.last_activity_ns as u64)),
         "created_at": rfc3339(s.created_at_ns as u64),
+        "subscription_type": (!s.subscription_type.is_empty()).then_some(&s.subscription_type),
+        "delivery_mode": (!s.delivery_mode.is_empty()).then_some(&s.delivery_mode),
+        "unacked": s.unacked, "acked": s.acked, "redelivered": s.redelivered, "dead_lettered": s.dead_lettered,
+        "backlog": s.backlog,
+        "cursors": s.cursors.iter().map(|c| serde_json::json!({"partition": c.partition, "next_sequence": c.sequence})).collect::<Vec<_>>(),
+        "consumers": s.consumers.iter().map(|c| serde_json::json!({
+            "consumer_name": c.consumer_name, "priority_level": c.priority_level,
+            "unacked": c.unacked, "receiver_queue_size": c.receiver_queue_size,
+            "hash_slots": c.hash_slots, "active_partitions": c.active_partitions,
+            "draining": c.draining, "delivered": c.delivered, "acked": c.acked,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -704,7 +720,7 @@ async fn list_subscriptions(State(state): S, headers: HeaderMap) -> Result<Respo
     let k = key(&state, &headers)?;
     let subs: Vec<_> = state
         .subscriptions
-        .all()
+        .all(&state.groups)
         .iter()
         .filter(|s| {
             state
@@ -845,7 +861,7 @@ async fn subscription_stats(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     state.auth.allow(k.as_deref(), &topic, Right::Read)?;
-    Ok(Json(sub_json(&state.subscriptions.stats(&topic, &name)?)).into_response())
+    Ok(Json(sub_json(&state.subscriptions.stats(&state.groups, &topic, &name)?)).into_response())
 }
 
 async fn delete_subscription(
@@ -886,6 +902,56 @@ async fn set_paused(
         )
         .await?;
     Ok(Json(sub_json(&r.stats.unwrap_or_default())).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DeadLetterQuery {
+    limit: Option<String>,
+}
+
+/// A subscription group's dead letters: events given up on after the most
+/// redeliveries it allows, with the reason, oldest first.
+async fn dead_letters(
+    State(state): S,
+    headers: HeaderMap,
+    Path((topic, name)): Path<(String, String)>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Read)?;
+    let limit = match q.limit.as_deref() {
+        None => 1000,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n @ 1..=10_000) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("{l:?}: a number from 1 to 10000"),
+                ));
+            }
+        },
+    };
+    let rows = state
+        .store()?
+        .dead_letters(&crate::group::subscription_id(&topic, &name), limit)
+        .await?;
+    let items: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "message_id": r.message_id, "partition": r.partition, "sequence": r.sequence,
+                "deliveries": r.deliveries, "reason": r.reason, "created_at": r.created_at,
+                "event": serde_json::from_str::<serde_json::Value>(&r.event).unwrap_or(serde_json::Value::Null),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "subscription_id": crate::group::subscription_id(&topic, &name),
+        "count": items.len(),
+        "dead_letters": items,
+    }))
+    .into_response())
 }
 
 async fn pause(

@@ -13,6 +13,7 @@
 
 pub mod bars;
 pub mod config;
+pub mod consume;
 pub mod edge;
 pub mod engine;
 #[cfg(feature = "history")]

@@ -39,6 +39,10 @@ enum Command {
     },
     /// Print a topic's events from shared memory.
     Tail(TailArgs),
+    /// Consume a subscription group over gRPC (Shared, Key_Shared,
+    /// Failover, Exclusive), one JSON line per event, acknowledging what
+    /// was printed.
+    Consume(ConsumeArgs),
     /// Write a time range of a topic's raw events (from the journal) or
     /// bars (1m, 5m, 1h, 1d) to a Parquet file.
     Export(ExportArgs),
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         Command::Serve { config, node_dir } => serve(config, node_dir),
         Command::Tail(args) => tail_cmd(args),
         Command::Export(args) => export_cmd(args),
+        Command::Consume(args) => consume_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -362,6 +367,55 @@ impl StatsWindow {
 }
 
 #[derive(clap::Args)]
+struct ConsumeArgs {
+    /// Topic; default: the node's default topic.
+    #[arg(long, default_value = "")]
+    topic: String,
+    /// Subscription name (the group).
+    #[arg(long)]
+    subscription: String,
+    /// exclusive, failover, shared or key_shared.
+    #[arg(long = "type", default_value = "shared")]
+    kind: String,
+    /// at-least-once, effectively-once (at-least-once, duplicates
+    /// dropped by message id and source sequence) or at-most-once.
+    #[arg(long, default_value = "at-least-once")]
+    mode: String,
+    /// The edge's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    connect: String,
+    /// API key (default: $TICKWIRE_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// This consumer's name (Failover order, Key_Shared hashing).
+    #[arg(long, default_value = "")]
+    consumer: String,
+    /// Failover priority: lower is preferred.
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// Most unacknowledged messages held.
+    #[arg(long, default_value_t = 1000)]
+    queue: u32,
+    /// Ack timeout, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    ack_timeout: Duration,
+    /// Dead-letter a message after this many redeliveries (0: never).
+    #[arg(long, default_value_t = 0)]
+    max_redeliveries: u32,
+    /// Where a new group starts: latest or earliest.
+    #[arg(long, default_value = "latest")]
+    start: String,
+    #[command(flatten)]
+    only: InstrumentArgs,
+    /// Never acknowledge (to see redelivery and timeouts at work).
+    #[arg(long)]
+    no_ack: bool,
+    /// Stop after N events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(clap::Args)]
 struct TailArgs {
     /// Topic, e.g. market-data/normalized/equities.
     topic: String,
@@ -484,6 +538,85 @@ fn export_cmd(a: ExportArgs) -> Result<(), AnyError> {
 #[cfg(not(feature = "history"))]
 fn export_cmd(_: ExportArgs) -> Result<(), AnyError> {
     Err("this tickwire was built without the history feature (Polars): rebuild with default features to export".into())
+}
+
+fn consume_cmd(a: ConsumeArgs) -> Result<(), AnyError> {
+    use tickwire_proto::pb;
+    let kind = match a.kind.as_str() {
+        "exclusive" => pb::SubscriptionType::Exclusive,
+        "failover" => pb::SubscriptionType::Failover,
+        "shared" => pb::SubscriptionType::Shared,
+        "key_shared" => pb::SubscriptionType::KeyShared,
+        other => {
+            return Err(format!(
+                "--type {other:?}: expected exclusive, failover, shared or key_shared"
+            )
+            .into());
+        }
+    };
+    let (mode, dedup) = match a.mode.as_str() {
+        "at-least-once" => (pb::DeliveryMode::AtLeastOnce, false),
+        "effectively-once" => (pb::DeliveryMode::ExactlyOnce, true),
+        "at-most-once" => (pb::DeliveryMode::AtMostOnce, false),
+        other => {
+            return Err(format!(
+                "--mode {other:?}: expected at-least-once, effectively-once or at-most-once"
+            )
+            .into());
+        }
+    };
+    let start = match a.start.as_str() {
+        "latest" => pb::MessagePosition::Latest,
+        "earliest" => pb::MessagePosition::Earliest,
+        other => return Err(format!("--start {other:?}: expected latest or earliest").into()),
+    };
+    let ack_timeout_ms = u32::try_from(a.ack_timeout.as_millis())
+        .map_err(|_| format!("--ack-timeout {:?}: too long", a.ack_timeout))?;
+    let spec = tickwire_broker::consume::ConsumeSpec {
+        connect: a.connect,
+        api_key: a
+            .api_key
+            .or_else(|| std::env::var("TICKWIRE_API_KEY").ok())
+            .filter(|k| !k.is_empty()),
+        request: pb::StreamRequest {
+            symbols: a.only.symbols,
+            subscription_name: a.subscription,
+            filters: Some(pb::FilterCriteria {
+                exchanges: a.only.exchanges,
+                currencies: a.only.currencies,
+                ..Default::default()
+            }),
+            topic: a.topic,
+            start_position: start as i32,
+            subscription_type: kind as i32,
+            delivery_mode: mode as i32,
+            consumer_name: a.consumer,
+            priority_level: a.priority,
+            receiver_queue_size: a.queue,
+            ack_timeout_ms,
+            max_redeliveries: a.max_redeliveries,
+            ..Default::default()
+        },
+        dedup,
+        ack: !a.no_ack && mode != pb::DeliveryMode::AtMostOnce,
+        cumulative: matches!(
+            kind,
+            pb::SubscriptionType::Exclusive | pb::SubscriptionType::Failover
+        ),
+        count: a.count.unwrap_or(0),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let sum = rt.block_on(tickwire_broker::consume::run(spec, &mut out))?;
+    let _ = out.flush();
+    let _ = writeln!(
+        std::io::stderr(),
+        "{}",
+        serde_json::json!({"events": sum.events, "redelivered": sum.redelivered, "duplicates": sum.duplicates, "gaps": sum.gaps})
+    );
+    Ok(())
 }
 
 fn tail_cmd(a: TailArgs) -> Result<(), AnyError> {

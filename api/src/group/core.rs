@@ -96,6 +96,8 @@ struct Member {
     name: String,
     priority: i32,
     window: u32,
+    /// Its ack timeout (0: the group's).
+    ack_timeout_ns: u64,
     unacked: u32,
     /// May be sent to in this round (its queue has room).
     open: bool,
@@ -268,6 +270,22 @@ impl<T: Copy> Core<T> {
     /// # Errors
     /// [`JoinError::Exclusive`] when Exclusive and taken.
     pub fn join(&mut self, id: u64, name: &str, priority: i32, window: u32) -> Result<(), JoinError> {
+        self.join_with_timeout(id, name, priority, window, 0)
+    }
+
+    /// [`join`](Self::join) with the member's own ack timeout (0: the
+    /// group's).
+    ///
+    /// # Errors
+    /// As `join`.
+    pub fn join_with_timeout(
+        &mut self,
+        id: u64,
+        name: &str,
+        priority: i32,
+        window: u32,
+        ack_timeout_ns: u64,
+    ) -> Result<(), JoinError> {
         if self.kind == GroupType::Exclusive
             && let Some(m) = self.members.first()
         {
@@ -278,6 +296,7 @@ impl<T: Copy> Core<T> {
             name: name.into(),
             priority,
             window: window.max(1),
+            ack_timeout_ns,
             unacked: 0,
             open: true,
             waiting: false,
@@ -599,10 +618,21 @@ impl<T: Copy> Core<T> {
     /// is removed (its id is appended to `removed`) and what it held is
     /// sent again in order.
     pub fn expire(&mut self, now_ns: u64, removed: &mut Vec<u64>, dead: &mut Vec<DeadLetter<T>>) {
-        if self.auto_ack || self.ack_timeout_ns == 0 {
+        if self.auto_ack {
             return;
         }
-        let late = |s: &Sent<T>| now_ns.saturating_sub(s.at_ns) >= self.ack_timeout_ns;
+        let timeouts: HashMap<u64, u64> = self
+            .members
+            .iter()
+            .map(|m| {
+                let t = if m.ack_timeout_ns > 0 { m.ack_timeout_ns } else { self.ack_timeout_ns };
+                (m.id, t)
+            })
+            .collect();
+        let late = |s: &Sent<T>| {
+            let t = timeouts.get(&s.member).copied().unwrap_or(self.ack_timeout_ns);
+            t > 0 && now_ns.saturating_sub(s.at_ns) >= t
+        };
         let mut overdue: Vec<(u32, u64, u64)> = Vec::new();
         for (&p, part) in &self.parts {
             for (&seq, s) in &part.unacked {
@@ -832,6 +862,7 @@ mod tests {
                     name: n.to_string(),
                     priority: 0,
                     window: 1,
+                    ack_timeout_ns: 0,
                     unacked: 0,
                     open: true,
                     waiting: false,

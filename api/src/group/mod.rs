@@ -95,6 +95,8 @@ pub struct GroupShared {
     pub snapshot: Mutex<GroupSnapshot>,
     /// The thread has ended.
     pub stopped: AtomicBool,
+    /// When it started, UTC ns.
+    pub started_ns: u64,
 }
 
 enum Ctl {
@@ -387,6 +389,7 @@ async fn start(
         acked: opts.acked,
         snapshot: Mutex::new(GroupSnapshot::default()),
         stopped: AtomicBool::new(false),
+        started_ns: realtime_ns(),
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let sym = Symbology::open(&node_dir).ok().map(Arc::new);
@@ -628,7 +631,13 @@ impl Group {
             } => {
                 let r = self
                     .core
-                    .join(id, &opts.consumer, opts.priority, opts.window)
+                    .join_with_timeout(
+                        id,
+                        &opts.consumer,
+                        opts.priority,
+                        opts.window,
+                        opts.ack_timeout.as_nanos() as u64,
+                    )
                     .map_err(|e| {
                         ApiError::Conflict(format!(
                             "subscription {}: {e}",

@@ -460,7 +460,7 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
     ) -> Result<Response<pb::SubscriptionStats>, Status> {
         let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Read)?;
         Ok(Response::new(
-            self.state.subscriptions.stats(&topic, &r.subscription)?,
+            self.state.subscriptions.stats(&self.state.groups, &topic, &r.subscription)?,
         ))
     }
 }

@@ -13,6 +13,14 @@
 //!   `{"time":"2026-12-02T14:30:00Z"}` (RFC 3339; the first event at or
 //!   after it, replayed from the journal).
 //! - `{"type":"unsubscribe","payload":{"subscription_id":"s1"}}`.
+//! - Subscription groups: `subscribe` with `subscription_name` and
+//!   `subscription_type` (`exclusive`, `failover`, `shared`, `key_shared`)
+//!   and/or `delivery_mode` (`at_most_once`, `at_least_once`), plus
+//!   `consumer_name`, `priority_level`, `receiver_queue_size`,
+//!   `ack_timeout_ms`, `max_redeliveries` as in gRPC; then
+//!   `{"type":"ack","payload":{"subscription_id":"s1","message_ids":["0:1:42"],"cumulative":false}}`
+//!   with the `metadata.message_id`s received (no reply; an error names
+//!   the field).
 //!
 //! Server to client: `subscribed`, `unsubscribed`, `data` (a batch:
 //! `payload.messages`), `gap`, `slow_consumer`, `snapshot_complete`,
@@ -89,6 +97,67 @@ struct Subscribe {
     snapshot: bool,
     policy: Option<String>,
     heartbeat_interval_ms: u32,
+    subscription_type: Option<String>,
+    delivery_mode: Option<String>,
+    consumer_name: String,
+    priority_level: i32,
+    receiver_queue_size: u32,
+    ack_timeout_ms: u32,
+    max_redeliveries: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ack {
+    subscription_id: String,
+    /// `"<partition>:<epoch>:<sequence>"`, as in `metadata.message_id`.
+    message_ids: Vec<String>,
+    #[serde(default)]
+    cumulative: bool,
+}
+
+/// `"<partition>:<epoch>:<sequence>"` as (partition, sequence).
+fn parse_message_id(field: &str, id: &str) -> Result<(u32, u64), ApiError> {
+    let mut it = id.split(':');
+    let (Some(p), Some(e), Some(q), None) = (it.next(), it.next(), it.next(), it.next()) else {
+        return Err(ApiError::invalid(
+            field,
+            format!("{id:?} is not a message id \"<partition>:<epoch>:<sequence>\""),
+        ));
+    };
+    let bad = || ApiError::invalid(field, format!("{id:?}: partition, epoch and sequence are numbers"));
+    let p: u32 = p.parse().map_err(|_| bad())?;
+    let _: u64 = e.parse().map_err(|_| bad())?;
+    let q: u64 = q.parse().map_err(|_| bad())?;
+    Ok((p, q))
+}
+
+/// A subscription of a connection: a plain stream or a group membership.
+enum Sub {
+    Live(SubscriptionHandle),
+    Group(crate::group::MemberHandle),
+}
+
+impl Sub {
+    fn outbox(&self) -> &crate::dispatch::outbox::Outbox {
+        match self {
+            Sub::Live(s) => &s.outbox,
+            Sub::Group(m) => &m.outbox,
+        }
+    }
+
+    fn heartbeat(&self) -> Duration {
+        match self {
+            Sub::Live(s) => s.heartbeat,
+            Sub::Group(m) => m.heartbeat,
+        }
+    }
+
+    fn record_send(&self, oldest_ingest_ns: u64, bytes: usize) {
+        if let Sub::Live(s) = self {
+            s.shared.record_send(oldest_ingest_ns, bytes);
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,8 +175,40 @@ fn to_request(s: Subscribe) -> Result<(Option<String>, pb::StreamRequest), ApiEr
         topic: s.topic,
         snapshot: s.snapshot,
         heartbeat_interval_ms: s.heartbeat_interval_ms,
+        consumer_name: s.consumer_name,
+        priority_level: s.priority_level,
+        receiver_queue_size: s.receiver_queue_size,
+        ack_timeout_ms: s.ack_timeout_ms,
+        max_redeliveries: s.max_redeliveries,
         ..Default::default()
     };
+    if let Some(t) = s.subscription_type {
+        r.subscription_type = match t.as_str() {
+            "exclusive" => pb::SubscriptionType::Exclusive,
+            "failover" => pb::SubscriptionType::Failover,
+            "shared" => pb::SubscriptionType::Shared,
+            "key_shared" => pb::SubscriptionType::KeyShared,
+            other => {
+                return Err(ApiError::invalid(
+                    "payload.subscription_type",
+                    format!("{other:?} is not a subscription type (exclusive, failover, shared, key_shared)"),
+                ));
+            }
+        } as i32;
+    }
+    if let Some(m) = s.delivery_mode {
+        r.delivery_mode = match m.as_str() {
+            "at_most_once" => pb::DeliveryMode::AtMostOnce,
+            "at_least_once" => pb::DeliveryMode::AtLeastOnce,
+            "exactly_once" => pb::DeliveryMode::ExactlyOnce,
+            other => {
+                return Err(ApiError::invalid(
+                    "payload.delivery_mode",
+                    format!("{other:?} is not a delivery mode (at_most_once, at_least_once, exactly_once)"),
+                ));
+            }
+        } as i32;
+    }
     if let Some(f) = s.filters {
         r.filters = Some(pb::FilterCriteria {
             exchanges: f.exchanges,
@@ -217,7 +318,7 @@ fn parse_payload<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result
 pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>) {
     let (mut tx, mut rx) = socket.split();
     let notify = Arc::new(Notify::new());
-    let mut subs: HashMap<String, SubscriptionHandle> = HashMap::new();
+    let mut subs: HashMap<String, Sub> = HashMap::new();
     let mut next_id = 1u64;
     let mut heartbeat = Duration::from_secs(1);
     let mut last_send = tokio::time::Instant::now();
@@ -226,10 +327,10 @@ pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>
         let mut ended = Vec::new();
         let mut sent = false;
         for (id, s) in &subs {
-            while let Some(n) = s.outbox.pop() {
+            while let Some(n) = s.outbox().pop() {
                 match n {
                     Next::Frame(f) => {
-                        s.shared.record_send(f.oldest_ingest_ns, f.bytes.len());
+                        s.record_send(f.oldest_ingest_ns, f.bytes.len());
                         // The dispatcher wrote JSON text as a String: no
                         // copy and no second UTF-8 check.
                         let m = Message::Text(match f.bytes {
@@ -291,14 +392,16 @@ pub async fn serve(socket: WebSocket, state: Arc<EdgeState>, key: Option<String>
                 };
                 let reply = match handle(&state, key.as_deref(), &m, &mut subs, &mut next_id, &notify).await {
                     Ok(r) => r,
-                    Err((e, id)) => error_message(&e, id.as_deref()),
+                    Err((e, id)) => Some(error_message(&e, id.as_deref())),
                 };
                 heartbeat = subs
                     .values()
-                    .map(|s| s.heartbeat)
+                    .map(Sub::heartbeat)
                     .min()
                     .unwrap_or(Duration::from_secs(1));
-                if tx.send(reply).await.is_err() {
+                if let Some(reply) = reply
+                    && tx.send(reply).await.is_err()
+                {
                     return;
                 }
             }
@@ -312,10 +415,10 @@ async fn handle(
     state: &Arc<EdgeState>,
     key: Option<&str>,
     text_in: &str,
-    subs: &mut HashMap<String, SubscriptionHandle>,
+    subs: &mut HashMap<String, Sub>,
     next_id: &mut u64,
     notify: &Arc<Notify>,
-) -> Result<Message, Failed> {
+) -> Result<Option<Message>, Failed> {
     let m: ClientMessage = serde_json::from_str(text_in).map_err(|e| {
         (
             ApiError::invalid("message", format!("not a WebSocketMessage: {e}")),
@@ -369,6 +472,21 @@ async fn handle(
                 .map_err(|e| (e, Some(id.clone())))?;
             let name = spec.name.clone();
             let topic = spec.topic.clone();
+            if spec.group.is_some() {
+                let wire = Wire::Json {
+                    subscription_id: Arc::from(id.as_str()),
+                };
+                let m = crate::group::join(state, spec, wire, notify.clone())
+                    .await
+                    .map_err(|e| (e, Some(id.clone())))?;
+                let kind = m.group.kind.name();
+                subs.insert(id.clone(), Sub::Group(m));
+                return Ok(Some(text(json::message(
+                    "subscribed",
+                    serde_json::json!({"subscription_id": id, "topic": topic, "subscription_type": kind}),
+                    realtime_ns(),
+                ))));
+            }
             let sub = state
                 .hub
                 .subscribe(
@@ -381,12 +499,12 @@ async fn handle(
                 .await
                 .map_err(|e| (e, Some(id.clone())))?;
             state.subscriptions.attach(&name, &sub);
-            subs.insert(id.clone(), sub);
-            Ok(text(json::message(
+            subs.insert(id.clone(), Sub::Live(sub));
+            Ok(Some(text(json::message(
                 "subscribed",
                 serde_json::json!({"subscription_id": id, "topic": topic}),
                 realtime_ns(),
-            )))
+            ))))
         }
         "unsubscribe" => {
             let u: Unsubscribe = parse_payload(m.payload).map_err(|e| (e, None))?;
@@ -399,16 +517,43 @@ async fn handle(
                     Some(u.subscription_id),
                 ));
             }
-            Ok(text(json::message(
+            Ok(Some(text(json::message(
                 "unsubscribed",
                 serde_json::json!({"subscription_id": u.subscription_id}),
                 realtime_ns(),
-            )))
+            ))))
+        }
+        "ack" => {
+            let a: Ack = parse_payload(m.payload).map_err(|e| (e, None))?;
+            let sid = Some(a.subscription_id.clone());
+            let Some(Sub::Group(member)) = subs.get(&a.subscription_id) else {
+                return Err((
+                    ApiError::invalid(
+                        "payload.subscription_id",
+                        format!(
+                            "{:?} is not a subscription group of this connection",
+                            a.subscription_id
+                        ),
+                    ),
+                    sid,
+                ));
+            };
+            let mut ids = Vec::with_capacity(a.message_ids.len());
+            for (i, m) in a.message_ids.iter().enumerate() {
+                ids.push(
+                    parse_message_id(&format!("payload.message_ids[{i}]"), m)
+                        .map_err(|e| (e, sid.clone()))?,
+                );
+            }
+            member
+                .ack(ids, a.cumulative)
+                .map_err(|e| (prefix_payload(e), sid.clone()))?;
+            return Ok(None);
         }
         other => Err((
             ApiError::invalid(
                 "type",
-                format!("{other:?} is not a message type a client sends (subscribe, unsubscribe)"),
+                format!("{other:?} is not a message type a client sends (subscribe, unsubscribe, ack)"),
             ),
             None,
         )),

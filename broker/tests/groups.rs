@@ -1,0 +1,576 @@
+//! Subscription groups over gRPC with real consumer processes
+//! (`tickwire consume`), killed with SIGKILL where the test says so: the
+//! broker sees a connection drop, as it would from a crashed host.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tickwire_api::{Edge, EdgeConfig};
+use tickwire_broker::config::{Config, TopicConfig};
+use tickwire_broker::edge::BrokerEngine;
+use tickwire_broker::engine::{Broker, Ingest};
+use tickwire_proto::FrameBody;
+use tickwire_proto::symbology::Instrument;
+use tokio_util::sync::CancellationToken;
+
+#[path = "../../api/tests/support/http.rs"]
+mod http;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tickwire");
+const TOPIC: &str = "md/groups";
+const KEYS: u64 = 16;
+
+/// A broker and its edge on a node directory.
+struct Node {
+    broker: Option<Broker>,
+    edge: Option<Edge>,
+    cancel: CancellationToken,
+    grpc: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Node {
+    async fn start(dir: &Path, partitions: u32) -> Node {
+        let mut c = Config::default();
+        c.node.dir = Some(dir.join("node"));
+        c.journal.dir = Some(dir.join("journal"));
+        c.synthetic.enabled = false;
+        // Rings of 1024: a group that falls behind reads the journal.
+        c.topics = vec![TopicConfig {
+            name: TOPIC.into(),
+            partitions,
+            capacity: 1024,
+            ..TopicConfig::default()
+        }];
+        let broker = Broker::start(&c).expect("broker");
+        let engine = Arc::new(BrokerEngine::new(&broker));
+        let cancel = CancellationToken::new();
+        let edge = Edge::start(
+            EdgeConfig {
+                grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+                http_addr: "127.0.0.1:0".parse().expect("addr"),
+                store_url: format!("sqlite://{}", dir.join("store.db").display()),
+                ..EdgeConfig::default()
+            },
+            engine,
+            cancel.clone(),
+        )
+        .await
+        .expect("edge");
+        Node {
+            grpc: edge.grpc_addr,
+            http: edge.http_addr,
+            broker: Some(broker),
+            edge: Some(edge),
+            cancel,
+        }
+    }
+
+    fn ingest(&self) -> Ingest {
+        self.broker.as_ref().expect("running").ingest(1)
+    }
+
+    async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(e) = self.edge.take() {
+            e.join().await;
+        }
+        if let Some(b) = self.broker.take() {
+            tokio::task::spawn_blocking(move || b.shutdown())
+                .await
+                .expect("shutdown");
+        }
+    }
+
+    /// The subscription's stats from REST.
+    async fn stats(&self, name: &str) -> serde_json::Value {
+        let url = format!(
+            "http://{}/api/v1/subscriptions/{}/{name}",
+            self.http,
+            TOPIC.replace('/', "%2F")
+        );
+        http::Client.get(&url).await.1
+    }
+}
+
+/// Sends trades `from..=to` (source sequence `i`) over [`KEYS`]
+/// instruments, about `rate` per second.
+fn send(ingest: &mut Ingest, from: u64, to: u64, rate: u64) {
+    let t = ingest.resolver().topic(TOPIC).expect("routable");
+    let routes: Vec<_> = (0..KEYS)
+        .map(|k| {
+            ingest
+                .resolver()
+                .route(
+                    t,
+                    &Instrument {
+                        symbol: format!("K{k}"),
+                        exchange: "XNAS".into(),
+                        currency: "USD".into(),
+                        size_decimals: 0,
+                    },
+                )
+                .expect("route")
+        })
+        .collect();
+    let started = Instant::now();
+    for i in from..=to {
+        let mut body = FrameBody::trade(0, 1_800_000_000_000_000_000 + i, 1_000_000_000, 1);
+        body.source_seq = i;
+        while ingest
+            .try_send(&routes[(i % KEYS) as usize], &body, None)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        let due = started + Duration::from_secs_f64((i - from) as f64 / rate as f64);
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+/// One event a consumer printed.
+#[derive(Debug, Clone)]
+struct Got {
+    partition: u32,
+    seq: u64,
+    symbol: String,
+    redelivery: u64,
+    source_seq: u64,
+}
+
+/// A `tickwire consume` process and what it printed.
+struct Consumer {
+    name: String,
+    child: Child,
+    got: Arc<Mutex<Vec<Got>>>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Consumer {
+    fn spawn(grpc: SocketAddr, name: &str, args: &[&str]) -> Consumer {
+        let mut child = Command::new(BIN)
+            .args(["consume", "--topic", TOPIC, "--connect"])
+            .arg(format!("http://{grpc}"))
+            .args(["--consumer", name])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tickwire consume");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        let (out, e) = (child.stdout.take().expect("out"), child.stderr.take().expect("err"));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+                if v.get("gap").is_some() {
+                    panic!("a group over the journal loses nothing: {line}");
+                }
+                let id = v["event_id"].as_str().expect("event_id");
+                g.lock().expect("lock").push(Got {
+                    partition: v["partition"].as_u64().expect("p") as u32,
+                    seq: v["sequence"].as_u64().expect("seq"),
+                    symbol: v["symbol"].as_str().expect("symbol").into(),
+                    redelivery: v["redelivery_count"].as_u64().expect("count"),
+                    source_seq: id.rsplit('-').next().and_then(|s| s.parse().ok()).expect("source seq"),
+                });
+            }
+        });
+        let er = err.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(e).lines() {
+                let Ok(line) = line else { return };
+                er.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        Consumer {
+            name: name.into(),
+            child,
+            got,
+            err,
+        }
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.got.lock().expect("lock").clone()
+    }
+
+    fn count(&self) -> usize {
+        self.got.lock().expect("lock").len()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for it to exit; its stderr.
+    fn exit(&mut self, within: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(50));
+                return (s.code(), self.err.lock().expect("lock").clone());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return (None, self.err.lock().expect("lock").clone());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the consumers together received every source sequence
+/// `1..=n`; returns how many receptions each source sequence had.
+fn await_all(consumers: &[&Consumer], n: u64, within: Duration) -> HashMap<u64, usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut times: HashMap<u64, usize> = HashMap::new();
+        for c in consumers {
+            for g in c.got() {
+                *times.entry(g.source_seq).or_default() += 1;
+            }
+        }
+        if (1..=n).all(|s| times.contains_key(&s)) {
+            return times;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<u64> = (1..=n).filter(|s| !times.contains_key(s)).take(20).collect();
+            let counts: Vec<(String, usize)> = consumers.iter().map(|c| (c.name.clone(), c.count())).collect();
+            let errs: Vec<String> = consumers.iter().map(|c| c.err.lock().expect("lock").clone()).collect();
+            panic!("{} of {n} events arrived; missing {missing:?}..; per consumer {counts:?}; stderr {errs:?}", times.len());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the group's stats say `f`.
+async fn await_stats(node: &Node, name: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = node.stats(name).await;
+        if f(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_members(node: &Node, name: &str, n: usize) {
+    await_stats(node, name, &format!("{n} consumers"), |s| {
+        s["consumers"].as_array().map_or(0, Vec::len) == n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 4).await;
+    let args = ["--subscription", "sh", "--type", "shared", "--queue", "200", "--ack-timeout", "5s"];
+    let mut members: Vec<Consumer> = (0..4)
+        .map(|i| Consumer::spawn(node.grpc, &format!("m{i}"), &args))
+        .collect();
+    wait_members(&node, "sh", 4).await;
+    let n = 40_000u64;
+    let mut ingest = node.ingest();
+    let sender = std::thread::spawn(move || send(&mut ingest, 1, n, 20_000));
+    // SIGKILL one member once it is in the middle of the stream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while members[0].count() < 2_000 {
+        assert!(Instant::now() < deadline, "member 0 got {}", members[0].count());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    members[0].kill();
+    let killed_got = members[0].count();
+    sender.join().expect("sender");
+    let alive: Vec<&Consumer> = members.iter().collect();
+    let times = await_all(&alive, n, Duration::from_secs(60));
+    // Each event acknowledged exactly once overall, the cursor at the end.
+    let s = await_stats(&node, "sh", "all acknowledged", |s| {
+        s["acked"].as_u64() == Some(n) && s["unacked"].as_u64() == Some(0)
+    })
+    .await;
+    let per_partition: u64 = s["cursors"]
+        .as_array()
+        .expect("cursors")
+        .iter()
+        .map(|c| c["next_sequence"].as_u64().expect("next") - 1)
+        .sum();
+    assert_eq!(per_partition, n, "cursors past every event: {s}");
+    // Duplicates only where the killed member held events unacknowledged,
+    // and marked as redeliveries.
+    let dups: u64 = times.values().map(|&t| (t - 1) as u64).sum();
+    let redelivered: u64 = members[1..]
+        .iter()
+        .flat_map(|c| c.got())
+        .filter(|g| g.redelivery > 0)
+        .count() as u64;
+    assert!(redelivered >= dups, "{dups} duplicates, {redelivered} marked redelivered");
+    assert!(dups <= 200 + 256, "at most the killed member's window: {dups}");
+    for (i, c) in members[1..].iter().enumerate() {
+        assert!(c.count() > 1_000, "member {} shared the load: {}", i + 1, c.count());
+    }
+    eprintln!("shared: killed member had {killed_got}; {dups} duplicates; stats {s}");
+    drop(members);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 1).await;
+    let base = ["--subscription", "fo", "--type", "failover", "--queue", "100"];
+    let mut active = Consumer::spawn(node.grpc, "a", &[&base[..], &["--priority", "0"]].concat());
+    wait_members(&node, "fo", 1).await;
+    let standby = Consumer::spawn(node.grpc, "b", &[&base[..], &["--priority", "1"]].concat());
+    wait_members(&node, "fo", 2).await;
+    let n = 20_000u64;
+    let mut ingest = node.ingest();
+    let sender = std::thread::spawn(move || send(&mut ingest, 1, n, 10_000));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active.count() < 5_000 {
+        assert!(Instant::now() < deadline, "active got {}", active.count());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(standby.count(), 0, "a standby gets nothing while the active member lives");
+    active.kill();
+    sender.join().expect("sender");
+    let times = await_all(&[&active, &standby], n, Duration::from_secs(60));
+    // The standby starts at the acknowledged cursor: what the active one
+    // printed but had not acked yet comes again, marked, and in order.
+    let got = standby.got();
+    let first = got.first().expect("standby got events").seq;
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
+    let a_last = active.got().last().expect("active got events").seq;
+    assert!(first <= a_last + 1, "no gap: standby starts at {first}, active printed up to {a_last}");
+    let dups: usize = times.values().map(|t| t - 1).sum();
+    assert_eq!(dups as u64, a_last + 1 - first, "duplicates are exactly the unacked tail");
+    assert!(got.iter().take(dups).all(|g| g.redelivery > 0), "the tail is marked redelivered");
+    drop((active, standby));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 2).await;
+    let first = Consumer::spawn(node.grpc, "one", &["--subscription", "ex", "--type", "exclusive"]);
+    wait_members(&node, "ex", 1).await;
+    let mut second = Consumer::spawn(node.grpc, "two", &["--subscription", "ex", "--type", "exclusive"]);
+    let (code, err) = second.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Exclusive") && err.contains("\"one\""), "{err}");
+    // A different type on the same subscription is refused too.
+    let mut other = Consumer::spawn(node.grpc, "three", &["--subscription", "ex", "--type", "shared"]);
+    let (code, err) = other.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("subscription_type"), "{err}");
+    drop(first);
+
+    // Key_Shared: a member that never acks is removed after its timeout and
+    // the keys it held reach the other member, in order.
+    let good = Consumer::spawn(node.grpc, "good", &["--subscription", "ks", "--type", "key_shared"]);
+    let mut stuck = Consumer::spawn(
+        node.grpc,
+        "stuck",
+        &["--subscription", "ks", "--type", "key_shared", "--no-ack", "--ack-timeout", "1s"],
+    );
+    wait_members(&node, "ks", 2).await;
+    let n = 5_000u64;
+    let mut ingest = node.ingest();
+    std::thread::spawn(move || send(&mut ingest, 1, n, 20_000))
+        .join()
+        .expect("sender");
+    let (code, err) = stuck.exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not acknowledged within the ack timeout"), "{err}");
+    let stuck_got = stuck.count();
+    assert!(stuck_got > 0, "the stuck member had keys");
+    let times = await_all(&[&good], n, Duration::from_secs(30));
+    assert_eq!(times.len() as u64, n);
+    let mut last: HashMap<(String, u32), u64> = HashMap::new();
+    for g in good.got() {
+        let k = (g.symbol.clone(), g.partition);
+        if let Some(&prev) = last.get(&k) {
+            assert!(g.seq > prev, "key {k:?} in order: {} after {prev}", g.seq);
+        }
+        last.insert(k, g.seq);
+    }
+    drop(good);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 4).await;
+    let args = ["--subscription", "kc", "--type", "key_shared", "--queue", "100", "--ack-timeout", "3s"];
+    let mut members: Vec<Consumer> = (0..3)
+        .map(|i| Consumer::spawn(node.grpc, &format!("s{i}"), &args))
+        .collect();
+    wait_members(&node, "kc", 3).await;
+    let churn_for = Duration::from_secs(30);
+    let rate = 5_000u64;
+    let n = rate * churn_for.as_secs();
+    let mut ingest = node.ingest();
+    let sender = std::thread::spawn(move || send(&mut ingest, 1, n, rate));
+    // Every 100 ms a member joins, leaves (killed), or both, keeping 2 to 6.
+    let started = Instant::now();
+    let mut next = 3;
+    let mut progress: Vec<u64> = Vec::new();
+    let mut last_second = Instant::now();
+    let mut gone: Vec<Consumer> = Vec::new();
+    let mut step = 0u64;
+    while started.elapsed() < churn_for {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        step += 1;
+        let r = step.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60;
+        if (r % 2 == 0 && members.len() < 6) || members.len() < 3 {
+            members.push(Consumer::spawn(node.grpc, &format!("c{next}"), &args));
+            next += 1;
+        } else {
+            let i = (r as usize) % members.len();
+            let mut m = members.remove(i);
+            m.kill();
+            gone.push(m);
+        }
+        if last_second.elapsed() >= Duration::from_secs(1) {
+            let acked = node.stats("kc").await["acked"].as_u64().unwrap_or(0);
+            progress.push(acked);
+            last_second = Instant::now();
+        }
+    }
+    sender.join().expect("sender");
+    let all: Vec<&Consumer> = members.iter().chain(gone.iter()).collect();
+    await_all(&all, n, Duration::from_secs(60));
+    // Progress in every second of the churn.
+    for w in progress.windows(2) {
+        assert!(w[1] > w[0], "the group stalled for a second: acked {progress:?}");
+    }
+    // Per key, each member's first deliveries in order.
+    for c in &all {
+        let mut last: HashMap<(String, u32), u64> = HashMap::new();
+        for g in c.got().iter().filter(|g| g.redelivery == 0) {
+            let k = (g.symbol.clone(), g.partition);
+            if let Some(&prev) = last.get(&k) {
+                assert!(g.seq > prev, "{}: key {k:?} out of order: {} after {prev}", c.name, g.seq);
+            }
+            last.insert(k, g.seq);
+        }
+    }
+    // A key's first deliveries never overtake an earlier event of the key.
+    let mut by_key: BTreeMap<(String, u32), Vec<u64>> = BTreeMap::new();
+    for c in &all {
+        for g in c.got().iter().filter(|g| g.redelivery == 0) {
+            by_key.entry((g.symbol.clone(), g.partition)).or_default().push(g.seq);
+        }
+    }
+    for (k, seqs) in &by_key {
+        let set: HashSet<u64> = seqs.iter().copied().collect();
+        assert_eq!(set.len(), seqs.len(), "{k:?}: an event first-delivered twice");
+    }
+    let s = await_stats(&node, "kc", "everything acknowledged", |s| {
+        s["acked"].as_u64() >= Some(n) && s["unacked"].as_u64() == Some(0)
+    })
+    .await;
+    eprintln!("key_shared churn: {} members came and went; acked per second {progress:?}; {s}", next);
+    drop(members);
+    drop(gone);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 2).await;
+    let args = ["--subscription", "du", "--type", "shared"];
+    let mut first = Consumer::spawn(node.grpc, "a", &[&args[..], &["--count", "3000"]].concat());
+    wait_members(&node, "du", 1).await;
+    let mut ingest = node.ingest();
+    std::thread::spawn(move || send(&mut ingest, 1, 10_000, 50_000))
+        .join()
+        .expect("sender");
+    let (code, err) = first.exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    let had: HashSet<u64> = first.got().iter().map(|g| g.source_seq).collect();
+    assert_eq!(had.len(), 3000);
+    // The group stops a few seconds after its last member, writing its
+    // cursors; the broker stops too (a restart).
+    node.stop().await;
+    let mut node = Node::start(dir.path(), 2).await;
+    let mut ingest = node.ingest();
+    std::thread::spawn(move || send(&mut ingest, 10_001, 12_000, 50_000))
+        .join()
+        .expect("sender");
+    let second = Consumer::spawn(node.grpc, "b", &args);
+    let times = await_all(&[&first, &second], 12_000, Duration::from_secs(60));
+    let again: Vec<u64> = second
+        .got()
+        .iter()
+        .map(|g| g.source_seq)
+        .filter(|s| had.contains(s))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "resumed after the acknowledged cursor, not at Latest or Earliest: {} again",
+        again.len()
+    );
+    assert_eq!(times.values().filter(|&&t| t > 1).count(), 0);
+    drop(second);
+
+    // Dead letters: a member that never acks, at most 2 redeliveries.
+    let mut stuck = Consumer::spawn(
+        node.grpc,
+        "dl",
+        &["--subscription", "dl", "--type", "shared", "--no-ack", "--ack-timeout", "200ms", "--max-redeliveries", "2"],
+    );
+    wait_members(&node, "dl", 1).await;
+    let mut ingest = node.ingest();
+    std::thread::spawn(move || send(&mut ingest, 12_001, 12_010, 1_000))
+        .join()
+        .expect("sender");
+    let s = await_stats(&node, "dl", "ten dead letters", |s| s["dead_lettered"].as_u64() == Some(10)).await;
+    assert_eq!(s["unacked"].as_u64(), Some(0), "{s}");
+    let got = stuck.got();
+    assert_eq!(got.len(), 30, "each sent three times: {got:?}");
+    assert_eq!(got.iter().filter(|g| g.redelivery == 2).count(), 10);
+    let url = format!(
+        "http://{}/api/v1/subscriptions/{}/dl/dead-letters",
+        node.http,
+        TOPIC.replace('/', "%2F")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (code, body) = http::Client.get(&url).await;
+        assert_eq!(code, 200, "{body}");
+        if body["count"].as_u64() == Some(10) || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body["count"].as_u64(), Some(10), "{body}");
+    let d = &body["dead_letters"][0];
+    assert_eq!(d["deliveries"].as_u64(), Some(3), "{d}");
+    assert!(d["reason"].as_str().expect("reason").contains("not acknowledged after 3 deliveries"), "{d}");
+    assert!(d["event"]["data"]["symbol"].as_str().is_some_and(|s| s.starts_with('K')), "{d}");
+    stuck.kill();
+    node.stop().await;
+}
