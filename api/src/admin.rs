@@ -8,10 +8,10 @@ use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::pb;
 
 use crate::EdgeState;
-use crate::group::Groups;
 use crate::dispatch::outbox::Closed;
 use crate::dispatch::{SubControl, SubscriptionHandle};
 use crate::error::ApiError;
+use crate::group::Groups;
 use crate::store::{self, Store, StoreError};
 
 /// Runs a blocking engine call (it creates files and waits for shards)
@@ -658,7 +658,12 @@ impl Subscriptions {
 fn group_stats(s: &mut pb::SubscriptionStats, g: &crate::group::GroupShared) {
     let snap = g.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone();
     s.subscription_type = g.kind.name().into();
-    s.delivery_mode = if g.acked { "AT_LEAST_ONCE" } else { "AT_MOST_ONCE" }.into();
+    s.delivery_mode = if g.acked {
+        "AT_LEAST_ONCE"
+    } else {
+        "AT_MOST_ONCE"
+    }
+    .into();
     s.connections += snap.members.len() as u32;
     s.delivered += snap.counters.delivered;
     s.gaps += u64::from(snap.lost > 0);

@@ -861,7 +861,12 @@ async fn subscription_stats(
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     state.auth.allow(k.as_deref(), &topic, Right::Read)?;
-    Ok(Json(sub_json(&state.subscriptions.stats(&state.groups, &topic, &name)?)).into_response())
+    Ok(Json(sub_json(&state.subscriptions.stats(
+        &state.groups,
+        &topic,
+        &name,
+    )?))
+    .into_response())
 }
 
 async fn delete_subscription(

@@ -308,7 +308,11 @@ impl SubscriptionSpec {
         };
         if r.consumer_name.len() + r.priority_level.unsigned_abs() as usize > 0 && group.is_none() {
             return Err(ApiError::invalid(
-                if r.consumer_name.is_empty() { "priority_level" } else { "consumer_name" },
+                if r.consumer_name.is_empty() {
+                    "priority_level"
+                } else {
+                    "consumer_name"
+                },
                 "only for subscription groups (a type other than EXCLUSIVE, or AT_LEAST_ONCE)",
             ));
         }
@@ -455,7 +459,10 @@ mod tests {
         .expect("a group")
         .group
         .expect("group options");
-        assert_eq!((g.kind, g.acked, g.window), (GroupType::KeyShared, true, 1000));
+        assert_eq!(
+            (g.kind, g.acked, g.window),
+            (GroupType::KeyShared, true, 1000)
+        );
         let ok = SubscriptionSpec::from_request(&pb::StreamRequest::default(), "t", &limits())
             .expect("defaults are valid");
         assert_eq!(ok.topic, "t");

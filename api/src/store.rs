@@ -538,7 +538,8 @@ impl Store {
         )
         .await?;
         self.execute(
-            sqlx::query("DELETE FROM dead_letters WHERE subscription_id = $1").bind(subscription_id),
+            sqlx::query("DELETE FROM dead_letters WHERE subscription_id = $1")
+                .bind(subscription_id),
         )
         .await
         .map(|_| ())

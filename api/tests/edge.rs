@@ -217,6 +217,34 @@ async fn collect(
     (events, notices)
 }
 
+/// The next JSON text message of a WebSocket (heartbeats skipped if asked).
+async fn next_json(
+    ws: &mut (
+             impl futures::Stream<
+        Item = Result<
+            tokio_tungstenite::tungstenite::Message,
+            tokio_tungstenite::tungstenite::Error,
+        >,
+    > + Unpin
+         ),
+    skip_heartbeats: bool,
+) -> serde_json::Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no stall")
+            .expect("open")
+            .expect("ok");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+            if skip_heartbeats && v["type"] == "heartbeat" {
+                continue;
+            }
+            return v;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_streams_filtered_events_in_order_with_snapshot_and_earliest() {
     let mut f = Fixture::start(|_| {}).await;
@@ -299,7 +327,7 @@ async fn grpc_streams_filtered_events_in_order_with_snapshot_and_earliest() {
     let (events, _) = collect(&mut s, 1).await;
     assert_eq!(events, vec![(1, want, "IBM".into(), false)]);
 
-    // Bad requests name the field; a type this build cannot serve says so.
+    // Bad requests name the field.
     let e = c
         .stream_market_data(pb::StreamRequest {
             data_types: vec!["bars".into()],
@@ -316,7 +344,19 @@ async fn grpc_streams_filtered_events_in_order_with_snapshot_and_earliest() {
         })
         .await
         .expect_err("refused");
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("subscription_name"), "{}", e.message());
+    // Acknowledgements need the bidirectional call.
+    let e = c
+        .stream_market_data(pb::StreamRequest {
+            subscription_name: "g".into(),
+            delivery_mode: pb::DeliveryMode::AtLeastOnce as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("ConsumeMarketData"), "{}", e.message());
     let e = c
         .stream_market_data(pb::StreamRequest {
             topic: "no/such/topic".into(),
@@ -424,33 +464,99 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_group_members_ack_and_a_closed_member_s_events_go_to_the_other() {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut f = Fixture::start(|_| {}).await;
+    let url = format!("ws://{}/api/v1/market-data/stream", f.edge().http_addr);
+    let (mut a, _) = tokio_tungstenite::connect_async(&url).await.expect("ws");
+    let (mut b, _) = tokio_tungstenite::connect_async(&url).await.expect("ws");
+    let join = r#"{"type":"subscribe","payload":{"subscription_id":"g","subscription_name":"ws-group","subscription_type":"shared","delivery_mode":"at_least_once","receiver_queue_size":2}}"#;
+    for ws in [&mut a, &mut b] {
+        ws.send(Message::Text(join.into())).await.expect("send");
+        let r = next_json(ws, true).await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        assert_eq!(r["payload"]["subscription_type"], "Shared", "{r}");
+    }
+    // A bad ack names the field and changes nothing.
+    for (bad, field) in [
+        (
+            r#"{"type":"ack","payload":{"subscription_id":"g","message_ids":["0:1"]}}"#,
+            "payload.message_ids[0]",
+        ),
+        (
+            r#"{"type":"ack","payload":{"subscription_id":"g","message_ids":[],"cumulative":true}}"#,
+            "payload.cumulative",
+        ),
+        (
+            r#"{"type":"ack","payload":{"subscription_id":"nope","message_ids":[]}}"#,
+            "payload.subscription_id",
+        ),
+    ] {
+        a.send(Message::Text(bad.into())).await.expect("send");
+        let e = next_json(&mut a, true).await;
+        assert_eq!(e["type"], "error", "{bad}: {e}");
+        assert_eq!(e["payload"]["field"], field, "{bad}: {e}");
+    }
+    let mut sent = Vec::new();
+    for i in 0..4 {
+        sent.push((0u64, f.trade(0, "AAPL", "NASDAQ", 150.0 + i as f64)));
+    }
+    // Two each (credit 2); `a` never acks, `b` acks what it gets.
+    async fn take(
+        ws: &mut (
+                 impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+                 + Unpin
+             ),
+        n: usize,
+    ) -> Vec<(u64, u64, String, u64)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let d = next_json(ws, true).await;
+            assert_eq!(d["type"], "data", "{d}");
+            for m in d["payload"]["messages"].as_array().expect("messages") {
+                let md = &m["metadata"];
+                got.push((
+                    md["partition"].as_u64().expect("p"),
+                    md["sequence"].as_u64().expect("s"),
+                    md["message_id"].as_str().expect("id").to_string(),
+                    md["redelivery_count"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
+        got
+    }
+    let got_a = take(&mut a, 2).await;
+    let got_b = take(&mut b, 2).await;
+    let ids: Vec<String> = got_b.iter().map(|g| format!("{:?}", g.2)).collect();
+    b.send(Message::Text(
+        format!(
+            r#"{{"type":"ack","payload":{{"subscription_id":"g","message_ids":[{}]}}}}"#,
+            ids.join(",")
+        )
+        .into(),
+    ))
+    .await
+    .expect("send");
+    let mut all: Vec<(u64, u64)> = got_a.iter().chain(&got_b).map(|g| (g.0, g.1)).collect();
+    all.sort_unstable();
+    assert_eq!(all, sent, "each event to one member");
+    // `a` goes away: what it held goes to `b`, marked.
+    drop(a);
+    let again = take(&mut b, 2).await;
+    let mut want: Vec<(u64, u64, u64)> = got_a.iter().map(|g| (g.0, g.1, 1)).collect();
+    let mut again: Vec<(u64, u64, u64)> = again.iter().map(|g| (g.0, g.1, g.3)).collect();
+    want.sort_unstable();
+    again.sort_unstable();
+    assert_eq!(again, want);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_subscribe_unsubscribe_and_bad_messages() {
     let mut f = Fixture::start(|_| {}).await;
     let url = format!("ws://{}/api/v1/market-data/stream", f.edge().http_addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
     use tokio_tungstenite::tungstenite::Message;
-    async fn next_json(
-        ws: &mut (
-                 impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
-                 + Unpin
-             ),
-        skip_heartbeats: bool,
-    ) -> serde_json::Value {
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-                .await
-                .expect("no stall")
-                .expect("open")
-                .expect("ok");
-            if let Message::Text(t) = m {
-                let v: serde_json::Value = serde_json::from_str(&t).expect("json");
-                if skip_heartbeats && v["type"] == "heartbeat" {
-                    continue;
-                }
-                return v;
-            }
-        }
-    }
     ws.send(Message::Text(
         r#"{"type":"subscribe","payload":{"symbols":["AAPL"]}}"#.into(),
     ))

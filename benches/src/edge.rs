@@ -516,6 +516,7 @@ type PlainStream = std::pin::Pin<
 impl tickwire_proto::pb::raw::market_data_stream_server::MarketDataStream for PlainGrpc {
     type StreamMarketDataStream = PlainStream;
     type StreamHistoricalDataStream = PlainStream;
+    type ConsumeMarketDataStream = PlainStream;
 
     async fn stream_market_data(
         &self,
@@ -530,6 +531,13 @@ impl tickwire_proto::pb::raw::market_data_stream_server::MarketDataStream for Pl
     async fn stream_historical_data(
         &self,
         _r: tonic::Request<tickwire_proto::pb::HistoricalRequest>,
+    ) -> Result<tonic::Response<PlainStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bare server"))
+    }
+
+    async fn consume_market_data(
+        &self,
+        _r: tonic::Request<tonic::Streaming<tickwire_proto::pb::ConsumeRequest>>,
     ) -> Result<tonic::Response<PlainStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("bare server"))
     }

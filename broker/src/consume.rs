@@ -162,7 +162,12 @@ pub async fn run(spec: ConsumeSpec, out: &mut impl Write) -> Result<Summary, Str
                         sum.redelivered += 1;
                     }
                     if spec.dedup
-                        && !dedup.is_new(meta.partition, meta.sequence, meta.source_id, meta.source_seq)
+                        && !dedup.is_new(
+                            meta.partition,
+                            meta.sequence,
+                            meta.source_id,
+                            meta.source_seq,
+                        )
                     {
                         sum.duplicates += 1;
                         continue;

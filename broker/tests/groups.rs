@@ -166,7 +166,10 @@ impl Consumer {
             .expect("spawn tickwire consume");
         let got = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(String::new()));
-        let (out, e) = (child.stdout.take().expect("out"), child.stderr.take().expect("err"));
+        let (out, e) = (
+            child.stdout.take().expect("out"),
+            child.stderr.take().expect("err"),
+        );
         let g = got.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines() {
@@ -181,7 +184,11 @@ impl Consumer {
                     seq: v["sequence"].as_u64().expect("seq"),
                     symbol: v["symbol"].as_str().expect("symbol").into(),
                     redelivery: v["redelivery_count"].as_u64().expect("count"),
-                    source_seq: id.rsplit('-').next().and_then(|s| s.parse().ok()).expect("source seq"),
+                    source_seq: id
+                        .rsplit('-')
+                        .next()
+                        .and_then(|s| s.parse().ok())
+                        .expect("source seq"),
                 });
             }
         });
@@ -251,17 +258,34 @@ fn await_all(consumers: &[&Consumer], n: u64, within: Duration) -> HashMap<u64, 
             return times;
         }
         if Instant::now() > deadline {
-            let missing: Vec<u64> = (1..=n).filter(|s| !times.contains_key(s)).take(20).collect();
-            let counts: Vec<(String, usize)> = consumers.iter().map(|c| (c.name.clone(), c.count())).collect();
-            let errs: Vec<String> = consumers.iter().map(|c| c.err.lock().expect("lock").clone()).collect();
-            panic!("{} of {n} events arrived; missing {missing:?}..; per consumer {counts:?}; stderr {errs:?}", times.len());
+            let missing: Vec<u64> = (1..=n)
+                .filter(|s| !times.contains_key(s))
+                .take(20)
+                .collect();
+            let counts: Vec<(String, usize)> = consumers
+                .iter()
+                .map(|c| (c.name.clone(), c.count()))
+                .collect();
+            let errs: Vec<String> = consumers
+                .iter()
+                .map(|c| c.err.lock().expect("lock").clone())
+                .collect();
+            panic!(
+                "{} of {n} events arrived; missing {missing:?}..; per consumer {counts:?}; stderr {errs:?}",
+                times.len()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Waits until the group's stats say `f`.
-async fn await_stats(node: &Node, name: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+async fn await_stats(
+    node: &Node,
+    name: &str,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = node.stats(name).await;
@@ -284,7 +308,16 @@ async fn wait_members(node: &Node, name: &str, n: usize) {
 async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 4).await;
-    let args = ["--subscription", "sh", "--type", "shared", "--queue", "200", "--ack-timeout", "5s"];
+    let args = [
+        "--subscription",
+        "sh",
+        "--type",
+        "shared",
+        "--queue",
+        "200",
+        "--ack-timeout",
+        "5s",
+    ];
     let mut members: Vec<Consumer> = (0..4)
         .map(|i| Consumer::spawn(node.grpc, &format!("m{i}"), &args))
         .collect();
@@ -295,7 +328,11 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
     // SIGKILL one member once it is in the middle of the stream.
     let deadline = Instant::now() + Duration::from_secs(30);
     while members[0].count() < 2_000 {
-        assert!(Instant::now() < deadline, "member 0 got {}", members[0].count());
+        assert!(
+            Instant::now() < deadline,
+            "member 0 got {}",
+            members[0].count()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     members[0].kill();
@@ -323,10 +360,21 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
         .flat_map(|c| c.got())
         .filter(|g| g.redelivery > 0)
         .count() as u64;
-    assert!(redelivered >= dups, "{dups} duplicates, {redelivered} marked redelivered");
-    assert!(dups <= 200 + 256, "at most the killed member's window: {dups}");
+    assert!(
+        redelivered >= dups,
+        "{dups} duplicates, {redelivered} marked redelivered"
+    );
+    assert!(
+        dups <= 200 + 256,
+        "at most the killed member's window: {dups}"
+    );
     for (i, c) in members[1..].iter().enumerate() {
-        assert!(c.count() > 1_000, "member {} shared the load: {}", i + 1, c.count());
+        assert!(
+            c.count() > 1_000,
+            "member {} shared the load: {}",
+            i + 1,
+            c.count()
+        );
     }
     eprintln!("shared: killed member had {killed_got}; {dups} duplicates; stats {s}");
     drop(members);
@@ -337,7 +385,14 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
 async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 1).await;
-    let base = ["--subscription", "fo", "--type", "failover", "--queue", "100"];
+    let base = [
+        "--subscription",
+        "fo",
+        "--type",
+        "failover",
+        "--queue",
+        "100",
+    ];
     let mut active = Consumer::spawn(node.grpc, "a", &[&base[..], &["--priority", "0"]].concat());
     wait_members(&node, "fo", 1).await;
     let standby = Consumer::spawn(node.grpc, "b", &[&base[..], &["--priority", "1"]].concat());
@@ -350,7 +405,11 @@ async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_membe
         assert!(Instant::now() < deadline, "active got {}", active.count());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(standby.count(), 0, "a standby gets nothing while the active member lives");
+    assert_eq!(
+        standby.count(),
+        0,
+        "a standby gets nothing while the active member lives"
+    );
     active.kill();
     sender.join().expect("sender");
     let times = await_all(&[&active, &standby], n, Duration::from_secs(60));
@@ -360,10 +419,20 @@ async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_membe
     let first = got.first().expect("standby got events").seq;
     assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
     let a_last = active.got().last().expect("active got events").seq;
-    assert!(first <= a_last + 1, "no gap: standby starts at {first}, active printed up to {a_last}");
+    assert!(
+        first <= a_last + 1,
+        "no gap: standby starts at {first}, active printed up to {a_last}"
+    );
     let dups: usize = times.values().map(|t| t - 1).sum();
-    assert_eq!(dups as u64, a_last + 1 - first, "duplicates are exactly the unacked tail");
-    assert!(got.iter().take(dups).all(|g| g.redelivery > 0), "the tail is marked redelivered");
+    assert_eq!(
+        dups as u64,
+        a_last + 1 - first,
+        "duplicates are exactly the unacked tail"
+    );
+    assert!(
+        got.iter().take(dups).all(|g| g.redelivery > 0),
+        "the tail is marked redelivered"
+    );
     drop((active, standby));
     node.stop().await;
 }
@@ -372,14 +441,29 @@ async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_membe
 async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 2).await;
-    let first = Consumer::spawn(node.grpc, "one", &["--subscription", "ex", "--type", "exclusive"]);
+    let first = Consumer::spawn(
+        node.grpc,
+        "one",
+        &["--subscription", "ex", "--type", "exclusive"],
+    );
     wait_members(&node, "ex", 1).await;
-    let mut second = Consumer::spawn(node.grpc, "two", &["--subscription", "ex", "--type", "exclusive"]);
+    let mut second = Consumer::spawn(
+        node.grpc,
+        "two",
+        &["--subscription", "ex", "--type", "exclusive"],
+    );
     let (code, err) = second.exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("Exclusive") && err.contains("\"one\""), "{err}");
+    assert!(
+        err.contains("Exclusive") && err.contains("\"one\""),
+        "{err}"
+    );
     // A different type on the same subscription is refused too.
-    let mut other = Consumer::spawn(node.grpc, "three", &["--subscription", "ex", "--type", "shared"]);
+    let mut other = Consumer::spawn(
+        node.grpc,
+        "three",
+        &["--subscription", "ex", "--type", "shared"],
+    );
     let (code, err) = other.exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("subscription_type"), "{err}");
@@ -387,11 +471,23 @@ async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_
 
     // Key_Shared: a member that never acks is removed after its timeout and
     // the keys it held reach the other member, in order.
-    let good = Consumer::spawn(node.grpc, "good", &["--subscription", "ks", "--type", "key_shared"]);
+    let good = Consumer::spawn(
+        node.grpc,
+        "good",
+        &["--subscription", "ks", "--type", "key_shared"],
+    );
     let mut stuck = Consumer::spawn(
         node.grpc,
         "stuck",
-        &["--subscription", "ks", "--type", "key_shared", "--no-ack", "--ack-timeout", "1s"],
+        &[
+            "--subscription",
+            "ks",
+            "--type",
+            "key_shared",
+            "--no-ack",
+            "--ack-timeout",
+            "1s",
+        ],
     );
     wait_members(&node, "ks", 2).await;
     let n = 5_000u64;
@@ -401,7 +497,10 @@ async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_
         .expect("sender");
     let (code, err) = stuck.exit(Duration::from_secs(30));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("not acknowledged within the ack timeout"), "{err}");
+    assert!(
+        err.contains("not acknowledged within the ack timeout"),
+        "{err}"
+    );
     let stuck_got = stuck.count();
     assert!(stuck_got > 0, "the stuck member had keys");
     let times = await_all(&[&good], n, Duration::from_secs(30));
@@ -422,7 +521,16 @@ async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_
 async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 4).await;
-    let args = ["--subscription", "kc", "--type", "key_shared", "--queue", "100", "--ack-timeout", "3s"];
+    let args = [
+        "--subscription",
+        "kc",
+        "--type",
+        "key_shared",
+        "--queue",
+        "100",
+        "--ack-timeout",
+        "3s",
+    ];
     let mut members: Vec<Consumer> = (0..3)
         .map(|i| Consumer::spawn(node.grpc, &format!("s{i}"), &args))
         .collect();
@@ -443,7 +551,7 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
         tokio::time::sleep(Duration::from_millis(100)).await;
         step += 1;
         let r = step.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60;
-        if (r % 2 == 0 && members.len() < 6) || members.len() < 3 {
+        if (r.is_multiple_of(2) && members.len() < 6) || members.len() < 3 {
             members.push(Consumer::spawn(node.grpc, &format!("c{next}"), &args));
             next += 1;
         } else {
@@ -463,7 +571,10 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
     await_all(&all, n, Duration::from_secs(60));
     // Progress in every second of the churn.
     for w in progress.windows(2) {
-        assert!(w[1] > w[0], "the group stalled for a second: acked {progress:?}");
+        assert!(
+            w[1] > w[0],
+            "the group stalled for a second: acked {progress:?}"
+        );
     }
     // Per key, each member's first deliveries in order.
     for c in &all {
@@ -471,7 +582,12 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
         for g in c.got().iter().filter(|g| g.redelivery == 0) {
             let k = (g.symbol.clone(), g.partition);
             if let Some(&prev) = last.get(&k) {
-                assert!(g.seq > prev, "{}: key {k:?} out of order: {} after {prev}", c.name, g.seq);
+                assert!(
+                    g.seq > prev,
+                    "{}: key {k:?} out of order: {} after {prev}",
+                    c.name,
+                    g.seq
+                );
             }
             last.insert(k, g.seq);
         }
@@ -480,18 +596,28 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
     let mut by_key: BTreeMap<(String, u32), Vec<u64>> = BTreeMap::new();
     for c in &all {
         for g in c.got().iter().filter(|g| g.redelivery == 0) {
-            by_key.entry((g.symbol.clone(), g.partition)).or_default().push(g.seq);
+            by_key
+                .entry((g.symbol.clone(), g.partition))
+                .or_default()
+                .push(g.seq);
         }
     }
     for (k, seqs) in &by_key {
         let set: HashSet<u64> = seqs.iter().copied().collect();
-        assert_eq!(set.len(), seqs.len(), "{k:?}: an event first-delivered twice");
+        assert_eq!(
+            set.len(),
+            seqs.len(),
+            "{k:?}: an event first-delivered twice"
+        );
     }
     let s = await_stats(&node, "kc", "everything acknowledged", |s| {
         s["acked"].as_u64() >= Some(n) && s["unacked"].as_u64() == Some(0)
     })
     .await;
-    eprintln!("key_shared churn: {} members came and went; acked per second {progress:?}; {s}", next);
+    eprintln!(
+        "key_shared churn: {} members came and went; acked per second {progress:?}; {s}",
+        next
+    );
     drop(members);
     drop(gone);
     node.stop().await;
@@ -540,14 +666,27 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
     let mut stuck = Consumer::spawn(
         node.grpc,
         "dl",
-        &["--subscription", "dl", "--type", "shared", "--no-ack", "--ack-timeout", "200ms", "--max-redeliveries", "2"],
+        &[
+            "--subscription",
+            "dl",
+            "--type",
+            "shared",
+            "--no-ack",
+            "--ack-timeout",
+            "200ms",
+            "--max-redeliveries",
+            "2",
+        ],
     );
     wait_members(&node, "dl", 1).await;
     let mut ingest = node.ingest();
     std::thread::spawn(move || send(&mut ingest, 12_001, 12_010, 1_000))
         .join()
         .expect("sender");
-    let s = await_stats(&node, "dl", "ten dead letters", |s| s["dead_lettered"].as_u64() == Some(10)).await;
+    let s = await_stats(&node, "dl", "ten dead letters", |s| {
+        s["dead_lettered"].as_u64() == Some(10)
+    })
+    .await;
     assert_eq!(s["unacked"].as_u64(), Some(0), "{s}");
     let got = stuck.got();
     assert_eq!(got.len(), 30, "each sent three times: {got:?}");
@@ -569,8 +708,19 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
     assert_eq!(body["count"].as_u64(), Some(10), "{body}");
     let d = &body["dead_letters"][0];
     assert_eq!(d["deliveries"].as_u64(), Some(3), "{d}");
-    assert!(d["reason"].as_str().expect("reason").contains("not acknowledged after 3 deliveries"), "{d}");
-    assert!(d["event"]["data"]["symbol"].as_str().is_some_and(|s| s.starts_with('K')), "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("not acknowledged after 3 deliveries"),
+        "{d}"
+    );
+    assert!(
+        d["event"]["data"]["symbol"]
+            .as_str()
+            .is_some_and(|s| s.starts_with('K')),
+        "{d}"
+    );
     stuck.kill();
     node.stop().await;
 }

@@ -207,7 +207,12 @@ pub struct Core<T> {
 
 impl<T: Copy> Core<T> {
     /// A group with no members. `auto_ack`: at-most-once (done when sent).
-    pub fn new(kind: GroupType, auto_ack: bool, ack_timeout_ns: u64, max_redeliveries: u32) -> Self {
+    pub fn new(
+        kind: GroupType,
+        auto_ack: bool,
+        ack_timeout_ns: u64,
+        max_redeliveries: u32,
+    ) -> Self {
         Core {
             kind,
             auto_ack,
@@ -269,7 +274,13 @@ impl<T: Copy> Core<T> {
     ///
     /// # Errors
     /// [`JoinError::Exclusive`] when Exclusive and taken.
-    pub fn join(&mut self, id: u64, name: &str, priority: i32, window: u32) -> Result<(), JoinError> {
+    pub fn join(
+        &mut self,
+        id: u64,
+        name: &str,
+        priority: i32,
+        window: u32,
+    ) -> Result<(), JoinError> {
         self.join_with_timeout(id, name, priority, window, 0)
     }
 
@@ -625,12 +636,19 @@ impl<T: Copy> Core<T> {
             .members
             .iter()
             .map(|m| {
-                let t = if m.ack_timeout_ns > 0 { m.ack_timeout_ns } else { self.ack_timeout_ns };
+                let t = if m.ack_timeout_ns > 0 {
+                    m.ack_timeout_ns
+                } else {
+                    self.ack_timeout_ns
+                };
                 (m.id, t)
             })
             .collect();
         let late = |s: &Sent<T>| {
-            let t = timeouts.get(&s.member).copied().unwrap_or(self.ack_timeout_ns);
+            let t = timeouts
+                .get(&s.member)
+                .copied()
+                .unwrap_or(self.ack_timeout_ns);
             t > 0 && now_ns.saturating_sub(s.at_ns) >= t
         };
         let mut overdue: Vec<(u32, u64, u64)> = Vec::new();
@@ -794,7 +812,11 @@ mod tests {
         let d2 = dispatch(&mut c, 1);
         let mut got: Vec<(u64, u32)> = d2.iter().map(|x| (x.seq, x.redeliveries)).collect();
         got.sort_unstable();
-        let a_had: Vec<(u64, u32)> = d.iter().filter(|x| x.member == 1).map(|x| (x.seq, 1)).collect();
+        let a_had: Vec<(u64, u32)> = d
+            .iter()
+            .filter(|x| x.member == 1)
+            .map(|x| (x.seq, 1))
+            .collect();
         assert_eq!(got, a_had);
     }
 
@@ -828,7 +850,11 @@ mod tests {
         }
         assert_eq!(dead.len(), 1);
         assert_eq!((dead[0].seq, dead[0].deliveries), (5, 3));
-        assert_eq!(c.cursor(0), Some(6), "a dead letter no longer holds the cursor");
+        assert_eq!(
+            c.cursor(0),
+            Some(6),
+            "a dead letter no longer holds the cursor"
+        );
         assert!(removed.is_empty(), "Shared redelivers, it does not remove");
     }
 
@@ -876,7 +902,10 @@ mod tests {
         let five = mk(&["a", "b", "c", "d", "e"]);
         let moved = four.iter().zip(&five).filter(|(x, y)| x != y).count();
         assert!(moved < SLOTS / 3, "{moved} of {SLOTS} slots moved");
-        assert!(five.iter().zip(&four).all(|(n, o)| n == o || *n == 5), "only to the newcomer");
+        assert!(
+            five.iter().zip(&four).all(|(n, o)| n == o || *n == 5),
+            "only to the newcomer"
+        );
         for id in 1..=4u64 {
             let n = four.iter().filter(|&&o| o == id).count();
             assert!(n > SLOTS / 10, "member {id} owns {n} slots");
@@ -1034,7 +1063,7 @@ mod tests {
                     }
                 }
             }
-            for (e, _) in &keys {
+            for e in keys.keys() {
                 let n = acked.contains(e) as usize + dead_all.contains(e) as usize;
                 prop_assert_eq!(n, 1, "{:?} acked {} dead {}", e, acked.contains(e), dead_all.contains(e));
             }

@@ -43,14 +43,14 @@ use tickwire_proto::symbology::Symbology;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use self::core::{Core, DeadLetter, Delivery};
+pub use self::core::{Counters, GroupType, MemberStats};
 use crate::EdgeState;
 use crate::dispatch::outbox::{Closed, Frame, Outbox, Payload};
 use crate::dispatch::{Wire, Wires, json, wires_of};
 use crate::error::ApiError;
 use crate::spec::{GroupOpts, StartSpec, SubscriptionSpec};
 use crate::store::{DeadLetterRow, Store};
-pub use self::core::{Counters, GroupType, MemberStats};
-use self::core::{Core, DeadLetter, Delivery};
 
 /// How often moved cursors are written to the store.
 pub const SAVE_EVERY: Duration = Duration::from_millis(200);
@@ -164,7 +164,7 @@ impl MemberHandle {
         }
         if cumulative && matches!(self.group.kind, GroupType::Shared | GroupType::KeyShared) {
             return Err(ApiError::invalid(
-                "ack.cumulative",
+                "cumulative",
                 format!(
                     "a {} subscription acknowledges each message; cumulative acks are for Exclusive and Failover",
                     self.group.kind.name()
@@ -322,7 +322,11 @@ pub async fn join(
 }
 
 fn mode_name(acked: bool) -> &'static str {
-    if acked { "AT_LEAST_ONCE" } else { "AT_MOST_ONCE" }
+    if acked {
+        "AT_LEAST_ONCE"
+    } else {
+        "AT_MOST_ONCE"
+    }
 }
 
 /// Starts a group's thread: its reader at the stored cursors (at least
@@ -639,10 +643,7 @@ impl Group {
                         opts.ack_timeout.as_nanos() as u64,
                     )
                     .map_err(|e| {
-                        ApiError::Conflict(format!(
-                            "subscription {}: {e}",
-                            self.spec.name
-                        ))
+                        ApiError::Conflict(format!("subscription {}: {e}", self.spec.name))
                     });
                 if r.is_ok() {
                     self.members.push(Member {
@@ -963,7 +964,11 @@ impl Group {
             lost: self.lost,
             paused: self.core.paused(),
         };
-        *self.shared.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        *self
+            .shared
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = s;
     }
 }
 

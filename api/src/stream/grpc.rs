@@ -294,8 +294,9 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
                 ))
             })?;
         let heartbeat = spec.heartbeat;
-        let member =
-            Arc::new(crate::group::join(&self.state, spec, Wire::Grpc, Arc::new(Notify::new())).await?);
+        let member = Arc::new(
+            crate::group::join(&self.state, spec, Wire::Grpc, Arc::new(Notify::new())).await?,
+        );
         let outbox = member.outbox.clone();
         // Acks arrive on the request stream; a bad one ends this stream
         // (and only it) with INVALID_ARGUMENT naming the field.
@@ -459,9 +460,11 @@ impl pb::subscription_manager_server::SubscriptionManager for SubscriptionServic
         request: Request<pb::DeleteSubscriptionRequest>,
     ) -> Result<Response<pb::SubscriptionStats>, Status> {
         let (r, topic) = admit(&self.state, request, |r| &r.topic, Right::Read)?;
-        Ok(Response::new(
-            self.state.subscriptions.stats(&self.state.groups, &topic, &r.subscription)?,
-        ))
+        Ok(Response::new(self.state.subscriptions.stats(
+            &self.state.groups,
+            &topic,
+            &r.subscription,
+        )?))
     }
 }
 
@@ -471,6 +474,15 @@ pub fn subscribers(state: &EdgeState, topic: &str) -> u64 {
         .hub
         .topic(topic)
         .map_or(0, |t| t.subscribers.load(Ordering::Relaxed))
+}
+
+/// Ends a task when the stream holding it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]
@@ -513,14 +525,5 @@ mod tests {
             .map(|m| m.metadata.as_ref().map_or(0, |md| md.sequence))
             .collect();
         assert_eq!(seqs, [1, 2, 3, 4, 5]);
-    }
-}
-
-/// Ends a task when the stream holding it is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

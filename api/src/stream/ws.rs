@@ -125,7 +125,12 @@ fn parse_message_id(field: &str, id: &str) -> Result<(u32, u64), ApiError> {
             format!("{id:?} is not a message id \"<partition>:<epoch>:<sequence>\""),
         ));
     };
-    let bad = || ApiError::invalid(field, format!("{id:?}: partition, epoch and sequence are numbers"));
+    let bad = || {
+        ApiError::invalid(
+            field,
+            format!("{id:?}: partition, epoch and sequence are numbers"),
+        )
+    };
     let p: u32 = p.parse().map_err(|_| bad())?;
     let _: u64 = e.parse().map_err(|_| bad())?;
     let q: u64 = q.parse().map_err(|_| bad())?;
@@ -191,7 +196,9 @@ fn to_request(s: Subscribe) -> Result<(Option<String>, pb::StreamRequest), ApiEr
             other => {
                 return Err(ApiError::invalid(
                     "payload.subscription_type",
-                    format!("{other:?} is not a subscription type (exclusive, failover, shared, key_shared)"),
+                    format!(
+                        "{other:?} is not a subscription type (exclusive, failover, shared, key_shared)"
+                    ),
                 ));
             }
         } as i32;
@@ -204,7 +211,9 @@ fn to_request(s: Subscribe) -> Result<(Option<String>, pb::StreamRequest), ApiEr
             other => {
                 return Err(ApiError::invalid(
                     "payload.delivery_mode",
-                    format!("{other:?} is not a delivery mode (at_most_once, at_least_once, exactly_once)"),
+                    format!(
+                        "{other:?} is not a delivery mode (at_most_once, at_least_once, exactly_once)"
+                    ),
                 ));
             }
         } as i32;
@@ -548,12 +557,14 @@ async fn handle(
             member
                 .ack(ids, a.cumulative)
                 .map_err(|e| (prefix_payload(e), sid.clone()))?;
-            return Ok(None);
+            Ok(None)
         }
         other => Err((
             ApiError::invalid(
                 "type",
-                format!("{other:?} is not a message type a client sends (subscribe, unsubscribe, ack)"),
+                format!(
+                    "{other:?} is not a message type a client sends (subscribe, unsubscribe, ack)"
+                ),
             ),
             None,
         )),
