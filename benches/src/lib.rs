@@ -11,6 +11,7 @@
 
 pub mod bars_bench;
 pub mod edge;
+pub mod groups_bench;
 pub mod history_bench;
 pub mod ice;
 pub mod plain;

@@ -47,7 +47,7 @@ pub struct PulsarBench {
     pub trials: usize,
 }
 
-fn unique(name: &str) -> String {
+pub(crate) fn unique(name: &str) -> String {
     format!(
         "persistent://public/default/bench-{name}-{}-{}",
         std::process::id(),
@@ -55,12 +55,12 @@ fn unique(name: &str) -> String {
     )
 }
 
-fn script() -> std::path::PathBuf {
+pub(crate) fn script() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pulsar_consume.py")
 }
 
 /// Installs Apache's Python client from PyPI if it is missing.
-fn ensure_python_client() -> Result<(), String> {
+pub(crate) fn ensure_python_client() -> Result<(), String> {
     let has = Command::new("python3")
         .args(["-c", "import pulsar"])
         .status()
@@ -86,7 +86,7 @@ fn message(i: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({"symbol": format!("S{}", i % 64), "exchange": "NASDAQ", "currency": "USD", "timestamp_ns": realtime_ns(), "price": 100.0 + (i % 1000) as f64 * 0.01, "volume": 100})).unwrap_or_default()
 }
 
-async fn producer(
+pub(crate) async fn producer(
     url: &str,
     topic: &str,
     batching: bool,

@@ -31,6 +31,9 @@ enum Cmd {
     Pulsar(benches::pulsar_bench::PulsarBench),
     /// The remote edge (gRPC, WebSocket, REST) beside NATS and the bare servers.
     Edge(benches::edge::EdgeBench),
+    /// Subscription groups (Shared, Key_Shared of 4, at least once) beside
+    /// Pulsar's own subscriptions (needs scripts/services.sh up).
+    Groups(benches::groups_bench::GroupsBench),
     /// The journal (append, replay-merge) beside plain sequential writes and reads.
     History(benches::history_bench::HistoryBench),
     /// Internal: an edge client process.
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             benches::pulsar_bench::run(&b)
         }
         Cmd::Edge(b) => benches::edge::run(&b),
+        Cmd::Groups(b) => benches::groups_bench::run(&b),
         Cmd::History(b) => benches::history_bench::run(&b),
         Cmd::EdgeClient(a) => benches::edge::client(&a).map(|v| println!("{v}")),
         Cmd::Shm(mut b) => {

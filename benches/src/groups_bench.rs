@@ -1,0 +1,607 @@
+//! `tickwire-bench groups`: subscription groups of 4 at-least-once
+//! consumers (Shared, Key_Shared) beside Apache Pulsar's own subscriptions
+//! of the same type, on the same number of events, in the same run.
+//!
+//! - `drain`: a preloaded backlog, drained by a new group of 4; delivered
+//!   events/s = events / (last receive - first receive), over the group.
+//! - `paced`: events sent at `rate`/s to a group of 4 already attached;
+//!   latency = receive time - the event's own timestamp (set when it was
+//!   sent), every member's merged.
+//!
+//! tickwire: broker and edge in this process (4 partitions); the members
+//! are gRPC `ConsumeMarketData` streams on their own runtime thread,
+//! acknowledging each batch as it arrives. Pulsar: the services' Pulsar,
+//! a topic of the same events, the members are 4 processes of Apache's
+//! Python client (`benches/python/pulsar_consume.py`), acknowledging each
+//! message. Key_Shared messages carry their key and are produced
+//! unbatched: a batch of mixed keys would go to one member whole, which is
+//! not Key_Shared. Nothing is pinned: on 2 cores the broker, the edge, the
+//! group thread and the members (or Pulsar's JVM and the Python
+//! processes) share both.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tickwire_api::{Edge, EdgeConfig};
+use tickwire_broker::config::{Config, TopicConfig};
+use tickwire_broker::edge::BrokerEngine;
+use tickwire_broker::engine::{Broker, Ingest};
+use tickwire_proto::FrameBody;
+use tickwire_proto::futex::realtime_ns;
+use tickwire_proto::pb;
+use tickwire_proto::symbology::Instrument;
+use tokio_util::sync::CancellationToken;
+
+use crate::pulsar_bench::{ensure_python_client, producer, script, unique};
+
+const TOPIC: &str = "bench/groups";
+const MEMBERS: usize = 4;
+const QUEUE: u32 = 1000;
+const KEYS: u64 = 64;
+
+/// `tickwire-bench groups` settings.
+#[derive(clap::Args)]
+pub struct GroupsBench {
+    /// Pulsar service URL.
+    #[arg(long, default_value = "pulsar://127.0.0.1:6650")]
+    pub url: String,
+    /// Events in the drained backlog.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Paced rate, events/s.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Seconds of paced sending.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Cases: shared_4, key_shared_4.
+    #[arg(long, default_value = "shared_4,key_shared_4")]
+    pub cases: String,
+    /// Systems: tickwire, pulsar_client.
+    #[arg(long, default_value = "tickwire,pulsar_client")]
+    pub systems: String,
+}
+
+/// What a group of members saw.
+#[derive(Debug, Default)]
+struct Outcome {
+    events: u64,
+    unique: u64,
+    redelivered: u64,
+    elapsed_ns: u64,
+    lat: Option<Histogram<u64>>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+struct Node {
+    _dir: tempfile::TempDir,
+    broker: Option<Broker>,
+    edge: Option<Edge>,
+    cancel: CancellationToken,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Node {
+    fn start() -> Result<Node, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut c = Config::default();
+        c.node.dir = Some(dir.path().join("node"));
+        c.journal.dir = Some(dir.path().join("journal"));
+        c.synthetic.enabled = false;
+        c.stats.log_interval_secs = 0;
+        c.topics = vec![TopicConfig {
+            name: TOPIC.into(),
+            partitions: 4,
+            capacity: 1 << 16,
+            ..TopicConfig::default()
+        }];
+        let broker = Broker::start(&c).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let cancel = CancellationToken::new();
+        let engine = Arc::new(BrokerEngine::new(&broker));
+        let cfg = EdgeConfig {
+            grpc_addr: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+            http_addr: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+            store_url: format!("sqlite://{}", dir.path().join("store.db").display()),
+            ..EdgeConfig::default()
+        };
+        let edge = rt
+            .block_on(Edge::start(cfg, engine, cancel.clone()))
+            .map_err(|e| e.to_string())?;
+        Ok(Node {
+            _dir: dir,
+            broker: Some(broker),
+            edge: Some(edge),
+            cancel,
+            rt,
+        })
+    }
+
+    fn ingest(&self) -> Result<Ingest, String> {
+        Ok(self.broker.as_ref().ok_or("stopped")?.ingest(1))
+    }
+
+    fn grpc(&self) -> String {
+        self.edge
+            .as_ref()
+            .map(|e| format!("http://{}", e.grpc_addr))
+            .unwrap_or_default()
+    }
+
+    fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(e) = self.edge.take() {
+            self.rt.block_on(e.join());
+        }
+        if let Some(b) = self.broker.take() {
+            b.shutdown();
+        }
+    }
+}
+
+/// Sends events `from..to` over [`KEYS`] instruments, paced at `rate`
+/// (0: as fast as the rings take them); each carries its send time.
+fn send(ingest: &mut Ingest, from: u64, to: u64, rate: u64) -> Result<(), String> {
+    let t = ingest.resolver().topic(TOPIC).ok_or("topic not routable")?;
+    let mut routes = Vec::new();
+    for k in 0..KEYS {
+        routes.push(
+            ingest
+                .resolver()
+                .route(
+                    t,
+                    &Instrument {
+                        symbol: format!("S{k}"),
+                        exchange: "NASDAQ".into(),
+                        currency: "USD".into(),
+                        size_decimals: 0,
+                    },
+                )
+                .map_err(|e| format!("route: {e}"))?,
+        );
+    }
+    let started = Instant::now();
+    for i in from..to {
+        let mut body = FrameBody::trade(0, realtime_ns(), 100_000_000_000, 100);
+        body.source_seq = i + 1;
+        while ingest
+            .try_send(&routes[(i % KEYS) as usize], &body, None)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64((i - from) as f64 / rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Shared {
+    events: AtomicU64,
+    redelivered: AtomicU64,
+    seen: Mutex<HashSet<u64>>,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+    lat: Mutex<Histogram<u64>>,
+}
+
+/// One tickwire member: receive, record, acknowledge each batch.
+async fn member(
+    url: String,
+    kind: pb::SubscriptionType,
+    sub: String,
+    name: String,
+    start: pb::MessagePosition,
+    s: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let mut client = pb::market_data_stream_client::MarketDataStreamClient::connect(url)
+        .await
+        .map_err(|e| e.to_string())?
+        .max_decoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tx.send(pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Subscribe(pb::StreamRequest {
+            topic: TOPIC.into(),
+            subscription_name: sub,
+            subscription_type: kind as i32,
+            delivery_mode: pb::DeliveryMode::AtLeastOnce as i32,
+            consumer_name: name,
+            receiver_queue_size: QUEUE,
+            start_position: start as i32,
+            ..Default::default()
+        })),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut stream = client
+        .consume_market_data(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    loop {
+        let m = tokio::select! {
+            m = stream.message() => m,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let Some(m) = m.map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        let Some(pb::stream_response::Kind::Batch(b)) = m.kind else {
+            continue;
+        };
+        let now = realtime_ns();
+        let at = Instant::now();
+        let mut ids = Vec::with_capacity(b.messages.len());
+        {
+            let mut seen = s.seen.lock().map_err(|_| "lock")?;
+            let mut lat = s.lat.lock().map_err(|_| "lock")?;
+            for msg in &b.messages {
+                let Some(md) = &msg.metadata else { continue };
+                seen.insert(md.source_seq);
+                if md.redelivery_count > 0 {
+                    s.redelivered.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = lat.record(now.saturating_sub(msg.timestamp as u64).max(1));
+                ids.push(pb::MessageId {
+                    partition: md.partition,
+                    epoch: md.epoch,
+                    sequence: md.sequence,
+                });
+            }
+        }
+        s.events.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        if let Ok(mut f) = s.first.lock() {
+            f.get_or_insert(at);
+        }
+        if let Ok(mut l) = s.last.lock() {
+            *l = Some(at);
+        }
+        let ack = pb::ConsumeRequest {
+            kind: Some(pb::consume_request::Kind::Ack(pb::AckRequest {
+                message_ids: ids,
+                cumulative: false,
+            })),
+        };
+        if tx.send(ack).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A group of 4 tickwire members until `want` distinct events arrived.
+fn tw_group(
+    node: &Node,
+    kind: pb::SubscriptionType,
+    sub: &str,
+    start: pb::MessagePosition,
+    want: u64,
+    during: impl FnOnce() -> Result<(), String>,
+) -> Result<Outcome, String> {
+    let s = Arc::new(Shared {
+        events: AtomicU64::new(0),
+        redelivered: AtomicU64::new(0),
+        seen: Mutex::new(HashSet::new()),
+        first: Mutex::new(None),
+        last: Mutex::new(None),
+        lat: Mutex::new(histogram()),
+    });
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..MEMBERS {
+        tasks.push(node.rt.spawn(member(
+            node.grpc(),
+            kind,
+            sub.to_string(),
+            format!("m{i}"),
+            start,
+            s.clone(),
+            stop.clone(),
+        )));
+    }
+    // Every member in before anything is sent.
+    let state = node.edge.as_ref().ok_or("stopped")?.state.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state
+        .groups
+        .get(TOPIC, sub)
+        .is_none_or(|g| g.snapshot.lock().map_or(0, |x| x.members.len()) < MEMBERS)
+    {
+        if Instant::now() > deadline {
+            return Err("tickwire group: members did not join in 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    during()?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let n = s.seen.lock().map_err(|_| "lock")?.len() as u64;
+        if n >= want {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("tickwire group: {n} of {want} events in 300 s"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    stop.cancel();
+    for t in tasks {
+        node.rt
+            .block_on(t)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("member: {e}"))?;
+    }
+    let first = s.first.lock().map_err(|_| "lock")?.ok_or("nothing")?;
+    let last = s.last.lock().map_err(|_| "lock")?.ok_or("nothing")?;
+    let lat = s.lat.lock().map_err(|_| "lock")?.clone();
+    Ok(Outcome {
+        events: s.events.load(Ordering::Relaxed),
+        unique: s.seen.lock().map_err(|_| "lock")?.len() as u64,
+        redelivered: s.redelivered.load(Ordering::Relaxed),
+        elapsed_ns: last.duration_since(first).as_nanos() as u64,
+        lat: Some(lat),
+    })
+}
+
+fn pulsar_message(i: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"symbol": format!("S{}", i % KEYS), "exchange": "NASDAQ", "currency": "USD", "timestamp_ns": realtime_ns(), "price": 100.0, "volume": 100, "seq": i})).unwrap_or_default()
+}
+
+/// Produces `from..to` (keyed; batched unless Key_Shared), paced at `rate` (0: flat out).
+fn pulsar_send(
+    url: &str,
+    topic: &str,
+    from: u64,
+    to: u64,
+    rate: u64,
+    batching: bool,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut p = producer(url, topic, batching).await?;
+        let started = Instant::now();
+        let mut receipts = Vec::new();
+        for i in from..to {
+            let r = p
+                .create_message()
+                .with_content(pulsar_message(i))
+                .with_key(format!("S{}", i % KEYS))
+                .send_non_blocking()
+                .await
+                .map_err(|e| e.to_string())?;
+            receipts.push(r);
+            if receipts.len() >= 5_000 {
+                if batching {
+                    p.send_batch().await.map_err(|e| e.to_string())?;
+                }
+                for r in receipts.drain(..) {
+                    r.await.map_err(|e| e.to_string())?;
+                }
+            }
+            if rate > 0 {
+                let due = started + Duration::from_secs_f64((i - from) as f64 / rate as f64);
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+        if batching {
+            p.send_batch().await.map_err(|e| e.to_string())?;
+        }
+        for r in receipts {
+            r.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+}
+
+/// A group of 4 Python members on `topic` until each is idle for 3 s.
+fn pulsar_group(
+    url: &str,
+    topic: &str,
+    kind: &str,
+    sub: &str,
+    latency: bool,
+    during: impl FnOnce() -> Result<(), String>,
+) -> Result<Outcome, String> {
+    use std::io::BufRead;
+    let mut members = Vec::new();
+    for _ in 0..MEMBERS {
+        let mut child = std::process::Command::new("python3")
+            .arg(script())
+            .args([
+                url,
+                topic,
+                sub,
+                kind,
+                &QUEUE.to_string(),
+                "100000000",
+                if latency { "2" } else { "0" },
+                "3000",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("python3: {e}"))?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().ok_or("stdout")?).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l == "READY" => break,
+                Some(Ok(_)) => continue,
+                _ => return Err("python consumer exited before READY".into()),
+            }
+        }
+        members.push((child, lines));
+    }
+    during()?;
+    let mut out = Outcome {
+        lat: latency.then(histogram),
+        ..Outcome::default()
+    };
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    for (mut child, mut lines) in members {
+        let line = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("{\"events\""))
+            .ok_or("python consumer printed no result")?;
+        let _ = child.wait();
+        let v: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        let n = v["events"].as_u64().unwrap_or(0);
+        out.events += n;
+        out.redelivered += v["redelivered"].as_u64().unwrap_or(0);
+        if n > 0 {
+            first = first.min(v["first_mono_ns"].as_u64().unwrap_or(u64::MAX));
+            last = last.max(v["last_mono_ns"].as_u64().unwrap_or(0));
+        }
+        if let (Some(h), Some(l)) = (out.lat.as_mut(), v["latencies_ns"].as_array()) {
+            for x in l {
+                let _ = h.record(x.as_u64().unwrap_or(0).max(1));
+            }
+        }
+    }
+    // Pulsar gives no source sequence to the script: redeliveries aside,
+    // a member's receive is an event.
+    out.unique = out.events.saturating_sub(out.redelivered);
+    out.elapsed_ns = last.saturating_sub(first).max(1);
+    Ok(out)
+}
+
+fn line(case: &str, phase: &str, system: &str, o: &Outcome, want: u64, extra: Value) -> Value {
+    let q = |p: f64| o.lat.as_ref().map(|h| h.value_at_quantile(p));
+    let mut v = json!({
+        "case": case, "phase": phase, "system": system, "members": MEMBERS,
+        "delivery": "at_least_once", "receiver_queue_size": QUEUE,
+        "events": want, "received": o.events,
+        "events_per_sec": (o.events as f64 * 1e9 / o.elapsed_ns.max(1) as f64).round(),
+        "p50_ns": q(0.5), "p99_ns": q(0.99), "p999_ns": q(0.999), "max_ns": o.lat.as_ref().map(|h| h.max()),
+        "redelivered": o.redelivered, "lost": want.saturating_sub(o.unique),
+        "cores": "unpinned: broker, edge, group thread and members (or Pulsar's JVM and the Python members) share both",
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    v
+}
+
+/// Runs the cases; prints one JSON line per case, phase and system.
+///
+/// # Errors
+/// Pulsar unreachable, the Python client missing and not installable, or a
+/// group that does not receive everything in time.
+pub fn run(b: &GroupsBench) -> Result<(), String> {
+    let systems: Vec<&str> = b.systems.split(',').map(str::trim).collect();
+    if systems.contains(&"pulsar_client") {
+        ensure_python_client()?;
+    }
+    let paced_n = (b.rate as f64 * b.seconds) as u64;
+    for case in b.cases.split(',').map(str::trim) {
+        let (kind, pkind) = match case {
+            "shared_4" => (pb::SubscriptionType::Shared, "shared"),
+            "key_shared_4" => (pb::SubscriptionType::KeyShared, "key_shared"),
+            other => return Err(format!("unknown case {other:?} (shared_4, key_shared_4)")),
+        };
+        let mut tw_eps = None;
+        if systems.contains(&"tickwire") {
+            let node = Node::start()?;
+            let mut ingest = node.ingest()?;
+            send(&mut ingest, 0, b.messages, 0)?;
+            // Let the journal take the backlog: the group reads it from there.
+            std::thread::sleep(Duration::from_millis(500));
+            let d = tw_group(
+                &node,
+                kind,
+                "drain",
+                pb::MessagePosition::Earliest,
+                b.messages,
+                || Ok(()),
+            )?;
+            let v = line(
+                case,
+                "drain",
+                "tickwire",
+                &d,
+                b.messages,
+                json!({"transport": "grpc ConsumeMarketData"}),
+            );
+            tw_eps = v["events_per_sec"].as_f64();
+            println!("{v}");
+            let (from, to, rate) = (b.messages, b.messages + paced_n, b.rate);
+            let p = tw_group(
+                &node,
+                kind,
+                "paced",
+                pb::MessagePosition::Latest,
+                paced_n,
+                move || send(&mut ingest, from, to, rate),
+            )?;
+            println!(
+                "{}",
+                line(
+                    case,
+                    "paced",
+                    "tickwire",
+                    &p,
+                    paced_n,
+                    json!({"rate": b.rate, "latency": "receive - event timestamp (set at send)"})
+                )
+            );
+            node.stop();
+        }
+        if systems.contains(&"pulsar_client") {
+            let topic = unique(&format!("groups-{pkind}"));
+            let batching = kind == pb::SubscriptionType::Shared;
+            pulsar_send(&b.url, &topic, 0, b.messages, 0, batching)?;
+            let d = pulsar_group(&b.url, &topic, pkind, "drain", false, || Ok(()))?;
+            let mut v = line(
+                case,
+                "drain",
+                "pulsar_client",
+                &d,
+                b.messages,
+                json!({"producer_batching": batching}),
+            );
+            if let (Some(t), Some(p)) = (tw_eps, v["events_per_sec"].as_f64()) {
+                v["tickwire_ratio"] = json!(((t / p.max(1.0)) * 100.0).round() / 100.0);
+            }
+            println!("{v}");
+            let topic = unique(&format!("groups-paced-{pkind}"));
+            let (url, t2) = (b.url.clone(), topic.clone());
+            let (n, rate) = (paced_n, b.rate);
+            let p = pulsar_group(&b.url, &topic, pkind, "paced", true, move || {
+                pulsar_send(&url, &t2, 0, n, rate, batching)
+            })?;
+            println!(
+                "{}",
+                line(
+                    case,
+                    "paced",
+                    "pulsar_client",
+                    &p,
+                    paced_n,
+                    json!({"rate": b.rate, "producer_batching": batching, "latency": "receive - producer timestamp in the payload"})
+                )
+            );
+        }
+    }
+    Ok(())
+}
