@@ -484,15 +484,19 @@ impl Hub {
 
     /// Waits for every dispatcher thread (after the cancel token fired).
     pub fn join(&self) {
-        let threads: Vec<_> = self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for t in threads {
-            let _ = t.join();
-        }
+        join_all(&self.threads);
+    }
+}
+
+/// Waits for the threads in `threads` (taking them out).
+pub(crate) fn join_all(threads: &Mutex<Vec<std::thread::JoinHandle<()>>>) {
+    let threads: Vec<_> = threads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+        .collect();
+    for t in threads {
+        let _ = t.join();
     }
 }
 

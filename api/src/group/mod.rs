@@ -230,15 +230,7 @@ impl Groups {
 
     /// Waits for every group thread (after the cancel token fired).
     pub fn join(&self) {
-        let threads: Vec<_> = self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for t in threads {
-            let _ = t.join();
-        }
+        crate::dispatch::join_all(&self.threads);
     }
 }
 
@@ -815,16 +807,14 @@ impl Group {
                 continue;
             };
             let b = ArchivedFrameBody::from_words(&d.item.words);
-            let meta = TickMeta {
-                topic: &self.spec.topic,
-                partition: d.partition,
-                epoch: d.item.epoch,
-                seq: d.seq,
-                send_time_ns: now,
-                snapshot: false,
-                conflated: false,
-                redeliveries: d.redeliveries,
-            };
+            let meta = meta(
+                &self.spec.topic,
+                d.partition,
+                d.seq,
+                &d.item,
+                now,
+                d.redeliveries,
+            );
             let id = b.instrument_id();
             let inst = wires_of(
                 &mut self.wires,
@@ -874,16 +864,14 @@ impl Group {
                 id,
                 self.sym.as_ref().and_then(|s| s.get(id)),
             );
-            let meta = TickMeta {
-                topic: &self.spec.topic,
-                partition: d.partition,
-                epoch: d.item.epoch,
-                seq: d.seq,
-                send_time_ns: now,
-                snapshot: false,
-                conflated: false,
-                redeliveries: d.deliveries.saturating_sub(1),
-            };
+            let meta = meta(
+                &self.spec.topic,
+                d.partition,
+                d.seq,
+                &d.item,
+                now,
+                d.deliveries.saturating_sub(1),
+            );
             let mut event = String::new();
             json::encode_tick(&mut event, &meta, b, inst.map(|w| &w.json));
             tracing::warn!(subscription = %self.sub_id, partition = d.partition, seq = d.seq, deliveries = d.deliveries, "message dead-lettered");
@@ -969,6 +957,27 @@ impl Group {
             .snapshot
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = s;
+    }
+}
+
+/// The metadata of an event a group sends.
+fn meta<'a>(
+    topic: &'a str,
+    partition: u32,
+    seq: u64,
+    item: &Item,
+    now: u64,
+    redeliveries: u32,
+) -> TickMeta<'a> {
+    TickMeta {
+        topic,
+        partition,
+        epoch: item.epoch,
+        seq,
+        send_time_ns: now,
+        snapshot: false,
+        conflated: false,
+        redeliveries,
     }
 }
 

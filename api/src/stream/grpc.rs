@@ -42,6 +42,16 @@ fn named(topic: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// A stream's place under `edge.max_streams`, held as long as it lives.
+fn stream_permit(state: &EdgeState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Limit(format!(
+            "{} streams are open; the limit is {}",
+            state.config.max_streams, state.config.max_streams
+        ))
+    })
+}
+
 /// The `MarketDataStream` service.
 pub struct StreamService {
     state: Arc<EdgeState>,
@@ -148,17 +158,7 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
         self.state
             .auth
             .allow(key.as_deref(), &spec.topic, Right::Read)?;
-        let permit = self
-            .state
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                ApiError::Limit(format!(
-                    "{} streams are open; the limit is {}",
-                    self.state.config.max_streams, self.state.config.max_streams
-                ))
-            })?;
+        let permit = stream_permit(&self.state)?;
         if let Some(g) = &spec.group {
             if g.acked {
                 return Err(ApiError::invalid(
@@ -282,17 +282,7 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
         self.state
             .auth
             .allow(key.as_deref(), &spec.topic, Right::Read)?;
-        let permit = self
-            .state
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                ApiError::Limit(format!(
-                    "{} streams are open; the limit is {}",
-                    self.state.config.max_streams, self.state.config.max_streams
-                ))
-            })?;
+        let permit = stream_permit(&self.state)?;
         let heartbeat = spec.heartbeat;
         let member = Arc::new(
             crate::group::join(&self.state, spec, Wire::Grpc, Arc::new(Notify::new())).await?,
