@@ -410,48 +410,64 @@ impl<T: Copy> Core<T> {
             m.open = open(m.id);
             m.waiting = false;
         }
-        let mut left = budget;
+        // No more than the open members' credit: a round where members are
+        // full costs nothing, whatever the backlog.
+        let credit: usize = self
+            .members
+            .iter()
+            .filter(|m| m.open)
+            .map(|m| {
+                if self.auto_ack {
+                    budget
+                } else {
+                    m.window.saturating_sub(m.unacked) as usize
+                }
+            })
+            .fold(0usize, usize::saturating_add);
+        let mut left = budget.min(credit);
+        if left == 0 {
+            return;
+        }
         let parts: Vec<u32> = self.parts.keys().copied().collect();
         let mut blocked: std::collections::HashSet<u32> = std::collections::HashSet::new();
-        let mut sent: Vec<u64> = Vec::new();
+        let mut scan: Vec<(u64, u32)> = Vec::new();
         for p in parts {
             if left == 0 {
                 break;
             }
             blocked.clear();
-            sent.clear();
             let Some(part) = self.parts.get(&p) else {
                 continue;
             };
-            let ready: Vec<(u64, Ready<T>)> = part
-                .ready
-                .iter()
-                .take(left.saturating_mul(4).max(64))
-                .map(|(&s, r)| (s, *r))
-                .collect();
-            for (seq, r) in ready {
+            // Shared sends the first events in order; the other types may
+            // skip a blocked key's events to reach others behind them.
+            let look = if self.kind == GroupType::Shared {
+                left
+            } else {
+                left.saturating_mul(4).max(64)
+            };
+            scan.clear();
+            scan.extend(part.ready.iter().take(look).map(|(&s, r)| (s, r.key)));
+            for &(seq, key) in &scan {
                 if left == 0 {
                     break;
                 }
-                if r.key != NO_KEY && blocked.contains(&r.key) {
+                if key != NO_KEY && blocked.contains(&key) {
                     continue;
                 }
-                let Some(member) = self.target(p, r.key) else {
-                    if r.key == NO_KEY {
+                let Some(member) = self.target(p, key) else {
+                    if key == NO_KEY {
                         // Shared: nobody has credit; later events neither.
                         break;
                     }
-                    blocked.insert(r.key);
+                    blocked.insert(key);
+                    continue;
+                };
+                let Some(r) = self.parts.get_mut(&p).and_then(|x| x.ready.remove(&seq)) else {
                     continue;
                 };
                 self.send(p, seq, r, member, now_ns, out);
-                sent.push(seq);
                 left -= 1;
-            }
-            if let Some(part) = self.parts.get_mut(&p) {
-                for s in &sent {
-                    part.ready.remove(s);
-                }
             }
         }
     }
