@@ -758,13 +758,23 @@ impl Group {
             return i;
         }
         let mut entry = self.sym.as_ref().and_then(|s| s.get(id));
-        if entry.is_none() {
+        if entry.is_none() && self.sym.as_ref().is_none_or(|s| id > s.count()) {
             // Interned after the table was opened: open it again.
             self.sym = Symbology::open(&self.node_dir).ok().map(Arc::new);
             entry = self.sym.as_ref().and_then(|s| s.get(id));
         }
         let v = match entry {
-            None => return Inst::Unwanted,
+            // No names to filter by: a subscription to everything still
+            // gets it (keyed by id); one that names instruments does not.
+            None => {
+                let s = &self.spec;
+                return if s.symbols.is_empty() && s.exchanges.is_empty() && s.currencies.is_empty()
+                {
+                    Inst::Wanted((id as u16) ^ ((id >> 16) as u16))
+                } else {
+                    Inst::Unwanted
+                };
+            }
             Some(e) => {
                 if self
                     .spec
