@@ -157,16 +157,7 @@ pub fn start(
         .start(Start::Time(spec.start_ns))
         .filter(filter)
         .open()
-        .map_err(|e| match e {
-            shm_client::Error::NoSuchTopic { .. } => ApiError::NotFound {
-                what: "topic",
-                name: spec.topic.clone(),
-            },
-            other => {
-                tracing::warn!(topic = %spec.topic, error = %other, "cannot open a historical reader");
-                ApiError::Unavailable(format!("topic {} cannot be read now", spec.topic))
-            }
-        })?;
+        .map_err(|e| crate::dispatch::open_error(&spec.topic, "a historical stream", e))?;
     let (tx, rx) = mpsc::channel(16);
     std::thread::Builder::new()
         .name("tickwire-history".into())

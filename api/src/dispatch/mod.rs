@@ -397,16 +397,7 @@ impl Hub {
             .journal_fill(true)
             .wait(WaitStrategy::Futex { spins: 200 })
             .open()
-            .map_err(|e| match e {
-                shm_client::Error::NoSuchTopic { .. } => ApiError::NotFound {
-                    what: "topic",
-                    name: topic.into(),
-                },
-                other => {
-                    tracing::error!(topic, error = %other, "cannot open the topic's rings");
-                    ApiError::Unavailable(format!("topic {topic} cannot be read now"))
-                }
-            })?;
+            .map_err(|e| open_error(topic, "the dispatcher", e))?;
         let shared = Arc::new(TopicShared::new(topic, self.delivery_log.clone()));
         let (tx, rx) = std::sync::mpsc::channel();
         let d = Dispatcher::new(
@@ -485,6 +476,21 @@ impl Hub {
     /// Waits for every dispatcher thread (after the cancel token fired).
     pub fn join(&self) {
         join_all(&self.threads);
+    }
+}
+
+/// A reader of `topic` that cannot be opened, as the API says it: 404 for
+/// a topic without rings, 503 (logged with the cause) otherwise.
+pub(crate) fn open_error(topic: &str, reader: &str, e: shm_client::Error) -> ApiError {
+    match e {
+        shm_client::Error::NoSuchTopic { .. } => ApiError::NotFound {
+            what: "topic",
+            name: topic.into(),
+        },
+        other => {
+            tracing::error!(topic, reader, error = %other, "cannot open a reader of the topic");
+            ApiError::Unavailable(format!("topic {topic} cannot be read now"))
+        }
     }
 }
 

@@ -359,16 +359,9 @@ async fn start(
     for &(p, next) in &cursors {
         b = b.resume_at(p, next);
     }
-    let reader = b.open().map_err(|e| match e {
-        shm_client::Error::NoSuchTopic { .. } => ApiError::NotFound {
-            what: "topic",
-            name: spec.topic.clone(),
-        },
-        other => {
-            tracing::error!(topic = %spec.topic, error = %other, "cannot open a group reader");
-            ApiError::Unavailable(format!("topic {} cannot be read now", spec.topic))
-        }
-    })?;
+    let reader = b
+        .open()
+        .map_err(|e| crate::dispatch::open_error(&spec.topic, "a subscription group", e))?;
     let mut core = Core::new(
         opts.kind,
         !opts.acked,
@@ -825,12 +818,7 @@ impl Group {
                 now,
                 d.redeliveries,
             );
-            let id = b.instrument_id();
-            let inst = wires_of(
-                &mut self.wires,
-                id,
-                self.sym.as_ref().and_then(|s| s.get(id)),
-            );
+            let inst = group_wires(&mut self.wires, self.sym.as_deref(), b.instrument_id());
             match &m.wire {
                 Wire::Grpc => {
                     self.pb.clear();
@@ -868,12 +856,7 @@ impl Group {
         let mut rows = Vec::with_capacity(dead.len());
         for d in dead {
             let b = ArchivedFrameBody::from_words(&d.item.words);
-            let id = b.instrument_id();
-            let inst = wires_of(
-                &mut self.wires,
-                id,
-                self.sym.as_ref().and_then(|s| s.get(id)),
-            );
+            let inst = group_wires(&mut self.wires, self.sym.as_deref(), b.instrument_id());
             let meta = meta(
                 &self.spec.topic,
                 d.partition,
@@ -968,6 +951,15 @@ impl Group {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = s;
     }
+}
+
+/// An instrument's encoded strings, from the group's symbology table.
+fn group_wires<'a>(
+    wires: &'a mut Vec<Option<Box<Wires>>>,
+    sym: Option<&Symbology>,
+    id: u32,
+) -> Option<&'a Wires> {
+    wires_of(wires, id, sym.and_then(|s| s.get(id)))
 }
 
 /// The metadata of an event a group sends.
