@@ -404,6 +404,22 @@ impl RingFile {
         .is_some_and(|t| t != libc::F_UNLCK)
     }
 
+    /// Whether a process holds reader slot `index`'s liveness lock now: a
+    /// reader that died (or closed) has none. A syscall: call it when idle.
+    /// `false` when this process cannot open the reader-state file.
+    pub fn reader_alive(&self, index: usize) -> bool {
+        let Some(f) = &self.readers_file else {
+            return false;
+        };
+        ofd_lock(
+            f.as_raw_fd(),
+            libc::F_OFD_GETLK,
+            libc::F_WRLCK,
+            LIVENESS_LOCK_BASE + index as u64,
+        )
+        .is_some_and(|t| t != libc::F_UNLCK)
+    }
+
     /// Whether the writer closed the ring gracefully.
     pub fn writer_closed(&self) -> bool {
         self.ring().writer_state() == WRITER_CLOSED
@@ -1194,6 +1210,14 @@ impl PartitionReader {
             Some(r) => r.check(),
             None => Tether::Unchanged,
         }
+    }
+
+    /// This reader's slot, when registered: its index and the slot (a
+    /// subscription group's member publishes its acknowledged cursor there
+    /// and reads its coordinator's signal word).
+    pub fn slot(&self) -> Option<(usize, &crate::layout::ReaderSlot)> {
+        let r = self.reg.as_ref()?;
+        Some((r.index(), &self.core.ring().readers()[r.index()]))
     }
 
     /// Whether this reader holds a reader slot (it can block on the futex).

@@ -12,6 +12,7 @@
 
 pub mod frame;
 pub mod futex;
+pub mod group;
 pub mod layout;
 pub mod ring;
 pub mod shm;

@@ -17,11 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Hash slots of a Key_Shared group (Pulsar's 65,536).
-pub const SLOTS: usize = 65_536;
-
-/// Virtual points per member on the consistent-hash ring.
-const POINTS: u32 = 128;
+pub use tickwire_proto::group::{SLOTS, slot_of};
 
 /// A subscription type, with Pulsar's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -700,16 +696,15 @@ impl<T: Copy> Core<T> {
             GroupType::Shared => {}
             GroupType::KeyShared => self.owners = ring_owners(&self.members),
             GroupType::Exclusive | GroupType::Failover => {
-                let mut order: Vec<&Member> = self.members.iter().collect();
-                order.sort_by(|a, b| (a.priority, &a.name, a.id).cmp(&(b.priority, &b.name, b.id)));
                 self.active.clear();
-                if order.is_empty() {
-                    return;
-                }
-                // Pulsar's rule for partitioned topics: partition p to
-                // consumer p mod n of the sorted list.
                 for &p in self.parts.keys() {
-                    self.active.insert(p, order[p as usize % order.len()].id);
+                    let members = self
+                        .members
+                        .iter()
+                        .map(|m| (m.priority, m.name.as_str(), m.id));
+                    if let Some(id) = tickwire_proto::group::failover_active(members, p) {
+                        self.active.insert(p, id);
+                    }
                 }
             }
         }
@@ -744,48 +739,9 @@ impl<T: Copy> Core<T> {
     }
 }
 
-/// Key_Shared: each slot's owner by consistent hashing: every member puts
-/// [`POINTS`] points on a ring of 2^32 (hashes of its name), and a slot
-/// belongs to the first point at or after it. A member that joins or
-/// leaves moves only the slots next to its own points.
+/// Key_Shared: each slot's owner ([`tickwire_proto::group::slot_owners`]).
 fn ring_owners(members: &[Member]) -> Vec<u64> {
-    if members.is_empty() {
-        return Vec::new();
-    }
-    let mut points: Vec<(u32, u64)> = Vec::with_capacity(members.len() * POINTS as usize);
-    for m in members {
-        for i in 0..POINTS {
-            let h = hash(format!("{}#{i}", m.name).as_bytes());
-            points.push(((h >> 32) as u32, m.id));
-        }
-    }
-    points.sort_unstable();
-    let mut owners = vec![0u64; SLOTS];
-    let mut j = 0;
-    for (s, o) in owners.iter_mut().enumerate() {
-        let pos = (s as u32) << 16;
-        while j < points.len() && points[j].0 < pos {
-            j += 1;
-        }
-        *o = points.get(j).unwrap_or(&points[0]).1;
-    }
-    owners
-}
-
-/// The Key_Shared slot of an instrument: the top 16 bits of a hash of
-/// `symbol.exchange`. The same on every node and across restarts
-/// (instrument ids are not).
-pub fn slot_of(symbol: &str, exchange: &str) -> u16 {
-    (hash(format!("{symbol}.{exchange}").as_bytes()) >> 48) as u16
-}
-
-/// FNV-1a, then SplitMix64's finaliser: FNV alone spreads short names
-/// that differ in one byte ("a#1", "a#2") poorly over the high bits.
-fn hash(bytes: &[u8]) -> u64 {
-    let mut z = tickwire_proto::layout::fnv1a(tickwire_proto::layout::FNV_OFFSET, bytes);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    tickwire_proto::group::slot_owners(members.iter().map(|m| (m.name.as_str(), m.id)))
 }
 
 #[cfg(test)]
