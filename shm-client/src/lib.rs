@@ -27,6 +27,7 @@
 //! ```
 
 mod filter;
+pub mod group;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -136,6 +137,10 @@ pub enum Error {
     /// (which maps them to instrument ids) cannot be read.
     #[error("the filter needs the node's symbology table, which cannot be used: {0}")]
     Symbology(String),
+    /// A subscription group could not be joined, or refused an
+    /// acknowledgement.
+    #[error("subscription group: {0}")]
+    Group(String),
 }
 
 /// One event, in order per partition. More kinds may come in later
@@ -218,6 +223,10 @@ pub struct Tick<'a> {
     pub seq: u64,
     /// The frame body, in its archived (wire) layout.
     pub body: &'a ArchivedFrameBody,
+    /// How many times a subscription group delivered this event to a
+    /// member before (one that died, left or was removed without
+    /// acknowledging it); 0 outside groups.
+    pub redeliveries: u32,
     symbology: Option<&'a Symbology>,
 }
 
@@ -770,6 +779,7 @@ impl Subscriber {
                         stats.delivered += 1;
                         n += 1;
                         f(Event::Tick(Tick {
+                            redeliveries: 0,
                             partition: part.partition,
                             seq: $seq,
                             body,
@@ -902,6 +912,7 @@ impl Subscriber {
     fn event(&self, found: Found) -> Event<'_> {
         match found {
             Found::Tick(partition, seq) => Event::Tick(Tick {
+                redeliveries: 0,
                 partition,
                 seq,
                 body: ArchivedFrameBody::from_words(&self.buf),
@@ -1077,6 +1088,28 @@ impl Subscriber {
             .iter()
             .map(|p| (p.partition, p.cursor()))
             .collect()
+    }
+
+    /// The reader slot this subscriber holds on `partition`, when it holds
+    /// one: (its index, the slot). A subscription group member publishes
+    /// its acknowledged cursor there.
+    pub fn reader_slot(
+        &self,
+        partition: u32,
+    ) -> Option<(usize, &tickwire_proto::layout::ReaderSlot)> {
+        self.parts
+            .iter()
+            .find(|p| p.partition == partition)?
+            .reader
+            .slot()
+    }
+
+    /// The next sequence this subscriber reads on `partition`.
+    pub fn position(&self, partition: u32) -> Option<u64> {
+        self.parts
+            .iter()
+            .find(|p| p.partition == partition)
+            .map(Part::cursor)
     }
 
     /// The partitions this subscriber reads.

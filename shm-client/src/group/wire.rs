@@ -1,0 +1,507 @@
+//! The control protocol between a group member and the broker: JSON lines
+//! over the node's Unix socket (`<node dir>/control.sock`). Nothing here
+//! is on the per-event path: members exchange a few messages per
+//! rebalance; events come from the rings.
+//!
+//! A member joins ([`ToBroker::Join`]) with the reader slots it holds;
+//! the broker welcomes or refuses it, then runs a rebalance: every member
+//! is paused ([`ToMember::Pause`]) and answers with where it stands
+//! ([`ToBroker::Paused`]); the broker picks each partition's *switch*
+//! sequence (at or past every member's position) and sends each member
+//! its [`Assignment`]: a [`Selector`] for the events from the switch on,
+//! ranges to read again for members that went away ([`Adopt`]), and keys
+//! to hold until their previous owner has acknowledged them (a drain,
+//! ended by [`ToMember::Release`]). The member answers
+//! [`ToBroker::Applied`]. Whenever the broker writes to a member, it bumps
+//! the member's signal word (its reader slot's `selector`), which the
+//! member checks once per poll.
+
+use serde::{Deserialize, Serialize};
+
+/// A member's message to the broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToBroker {
+    /// Join a group (the first message on a connection).
+    Join(Box<Join>),
+    /// Paused for a rebalance: the next sequence the member reads live,
+    /// per partition.
+    Paused {
+        /// The rebalance.
+        version: u64,
+        /// (partition, next sequence).
+        positions: Vec<(u32, u64)>,
+    },
+    /// The assignment of `version` is in force; the member's acknowledged
+    /// cursors in its reader slots now account for it.
+    Applied {
+        /// The rebalance.
+        version: u64,
+    },
+}
+
+/// What a joining member asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Join {
+    /// Topic.
+    pub topic: String,
+    /// Subscription name.
+    pub subscription: String,
+    /// `exclusive`, `failover`, `shared` or `key_shared`.
+    pub kind: String,
+    /// Consumer name (Failover orders by priority, then name).
+    pub consumer: String,
+    /// Failover priority: lower is preferred.
+    pub priority: i32,
+    /// A member that holds an event unacknowledged longer is removed.
+    pub ack_timeout_ms: u64,
+    /// Deliveries after the first before an event is dead-lettered.
+    pub max_redeliveries: Option<u32>,
+    /// Where a new group starts (a group with stored cursors resumes).
+    pub start: StartSpec,
+    /// The events the group wants.
+    pub filter: FilterSpec,
+    /// The member's reader slots, one per partition: its liveness.
+    pub readers: Vec<ReaderRef>,
+    /// The next sequence it reads live, per partition.
+    pub positions: Vec<(u32, u64)>,
+    /// Process id (for messages only: liveness is the reader slot's lock).
+    pub pid: u32,
+}
+
+/// A start position, as [`crate::Start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartSpec {
+    /// Only what comes next.
+    Latest,
+    /// The oldest event kept (journal, else ring).
+    Earliest,
+    /// The oldest event in each ring.
+    RingEarliest,
+    /// This sequence on every partition.
+    Sequence(u64),
+    /// The first event at or after this UTC time (ns).
+    Time(u64),
+}
+
+impl From<crate::Start> for StartSpec {
+    fn from(s: crate::Start) -> StartSpec {
+        match s {
+            crate::Start::Latest => StartSpec::Latest,
+            crate::Start::Earliest => StartSpec::Earliest,
+            crate::Start::RingEarliest => StartSpec::RingEarliest,
+            crate::Start::Sequence(n) => StartSpec::Sequence(n),
+            crate::Start::Time(t) => StartSpec::Time(t),
+        }
+    }
+}
+
+impl From<StartSpec> for crate::Start {
+    fn from(s: StartSpec) -> crate::Start {
+        match s {
+            StartSpec::Latest => crate::Start::Latest,
+            StartSpec::Earliest => crate::Start::Earliest,
+            StartSpec::RingEarliest => crate::Start::RingEarliest,
+            StartSpec::Sequence(n) => crate::Start::Sequence(n),
+            StartSpec::Time(t) => crate::Start::Time(t),
+        }
+    }
+}
+
+/// A [`crate::Filter`] on the wire (kinds by name).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FilterSpec {
+    /// Symbols.
+    pub symbols: Vec<String>,
+    /// Exchanges.
+    pub exchanges: Vec<String>,
+    /// Currencies.
+    pub currencies: Vec<String>,
+    /// `trade`, `quote`.
+    pub kinds: Vec<String>,
+    /// Lowest price.
+    pub min_price: Option<f64>,
+    /// Highest price.
+    pub max_price: Option<f64>,
+    /// Smallest size.
+    pub min_volume: Option<u64>,
+}
+
+impl From<&crate::Filter> for FilterSpec {
+    fn from(f: &crate::Filter) -> FilterSpec {
+        FilterSpec {
+            symbols: f.symbols.clone(),
+            exchanges: f.exchanges.clone(),
+            currencies: f.currencies.clone(),
+            kinds: f.kinds.iter().map(|k| k.name().to_string()).collect(),
+            min_price: f.min_price,
+            max_price: f.max_price,
+            min_volume: f.min_volume,
+        }
+    }
+}
+
+impl FilterSpec {
+    /// The filter, or the name of a kind this version does not know.
+    pub fn filter(&self) -> Result<crate::Filter, String> {
+        let kinds = self
+            .kinds
+            .iter()
+            .map(|k| crate::Kind::parse(k).ok_or_else(|| format!("unknown data type {k:?}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::Filter {
+            symbols: self.symbols.clone(),
+            exchanges: self.exchanges.clone(),
+            currencies: self.currencies.clone(),
+            kinds,
+            min_price: self.min_price,
+            max_price: self.max_price,
+            min_volume: self.min_volume,
+        })
+    }
+}
+
+/// A reader slot a member holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReaderRef {
+    /// Partition.
+    pub partition: u32,
+    /// Slot index in the partition's reader-state file.
+    pub index: u32,
+    /// The slot's generation when the member took it.
+    pub generation: u32,
+}
+
+/// The broker's message to a member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToMember {
+    /// Joined, as this member id.
+    Welcome {
+        /// Member id.
+        member: u64,
+    },
+    /// Not joined, and why.
+    Refused {
+        /// Why.
+        message: String,
+    },
+    /// Stop delivering and say where you stand.
+    Pause {
+        /// The rebalance.
+        version: u64,
+    },
+    /// The new assignment; deliver again.
+    Assign {
+        /// The rebalance.
+        version: u64,
+        /// Per partition.
+        parts: Vec<Assignment>,
+    },
+    /// The previous owners of a hold of `version` on `partition` have
+    /// acknowledged what they held: deliver those keys.
+    Release {
+        /// The rebalance that set the hold.
+        version: u64,
+        /// Partition.
+        partition: u32,
+    },
+    /// Removed from the group (it redelivers what this member held).
+    Removed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A member's assignment on one partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Partition.
+    pub partition: u32,
+    /// From this sequence on, `selector` says what is the member's;
+    /// before it, its previous selector still does.
+    pub switch: u64,
+    /// What is the member's from the switch on.
+    pub selector: Selector,
+    /// Events at or after the switch that match this wait for a
+    /// [`ToMember::Release`]: their keys' previous owner may still hold
+    /// some unacknowledged.
+    pub hold: Option<Selector>,
+    /// Ranges to read again, before anything at or after the switch.
+    pub adopt: Vec<Adopt>,
+}
+
+/// A range a member reads again: events of `from..to` matching `selector`
+/// are its own now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Adopt {
+    /// First sequence.
+    pub from: u64,
+    /// One past the last.
+    pub to: u64,
+    /// Which events of the range.
+    pub selector: Selector,
+    /// Deliveries of these events before (0: never delivered).
+    pub redeliveries: u32,
+}
+
+/// Which events of a partition are a member's: by sequence (Shared
+/// stripes) or by the instrument's Key_Shared slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Selector {
+    /// Every event.
+    All,
+    /// None.
+    Nothing,
+    /// Sequence `s` with `s % of == index` (Shared).
+    Stripe {
+        /// This member's stripe.
+        index: u32,
+        /// Stripes.
+        of: u32,
+    },
+    /// Instruments whose slot is in the set (Key_Shared).
+    Slots {
+        /// The slots.
+        slots: SlotSet,
+    },
+    /// Every one of these.
+    And {
+        /// The parts.
+        all: Vec<Selector>,
+    },
+}
+
+impl Selector {
+    /// Whether the event at `seq` with Key_Shared slot `slot` is selected.
+    #[inline]
+    pub fn matches(&self, seq: u64, slot: u16) -> bool {
+        match self {
+            Selector::All => true,
+            Selector::Nothing => false,
+            Selector::Stripe { index, of } => *of != 0 && seq % u64::from(*of) == u64::from(*index),
+            Selector::Slots { slots } => slots.contains(slot),
+            Selector::And { all } => all.iter().all(|s| s.matches(seq, slot)),
+        }
+    }
+
+    /// Whether matching needs the event's slot (else any slot will do).
+    pub fn needs_slot(&self) -> bool {
+        match self {
+            Selector::Slots { .. } => true,
+            Selector::And { all } => all.iter().any(Selector::needs_slot),
+            _ => false,
+        }
+    }
+
+    /// Whether nothing can match.
+    pub fn is_nothing(&self) -> bool {
+        match self {
+            Selector::Nothing => true,
+            Selector::Slots { slots } => slots.is_empty(),
+            Selector::Stripe { of, .. } => *of == 0,
+            Selector::And { all } => all.iter().any(Selector::is_nothing),
+            Selector::All => false,
+        }
+    }
+
+    /// Either, when it can be said exactly in one selector (all, slot sets,
+    /// the same stripe); `None` otherwise.
+    pub fn or(&self, other: &Selector) -> Option<Selector> {
+        match (self, other) {
+            (Selector::All, _) | (_, Selector::All) => Some(Selector::All),
+            (Selector::Nothing, o) | (o, Selector::Nothing) => Some(o.clone()),
+            (Selector::Slots { slots: a }, Selector::Slots { slots: b }) => {
+                Some(Selector::Slots { slots: a.or(b) })
+            }
+            (a, b) if a == b => Some(a.clone()),
+            _ => None,
+        }
+    }
+
+    /// Both: simplified where the two are of one kind.
+    pub fn and(&self, other: &Selector) -> Selector {
+        match (self, other) {
+            (Selector::All, o) | (o, Selector::All) => o.clone(),
+            (Selector::Nothing, _) | (_, Selector::Nothing) => Selector::Nothing,
+            (Selector::Slots { slots: a }, Selector::Slots { slots: b }) => {
+                let s = a.and(b);
+                if s.is_empty() {
+                    Selector::Nothing
+                } else {
+                    Selector::Slots { slots: s }
+                }
+            }
+            (Selector::Stripe { index: i, of: n }, Selector::Stripe { index: j, of: m })
+                if n == m =>
+            {
+                if i == j {
+                    self.clone()
+                } else {
+                    Selector::Nothing
+                }
+            }
+            (a, b) => {
+                let mut all = Vec::new();
+                for s in [a, b] {
+                    match s {
+                        Selector::And { all: inner } => all.extend(inner.iter().cloned()),
+                        s => all.push(s.clone()),
+                    }
+                }
+                Selector::And { all }
+            }
+        }
+    }
+}
+
+/// A set of Key_Shared slots (65,536 bits), as runs on the wire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SlotSet(Box<[u64; 1024]>);
+
+impl Default for SlotSet {
+    fn default() -> Self {
+        SlotSet(Box::new([0; 1024]))
+    }
+}
+
+impl std::fmt::Debug for SlotSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotSet({} slots)", self.len())
+    }
+}
+
+impl SlotSet {
+    /// Adds a slot.
+    pub fn insert(&mut self, slot: u16) {
+        self.0[slot as usize >> 6] |= 1 << (slot & 63);
+    }
+    /// Whether the slot is in.
+    #[inline]
+    pub fn contains(&self, slot: u16) -> bool {
+        self.0[slot as usize >> 6] & (1 << (slot & 63)) != 0
+    }
+    /// Slots in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+    /// Both.
+    pub fn and(&self, o: &SlotSet) -> SlotSet {
+        let mut s = SlotSet::default();
+        for (i, w) in s.0.iter_mut().enumerate() {
+            *w = self.0[i] & o.0[i];
+        }
+        s
+    }
+    /// Either.
+    pub fn or(&self, o: &SlotSet) -> SlotSet {
+        let mut s = SlotSet::default();
+        for (i, w) in s.0.iter_mut().enumerate() {
+            *w = self.0[i] | o.0[i];
+        }
+        s
+    }
+    /// In `self`, not in `o`.
+    pub fn minus(&self, o: &SlotSet) -> SlotSet {
+        let mut s = SlotSet::default();
+        for (i, w) in s.0.iter_mut().enumerate() {
+            *w = self.0[i] & !o.0[i];
+        }
+        s
+    }
+}
+
+/// On the wire: the set as ascending `[first, end)` runs of slots (a
+/// consistent-hashing share is a few hundred runs, not 65,536 bits).
+impl Serialize for SlotSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let mut open: Option<u32> = None;
+        for (i, &w) in self.0.iter().enumerate() {
+            let base = (i as u32) * 64;
+            match w {
+                0 => {
+                    if let Some(start) = open.take() {
+                        runs.push((start, base));
+                    }
+                }
+                u64::MAX => {
+                    open.get_or_insert(base);
+                }
+                _ => {
+                    for b in 0..64u32 {
+                        let set = w & (1 << b) != 0;
+                        match (set, open) {
+                            (true, None) => open = Some(base + b),
+                            (false, Some(start)) => {
+                                runs.push((start, base + b));
+                                open = None;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(start) = open {
+            runs.push((start, 65_536));
+        }
+        runs.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SlotSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let runs = Vec::<(u32, u32)>::deserialize(d)?;
+        let mut set = SlotSet::default();
+        for (start, end) in runs {
+            if start >= end || end > 65_536 {
+                return Err(serde::de::Error::custom(format!(
+                    "slot run [{start}, {end}) is not within [0, 65536)"
+                )));
+            }
+            for slot in start..end {
+                set.insert(slot as u16);
+            }
+        }
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_intersect_and_travel() {
+        let mut a = SlotSet::default();
+        a.insert(7);
+        a.insert(65_535);
+        let mut b = SlotSet::default();
+        b.insert(7);
+        let sa = Selector::Slots { slots: a.clone() };
+        let sb = Selector::Slots { slots: b };
+        let both = sa.and(&sb);
+        assert!(both.matches(0, 7) && !both.matches(0, 65_535));
+        let stripe = Selector::Stripe { index: 1, of: 4 };
+        let mixed = stripe.and(&sa);
+        assert!(mixed.matches(5, 7) && !mixed.matches(4, 7) && !mixed.matches(5, 8));
+        assert_eq!(
+            Selector::Stripe { index: 1, of: 4 }.and(&Selector::Stripe { index: 2, of: 4 }),
+            Selector::Nothing
+        );
+        let text = serde_json::to_string(&mixed).expect("encodes");
+        let back: Selector = serde_json::from_str(&text).expect("decodes");
+        assert_eq!(back, mixed);
+        assert!(serde_json::from_str::<SlotSet>("[[5, 70000]]").is_err());
+        let runs = serde_json::to_string(&a).expect("encodes");
+        assert_eq!(runs, "[[7,8],[65535,65536]]");
+        assert_eq!(a.minus(&a).len(), 0);
+    }
+}
