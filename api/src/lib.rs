@@ -459,6 +459,8 @@ pub struct Edge {
     /// The command-side store.
     pub store: Arc<store::Store>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Subscription groups over shared memory (`<node dir>/control.sock`).
+    groups_shm: Option<group::shm::Coordinator>,
 }
 
 /// The gRPC server's routes: the three services, reflection and health.
@@ -638,12 +640,25 @@ impl Edge {
             state.clone(),
             std::time::Duration::from_millis(config.cache_interval_ms),
         )));
+        // Without it, shared-memory readers still read; only groups wait.
+        let groups_shm = match group::shm::Coordinator::start(
+            state.clone(),
+            store.clone(),
+            tokio::runtime::Handle::current(),
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "shm subscription groups are off");
+                None
+            }
+        };
         Ok(Edge {
             grpc_addr,
             http_addr,
             state,
             store,
             tasks,
+            groups_shm,
         })
     }
 
@@ -655,6 +670,9 @@ impl Edge {
         // Groups write their cursors as they stop: before the store closes.
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || state.groups.join()).await;
+        if let Some(c) = self.groups_shm {
+            let _ = tokio::task::spawn_blocking(move || c.join()).await;
+        }
         self.store.close().await;
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || state.hub.join()).await;

@@ -27,6 +27,7 @@
 //! order above a cursor (only the cursor is stored, as a position).
 
 pub mod core;
+pub mod shm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -763,7 +764,7 @@ impl Group {
                 let s = &self.spec;
                 return if s.symbols.is_empty() && s.exchanges.is_empty() && s.currencies.is_empty()
                 {
-                    Inst::Wanted((id as u16) ^ ((id >> 16) as u16))
+                    Inst::Wanted(tickwire_proto::group::slot_of_unnamed(id))
                 } else {
                     Inst::Unwanted
                 };
@@ -855,34 +856,19 @@ impl Group {
         }
         let mut rows = Vec::with_capacity(dead.len());
         for d in dead {
-            let b = ArchivedFrameBody::from_words(&d.item.words);
-            let inst = group_wires(&mut self.wires, self.sym.as_deref(), b.instrument_id());
-            let meta = meta(
-                &self.spec.topic,
-                d.partition,
-                d.seq,
-                &d.item,
-                now,
-                d.deliveries.saturating_sub(1),
-            );
-            let mut event = String::new();
-            json::encode_tick(&mut event, &meta, b, inst.map(|w| &w.json));
             tracing::warn!(subscription = %self.sub_id, partition = d.partition, seq = d.seq, deliveries = d.deliveries, "message dead-lettered");
-            rows.push(DeadLetterRow {
-                subscription_id: self.sub_id.clone(),
-                topic_name: self.spec.topic.clone(),
-                partition: d.partition,
-                sequence: d.seq,
-                message_id: format!("{}:{}:{}", d.partition, d.item.epoch, d.seq),
-                deliveries: d.deliveries,
-                reason: format!(
-                    "not acknowledged after {} deliveries (max_redeliveries {})",
-                    d.deliveries,
-                    d.deliveries.saturating_sub(1)
-                ),
-                event,
-                created_at: tickwire_proto::json::rfc3339(now),
+            let inst = group_wires(&mut self.wires, self.sym.as_deref(), {
+                ArchivedFrameBody::from_words(&d.item.words).instrument_id()
             });
+            rows.push(dead_letter_row(
+                &self.sub_id,
+                &self.spec.topic,
+                (d.partition, d.item.epoch, d.seq),
+                &d.item.words,
+                d.deliveries,
+                inst,
+                now,
+            ));
         }
         let Some(store) = self.store.clone() else {
             return;
@@ -960,6 +946,52 @@ fn group_wires<'a>(
     id: u32,
 ) -> Option<&'a Wires> {
     wires_of(wires, id, sym.and_then(|s| s.get(id)))
+}
+
+/// The store's row for an event a group gave up on after `deliveries`
+/// deliveries; `id` is (partition, epoch, sequence).
+fn dead_letter_row(
+    sub_id: &str,
+    topic: &str,
+    id: (u32, u64, u64),
+    words: &[u64; BODY_WORDS],
+    deliveries: u32,
+    inst: Option<&Wires>,
+    now: u64,
+) -> DeadLetterRow {
+    let (partition, epoch, seq) = id;
+    let meta = TickMeta {
+        topic,
+        partition,
+        epoch,
+        seq,
+        send_time_ns: now,
+        snapshot: false,
+        conflated: false,
+        redeliveries: deliveries.saturating_sub(1),
+    };
+    let mut event = String::new();
+    json::encode_tick(
+        &mut event,
+        &meta,
+        ArchivedFrameBody::from_words(words),
+        inst.map(|w| &w.json),
+    );
+    DeadLetterRow {
+        subscription_id: sub_id.to_string(),
+        topic_name: topic.to_string(),
+        partition,
+        sequence: seq,
+        message_id: format!("{partition}:{epoch}:{seq}"),
+        deliveries,
+        reason: format!(
+            "not acknowledged after {} deliveries (max_redeliveries {})",
+            deliveries,
+            deliveries.saturating_sub(1)
+        ),
+        event,
+        created_at: tickwire_proto::json::rfc3339(now),
+    }
 }
 
 /// The metadata of an event a group sends.
