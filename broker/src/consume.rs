@@ -230,6 +230,152 @@ pub async fn run(spec: ConsumeSpec, out: &mut impl Write) -> Result<Summary, Str
     }
 }
 
+/// A member of a subscription group over shared memory.
+#[derive(Debug, Clone)]
+pub struct ShmConsumeSpec {
+    /// Node directory.
+    pub node_dir: std::path::PathBuf,
+    /// Topic.
+    pub topic: String,
+    /// Subscription name.
+    pub subscription: String,
+    /// Type.
+    pub kind: shm_client::group::SubscriptionType,
+    /// Consumer name (empty: host and pid).
+    pub consumer: String,
+    /// Failover priority.
+    pub priority: i32,
+    /// Ack timeout.
+    pub ack_timeout: Duration,
+    /// Dead-letter after this many redeliveries (0: never).
+    pub max_redeliveries: u32,
+    /// Where a new group starts.
+    pub start: shm_client::Start,
+    /// Which events.
+    pub filter: shm_client::Filter,
+    /// Drop duplicates (effectively-once).
+    pub dedup: bool,
+    /// Acknowledge what was printed.
+    pub ack: bool,
+    /// Stop after this many events (0: never).
+    pub count: u64,
+}
+
+/// Runs a shared-memory group member until `count` events were printed,
+/// `stop` fires, or the broker removes it; the same JSON lines as the
+/// remote consumer. Acknowledges what it printed after each poll (each
+/// event; cumulatively for Exclusive and Failover).
+///
+/// # Errors
+/// The member could not join (the message says why) or was removed.
+pub fn run_shm(
+    spec: ShmConsumeSpec,
+    stop: &tokio_util::sync::CancellationToken,
+    out: &mut impl Write,
+) -> Result<Summary, String> {
+    use shm_client::Event;
+    let mut b = shm_client::Subscriber::builder(spec.topic.clone())
+        .node_dir(&spec.node_dir)
+        .start(spec.start)
+        .filter(spec.filter.clone())
+        .subscription(spec.subscription.clone(), spec.kind)
+        .priority(spec.priority)
+        .ack_timeout(spec.ack_timeout);
+    if !spec.consumer.is_empty() {
+        b = b.consumer_name(spec.consumer.clone());
+    }
+    if spec.max_redeliveries > 0 {
+        b = b.max_redeliveries(spec.max_redeliveries);
+    }
+    let mut member = b.open().map_err(|e| e.to_string())?;
+    let mut sum = Summary::default();
+    let mut dedup = Dedup::new(1 << 20);
+    let mut acks: Vec<(u32, u64)> = Vec::with_capacity(256);
+    let mut broken = false;
+    while !stop.is_cancelled() {
+        acks.clear();
+        let want = if spec.count > 0 {
+            (spec.count - sum.events).min(256) as usize
+        } else {
+            256
+        };
+        let n = member.poll(want, |e| match e {
+            Event::Tick(t) => {
+                acks.push((t.partition, t.seq));
+                if broken {
+                    return;
+                }
+                if t.redeliveries > 0 {
+                    sum.redelivered += 1;
+                }
+                let b = t.body;
+                if spec.dedup && !dedup.is_new(t.partition, t.seq, b.source_id(), b.source_seq()) {
+                    sum.duplicates += 1;
+                    return;
+                }
+                let inst = t.instrument();
+                let line = serde_json::json!({
+                    "partition": t.partition,
+                    "sequence": t.seq,
+                    "event_id": format!("{:08x}-{}", b.source_id(), b.source_seq()),
+                    "symbol": inst.map(|e| e.symbol()),
+                    "exchange": inst.map(|e| e.exchange()),
+                    "kind": t.kind().map(|k| k.name()),
+                    "redelivery_count": t.redeliveries,
+                });
+                if writeln!(out, "{line}").is_err() {
+                    broken = true;
+                    return;
+                }
+                sum.events += 1;
+            }
+            Event::Gap {
+                partition,
+                from,
+                to,
+            } => {
+                sum.gaps += 1;
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"gap": {"partition": partition, "from": from, "to": to}})
+                );
+            }
+            _ => {}
+        });
+        if broken {
+            // The reader went away: what it did not get stays unacked.
+            return Ok(sum);
+        }
+        if n > 0 && out.flush().is_err() {
+            return Ok(sum);
+        }
+        if spec.ack && !broken {
+            if spec.kind.cumulative() {
+                acks.sort_unstable_by_key(|&(p, s)| (p, std::cmp::Reverse(s)));
+                acks.dedup_by_key(|a| a.0);
+                for &(p, s) in &acks {
+                    member.ack_cumulative(p, s).map_err(|e| e.to_string())?;
+                }
+            } else {
+                for &(p, s) in &acks {
+                    member.ack(p, s).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        if let Some(r) = member.removed() {
+            return Err(r.to_string());
+        }
+        if spec.count > 0 && sum.events >= spec.count {
+            break;
+        }
+        if n == 0 {
+            member.wait_for_data(Duration::from_millis(10));
+        }
+    }
+    Ok(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -413,6 +413,14 @@ struct ConsumeArgs {
     /// Stop after N events.
     #[arg(long)]
     count: Option<u64>,
+    /// Join over shared memory (this machine's broker, through its control
+    /// socket) instead of gRPC: events straight from the rings.
+    #[arg(long)]
+    shm: bool,
+    /// Node directory for --shm (default: $TICKWIRE_NODE_DIR, else
+    /// /dev/shm/tickwire/default).
+    #[arg(long)]
+    node_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -542,6 +550,9 @@ fn export_cmd(_: ExportArgs) -> Result<(), AnyError> {
 
 fn consume_cmd(a: ConsumeArgs) -> Result<(), AnyError> {
     use tickwire_proto::pb;
+    if a.shm {
+        return consume_shm(a);
+    }
     let kind = match a.kind.as_str() {
         "exclusive" => pb::SubscriptionType::Exclusive,
         "failover" => pb::SubscriptionType::Failover,
@@ -610,6 +621,73 @@ fn consume_cmd(a: ConsumeArgs) -> Result<(), AnyError> {
         .build()?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let sum = rt.block_on(tickwire_broker::consume::run(spec, &mut out))?;
+    let _ = out.flush();
+    let _ = writeln!(
+        std::io::stderr(),
+        "{}",
+        serde_json::json!({"events": sum.events, "redelivered": sum.redelivered, "duplicates": sum.duplicates, "gaps": sum.gaps})
+    );
+    Ok(())
+}
+
+/// `tickwire consume --shm`: a group member reading the rings.
+fn consume_shm(a: ConsumeArgs) -> Result<(), AnyError> {
+    use shm_client::group::SubscriptionType;
+    let kind = SubscriptionType::parse(&a.kind).ok_or_else(|| {
+        format!(
+            "--type {:?}: expected exclusive, failover, shared or key_shared",
+            a.kind
+        )
+    })?;
+    let dedup = match a.mode.as_str() {
+        "at-least-once" => false,
+        "effectively-once" => true,
+        other => {
+            return Err(format!(
+                "--mode {other:?}: a group over shared memory is at-least-once or effectively-once (at most once needs no group: use `tickwire tail`)"
+            )
+            .into());
+        }
+    };
+    let start = match a.start.as_str() {
+        "latest" => Start::Latest,
+        "earliest" => Start::Earliest,
+        other => return Err(format!("--start {other:?}: expected latest or earliest").into()),
+    };
+    let node_dir = a
+        .node_dir
+        .or_else(tickwire_broker::config::env_node_dir)
+        .unwrap_or_else(shm_client::default_node_dir);
+    let topic = if a.topic.is_empty() {
+        tickwire_broker::config::Config::default()
+            .topics
+            .first()
+            .map(|t| t.name.clone())
+            .ok_or("--topic: no default topic")?
+    } else {
+        a.topic
+    };
+    let spec = tickwire_broker::consume::ShmConsumeSpec {
+        node_dir,
+        topic,
+        subscription: a.subscription,
+        kind,
+        consumer: a.consumer,
+        priority: a.priority,
+        ack_timeout: a.ack_timeout,
+        max_redeliveries: a.max_redeliveries,
+        start,
+        filter: Filter::default()
+            .symbols(a.only.symbols)
+            .exchanges(a.only.exchanges)
+            .currencies(a.only.currencies),
+        dedup,
+        ack: !a.no_ack,
+        count: a.count.unwrap_or(0),
+    };
+    let shutdown = Shutdown::on_signals()?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let sum = tickwire_broker::consume::run_shm(spec, &shutdown.token, &mut out)?;
     let _ = out.flush();
     let _ = writeln!(
         std::io::stderr(),

@@ -1,11 +1,13 @@
-//! Subscription groups over gRPC with real consumer processes
-//! (`tickwire consume`), killed with SIGKILL where the test says so: the
-//! broker sees a connection drop, as it would from a crashed host.
+//! Subscription groups with real consumer processes (`tickwire consume`),
+//! over gRPC and over shared memory (`--shm`: a member reading the rings,
+//! coordinated through the broker's control socket), killed with SIGKILL
+//! where the test says so: the broker sees a connection drop and, over
+//! shared memory, the member's liveness locks go, as on a crash.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,8 +27,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_tickwire");
 const TOPIC: &str = "md/groups";
 const KEYS: u64 = 16;
 
+/// How a consumer reaches the group.
+#[derive(Debug, Clone)]
+enum Via {
+    Grpc(SocketAddr),
+    Shm(PathBuf),
+}
+
 /// A broker and its edge on a node directory.
 struct Node {
+    node_dir: PathBuf,
     broker: Option<Broker>,
     edge: Option<Edge>,
     cancel: CancellationToken,
@@ -36,6 +46,12 @@ struct Node {
 
 impl Node {
     async fn start(dir: &Path, partitions: u32) -> Node {
+        if std::env::var_os("TICKWIRE_TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let mut c = Config::default();
         c.node.dir = Some(dir.join("node"));
         c.journal.dir = Some(dir.join("journal"));
@@ -63,11 +79,21 @@ impl Node {
         .await
         .expect("edge");
         Node {
+            node_dir: dir.join("node"),
             grpc: edge.grpc_addr,
             http: edge.http_addr,
             broker: Some(broker),
             edge: Some(edge),
             cancel,
+        }
+    }
+
+    /// Over shared memory, or gRPC.
+    fn via(&self, shm: bool) -> Via {
+        if shm {
+            Via::Shm(self.node_dir.clone())
+        } else {
+            Via::Grpc(self.grpc)
         }
     }
 
@@ -154,10 +180,14 @@ struct Consumer {
 }
 
 impl Consumer {
-    fn spawn(grpc: SocketAddr, name: &str, args: &[&str]) -> Consumer {
-        let mut child = Command::new(BIN)
-            .args(["consume", "--topic", TOPIC, "--connect"])
-            .arg(format!("http://{grpc}"))
+    fn spawn(via: Via, name: &str, args: &[&str]) -> Consumer {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["consume", "--topic", TOPIC]);
+        match via {
+            Via::Grpc(a) => cmd.arg("--connect").arg(format!("http://{a}")),
+            Via::Shm(d) => cmd.arg("--shm").arg("--node-dir").arg(d),
+        };
+        let mut child = cmd
             .args(["--consumer", name])
             .args(args)
             .stdout(Stdio::piped())
@@ -172,9 +202,19 @@ impl Consumer {
         );
         let g = got.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            let mut r = std::io::BufReader::new(out);
+            loop {
+                let mut line = String::new();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                // A process killed in the middle of a line leaves half of
+                // it, never acknowledged: not something it received.
+                let Some(line) = line.strip_suffix('\n') else {
+                    return;
+                };
+                let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
                 if v.get("gap").is_some() {
                     panic!("a group over the journal loses nothing: {line}");
                 }
@@ -270,8 +310,29 @@ fn await_all(consumers: &[&Consumer], n: u64, within: Duration) -> HashMap<u64, 
                 .iter()
                 .map(|c| c.err.lock().expect("lock").clone())
                 .collect();
+            // Who had the missing events' neighbours of the same key.
+            let near: Vec<String> = missing.first().map_or(Vec::new(), |&m| {
+                consumers
+                    .iter()
+                    .flat_map(|c| {
+                        c.got()
+                            .into_iter()
+                            .filter(move |g| {
+                                g.source_seq % KEYS == m % KEYS
+                                    && g.source_seq + 160 >= m
+                                    && g.source_seq <= m + 160
+                            })
+                            .map(move |g| {
+                                format!(
+                                    "{}:{}:{}:{}r{}",
+                                    c.name, g.source_seq, g.partition, g.seq, g.redelivery
+                                )
+                            })
+                    })
+                    .collect()
+            });
             panic!(
-                "{} of {n} events arrived; missing {missing:?}..; per consumer {counts:?}; stderr {errs:?}",
+                "{} of {n} events arrived; missing {missing:?}..; near the first {near:?}; per consumer {counts:?}; stderr {errs:?}",
                 times.len()
             );
         }
@@ -297,6 +358,15 @@ async fn await_stats(
     }
 }
 
+/// Events the group's cursors are past, over all partitions.
+fn cursor_sum(s: &serde_json::Value) -> u64 {
+    s["cursors"].as_array().map_or(0, |c| {
+        c.iter()
+            .map(|c| c["next_sequence"].as_u64().unwrap_or(1).saturating_sub(1))
+            .sum()
+    })
+}
+
 async fn wait_members(node: &Node, name: &str, n: usize) {
     await_stats(node, name, &format!("{n} consumers"), |s| {
         s["consumers"].as_array().map_or(0, Vec::len) == n
@@ -305,7 +375,16 @@ async fn wait_members(node: &Node, name: &str, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing() {
+async fn grpc_shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing() {
+    shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing() {
+    shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing(true).await;
+}
+
+async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_nothing(shm: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 4).await;
     let args = [
@@ -319,7 +398,7 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
         "5s",
     ];
     let mut members: Vec<Consumer> = (0..4)
-        .map(|i| Consumer::spawn(node.grpc, &format!("m{i}"), &args))
+        .map(|i| Consumer::spawn(node.via(shm), &format!("m{i}"), &args))
         .collect();
     wait_members(&node, "sh", 4).await;
     let n = 40_000u64;
@@ -341,17 +420,13 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
     let alive: Vec<&Consumer> = members.iter().collect();
     let times = await_all(&alive, n, Duration::from_secs(60));
     // Each event acknowledged exactly once overall, the cursor at the end.
+    // (Over shared memory the broker sees cursors, not each ack.)
     let s = await_stats(&node, "sh", "all acknowledged", |s| {
-        s["acked"].as_u64() == Some(n) && s["unacked"].as_u64() == Some(0)
+        cursor_sum(s) == n
+            && (shm || (s["acked"].as_u64() == Some(n) && s["unacked"].as_u64() == Some(0)))
     })
     .await;
-    let per_partition: u64 = s["cursors"]
-        .as_array()
-        .expect("cursors")
-        .iter()
-        .map(|c| c["next_sequence"].as_u64().expect("next") - 1)
-        .sum();
-    assert_eq!(per_partition, n, "cursors past every event: {s}");
+    assert_eq!(cursor_sum(&s), n, "cursors past every event: {s}");
     // Duplicates only where the killed member held events unacknowledged,
     // and marked as redeliveries.
     let dups: u64 = times.values().map(|&t| (t - 1) as u64).sum();
@@ -382,7 +457,18 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed() {
+async fn grpc_failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed() {
+    failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed() {
+    failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed(true).await;
+}
+
+async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed(
+    shm: bool,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 1).await;
     let base = [
@@ -393,9 +479,17 @@ async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_membe
         "--queue",
         "100",
     ];
-    let mut active = Consumer::spawn(node.grpc, "a", &[&base[..], &["--priority", "0"]].concat());
+    let mut active = Consumer::spawn(
+        node.via(shm),
+        "a",
+        &[&base[..], &["--priority", "0"]].concat(),
+    );
     wait_members(&node, "fo", 1).await;
-    let standby = Consumer::spawn(node.grpc, "b", &[&base[..], &["--priority", "1"]].concat());
+    let standby = Consumer::spawn(
+        node.via(shm),
+        "b",
+        &[&base[..], &["--priority", "1"]].concat(),
+    );
     wait_members(&node, "fo", 2).await;
     let n = 20_000u64;
     let mut ingest = node.ingest();
@@ -438,17 +532,32 @@ async fn failover_standby_takes_over_from_the_acked_cursor_when_the_active_membe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed() {
+async fn grpc_exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed()
+ {
+    exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed(false)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed()
+ {
+    exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed(true)
+        .await;
+}
+
+async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_acks_is_removed(
+    shm: bool,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 2).await;
     let first = Consumer::spawn(
-        node.grpc,
+        node.via(shm),
         "one",
         &["--subscription", "ex", "--type", "exclusive"],
     );
     wait_members(&node, "ex", 1).await;
     let mut second = Consumer::spawn(
-        node.grpc,
+        node.via(shm),
         "two",
         &["--subscription", "ex", "--type", "exclusive"],
     );
@@ -460,24 +569,24 @@ async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_
     );
     // A different type on the same subscription is refused too.
     let mut other = Consumer::spawn(
-        node.grpc,
+        node.via(shm),
         "three",
         &["--subscription", "ex", "--type", "shared"],
     );
     let (code, err) = other.exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("subscription_type"), "{err}");
+    assert!(err.contains("this consumer asked for"), "{err}");
     drop(first);
 
     // Key_Shared: a member that never acks is removed after its timeout and
     // the keys it held reach the other member, in order.
     let good = Consumer::spawn(
-        node.grpc,
+        node.via(shm),
         "good",
         &["--subscription", "ks", "--type", "key_shared"],
     );
     let mut stuck = Consumer::spawn(
-        node.grpc,
+        node.via(shm),
         "stuck",
         &[
             "--subscription",
@@ -518,7 +627,16 @@ async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls() {
+async fn grpc_key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls() {
+    key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls() {
+    key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls(true).await;
+}
+
+async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stalls(shm: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 4).await;
     let args = [
@@ -532,7 +650,7 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
         "3s",
     ];
     let mut members: Vec<Consumer> = (0..3)
-        .map(|i| Consumer::spawn(node.grpc, &format!("s{i}"), &args))
+        .map(|i| Consumer::spawn(node.via(shm), &format!("s{i}"), &args))
         .collect();
     wait_members(&node, "kc", 3).await;
     let churn_for = Duration::from_secs(30);
@@ -552,7 +670,7 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
         step += 1;
         let r = step.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60;
         if (r.is_multiple_of(2) && members.len() < 6) || members.len() < 3 {
-            members.push(Consumer::spawn(node.grpc, &format!("c{next}"), &args));
+            members.push(Consumer::spawn(node.via(shm), &format!("c{next}"), &args));
             next += 1;
         } else {
             let i = (r as usize) % members.len();
@@ -561,8 +679,9 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
             gone.push(m);
         }
         if last_second.elapsed() >= Duration::from_secs(1) {
-            let acked = node.stats("kc").await["acked"].as_u64().unwrap_or(0);
-            progress.push(acked);
+            // Events the members received so far (the killed ones too).
+            let got: usize = members.iter().chain(gone.iter()).map(Consumer::count).sum();
+            progress.push(got as u64);
             last_second = Instant::now();
         }
     }
@@ -573,7 +692,7 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
     for w in progress.windows(2) {
         assert!(
             w[1] > w[0],
-            "the group stalled for a second: acked {progress:?}"
+            "the group stalled for a second: received {progress:?}"
         );
     }
     // Per key, each member's first deliveries in order.
@@ -604,18 +723,41 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
     }
     for (k, seqs) in &by_key {
         let set: HashSet<u64> = seqs.iter().copied().collect();
+        let mut seen = HashSet::new();
+        let twice: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !seen.insert(*s))
+            .take(5)
+            .collect();
+        let who: Vec<String> = all
+            .iter()
+            .flat_map(|c| {
+                c.got()
+                    .into_iter()
+                    .filter(|g| {
+                        (g.symbol.clone(), g.partition) == *k
+                            && twice
+                                .first()
+                                .is_some_and(|t| g.seq + 40 >= *t && g.seq <= t + 40)
+                    })
+                    .map(|g| format!("{}:{}r{}", c.name, g.seq, g.redelivery))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         assert_eq!(
             set.len(),
             seqs.len(),
-            "{k:?}: an event first-delivered twice"
+            "{k:?}: an event first-delivered twice: {twice:?}; near it {who:?}"
         );
     }
     let s = await_stats(&node, "kc", "everything acknowledged", |s| {
-        s["acked"].as_u64() >= Some(n) && s["unacked"].as_u64() == Some(0)
+        cursor_sum(s) == n
+            && (shm || (s["acked"].as_u64() >= Some(n) && s["unacked"].as_u64() == Some(0)))
     })
     .await;
     eprintln!(
-        "key_shared churn: {} members came and went; acked per second {progress:?}; {s}",
+        "key_shared churn: {} members came and went; received by second {progress:?}; {s}",
         next
     );
     drop(members);
@@ -624,11 +766,26 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries() {
+async fn grpc_durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries() {
+    durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries() {
+    durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries(true).await;
+}
+
+async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries(
+    shm: bool,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 2).await;
     let args = ["--subscription", "du", "--type", "shared"];
-    let mut first = Consumer::spawn(node.grpc, "a", &[&args[..], &["--count", "3000"]].concat());
+    let mut first = Consumer::spawn(
+        node.via(shm),
+        "a",
+        &[&args[..], &["--count", "3000"]].concat(),
+    );
     wait_members(&node, "du", 1).await;
     let mut ingest = node.ingest();
     std::thread::spawn(move || send(&mut ingest, 1, 10_000, 50_000))
@@ -646,7 +803,7 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
     std::thread::spawn(move || send(&mut ingest, 10_001, 12_000, 50_000))
         .join()
         .expect("sender");
-    let second = Consumer::spawn(node.grpc, "b", &args);
+    let second = Consumer::spawn(node.via(shm), "b", &args);
     let times = await_all(&[&first, &second], 12_000, Duration::from_secs(60));
     let again: Vec<u64> = second
         .got()
@@ -662,33 +819,49 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
     assert_eq!(times.values().filter(|&&t| t > 1).count(), 0);
     drop(second);
 
-    // Dead letters: a member that never acks, at most 2 redeliveries.
-    let mut stuck = Consumer::spawn(
-        node.grpc,
+    // Dead letters: members that never ack, at most 2 redeliveries.
+    let dl_args = [
+        "--subscription",
         "dl",
-        &[
-            "--subscription",
-            "dl",
-            "--type",
-            "shared",
-            "--no-ack",
-            "--ack-timeout",
-            "200ms",
-            "--max-redeliveries",
-            "2",
-        ],
-    );
+        "--type",
+        "shared",
+        "--no-ack",
+        "--ack-timeout",
+        "200ms",
+        "--max-redeliveries",
+        "2",
+    ];
+    let mut stuck = Consumer::spawn(node.via(shm), "dl", &dl_args);
     wait_members(&node, "dl", 1).await;
     let mut ingest = node.ingest();
     std::thread::spawn(move || send(&mut ingest, 12_001, 12_010, 1_000))
         .join()
         .expect("sender");
+    let mut got = Vec::new();
+    if shm {
+        // Over shared memory a member that does not ack in time is removed
+        // (its process exits): the next member gets what it held again.
+        for i in 1..=3 {
+            let (code, err) = stuck.exit(Duration::from_secs(30));
+            assert_eq!(code, Some(1), "{err}");
+            assert!(
+                err.contains("not acknowledged within the ack timeout"),
+                "{err}"
+            );
+            got.extend(stuck.got());
+            if i < 3 {
+                stuck = Consumer::spawn(node.via(shm), &format!("dl{i}"), &dl_args);
+            }
+        }
+    }
     let s = await_stats(&node, "dl", "ten dead letters", |s| {
         s["dead_lettered"].as_u64() == Some(10)
     })
     .await;
     assert_eq!(s["unacked"].as_u64(), Some(0), "{s}");
-    let got = stuck.got();
+    if !shm {
+        got = stuck.got();
+    }
     assert_eq!(got.len(), 30, "each sent three times: {got:?}");
     assert_eq!(got.iter().filter(|g| g.redelivery == 2).count(), 10);
     let url = format!(
