@@ -10,7 +10,12 @@
 //!
 //! tickwire: broker and edge in this process (4 partitions); the members
 //! are gRPC `ConsumeMarketData` streams on their own runtime thread,
-//! acknowledging each batch as it arrives. Pulsar: the services' Pulsar,
+//! acknowledging each batch as it arrives. tickwire_shm: the same group
+//! over shared memory, 4 member threads in this process
+//! (`shm_client::group`), each reading the rings and acknowledging every
+//! event it was given; beside it in the same run, one ungrouped tethered
+//! shm reader of the same events (`shm_tethered`), the bar the issue sets
+//! (a group within 2x of it). Pulsar: the services' Pulsar,
 //! a topic of the same events, the members are 4 processes of Apache's
 //! Python client (`benches/python/pulsar_consume.py`), acknowledging each
 //! message. Key_Shared messages carry their key and are produced
@@ -61,8 +66,8 @@ pub struct GroupsBench {
     /// Cases: shared_4, key_shared_4.
     #[arg(long, default_value = "shared_4,key_shared_4")]
     pub cases: String,
-    /// Systems: tickwire, pulsar_client.
-    #[arg(long, default_value = "tickwire,pulsar_client")]
+    /// Systems: tickwire, tickwire_shm, pulsar_client.
+    #[arg(long, default_value = "tickwire,tickwire_shm,pulsar_client")]
     pub systems: String,
 }
 
@@ -126,6 +131,10 @@ impl Node {
             cancel,
             rt,
         })
+    }
+
+    fn node_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("node")
     }
 
     fn ingest(&self) -> Result<Ingest, String> {
@@ -358,6 +367,202 @@ fn tw_group(
     })
 }
 
+/// What one shm reader thread saw.
+#[derive(Default)]
+struct Local {
+    seen: Vec<u64>,
+    events: u64,
+    redelivered: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    lat: Option<Histogram<u64>>,
+}
+
+impl Local {
+    fn record(&mut self, source_seq: u64, ts: u64, redeliveries: u32, now: u64, at: Instant) {
+        self.seen.push(source_seq);
+        self.events += 1;
+        if redeliveries > 0 {
+            self.redelivered += 1;
+        }
+        if let Some(h) = self.lat.as_mut() {
+            let _ = h.record(now.saturating_sub(ts).max(1));
+        }
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+    }
+}
+
+/// Merges what the reader threads saw.
+fn merge(locals: Vec<Local>) -> Outcome {
+    let mut seen = HashSet::new();
+    let mut out = Outcome {
+        lat: Some(histogram()),
+        ..Outcome::default()
+    };
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    for l in locals {
+        out.events += l.events;
+        out.redelivered += l.redelivered;
+        seen.extend(l.seen);
+        if let (Some(h), Some(x)) = (out.lat.as_mut(), l.lat.as_ref()) {
+            let _ = h.add(x);
+        }
+        first = match (first, l.first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        last = match (last, l.last) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    out.unique = seen.len() as u64;
+    out.elapsed_ns = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f).as_nanos() as u64,
+        _ => 1,
+    };
+    out
+}
+
+/// A group of 4 shared-memory members (threads) until `want` first
+/// deliveries arrived; each acknowledges every event after each poll.
+fn shm_group(
+    node: &Node,
+    kind: shm_client::group::SubscriptionType,
+    sub: &str,
+    start: shm_client::Start,
+    want: u64,
+    during: impl FnOnce() -> Result<(), String>,
+) -> Result<Outcome, String> {
+    let firsts = Arc::new(AtomicU64::new(0));
+    let joined = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for i in 0..MEMBERS {
+        let (dir, sub, firsts, joined, stop) = (
+            node.node_dir(),
+            sub.to_string(),
+            firsts.clone(),
+            joined.clone(),
+            stop.clone(),
+        );
+        threads.push(std::thread::spawn(move || -> Result<Local, String> {
+            let mut m = shm_client::Subscriber::builder(TOPIC)
+                .node_dir(dir)
+                .start(start)
+                .subscription(sub, kind)
+                .consumer_name(format!("m{i}"))
+                .open()
+                .map_err(|e| e.to_string())?;
+            joined.fetch_add(1, Ordering::Relaxed);
+            let mut l = Local {
+                lat: Some(histogram()),
+                ..Local::default()
+            };
+            let mut acks: Vec<(u32, u64)> = Vec::with_capacity(256);
+            while !stop.load(Ordering::Relaxed) {
+                acks.clear();
+                let now = realtime_ns();
+                let at = Instant::now();
+                let mut fresh = 0;
+                let n = m.poll(256, |e| {
+                    if let shm_client::Event::Tick(t) = e {
+                        l.record(
+                            t.body.source_seq(),
+                            t.body.ts_event(),
+                            t.redeliveries,
+                            now,
+                            at,
+                        );
+                        if t.redeliveries == 0 {
+                            fresh += 1;
+                        }
+                        acks.push((t.partition, t.seq));
+                    }
+                });
+                firsts.fetch_add(fresh, Ordering::Relaxed);
+                for &(p, s) in &acks {
+                    m.ack(p, s).map_err(|e| e.to_string())?;
+                }
+                if let Some(r) = m.removed() {
+                    return Err(r.to_string());
+                }
+                if n == 0 {
+                    m.wait_for_data(Duration::from_millis(1));
+                }
+            }
+            Ok(l)
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while joined.load(Ordering::Relaxed) < MEMBERS as u64 {
+        if Instant::now() > deadline || threads.iter().any(|t| t.is_finished()) {
+            stop.store(true, Ordering::Relaxed);
+            let errs: Vec<String> = threads
+                .into_iter()
+                .filter_map(|t| t.join().ok().and_then(Result::err))
+                .collect();
+            return Err(format!(
+                "tickwire_shm group: members did not join: {errs:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    during()?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while firsts.load(Ordering::Relaxed) < want {
+        if Instant::now() > deadline || threads.iter().any(|t| t.is_finished()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut locals = Vec::new();
+    for t in threads {
+        locals.push(t.join().map_err(|_| "member thread panicked")??);
+    }
+    Ok(merge(locals))
+}
+
+/// One ungrouped tethered shm reader of the same events until `want`.
+fn shm_single(
+    node: &Node,
+    start: shm_client::Start,
+    want: u64,
+    during: impl FnOnce() -> Result<(), String>,
+) -> Result<Outcome, String> {
+    let mut r = shm_client::Subscriber::builder(TOPIC)
+        .node_dir(node.node_dir())
+        .start(start)
+        .tethered(Duration::from_millis(1))
+        .open()
+        .map_err(|e| e.to_string())?;
+    let t = std::thread::spawn(move || -> Local {
+        let mut l = Local {
+            lat: Some(histogram()),
+            ..Local::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while l.events < want && Instant::now() < deadline {
+            let now = realtime_ns();
+            let at = Instant::now();
+            let n = r.poll(256, |e| {
+                if let shm_client::Event::Tick(t) = e {
+                    l.record(t.body.source_seq(), t.body.ts_event(), 0, now, at);
+                }
+            });
+            if n == 0 {
+                r.wait_for_data(Duration::from_millis(1));
+            }
+        }
+        l
+    });
+    during()?;
+    let l = t.join().map_err(|_| "reader thread panicked")?;
+    Ok(merge(vec![l]))
+}
+
 fn pulsar_message(i: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({"symbol": format!("S{}", i % KEYS), "exchange": "NASDAQ", "currency": "USD", "timestamp_ns": realtime_ns(), "price": 100.0, "volume": 100, "seq": i})).unwrap_or_default()
 }
@@ -562,6 +767,77 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
                     case,
                     "paced",
                     "tickwire",
+                    &p,
+                    paced_n,
+                    json!({"rate": b.rate, "latency": "receive - event timestamp (set at send)"})
+                )
+            );
+            node.stop();
+        }
+        if systems.contains(&"tickwire_shm") {
+            let skind = match kind {
+                pb::SubscriptionType::KeyShared => shm_client::group::SubscriptionType::KeyShared,
+                _ => shm_client::group::SubscriptionType::Shared,
+            };
+            let node = Node::start()?;
+            let mut ingest = node.ingest()?;
+            send(&mut ingest, 0, b.messages, 0)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let single = shm_single(&node, shm_client::Start::Earliest, b.messages, || Ok(()))?;
+            let mut d = shm_group(
+                &node,
+                skind,
+                "drain",
+                shm_client::Start::Earliest,
+                b.messages,
+                || Ok(()),
+            )?;
+            d.lat = None;
+            let single_eps = single.events as f64 * 1e9 / single.elapsed_ns.max(1) as f64;
+            let mut v = line(
+                case,
+                "drain",
+                "tickwire_shm",
+                &d,
+                b.messages,
+                json!({"transport": "shared memory (shm_client::group), 4 member threads"}),
+            );
+            if let Some(g) = v["events_per_sec"].as_f64() {
+                v["shm_tethered_events_per_sec"] = json!(single_eps.round());
+                v["ratio_to_tethered"] = json!(((g / single_eps.max(1.0)) * 100.0).round() / 100.0);
+            }
+            println!("{v}");
+            let (from, to, rate) = (b.messages, b.messages + paced_n, b.rate);
+            let mut ingest2 = node.ingest()?;
+            let single = shm_single(&node, shm_client::Start::Latest, paced_n, move || {
+                send(&mut ingest2, from, to, rate)
+            })?;
+            println!(
+                "{}",
+                line(
+                    case,
+                    "paced",
+                    "shm_tethered",
+                    &single,
+                    paced_n,
+                    json!({"rate": b.rate, "latency": "receive - event timestamp (set at send)", "members": 1, "delivery": "ungrouped tethered reader"})
+                )
+            );
+            let (from, to) = (to, to + paced_n);
+            let p = shm_group(
+                &node,
+                skind,
+                "paced",
+                shm_client::Start::Latest,
+                paced_n,
+                move || send(&mut ingest, from, to, rate),
+            )?;
+            println!(
+                "{}",
+                line(
+                    case,
+                    "paced",
+                    "tickwire_shm",
                     &p,
                     paced_n,
                     json!({"rate": b.rate, "latency": "receive - event timestamp (set at send)"})
