@@ -307,6 +307,7 @@ fn request_from_row(row: &store::SubscriptionRow) -> Result<pb::SubscriptionRequ
         data_types: strings("data_types"),
         policy: int("policy"),
         delivery_mode: int("delivery_mode"),
+        ..Default::default()
     })
 }
 
@@ -468,6 +469,8 @@ impl Subscriptions {
                     last_rate: (std::time::Instant::now(), 0),
                 },
             );
+        } else if action == pb::SubscriptionAction::Reset {
+            return self.reset(state, r).await;
         } else if action == pb::SubscriptionAction::Delete {
             self.delete(state, &key.0, &key.1).await?;
             return Ok(pb::SubscriptionResponse {
@@ -519,6 +522,140 @@ impl Subscriptions {
                 .trim_start_matches("SUBSCRIPTION_ACTION_")
                 .to_lowercase(),
             stats: Some(stats),
+        })
+    }
+
+    /// Moves an at-least-once group's cursor (RESET): its consumers are
+    /// ended and resume at the new cursor when they join again; no group
+    /// starts from the old one meanwhile.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] for a subscription with no group (running,
+    /// named or with stored cursors); [`ApiError::Invalid`] for an
+    /// at-most-once one, or a position without what it needs.
+    async fn reset(
+        &self,
+        state: &EdgeState,
+        r: pb::SubscriptionRequest,
+    ) -> Result<pb::SubscriptionResponse, ApiError> {
+        let (topic, name) = (r.topic.clone(), r.subscription.clone());
+        let id = crate::group::subscription_id(&topic, &name);
+        let store = state.store()?;
+        let named = self
+            .lock()
+            .get(&(topic.clone(), name.clone()))
+            .map(|n| n.request.delivery_mode);
+        if named == Some(pb::DeliveryMode::AtMostOnce as i32) {
+            return Err(ApiError::invalid(
+                "action",
+                format!("subscription {name} is AT_MOST_ONCE: it keeps no cursor to reset"),
+            ));
+        }
+        let mut cursors: std::collections::BTreeMap<u32, u64> =
+            store.cursors(&id).await?.into_iter().collect();
+        let running = state.groups.get(&topic, &name);
+        if named.is_none() && running.is_none() && cursors.is_empty() {
+            return Err(ApiError::NotFound {
+                what: "subscription",
+                name,
+            });
+        }
+        if let Some(g) = &running {
+            let snap = g
+                .snapshot
+                .lock()
+                .map(|s| s.cursors.clone())
+                .unwrap_or_default();
+            for (p, c) in snap {
+                cursors.entry(p).or_insert(c);
+            }
+        }
+        let node_dir = state.engine.node_dir();
+        let probe = |start: shm_client::Start, ring_only: bool| {
+            let mut b = shm_client::Subscriber::builder(topic.clone())
+                .node_dir(&node_dir)
+                .start(start);
+            if ring_only {
+                b = b.ring_only();
+            }
+            b.open()
+                .map(|s| s.positions())
+                .map_err(|e| ApiError::Unavailable(format!("topic {topic}: {e}")))
+        };
+        let position = pb::MessagePosition::try_from(r.start_position).map_err(|_| {
+            ApiError::invalid(
+                "start_position",
+                format!("{} is not a position", r.start_position),
+            )
+        })?;
+        let what = match position {
+            pb::MessagePosition::Earliest => {
+                cursors.extend(probe(shm_client::Start::Earliest, false)?);
+                "the earliest event kept".to_string()
+            }
+            pb::MessagePosition::Latest => {
+                cursors.extend(probe(shm_client::Start::Latest, true)?);
+                "latest".to_string()
+            }
+            pb::MessagePosition::Timestamp => {
+                if r.start_time_ns == 0 {
+                    return Err(ApiError::invalid(
+                        "start_time_ns",
+                        "a reset to TIMESTAMP needs start_time_ns (UTC nanoseconds)",
+                    ));
+                }
+                cursors.extend(probe(shm_client::Start::Time(r.start_time_ns), false)?);
+                format!("time {}", tickwire_proto::json::rfc3339(r.start_time_ns))
+            }
+            pb::MessagePosition::MessageId => {
+                if r.start_message_ids.is_empty() {
+                    return Err(ApiError::invalid(
+                        "start_message_ids",
+                        "a reset to MESSAGE_ID needs at least one message id",
+                    ));
+                }
+                let partitions = state
+                    .engine
+                    .topics()
+                    .iter()
+                    .find(|t| t.name == topic)
+                    .map_or(0, |t| t.partitions);
+                for (i, m) in r.start_message_ids.iter().enumerate() {
+                    if m.partition >= partitions {
+                        return Err(ApiError::invalid(
+                            format!("start_message_ids[{i}].partition"),
+                            format!("topic {topic} has {partitions} partitions"),
+                        ));
+                    }
+                    cursors.insert(m.partition, m.sequence.saturating_add(1).max(1));
+                }
+                "the given message ids".to_string()
+            }
+        };
+        let cursors: Vec<(u32, u64)> = cursors.into_iter().collect();
+        {
+            let _creating = state.groups.creating().await;
+            state
+                .groups
+                .stop(
+                    &topic,
+                    &name,
+                    Closed::Removed(format!(
+                        "the cursor of subscription {name} was reset to {what}: join again to resume there"
+                    )),
+                )
+                .await;
+            store.save_cursors(&id, &cursors).await?;
+        }
+        tracing::info!(subscription = %id, to = %what, ?cursors, "subscription cursor reset");
+        let stats = self.stats(&state.groups, &topic, &name).ok();
+        Ok(pb::SubscriptionResponse {
+            subscription_id: id,
+            status: stats
+                .as_ref()
+                .map_or(pb::SubscriptionStatus::Active as i32, |s| s.status),
+            message: format!("reset to {what}"),
+            stats,
         })
     }
 

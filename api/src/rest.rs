@@ -43,6 +43,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/subscriptions/{topic}/{name}"),
     ("post", "/api/v1/subscriptions/{topic}/{name}/pause"),
     ("post", "/api/v1/subscriptions/{topic}/{name}/resume"),
+    ("post", "/api/v1/subscriptions/{topic}/{name}/reset"),
     ("get", "/api/v1/subscriptions/{topic}/{name}/dead-letters"),
     ("get", "/api/v1/stats/distribution"),
     ("get", "/api/v1/stats/metrics"),
@@ -84,6 +85,7 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
             get(dead_letters),
         )
         .route("/api/v1/subscriptions/{topic}/{name}/resume", post(resume))
+        .route("/api/v1/subscriptions/{topic}/{name}/reset", post(reset))
         .route("/api/v1/stats/distribution", get(distribution))
         .route("/api/v1/stats/metrics", get(metrics_range))
         .route("/api/v1/routing-rules", get(list_rules).post(create_rule))
@@ -848,6 +850,7 @@ async fn create_subscription(
             ],
             D::AtMostOnce,
         )? as i32,
+        ..Default::default()
     };
     let resp = state.subscriptions.manage(&state, r).await?;
     let stats = resp.stats.unwrap_or_default();
@@ -907,6 +910,95 @@ async fn set_paused(
         )
         .await?;
     Ok(Json(sub_json(&r.stats.unwrap_or_default())).into_response())
+}
+
+/// `POST .../reset`: where an at-least-once group's cursor goes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ResetBody {
+    /// `earliest`, `latest`, `message_id` or `timestamp`.
+    position: Option<String>,
+    /// For `message_id`: `"<partition>:<epoch>:<sequence>"`, one per partition.
+    message_ids: Vec<String>,
+    /// For `timestamp`: RFC 3339.
+    time: Option<String>,
+}
+
+/// Moves a subscription group's cursor; its consumers are ended and resume
+/// there when they join again.
+async fn reset(
+    State(state): S,
+    headers: HeaderMap,
+    Path((topic, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let k = key(&state, &headers)?;
+    state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
+    let b: ResetBody = if body.is_empty() {
+        ResetBody::default()
+    } else {
+        let de = &mut serde_json::Deserializer::from_slice(&body);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::invalid(
+                if path == "." {
+                    "body".to_string()
+                } else {
+                    path
+                },
+                e.into_inner().to_string(),
+            )
+        })?
+    };
+    use pb::MessagePosition as M;
+    let position = enum_field(
+        "position",
+        b.position.as_deref(),
+        &[
+            ("earliest", M::Earliest),
+            ("latest", M::Latest),
+            ("message_id", M::MessageId),
+            ("timestamp", M::Timestamp),
+        ],
+        M::Earliest,
+    )?;
+    let mut ids = Vec::with_capacity(b.message_ids.len());
+    for (i, id) in b.message_ids.iter().enumerate() {
+        let (partition, sequence) =
+            crate::stream::ws::parse_message_id(&format!("message_ids[{i}]"), id)?;
+        ids.push(pb::MessageId {
+            partition,
+            epoch: 0,
+            sequence,
+        });
+    }
+    let start_time_ns = match b.time.as_deref() {
+        Some(t) => crate::bars::parse_time(t).map_err(|e| ApiError::invalid("time", e))?,
+        None => 0,
+    };
+    let r = state
+        .subscriptions
+        .manage(
+            &state,
+            pb::SubscriptionRequest {
+                topic,
+                subscription: name,
+                action: pb::SubscriptionAction::Reset as i32,
+                start_position: position as i32,
+                start_message_ids: ids,
+                start_time_ns,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut v = r
+        .stats
+        .as_ref()
+        .map(sub_json)
+        .unwrap_or_else(|| serde_json::json!({}));
+    v["subscription_id"] = serde_json::json!(r.subscription_id);
+    v["message"] = serde_json::json!(r.message);
+    Ok(Json(v).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

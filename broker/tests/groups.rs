@@ -897,3 +897,95 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
     stuck.kill();
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_a_cursor_reset_moves_the_group_to_earliest_then_latest() {
+    a_cursor_reset_moves_the_group_to_earliest_then_latest(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_a_cursor_reset_moves_the_group_to_earliest_then_latest() {
+    a_cursor_reset_moves_the_group_to_earliest_then_latest(true).await;
+}
+
+async fn a_cursor_reset_moves_the_group_to_earliest_then_latest(shm: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 2).await;
+    let args = ["--subscription", "rs", "--type", "shared"];
+    let reset_url = format!(
+        "http://{}/api/v1/subscriptions/{}/rs/reset",
+        node.http,
+        TOPIC.replace('/', "%2F")
+    );
+    // Bad requests change nothing and say what was wrong.
+    let (code, body) = http::Client.post(&reset_url, "{}").await;
+    assert_eq!(code, 404, "no such subscription yet: {body}");
+    let mut first = Consumer::spawn(
+        node.via(shm),
+        "a",
+        &[&args[..], &["--count", "1000"]].concat(),
+    );
+    wait_members(&node, "rs", 1).await;
+    let mut ingest = node.ingest();
+    std::thread::spawn(move || send(&mut ingest, 1, 3_000, 50_000))
+        .join()
+        .expect("sender");
+    let (code, err) = first.exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, body) = http::Client
+        .post(&reset_url, r#"{"position":"yesterday"}"#)
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("position"), "{body}");
+    let (code, body) = http::Client
+        .post(
+            &reset_url,
+            r#"{"position":"message_id","message_ids":["0:x:5"]}"#,
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("message_ids[0]"), "{body}");
+
+    // Back to the earliest event kept: a new consumer gets all 3000 again.
+    let (code, body) = http::Client
+        .post(&reset_url, r#"{"position":"earliest"}"#)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let mut second = Consumer::spawn(node.via(shm), "b", &args);
+    let times = await_all(&[&second], 3_000, Duration::from_secs(60));
+    assert_eq!(times.len(), 3_000);
+
+    // Forward to latest while it is attached: it is ended; the next one
+    // gets only what comes after.
+    let (code, body) = http::Client
+        .post(&reset_url, r#"{"position":"latest"}"#)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, err) = second.exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("was reset"), "{err}");
+    let third = Consumer::spawn(node.via(shm), "c", &args);
+    wait_members(&node, "rs", 1).await;
+    let mut ingest = node.ingest();
+    std::thread::spawn(move || send(&mut ingest, 3_001, 3_500, 50_000))
+        .join()
+        .expect("sender");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while third.count() < 500 {
+        assert!(Instant::now() < deadline, "third got {}", third.count());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<u64> = third.got().iter().map(|g| g.source_seq).collect();
+    assert!(
+        got.iter().all(|&s| s > 3_000),
+        "nothing from before the reset: {:?}",
+        got.iter()
+            .filter(|&&s| s <= 3_000)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got.len(), 500);
+    drop(third);
+    node.stop().await;
+}

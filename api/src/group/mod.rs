@@ -116,6 +116,9 @@ enum Ctl {
     },
     Pause(bool),
     Close(Closed),
+    /// End the members' streams and stop now, writing no cursor (the
+    /// subscription's cursor is being reset).
+    Stop(Closed),
 }
 
 struct Entry {
@@ -227,6 +230,33 @@ impl Groups {
         if let Some(e) = self.lock().get(&(topic.to_string(), name.to_string())) {
             let _ = e.tx.send(Ctl::Close(why));
         }
+    }
+
+    /// Stops a running group at once, writing no cursor, and waits (up to
+    /// 5 s) until it has: the caller is about to write its cursors. Hold
+    /// [`Groups::creating`] across this and the write, so that no group
+    /// starts from the old cursors meanwhile.
+    pub async fn stop(&self, topic: &str, name: &str, why: Closed) {
+        let running = {
+            let map = self.lock();
+            map.get(&(topic.to_string(), name.to_string()))
+                .map(|e| (e.tx.clone(), e.shared.clone()))
+        };
+        let Some((tx, shared)) = running else {
+            return;
+        };
+        let _ = tx.send(Ctl::Stop(why));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !shared.stopped.load(Ordering::Acquire) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A cursor write the group sent off before it stopped lands first.
+        tokio::time::sleep(SAVE_EVERY + Duration::from_millis(100)).await;
+    }
+
+    /// The lock a group's creation takes: held, no group starts.
+    pub async fn creating(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.create.lock().await
     }
 
     /// Waits for every group thread (after the cancel token fired).
@@ -407,6 +437,7 @@ async fn start(
         lost: 0,
         registry: state.groups.map.clone(),
         key: (spec.topic.clone(), spec.name.clone()),
+        stop_now: false,
     };
     tracing::info!(
         topic = %spec.topic,
@@ -490,6 +521,8 @@ struct Group {
     lost: u64,
     registry: Registry,
     key: (String, String),
+    /// Stopped for a cursor reset: leave at once, write nothing.
+    stop_now: bool,
 }
 
 enum Read {
@@ -511,6 +544,16 @@ impl Group {
                 break;
             }
             let mut busy = self.controls();
+            if self.stop_now {
+                let mut map = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+                if map
+                    .get(&self.key)
+                    .is_some_and(|e| Arc::ptr_eq(&e.shared, &self.shared))
+                {
+                    map.remove(&self.key);
+                }
+                break;
+            }
             if self.members.is_empty() {
                 let since = *empty_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= LINGER && self.retire() {
@@ -568,7 +611,9 @@ impl Group {
                 }
             }
         }
-        self.save(true);
+        if !self.stop_now {
+            self.save(true);
+        }
         self.publish();
         self.shared.stopped.store(true, Ordering::Release);
     }
@@ -666,6 +711,10 @@ impl Group {
             }
             Ctl::Pause(p) => self.core.set_paused(p),
             Ctl::Close(why) => self.close_all(why),
+            Ctl::Stop(why) => {
+                self.close_all(why);
+                self.stop_now = true;
+            }
         }
     }
 

@@ -107,6 +107,7 @@ impl Coordinator {
             next_member: 0,
             uid: current_uid(),
             scans: Vec::new(),
+            pending: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("tickwire-groups".into())
@@ -294,6 +295,8 @@ struct Control {
     next_member: u64,
     uid: u32,
     scans: Vec<std::thread::JoinHandle<()>>,
+    /// Joins waiting for a cursor reset to end.
+    pending: Vec<(u64, Box<Join>)>,
 }
 
 fn group_type(k: SubscriptionType) -> GroupType {
@@ -310,6 +313,11 @@ impl Control {
         let mut last_live = Instant::now();
         while !cancel.is_cancelled() {
             self.accept();
+            for (conn, j) in std::mem::take(&mut self.pending) {
+                if self.conns.contains_key(&conn) {
+                    self.handle(conn, ToBroker::Join(j));
+                }
+            }
             self.read_conns();
             let now = Instant::now();
             let look = now.duration_since(last_live) >= LIVENESS_EVERY;
@@ -474,6 +482,26 @@ impl Control {
 
     fn handle(&mut self, conn: u64, msg: ToBroker) {
         match msg {
+            ToBroker::Join(j)
+                if !self
+                    .groups
+                    .contains_key(&(j.topic.clone(), j.subscription.clone())) =>
+            {
+                // A new group reads its stored cursors: not while a cursor
+                // reset holds the creation lock (it is brief).
+                let state = self.state.clone();
+                let Ok(guard) = state.groups.create.try_lock() else {
+                    self.pending.push((conn, j));
+                    return;
+                };
+                let r = self.join(conn, *j);
+                drop(guard);
+                if let Err(message) = r
+                    && let Some(c) = self.conns.get_mut(&conn)
+                {
+                    let _ = send(c, &ToMember::Refused { message });
+                }
+            }
             ToBroker::Join(j) => {
                 let r = self.join(conn, *j);
                 if let Err(message) = r
@@ -738,7 +766,7 @@ impl Control {
                         g.dirty = true;
                     }
                 }
-                Ok(Ctl::Close(why)) => {
+                Ok(Ctl::Close(why) | Ctl::Stop(why)) => {
                     let reason = match why {
                         super::Closed::Removed(r)
                         | super::Closed::SlowConsumer(r)

@@ -117,7 +117,7 @@ struct Ack {
 }
 
 /// `"<partition>:<epoch>:<sequence>"` as (partition, sequence).
-fn parse_message_id(field: &str, id: &str) -> Result<(u32, u64), ApiError> {
+pub(crate) fn parse_message_id(field: &str, id: &str) -> Result<(u32, u64), ApiError> {
     let mut it = id.split(':');
     let (Some(p), Some(e), Some(q), None) = (it.next(), it.next(), it.next(), it.next()) else {
         return Err(ApiError::invalid(
