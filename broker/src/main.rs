@@ -622,12 +622,17 @@ fn consume_cmd(a: ConsumeArgs) -> Result<(), AnyError> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let sum = rt.block_on(tickwire_broker::consume::run(spec, &mut out))?;
     let _ = out.flush();
+    print_summary(&sum);
+    Ok(())
+}
+
+/// A consumer's figures, on stderr as one JSON line.
+fn print_summary(sum: &tickwire_broker::consume::Summary) {
     let _ = writeln!(
         std::io::stderr(),
         "{}",
         serde_json::json!({"events": sum.events, "redelivered": sum.redelivered, "duplicates": sum.duplicates, "gaps": sum.gaps})
     );
-    Ok(())
 }
 
 /// `tickwire consume --shm`: a group member reading the rings.
@@ -689,11 +694,7 @@ fn consume_shm(a: ConsumeArgs) -> Result<(), AnyError> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let sum = tickwire_broker::consume::run_shm(spec, &shutdown.token, &mut out)?;
     let _ = out.flush();
-    let _ = writeln!(
-        std::io::stderr(),
-        "{}",
-        serde_json::json!({"events": sum.events, "redelivered": sum.redelivered, "duplicates": sum.duplicates, "gaps": sum.gaps})
-    );
+    print_summary(&sum);
     Ok(())
 }
 

@@ -777,13 +777,6 @@ impl Control {
                     let ids: Vec<u64> = g.members.iter().map(|m| m.id).collect();
                     for id in ids {
                         g.remove(id, &reason, &mut self.conns);
-                        if let Some(c) = self
-                            .conns
-                            .values_mut()
-                            .find(|c| c.member.as_ref().is_some_and(|(k, m)| k == key && *m == id))
-                        {
-                            c.member = None;
-                        }
                     }
                     g.shared.stopped.store(true, Ordering::Release);
                     self.groups.remove(key);
@@ -847,13 +840,6 @@ impl Control {
                 tracing::warn!(subscription = %g.sub_id, member = id, %reason, "shm group member removed");
                 g.counters.timed_out += 1;
                 g.remove(id, &reason, &mut self.conns);
-                if let Some(c) = self
-                    .conns
-                    .values_mut()
-                    .find(|c| c.member.as_ref().is_some_and(|(k, m)| k == key && *m == id))
-                {
-                    c.member = None;
-                }
             }
             // The topic grew.
             if let Ok(Some(n)) = topic_partitions(&self.node_dir, &g.topic)
@@ -1161,6 +1147,10 @@ impl ShmGroup {
         };
         self.read_acked();
         let mut m = self.members.remove(i);
+        // Its connection no longer speaks for a member.
+        if let Some(c) = conns.get_mut(&m.conn) {
+            c.member = None;
+        }
         if reason != "left" && reason != "its process died" {
             notify(
                 conns,
