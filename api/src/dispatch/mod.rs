@@ -618,6 +618,8 @@ struct Dispatcher {
     reader: Subscriber,
     rx: Receiver<Control>,
     st: State,
+    /// The ring file went away (removed: true) or was replaced.
+    gone: Option<bool>,
 }
 
 struct State {
@@ -696,6 +698,7 @@ impl Dispatcher {
             },
             reader,
             rx,
+            gone: None,
         }
     }
 
@@ -711,27 +714,8 @@ impl Dispatcher {
             if !self.controls() {
                 break;
             }
-            self.st.grow_index();
-            self.st.now_ns = realtime_ns();
-            let mut gone = None;
-            let st = &mut self.st;
-            let n = self.reader.poll(4096, |ev| match ev {
-                Event::Tick(t) => st.on_tick(&t),
-                Event::Gap {
-                    partition,
-                    from,
-                    to,
-                } => st.on_gap(partition, from, to),
-                Event::Reopened { partition, epoch }
-                | Event::PartitionAdded { partition, epoch } => {
-                    set_epoch(&mut st.epochs, partition, epoch);
-                }
-                Event::Replaced { removed, .. } => gone = Some(removed),
-                _ => {}
-            });
-            self.st.catch_up(&self.reader);
-            self.st.flush(self.reader.symbology());
-            if let Some(removed) = gone {
+            let n = self.pump();
+            if let Some(removed) = self.gone {
                 let why = if removed {
                     format!("topic {} was deleted", self.st.topic)
                 } else {
@@ -773,11 +757,47 @@ impl Dispatcher {
         self.st.shared.stopped.store(true, Ordering::Release);
     }
 
+    /// Reads what the rings have (up to 4096 events) into the
+    /// subscriptions and the latest-value table, and sends what is due.
+    fn pump(&mut self) -> usize {
+        self.st.grow_index();
+        self.st.now_ns = realtime_ns();
+        let mut gone = None;
+        let st = &mut self.st;
+        let n = self.reader.poll(4096, |ev| match ev {
+            Event::Tick(t) => st.on_tick(&t),
+            Event::Gap {
+                partition,
+                from,
+                to,
+            } => st.on_gap(partition, from, to),
+            Event::Reopened { partition, epoch } | Event::PartitionAdded { partition, epoch } => {
+                set_epoch(&mut st.epochs, partition, epoch);
+            }
+            Event::Replaced { removed, .. } => gone = Some(removed),
+            _ => {}
+        });
+        self.st.catch_up(&self.reader);
+        self.st.flush(self.reader.symbology());
+        if gone.is_some() {
+            self.gone = gone;
+        }
+        n
+    }
+
     /// Handles queued control messages; false when the hub is gone.
     fn controls(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
                 Ok(Control::Add { sub, reply }) => {
+                    // What was published before the request is in the
+                    // latest-value table first: a snapshot is that fresh
+                    // (bounded, so a flood does not hold the request).
+                    for _ in 0..16 {
+                        if self.gone.is_some() || self.pump() == 0 {
+                            break;
+                        }
+                    }
                     let r = self.st.add(*sub, &self.reader);
                     let _ = reply.send(r);
                 }
