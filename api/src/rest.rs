@@ -930,26 +930,11 @@ async fn reset(
     State(state): S,
     headers: HeaderMap,
     Path((topic, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let k = key(&state, &headers)?;
     state.auth.allow(k.as_deref(), &topic, Right::Admin)?;
-    let b: ResetBody = if body.is_empty() {
-        ResetBody::default()
-    } else {
-        let de = &mut serde_json::Deserializer::from_slice(&body);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            ApiError::invalid(
-                if path == "." {
-                    "body".to_string()
-                } else {
-                    path
-                },
-                e.into_inner().to_string(),
-            )
-        })?
-    };
+    let b = json_body(body)?;
     use pb::MessagePosition as M;
     let position = enum_field(
         "position",

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use shm_client::group::wire::{
     Adopt, Assignment, Join, ReaderRef, Selector, SlotSet, ToBroker, ToMember,
 };
-use shm_client::group::{BATCH, CONTROL_SOCKET, SubscriptionType};
+use shm_client::group::{BATCH, CONTROL_SOCKET, SubscriptionType, key_slot};
 use shm_client::{Event, Start, Subscriber};
 use tickwire_proto::file::{RingFile, partition_paths, topic_partitions};
 use tickwire_proto::futex::realtime_ns;
@@ -942,6 +942,7 @@ impl Control {
         let store = self.store.clone();
         let runtime = self.runtime.clone();
         let shared = g.shared.clone();
+        let cancel = self.state.cancel.clone();
         let t = std::thread::Builder::new()
             .name("tickwire-dead-letters".into())
             .spawn(move || {
@@ -967,13 +968,16 @@ impl Control {
                     };
                     let deadline = Instant::now() + Duration::from_secs(30);
                     let mut found: Vec<(u64, [u64; tickwire_proto::frame::BODY_WORDS])> = Vec::new();
-                    while sub.position(p).is_some_and(|n| n < o.range.to) && Instant::now() < deadline {
+                    while sub.position(p).is_some_and(|n| n < o.range.to)
+                        && Instant::now() < deadline
+                        && !cancel.is_cancelled()
+                    {
                         let mut got = 0;
                         sub.poll(1024, |e| {
                             got += 1;
                             if let Event::Tick(t) = e
                                 && t.seq < o.range.to
-                                && o.range.selector.matches(t.seq, key_slot(&t))
+                                && o.range.selector.matches(t.seq, key_slot(t.instrument(), t.body.instrument_id()))
                             {
                                 found.push((t.seq, *t.body.words()));
                             }
@@ -981,6 +985,9 @@ impl Control {
                         if got == 0 {
                             break;
                         }
+                    }
+                    if let Some(next) = sub.position(p).filter(|&n| n < o.range.to) {
+                        tracing::error!(subscription = %sub_id, partition = p, from = next, to = o.range.to, "dead letters: part of a range was not read back (stopping, or the read stalled); those events are neither redelivered nor kept");
                     }
                     for (seq, words) in found {
                         let epoch = sub.epoch_of(p, seq).unwrap_or(0);
@@ -1013,14 +1020,6 @@ impl Control {
             Ok(t) => self.scans.push(t),
             Err(e) => tracing::error!(error = %e, "dead letters: no thread"),
         }
-    }
-}
-
-/// An event's Key_Shared slot, as members compute it.
-fn key_slot(t: &shm_client::Tick<'_>) -> u16 {
-    match t.instrument() {
-        Some(e) => rules::slot_of(e.symbol(), e.exchange()),
-        None => rules::slot_of_unnamed(t.body.instrument_id()),
     }
 }
 

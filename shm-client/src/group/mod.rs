@@ -114,6 +114,15 @@ impl SubscriptionType {
     }
 }
 
+/// The Key_Shared slot of instrument `id` (its symbology entry, when the
+/// table names it): what members and the broker both select by.
+pub fn key_slot(entry: Option<&tickwire_proto::symbology::Entry>, id: u32) -> u16 {
+    match entry {
+        Some(e) => rules::slot_of(e.symbol(), e.exchange()),
+        None => rules::slot_of_unnamed(id),
+    }
+}
+
 /// Events a member may hold back while a drain is waiting, before it stops
 /// reading until the drain ends.
 pub const MAX_DEFERRED: usize = 65_536;
@@ -764,9 +773,9 @@ impl GroupSubscriber {
             *sym = Symbology::open(node_dir).ok();
         }
         let Some(e) = sym.as_ref().and_then(|s| s.get(id)) else {
-            return rules::slot_of_unnamed(id);
+            return key_slot(None, id);
         };
-        let slot = rules::slot_of(e.symbol(), e.exchange());
+        let slot = key_slot(Some(e), id);
         if (id as usize) < (1 << 24) {
             if slots.len() <= id as usize {
                 slots.resize(id as usize + 1, u32::MAX);
