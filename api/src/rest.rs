@@ -47,6 +47,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/subscriptions/{topic}/{name}/dead-letters"),
     ("get", "/api/v1/stats/distribution"),
     ("get", "/api/v1/stats/metrics"),
+    ("get", "/api/v1/stats/deliveries"),
     ("get", "/api/v1/routing-rules"),
     ("post", "/api/v1/routing-rules"),
     ("put", "/api/v1/routing-rules/{name}"),
@@ -88,6 +89,7 @@ pub fn router(state: Arc<EdgeState>) -> axum::Router {
         .route("/api/v1/subscriptions/{topic}/{name}/reset", post(reset))
         .route("/api/v1/stats/distribution", get(distribution))
         .route("/api/v1/stats/metrics", get(metrics_range))
+        .route("/api/v1/stats/deliveries", get(deliveries))
         .route("/api/v1/routing-rules", get(list_rules).post(create_rule))
         .route(
             "/api/v1/routing-rules/{name}",
@@ -621,17 +623,25 @@ struct MetricsQuery {
     start_time: Option<String>,
     end_time: Option<String>,
     limit: Option<String>,
+    /// Only for `/stats/deliveries`.
+    status: Option<String>,
 }
 
-/// `GET /api/v1/stats/metrics`: a topic's `distribution_metrics_ts` rows
-/// in a time range (default the last hour), oldest first.
-async fn metrics_range(
-    State(state): S,
-    headers: HeaderMap,
-    query: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let k = key(&state, &headers)?;
-    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+/// A checked query-side range request: the topic (read access checked),
+/// `[start, end)` (default the last hour) and the row limit.
+struct RangeRequest {
+    topic: String,
+    start: u64,
+    end: u64,
+    limit: i64,
+}
+
+fn range_request(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    q: &MetricsQuery,
+) -> Result<RangeRequest, ApiError> {
+    let k = key(state, headers)?;
     let topic = q
         .topic
         .clone()
@@ -663,14 +673,39 @@ async fn metrics_range(
             }
         },
     };
+    Ok(RangeRequest {
+        topic,
+        start,
+        end,
+        limit,
+    })
+}
+
+fn store_unreadable(e: crate::store::StoreError) -> ApiError {
+    tracing::warn!(error = %e, "the query-side store cannot be read");
+    ApiError::Unavailable("the query-side store cannot be read now".into())
+}
+
+/// `GET /api/v1/stats/metrics`: a topic's `distribution_metrics_ts` rows
+/// in a time range (default the last hour), oldest first.
+async fn metrics_range(
+    State(state): S,
+    headers: HeaderMap,
+    query: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    if q.status.is_some() {
+        return Err(ApiError::invalid(
+            "status",
+            "metrics rows have no status (it filters /api/v1/stats/deliveries)",
+        ));
+    }
+    let r = range_request(&state, &headers, &q)?;
     let rows = state
         .store()?
-        .metrics(&topic, start as i64, end as i64, limit)
+        .metrics(&r.topic, r.start as i64, r.end as i64, r.limit)
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "metrics not read");
-            ApiError::Unavailable("the query-side store cannot be read now".into())
-        })?;
+        .map_err(store_unreadable)?;
     let rows: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
@@ -684,11 +719,57 @@ async fn metrics_range(
         })
         .collect();
     Ok(Json(serde_json::json!({
-        "topic": topic,
-        "start_time": rfc3339(start),
-        "end_time": rfc3339(end),
+        "topic": r.topic,
+        "start_time": rfc3339(r.start),
+        "end_time": rfc3339(r.end),
         "count": rows.len(),
         "metrics": rows,
+    }))
+    .into_response())
+}
+
+/// `GET /api/v1/stats/deliveries`: a topic's `message_delivery_log` rows
+/// (every failed delivery, a sample of successful ones) in a time range
+/// (default the last hour), oldest first, optionally of one `status`.
+async fn deliveries(
+    State(state): S,
+    headers: HeaderMap,
+    query: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let r = range_request(&state, &headers, &q)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s @ ("delivered" | "failed")) => Some(s),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "status",
+                format!("{other:?} is not a delivery status (delivered, failed)"),
+            ));
+        }
+    };
+    let rows = state
+        .store()?
+        .deliveries(&r.topic, r.start as i64, r.end as i64, status, r.limit)
+        .await
+        .map_err(store_unreadable)?;
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "timestamp": rfc3339(d.ts_ns.max(0) as u64), "message_id": d.message_id,
+                "partition_id": d.partition_id, "offset_position": d.offset_position,
+                "delivery_latency_ms": d.delivery_latency_ms, "status": d.status,
+                "error_message": d.error_message,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "topic": r.topic,
+        "start_time": rfc3339(r.start),
+        "end_time": rfc3339(r.end),
+        "count": rows.len(),
+        "deliveries": rows,
     }))
     .into_response())
 }

@@ -186,6 +186,26 @@ pub struct MetricsRow {
     pub producer_count: i64,
 }
 
+/// A `message_delivery_log` row: a failed delivery (a range a subscriber
+/// did not get, and why) or a sampled successful one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRow {
+    /// When, UTC ns.
+    pub ts_ns: i64,
+    /// `partition:sequence`, or `partition:from-to` for a range.
+    pub message_id: String,
+    /// Partition.
+    pub partition_id: i64,
+    /// The first sequence.
+    pub offset_position: i64,
+    /// Publish-to-send latency of a delivered event, ms.
+    pub delivery_latency_ms: Option<f64>,
+    /// `delivered` or `failed`.
+    pub status: String,
+    /// What was not delivered to which subscription, and why.
+    pub error_message: Option<String>,
+}
+
 /// The command-side database.
 pub struct Store {
     pool: AnyPool,
@@ -782,8 +802,8 @@ impl Store {
         tx.commit().await.map_err(|e| self.query_err(e))
     }
 
-    /// `message_delivery_log` rows of a topic in `[from_ns, to_ns)`:
-    /// (UTC ns, message id, status, error message), oldest first.
+    /// `message_delivery_log` rows of a topic in `[from_ns, to_ns)`, of
+    /// `status` when given, oldest first, at most `limit`.
     ///
     /// # Errors
     /// [`StoreError::Query`].
@@ -792,19 +812,44 @@ impl Store {
         topic: &str,
         from_ns: i64,
         to_ns: i64,
+        status: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<(i64, String, String, Option<String>)>, StoreError> {
-        self.fetch(
-            sqlx::query(
-                "SELECT ts_ns, message_id, status, error_message FROM message_delivery_log \
-                 WHERE topic_name = $1 AND ts_ns >= $2 AND ts_ns < $3 ORDER BY ts_ns LIMIT $4",
-            )
-            .bind(topic)
-            .bind(from_ns)
-            .bind(to_ns)
-            .bind(limit),
-            |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)),
-        )
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        // PostgreSQL prunes partitions on `timestamp`; SQLite has ts_ns indexed.
+        let range = if self.backend == Backend::Postgres {
+            "timestamp >= to_timestamp($2::float8 / 1e9) AND timestamp < to_timestamp($3::float8 / 1e9) \
+             AND ts_ns >= $2 AND ts_ns < $3"
+        } else {
+            "ts_ns >= $2 AND ts_ns < $3"
+        };
+        let status_is = if status.is_some() {
+            "AND status = $5"
+        } else {
+            ""
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT ts_ns, message_id, partition_id, offset_position, delivery_latency_ms, \
+             status, error_message FROM message_delivery_log \
+             WHERE topic_name = $1 AND {range} {status_is} ORDER BY ts_ns LIMIT $4"
+        )))
+        .bind(topic)
+        .bind(from_ns)
+        .bind(to_ns)
+        .bind(limit);
+        if let Some(s) = status {
+            q = q.bind(s);
+        }
+        self.fetch(q, |r| {
+            Ok(DeliveryRow {
+                ts_ns: r.try_get(0)?,
+                message_id: r.try_get(1)?,
+                partition_id: r.try_get(2)?,
+                offset_position: r.try_get(3)?,
+                delivery_latency_ms: r.try_get(4)?,
+                status: r.try_get(5)?,
+                error_message: r.try_get(6)?,
+            })
+        })
         .await
     }
 

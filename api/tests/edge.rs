@@ -434,15 +434,15 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
         let rows = f
             .edge()
             .store
-            .deliveries(TOPIC, 0, i64::MAX, 100_000)
+            .deliveries(TOPIC, 0, i64::MAX, None, 100_000)
             .await
             .expect("delivery log");
-        let failed: Vec<_> = rows.iter().filter(|r| r.2 == "failed").collect();
-        let delivered = rows.iter().filter(|r| r.2 == "delivered").count();
+        let failed: Vec<_> = rows.iter().filter(|r| r.status == "failed").collect();
+        let delivered = rows.iter().filter(|r| r.status == "delivered").count();
         if !failed.is_empty() && delivered > 0 {
             assert!(
                 failed.iter().all(|r| r
-                    .3
+                    .error_message
                     .as_deref()
                     .is_some_and(|e| e.starts_with("slow_consumer:"))),
                 "{failed:?}"
@@ -450,8 +450,26 @@ async fn a_stalled_client_gets_exact_gaps_and_never_slows_another() {
             assert!(
                 failed
                     .iter()
-                    .all(|r| r.1.starts_with("0:") || r.1.starts_with("1:"))
+                    .all(|r| r.message_id.starts_with("0:") || r.message_id.starts_with("1:"))
             );
+            // The same failed rows over REST.
+            let http = reqwest_free::Client;
+            let (code, v) = http
+                .get(&f.url(&format!(
+                    "/api/v1/stats/deliveries?topic={}&start_time=1&status=failed&limit=100000",
+                    TOPIC.replace('/', "%2F")
+                )))
+                .await;
+            assert_eq!(code, 200, "{v}");
+            let listed = v["deliveries"].as_array().expect("deliveries");
+            assert!(listed.len() >= failed.len(), "{v}");
+            assert!(listed.iter().all(|d| d["status"] == "failed"), "{v}");
+            assert_eq!(listed[0]["message_id"], failed[0].message_id.as_str());
+            let (code, v) = http
+                .get(&f.url("/api/v1/stats/deliveries?status=lost"))
+                .await;
+            assert_eq!(code, 400);
+            assert!(v.to_string().contains("status"), "{v}");
             break;
         }
         assert!(

@@ -90,21 +90,35 @@ async fn check(store: &Store) -> u64 {
         .await
         .expect("deliveries");
     let d = store
-        .deliveries(&topic, 0, now as i64, 10)
+        .deliveries(&topic, 0, now as i64, None, 10)
         .await
         .expect("read deliveries");
     assert_eq!(d.len(), 2);
-    assert_eq!((d[0].1.as_str(), d[0].2.as_str()), ("1:10-19", "failed"));
+    assert_eq!(
+        (d[0].message_id.as_str(), d[0].status.as_str()),
+        ("1:10-19", "failed")
+    );
+    assert_eq!((d[0].partition_id, d[0].offset_position), (1, 10));
     assert!(
-        d[0].3
+        d[0].error_message
             .as_deref()
             .is_some_and(|e| e.contains("slow_consumer") && e.contains("10 events")),
         "{d:?}"
     );
     assert_eq!(
-        (d[1].1.as_str(), d[1].2.as_str(), d[1].3.as_deref()),
-        ("1:20", "delivered", None)
+        (
+            d[1].message_id.as_str(),
+            d[1].status.as_str(),
+            d[1].error_message.as_deref(),
+            d[1].delivery_latency_ms
+        ),
+        ("1:20", "delivered", None, Some(0.5))
     );
+    let failed = store
+        .deliveries(&topic, 0, now as i64, Some("failed"), 10)
+        .await
+        .expect("read failed deliveries");
+    assert_eq!(failed, d[..1]);
     let dropped = store
         .maintain_query_side(now, Duration::from_secs(3600))
         .await
