@@ -6,13 +6,17 @@
 //!
 //! A query asks for the bars whose start lies in `[from, to)`; each covers
 //! its whole interval. Intervals are aligned to the Unix epoch (days are
-//! UTC days). Only closed minutes are in the store, so every one-
-//! minute bar is final; [`complete_through`] says up to where, and
-//! [`is_complete`] whether a longer bar has all its minutes.
+//! UTC days). Only closed minutes are in the store; the minutes the
+//! builder still holds open come from it ([`OpenBars`]), so the current
+//! minute's bar so far is served too. [`complete_through`] says up to
+//! where bars are final, and [`is_complete`] whether a bar has all its
+//! minutes closed.
 
 use std::path::{Path, PathBuf};
 
-use tickwire_proto::bars::{Bar, BarFile, Interval, MINUTE_NS, bar_files, merge_bars};
+use std::sync::Arc;
+
+use tickwire_proto::bars::{Bar, BarFile, Interval, MINUTE_NS, OpenMinutes, bar_files, merge_bars};
 use tickwire_proto::json::Decimal;
 use tickwire_proto::symbology::{Entry, Symbology};
 
@@ -28,6 +32,14 @@ pub trait Resampler: Send + Sync + 'static {
     /// # Errors
     /// What went wrong, for the log (the caller answers 500).
     fn resample(&self, minutes: &[Bar], interval: Interval) -> Result<Vec<Bar>, String>;
+}
+
+/// The minutes the bar builder holds open (not in the store yet), so a
+/// query that reaches the current minute gets its bar so far, marked not
+/// complete.
+pub trait OpenBars: Send + Sync + 'static {
+    /// `topic`'s partitions the builder reads, with their open minutes.
+    fn open_minutes(&self, topic: &str) -> Vec<(u32, Arc<OpenMinutes>)>;
 }
 
 /// The most bars one page may hold.
@@ -96,7 +108,8 @@ fn align_up(t: u64, every: u64) -> u64 {
     t.div_ceil(every).saturating_mul(every)
 }
 
-/// One page of `instrument`'s bars in `topic`.
+/// One page of `instrument`'s bars in `topic`: closed minutes from the
+/// store in `dir`, open ones from `open`.
 ///
 /// # Errors
 /// [`ApiError::Unimplemented`] for 5m/1h/1d without a resampler;
@@ -108,24 +121,36 @@ pub fn query(
     instrument: u32,
     q: &BarQuery,
     resampler: Option<&dyn Resampler>,
+    open: Option<&dyn OpenBars>,
 ) -> Result<BarPage, ApiError> {
     let bad = |e: tickwire_proto::Error| {
         tracing::warn!(error = %e, "a bar file cannot be read");
         ApiError::internal(format!("bars of {topic} cannot be read"))
     };
-    // One file per partition that had the instrument's events.
+    let open = open.map_or_else(Vec::new, |o| o.open_minutes(topic));
+    // One file per partition that had the instrument's events, read up to
+    // where the partition's open minutes begin.
     let mut files = Vec::new();
-    for path in bar_files(dir, topic, instrument) {
+    for (partition, path) in bar_files(dir, topic, instrument) {
         if let Some(f) = BarFile::open(&path).map_err(bad)? {
-            files.push(f);
+            let upto = open
+                .iter()
+                .find(|(p, _)| *p == partition)
+                .map_or(u64::MAX, |(_, o)| o.from);
+            files.push((f, upto));
         }
     }
     let read = |from: u64, to: u64, n: usize| {
-        let lists = files
+        let mut lists = files
             .iter()
-            .map(|f| f.range(from, to, n))
+            .map(|(f, upto)| f.range(from, to.min(*upto), n))
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
+        lists.extend(open.iter().map(|(_, o)| {
+            let mut l = o.range(instrument, from.max(o.from), to);
+            l.truncate(n);
+            l
+        }));
         Ok::<_, ApiError>(merge_bars(lists))
     };
     let mut bars = match q.interval {

@@ -362,6 +362,7 @@ pub fn start_bars(
     dir: PathBuf,
     symbology: std::sync::Arc<tickwire_proto::symbology::Symbology>,
     resampler: Option<std::sync::Arc<dyn crate::bars::Resampler>>,
+    open: Option<std::sync::Arc<dyn crate::bars::OpenBars>>,
     spec: BarSpec,
     max_batch: u32,
     cancel: CancellationToken,
@@ -410,7 +411,14 @@ pub fn start_bars(
                         limit: left.min(max_batch),
                         ..spec.query
                     };
-                    let page = match crate::bars::query(&dir, &spec.topic, id, &q, resampler.as_deref()) {
+                    let page = match crate::bars::query(
+                        &dir,
+                        &spec.topic,
+                        id,
+                        &q,
+                        resampler.as_deref(),
+                        open.as_deref(),
+                    ) {
                         Ok(p) => p,
                         Err(e) => {
                             tracing::warn!(topic = %spec.topic, error = %e, "a bar stream ends early");

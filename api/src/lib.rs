@@ -83,6 +83,11 @@ pub trait Engine: Send + Sync + 'static {
     fn resampler(&self) -> Option<Arc<dyn bars::Resampler>> {
         None
     }
+    /// The bar builder's open minutes (`None`: only closed minutes are
+    /// served).
+    fn open_bars(&self) -> Option<Arc<dyn bars::OpenBars>> {
+        None
+    }
     /// Checks `rules` (the whole set, in any order) and, unless `dry_run`,
     /// makes them the routing of new events at once.
     ///

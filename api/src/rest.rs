@@ -1356,9 +1356,10 @@ async fn history(
         entry.size_decimals(),
     );
     let resampler = state.engine.resampler();
+    let open = state.engine.open_bars();
     let t2 = topic.clone();
     let (page, complete) = tokio::task::spawn_blocking(move || {
-        crate::bars::query(&dir, &t2, id, &bq, resampler.as_deref())
+        crate::bars::query(&dir, &t2, id, &bq, resampler.as_deref(), open.as_deref())
             .map(|p| (p, crate::bars::complete_through(&dir, &t2)))
     })
     .await

@@ -307,7 +307,7 @@ async fn postgres(
         .and_then(|s| (1..=s.count()).find(|&i| s.get(i).is_some_and(|e| e.symbol() == "BENCH")))
         .ok_or("BENCH is not in the symbology")?;
     let mut lists = Vec::new();
-    for path in bar_files(bar_dir, TOPIC, id) {
+    for (_, path) in bar_files(bar_dir, TOPIC, id) {
         if let Some(file) = BarFile::open(&path).map_err(|e| e.to_string())? {
             lists.push(
                 file.range(0, u64::MAX, usize::MAX)

@@ -22,14 +22,16 @@
 //! out as they were the first time, and a bar written twice replaces
 //! itself, so a crash at any point neither loses nor doubles a bar.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tickwire_proto::bars::{BARS_DIR, Bar, BarBuilder, BarFile, Folded, bar_input, bar_path};
+use tickwire_proto::bars::{
+    BARS_DIR, Bar, BarBuilder, BarFile, Folded, OpenMinutes, bar_input, bar_path,
+};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS};
 use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::journal::{JournalRead, JournalReader};
@@ -42,6 +44,12 @@ const POLL: Duration = Duration::from_millis(100);
 const SLICE: u64 = 1 << 16;
 /// How often the journal root is listed for new or deleted partitions.
 const RESCAN: Duration = Duration::from_secs(1);
+/// How often a partition's open minutes are published while it folds
+/// events (at once when it closes minutes).
+const PUBLISH: Duration = Duration::from_millis(50);
+
+/// Each partition's open minutes, by topic (`/` as `~`) and partition.
+type OpenBook = std::sync::Mutex<HashMap<String, BTreeMap<u32, Arc<OpenMinutes>>>>;
 
 /// The bar builder's settings.
 #[derive(Debug, Clone)]
@@ -75,6 +83,7 @@ pub struct BarCounters {
 #[derive(Debug)]
 pub struct Bars {
     counters: Arc<BarCounters>,
+    book: Arc<OpenBook>,
     stop: Arc<AtomicBool>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -90,12 +99,14 @@ impl Bars {
             BrokerError::Journal(format!("create bar directory {}: {e}", dir.display()))
         })?;
         let counters = Arc::new(BarCounters::default());
+        let book = Arc::new(OpenBook::default());
         let stop = Arc::new(AtomicBool::new(false));
         let mut run = Run {
             settings,
             dir,
             parts: HashMap::new(),
             counters: counters.clone(),
+            book: book.clone(),
             last_scan: None,
         };
         let stop2 = stop.clone();
@@ -105,6 +116,7 @@ impl Bars {
             .map_err(|e| BrokerError::Journal(format!("spawn the bar builder: {e}")))?;
         Ok(Bars {
             counters,
+            book,
             stop,
             thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -113,6 +125,16 @@ impl Bars {
     /// Its counters.
     pub fn counters(&self) -> &BarCounters {
         &self.counters
+    }
+
+    /// The open minutes of `topic`'s partitions, as last published (at
+    /// most [`PUBLISH`] behind what the builder has folded, itself at most
+    /// a poll behind the journal).
+    pub fn open_minutes(&self, topic: &str) -> Vec<(u32, Arc<OpenMinutes>)> {
+        let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        book.get(&topic.replace('/', "~")).map_or_else(Vec::new, |parts| {
+            parts.iter().map(|(&p, o)| (p, o.clone())).collect()
+        })
     }
 
     /// Stops the thread (it finishes the partition it is reading, at most
@@ -190,6 +212,10 @@ struct Part {
     pending: Vec<(u32, Bar)>,
     /// When the last error was logged (one line per minute at most).
     warned: Option<Instant>,
+    /// Events folded since its open minutes were last published.
+    dirty: bool,
+    /// When they were.
+    published: Option<Instant>,
 }
 
 struct Run {
@@ -197,6 +223,7 @@ struct Run {
     dir: PathBuf,
     parts: HashMap<PathBuf, Part>,
     counters: Arc<BarCounters>,
+    book: Arc<OpenBook>,
     last_scan: Option<Instant>,
 }
 
@@ -275,10 +302,20 @@ impl Run {
                     pending: Vec::new(),
                     last_event: Instant::now(),
                     warned: None,
+                    dirty: true,
+                    published: None,
                 },
             );
         }
-        self.parts.retain(|k, _| seen.contains(k));
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        self.parts.retain(|k, p| {
+            let keep = seen.contains(k);
+            if !keep && let Some(t) = book.get_mut(&p.topic) {
+                t.remove(&p.partition);
+            }
+            keep
+        });
+        book.retain(|_, t| !t.is_empty());
     }
 
     fn warn(&self, p: &mut Part, what: &str, err: &dyn std::fmt::Display) {
@@ -372,6 +409,7 @@ impl Run {
         }
         if p.next > start {
             p.last_event = Instant::now();
+            p.dirty = true;
         }
         // The clock closes minutes only of a partition that has read all
         // there is and then had nothing for the lateness: a source that is
@@ -381,11 +419,28 @@ impl Run {
         p.pending.extend(closed);
         if !p.pending.is_empty() {
             self.write(p);
+        } else if p.dirty && p.published.is_none_or(|t| t.elapsed() >= PUBLISH) {
+            self.publish(p);
         }
         p.next > start
     }
 
-    /// Writes closed bars, syncs them, then saves the partition's state.
+    /// Publishes the partition's open minutes (and bars it could not
+    /// write) for readers ([`Bars::open_minutes`]).
+    fn publish(&self, p: &mut Part) {
+        let open = Arc::new(p.builder.open_minutes(&p.pending));
+        self.book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(p.topic.clone())
+            .or_default()
+            .insert(p.partition, open);
+        p.dirty = false;
+        p.published = Some(Instant::now());
+    }
+
+    /// Writes closed bars, syncs them, publishes the open minutes, then
+    /// saves the partition's state.
     /// Bars that could not be written (a full disk) stay pending and are
     /// tried again at the next step; the state is saved only once none
     /// is, so a restart builds them again from the journal.
@@ -408,6 +463,9 @@ impl Run {
                 }
             }
         }
+        // Readers now take the written minutes from the store; only then
+        // is the state (and so `complete_through`) moved past them.
+        self.publish(p);
         if let Some(e) = failed {
             self.warn(p, "cannot write bars", &e);
             return;

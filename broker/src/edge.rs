@@ -19,6 +19,15 @@ pub struct BrokerEngine {
     bars: Option<std::sync::Arc<crate::bars::Bars>>,
 }
 
+impl tickwire_api::bars::OpenBars for crate::bars::Bars {
+    fn open_minutes(
+        &self,
+        topic: &str,
+    ) -> Vec<(u32, std::sync::Arc<tickwire_proto::bars::OpenMinutes>)> {
+        crate::bars::Bars::open_minutes(self, topic)
+    }
+}
+
 /// 5m/1h/1d bars with Polars (`tickwire-history`).
 #[cfg(feature = "history")]
 struct PolarsResampler;
@@ -236,6 +245,12 @@ impl Engine for BrokerEngine {
     /// The synthetic feed's topic when it is on, else the first topic.
     fn bars_dir(&self) -> Option<PathBuf> {
         (self.bars.is_some()).then(|| tickwire_api::bars::bar_dir(&self.config.journal_dir()))
+    }
+
+    fn open_bars(&self) -> Option<std::sync::Arc<dyn tickwire_api::bars::OpenBars>> {
+        self.bars
+            .clone()
+            .map(|b| b as std::sync::Arc<dyn tickwire_api::bars::OpenBars>)
     }
 
     fn resampler(&self) -> Option<std::sync::Arc<dyn tickwire_api::bars::Resampler>> {

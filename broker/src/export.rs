@@ -178,7 +178,7 @@ fn bars(
             continue;
         };
         let mut lists = Vec::new();
-        for path in bar_files(&dir, &s.topic, id) {
+        for (_, path) in bar_files(&dir, &s.topic, id) {
             if let Some(f) = BarFile::open(&path).map_err(|e| e.to_string())? {
                 lists.push(f.range(lo, hi, usize::MAX).map_err(|e| e.to_string())?);
             }

@@ -519,3 +519,112 @@ async fn bars_over_rest_and_grpc_equal_a_model_of_the_trades_and_survive_a_resta
     drop(ingest);
     broker.shutdown();
 }
+
+/// The bars of `sym` in `[from, to)` once `ready` holds for them.
+async fn bars_when(
+    base: &str,
+    sym: &str,
+    interval: &str,
+    from: u64,
+    to: u64,
+    ready: impl Fn(&[Value]) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http::Client
+            .get(&format!(
+                "{base}/api/v1/market-data/{sym}/history?topic=md%2Fhistory&interval={interval}&start_time={from}&end_time={to}"
+            ))
+            .await;
+        assert_eq!(code, 200, "{body}");
+        if ready(body["data"].as_array().expect("data")) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bars of {sym} never as expected: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minutes_still_open_are_served_as_they_grow_and_marked_not_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    // Nothing closes while the test runs: every bar it sees is open.
+    c.history.lateness = "1h".into();
+    let now = tickwire_proto::futex::realtime_ns();
+    let minute = Interval::M1.bucket(now);
+    let t = minute + 1;
+    let earlier = minute - 2 * MINUTE_NS + 1;
+    let cancel = CancellationToken::new();
+    let broker = Broker::start(&c).expect("broker");
+    let mut ingest = broker.ingest(1);
+    let e = edge(&broker, &cancel).await;
+    let base = format!("http://{}", e.http_addr);
+    let mut sent: Vec<Sent> = vec![
+        (1, true, earlier, 40 * PX, 5),
+        (1, true, t, 10 * PX, 1),
+        (1, true, t + 1, 12 * PX, 2),
+        (1, true, t + 2, 11 * PX, 3),
+        // SYM0's quotes only: a mid bar, from another partition.
+        (0, false, t + 3, 30 * PX, 0),
+    ];
+    send(&mut ingest, &sent);
+    let (from, to) = (minute - 5 * MINUTE_NS, minute + MINUTE_NS);
+    let body = bars_when(&base, "SYM1", "1m", from, to, |d| {
+        d.len() == 2 && d[1]["trade_count"] == 3
+    })
+    .await;
+    let data = body["data"].as_array().expect("data");
+    assert_eq!(
+        as_model(data),
+        without_notional(model(&sent, 1, Interval::M1)),
+        "{body}"
+    );
+    assert!(data.iter().all(|b| b["complete"] == false), "{body}");
+    assert!(
+        body["complete_through"]
+            .as_str()
+            .is_none_or(|c| *c < *rfc3339(earlier)),
+        "{body}"
+    );
+    // The open minute grows with the next trade.
+    let more = (1, true, t + 4, 9 * PX, 4);
+    send(&mut ingest, &[more]);
+    sent.push(more);
+    let body = bars_when(&base, "SYM1", "1m", from, to, |d| {
+        d.len() == 2 && d[1]["trade_count"] == 4
+    })
+    .await;
+    assert_eq!(
+        as_model(body["data"].as_array().expect("data")),
+        without_notional(model(&sent, 1, Interval::M1))
+    );
+    // Longer bars take the open minutes too.
+    let five = Interval::M5.bucket(earlier);
+    let body = bars_when(&base, "SYM1", "5m", five, to, |d| {
+        d.iter().map(|b| b["trade_count"].as_u64().unwrap_or(0)).sum::<u64>() == 5
+    })
+    .await;
+    let data = body["data"].as_array().expect("data");
+    assert_eq!(
+        as_model(data),
+        without_notional(model(&sent, 1, Interval::M5)),
+        "{body}"
+    );
+    assert!(data.iter().all(|b| b["complete"] == false), "{body}");
+    // A mid bar of an instrument that only quotes.
+    let body = bars_when(&base, "SYM0", "1m", from, to, |d| d.len() == 1).await;
+    assert_eq!(body["data"][0]["price_source"], "mid", "{body}");
+    assert_eq!(px(&body["data"][0]["close"]), 30 * PX, "{body}");
+    cancel.cancel();
+    drop(e);
+    drop(ingest);
+    broker.shutdown();
+}
+
+fn rfc3339(ns: u64) -> String {
+    tickwire_proto::json::rfc3339(ns)
+}

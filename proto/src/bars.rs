@@ -42,7 +42,7 @@
 //! the record; a partial record at the end (a crash mid-append) is ignored
 //! by readers and cut by the writer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -431,13 +431,53 @@ impl BarBuilder {
         self.late
     }
 
-    /// The open (not yet closed) bars of `instrument`, oldest first.
-    pub fn open_bars(&self, instrument: u32) -> Vec<Bar> {
-        self.open
-            .iter()
-            .filter(|((_, i), _)| *i == instrument)
-            .filter_map(|(_, o)| o.trades.or(o.mids))
-            .collect()
+    /// What a reader needs to serve this partition's minutes that are not
+    /// in the bar store yet: its open bars, and `unwritten` (closed bars
+    /// whose write failed, still to be retried), from the first minute
+    /// any of them has (or the closed-through minute when there are none).
+    pub fn open_minutes(&self, unwritten: &[(u32, Bar)]) -> OpenMinutes {
+        let mut bars: HashMap<u32, Vec<Bar>> = HashMap::new();
+        let mut from = self.closed_through;
+        for &(inst, b) in unwritten {
+            from = from.min(b.start_ns);
+            bars.entry(inst).or_default().push(b);
+        }
+        for (&(_, inst), o) in &self.open {
+            if let Some(b) = o.trades.or(o.mids) {
+                bars.entry(inst).or_default().push(b);
+            }
+        }
+        for list in bars.values_mut() {
+            list.sort_by_key(|b| b.start_ns);
+        }
+        OpenMinutes { from, bars }
+    }
+}
+
+/// One partition's bars that are not (all) in the bar store: the minutes
+/// the builder holds open, and closed ones it could not write yet.
+///
+/// A reader takes this partition's bars before `from` from the store and
+/// from `from` on from here: the builder publishes a new `OpenMinutes`
+/// after writing closed bars and before saving its state, so a minute is
+/// counted once whichever of the two it reads first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenMinutes {
+    /// Bars before this minute start are in the store.
+    pub from: u64,
+    /// Per instrument, oldest first.
+    pub bars: HashMap<u32, Vec<Bar>>,
+}
+
+impl OpenMinutes {
+    /// `instrument`'s bars starting in `[from_ns, to_ns)`, oldest first.
+    pub fn range(&self, instrument: u32, from_ns: u64, to_ns: u64) -> Vec<Bar> {
+        self.bars.get(&instrument).map_or_else(Vec::new, |l| {
+            l.iter()
+                .filter(|b| (from_ns..to_ns).contains(&b.start_ns))
+                .copied()
+                .collect()
+        })
     }
 }
 
@@ -452,8 +492,8 @@ pub fn bar_path(dir: &Path, topic: &str, instrument: u32, partition: u32) -> Pat
 }
 
 /// The bar files of `instrument` in `topic` (one per partition that had
-/// its events), in partition order.
-pub fn bar_files(dir: &Path, topic: &str, instrument: u32) -> Vec<PathBuf> {
+/// its events) with their partition, in partition order.
+pub fn bar_files(dir: &Path, topic: &str, instrument: u32) -> Vec<(u32, PathBuf)> {
     let prefix = format!("{instrument}.");
     let Ok(rd) = std::fs::read_dir(dir.join(topic.replace('/', "~"))) else {
         return Vec::new();
@@ -472,7 +512,7 @@ pub fn bar_files(dir: &Path, topic: &str, instrument: u32) -> Vec<PathBuf> {
         })
         .collect();
     files.sort();
-    files.into_iter().map(|(_, p)| p).collect()
+    files
 }
 
 impl Bar {
@@ -713,6 +753,65 @@ impl BarFile {
         Ok(put)
     }
 
+    /// Drops the bars of the file at `path` that start before `before_ns`,
+    /// once its first bar starts before `before_ns - slack_ns` (so a file
+    /// is rewritten once per `slack_ns`, not at every call). The bars kept
+    /// are copied to `<path>.tmp`, synced, and renamed over `path` (a
+    /// reader with the old file open reads it to the end); a file with
+    /// none left is removed. Returns how many bars were dropped.
+    ///
+    /// # Errors
+    /// The file cannot be read, or the new one written (a full disk: the
+    /// old file stays as it was).
+    pub fn expire(path: &Path, before_ns: u64, slack_ns: u64) -> Result<u64> {
+        let Some(f) = BarFile::open(path)? else {
+            return Ok(0);
+        };
+        if f.records == 0 || f.record(0)?.start_ns >= before_ns.saturating_sub(slack_ns) {
+            return Ok(0);
+        }
+        let keep_from = f.lower_bound(before_ns)?;
+        if keep_from >= f.records {
+            std::fs::remove_file(path).map_err(|e| Error::io("remove bar file", path, e))?;
+            return Ok(f.records);
+        }
+        let tmp = path.with_extension("bars.tmp");
+        let out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io("create bar file", &tmp, e))?;
+        let copied = (|| {
+            let mut header = [0u8; BARS_HEADER];
+            f.file
+                .read_exact_at(&mut header, 0)
+                .map_err(|e| Error::io("read bar file header", path, e))?;
+            out.write_all_at(&header, 0)
+                .map_err(|e| Error::io("write bar file header", &tmp, e))?;
+            let mut buf = vec![0u8; 8192 * BAR_BYTES];
+            let mut i = keep_from;
+            while i < f.records {
+                let n = (f.records - i).min(8192);
+                let bytes = &mut buf[..n as usize * BAR_BYTES];
+                f.file
+                    .read_exact_at(bytes, BARS_HEADER as u64 + i * BAR_BYTES as u64)
+                    .map_err(|e| Error::io("read bar records", path, e))?;
+                let at = BARS_HEADER as u64 + (i - keep_from) * BAR_BYTES as u64;
+                out.write_all_at(bytes, at)
+                    .map_err(|e| Error::io("write bar records", &tmp, e))?;
+                i += n;
+            }
+            out.sync_data()
+                .map_err(|e| Error::io("sync bar file", &tmp, e))?;
+            std::fs::rename(&tmp, path).map_err(|e| Error::io("rename bar file", &tmp, e))
+        })();
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        copied.map(|()| keep_from)
+    }
+
     /// Flushes the file's data to disk.
     ///
     /// # Errors
@@ -925,6 +1024,42 @@ mod tests {
             b.fold(&ev(8, 7, Kind::Trade, m + 2 * MINUTE_NS, 1, 1), u64::MAX),
             Folded::Bar
         );
+    }
+
+    #[test]
+    fn expiry_drops_whole_old_bars_only_once_past_the_slack() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = bar_path(dir.path(), "a/b", 3, 0);
+        let mut f = BarFile::create(&path, 3).expect("create");
+        for m in 10..20_000u64 {
+            f.put(&Bar::first(m * MINUTE_NS, m as i64, 1, 0)).expect("put");
+        }
+        drop(f);
+        let starts = || {
+            BarFile::open(&path)
+                .expect("open")
+                .expect("exists")
+                .range(0, u64::MAX, usize::MAX)
+                .expect("range")
+                .iter()
+                .map(|b| b.start_ns / MINUTE_NS)
+                .collect::<Vec<_>>()
+        };
+        // The first bar (minute 10) is not older than 15 - 5: kept.
+        assert_eq!(BarFile::expire(&path, 15 * MINUTE_NS, 5 * MINUTE_NS).expect("expire"), 0);
+        assert_eq!(starts().len(), 19_990);
+        // Past the slack: everything before minute 16 goes, the rest stays
+        // in order, and the file takes appends again.
+        assert_eq!(BarFile::expire(&path, 16 * MINUTE_NS, 5 * MINUTE_NS).expect("expire"), 6);
+        assert_eq!(starts(), (16..20_000).collect::<Vec<_>>());
+        let mut f = BarFile::create(&path, 3).expect("reopen");
+        f.put(&Bar::first(20_000 * MINUTE_NS, 1, 1, 0)).expect("put");
+        assert_eq!(f.len(), 19_985);
+        assert!(!path.with_extension("bars.tmp").exists());
+        // Nothing left: the file goes.
+        assert_eq!(BarFile::expire(&path, u64::MAX, 0).expect("expire"), 19_985);
+        assert!(!path.exists());
+        assert_eq!(BarFile::expire(&path, u64::MAX, 0).expect("expire"), 0, "no file");
     }
 
     #[test]

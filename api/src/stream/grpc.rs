@@ -231,6 +231,7 @@ impl pb::raw::market_data_stream_server::MarketDataStream for StreamService {
                     dir,
                     self.state.hub.symbology()?,
                     self.state.engine.resampler(),
+                    self.state.engine.open_bars(),
                     b,
                     self.state.config.max_batch,
                     self.state.cancel.child_token(),
