@@ -44,6 +44,8 @@ const POLL: Duration = Duration::from_millis(100);
 const SLICE: u64 = 1 << 16;
 /// How often the journal root is listed for new or deleted partitions.
 const RESCAN: Duration = Duration::from_secs(1);
+/// How often bar files are checked against the retention.
+const SWEEP: Duration = Duration::from_secs(3600);
 /// How often a partition's open minutes are published while it folds
 /// events (at once when it closes minutes).
 const PUBLISH: Duration = Duration::from_millis(50);
@@ -62,6 +64,10 @@ pub struct BarSettings {
     /// Events stamped further than this ahead of the clock are left out
     /// (a source with a wrong clock must not close everyone's minutes).
     pub max_skew: Duration,
+    /// Bars older than this are deleted (`None`: kept for ever). A file
+    /// is rewritten without its old bars once they reach an eighth of the
+    /// retention, so a bar lives between 1 and 1 1/8 retentions.
+    pub retention: Option<Duration>,
 }
 
 /// The bar builder's counters.
@@ -77,6 +83,8 @@ pub struct BarCounters {
     pub future: AtomicU64,
     /// Errors (a journal that cannot be read, a bar that cannot be written).
     pub errors: AtomicU64,
+    /// Bars deleted by the retention.
+    pub expired: AtomicU64,
 }
 
 /// The running bar builder.
@@ -108,6 +116,7 @@ impl Bars {
             counters: counters.clone(),
             book: book.clone(),
             last_scan: None,
+            last_sweep: None,
         };
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -132,9 +141,10 @@ impl Bars {
     /// a poll behind the journal).
     pub fn open_minutes(&self, topic: &str) -> Vec<(u32, Arc<OpenMinutes>)> {
         let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-        book.get(&topic.replace('/', "~")).map_or_else(Vec::new, |parts| {
-            parts.iter().map(|(&p, o)| (p, o.clone())).collect()
-        })
+        book.get(&topic.replace('/', "~"))
+            .map_or_else(Vec::new, |parts| {
+                parts.iter().map(|(&p, o)| (p, o.clone())).collect()
+            })
     }
 
     /// Stops the thread (it finishes the partition it is reading, at most
@@ -225,6 +235,7 @@ struct Run {
     counters: Arc<BarCounters>,
     book: Arc<OpenBook>,
     last_scan: Option<Instant>,
+    last_sweep: Option<Instant>,
 }
 
 fn inode_of(path: &Path) -> u64 {
@@ -241,6 +252,12 @@ impl Run {
             if self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN) {
                 self.scan();
                 self.last_scan = Some(Instant::now());
+            }
+            if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP) {
+                self.last_sweep = Some(Instant::now());
+                if let Some(keep) = self.settings.retention {
+                    self.sweep(keep, stop);
+                }
             }
             let mut busy = false;
             let keys: Vec<PathBuf> = self.parts.keys().cloned().collect();
@@ -316,6 +333,46 @@ impl Run {
             keep
         });
         book.retain(|_, t| !t.is_empty());
+    }
+
+    /// Deletes bars older than `keep` from every bar file ([`SWEEP`]ly, on
+    /// this thread: it is the only writer of the files).
+    fn sweep(&self, keep: Duration, stop: &AtomicBool) {
+        let before = tickwire_proto::bars::Interval::M1
+            .bucket(realtime_ns().saturating_sub(keep.as_nanos() as u64));
+        let slack = keep.as_nanos() as u64 / 8;
+        let (mut files, mut bars, mut failed) = (0u64, 0u64, 0u64);
+        let topics = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
+        for topic in topics.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            let Ok(rd) = std::fs::read_dir(topic.path()) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "bars") {
+                    continue;
+                }
+                match BarFile::expire(&path, before, slack) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        files += 1;
+                        bars += n;
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(file = %path.display(), error = %err, "bars: old bars not deleted");
+                    }
+                }
+            }
+        }
+        self.counters.expired.fetch_add(bars, Ordering::Relaxed);
+        if bars > 0 || failed > 0 {
+            tracing::info!(files, bars, failed, retention = %humantime::format_duration(keep), "bars past the retention deleted");
+        }
     }
 
     fn warn(&self, p: &mut Part, what: &str, err: &dyn std::fmt::Display) {

@@ -71,6 +71,10 @@ pub struct HistoryConfig {
     /// Events stamped further ahead of the clock than this are left out
     /// of bars (a source with a wrong clock must not close every minute).
     pub max_skew: String,
+    /// How long bars are kept (a duration such as `366d`; `forever` keeps
+    /// them). Longer than the journal's: bars are what history serves
+    /// once the raw events are gone.
+    pub retention: String,
 }
 
 impl Default for HistoryConfig {
@@ -79,6 +83,7 @@ impl Default for HistoryConfig {
             enabled: true,
             lateness: "5s".into(),
             max_skew: "1m".into(),
+            retention: "366d".into(),
         }
     }
 }
@@ -433,6 +438,8 @@ impl Config {
             journal_root: self.journal_dir(),
             lateness: d(&self.history.lateness, 5),
             max_skew: d(&self.history.max_skew, 60),
+            retention: (self.history.retention != "forever")
+                .then(|| d(&self.history.retention, 366 * 86_400)),
         }
     }
 
@@ -597,6 +604,24 @@ impl Config {
         ] {
             if let Err(e) = humantime::parse_duration(v) {
                 return bad(k, format!("{v:?} is not a duration such as 5s: {e}"));
+            }
+        }
+        let r = &self.history.retention;
+        if r != "forever" {
+            match humantime::parse_duration(r) {
+                Ok(d) if d >= std::time::Duration::from_secs(3600) => {}
+                Ok(_) => {
+                    return bad(
+                        "history.retention",
+                        format!("{r:?}: bars are kept at least an hour (or \"forever\")"),
+                    );
+                }
+                Err(e) => {
+                    return bad(
+                        "history.retention",
+                        format!("{r:?} is not a duration such as 366d, nor \"forever\": {e}"),
+                    );
+                }
             }
         }
         for (i, t) in self.topics.iter().enumerate() {

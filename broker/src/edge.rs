@@ -195,6 +195,11 @@ impl Engine for BrokerEngine {
                     r(&c.future),
                 ),
                 (
+                    "tickwire_bars_expired_total",
+                    "Bars deleted by the retention (history.retention).",
+                    r(&c.expired),
+                ),
+                (
                     "tickwire_bars_errors_total",
                     "Bar builder errors (a journal it cannot read, bars it cannot write).",
                     r(&c.errors),

@@ -605,7 +605,10 @@ async fn minutes_still_open_are_served_as_they_grow_and_marked_not_complete() {
     // Longer bars take the open minutes too.
     let five = Interval::M5.bucket(earlier);
     let body = bars_when(&base, "SYM1", "5m", five, to, |d| {
-        d.iter().map(|b| b["trade_count"].as_u64().unwrap_or(0)).sum::<u64>() == 5
+        d.iter()
+            .map(|b| b["trade_count"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 5
     })
     .await;
     let data = body["data"].as_array().expect("data");
@@ -627,4 +630,81 @@ async fn minutes_still_open_are_served_as_they_grow_and_marked_not_complete() {
 
 fn rfc3339(ns: u64) -> String {
     tickwire_proto::json::rfc3339(ns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bars_past_the_retention_are_deleted_and_newer_ones_kept() {
+    use tickwire_proto::bars::{Bar, BarFile, bar_path};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.history.retention = "1h".into();
+    // Bars of the last three hours, one a minute, from an earlier run.
+    let now = Interval::M1.bucket(tickwire_proto::futex::realtime_ns());
+    let path = bar_path(&dir.path().join("journal").join("bars"), TOPIC, 7, 0);
+    let mut f = BarFile::create(&path, 7).expect("bar file");
+    for m in (1..=180u64).rev() {
+        let start_ns = now - m * MINUTE_NS;
+        let bar = Bar {
+            start_ns,
+            open: PX,
+            high: PX,
+            low: PX,
+            close: PX,
+            volume: 1,
+            notional: i128::from(PX),
+            first_ns: start_ns,
+            last_ns: start_ns,
+            count: 1,
+            flags: 0,
+        };
+        f.put(&bar).expect("put");
+    }
+    drop(f);
+    let cancel = CancellationToken::new();
+    let broker = Broker::start(&c).expect("broker");
+    let e = edge(&broker, &cancel).await;
+    let base = format!("http://{}", e.http_addr);
+    // The builder sweeps at start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = http::Client.get_text(&format!("{base}/metrics")).await;
+        if metric(&text, "tickwire_bars_expired_total") > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a sweep at start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = BarFile::open(&path)
+        .expect("open")
+        .expect("the newer bars stay")
+        .range(0, u64::MAX, usize::MAX)
+        .expect("read");
+    let cutoff = now - 60 * MINUTE_NS;
+    assert!(
+        left.first()
+            .is_some_and(|b| b.start_ns >= cutoff - MINUTE_NS),
+        "nothing older than the retention (a minute of clock slack): {:?}",
+        left.first()
+    );
+    assert_eq!(
+        left.last().map(|b| b.start_ns),
+        Some(now - MINUTE_NS),
+        "the newest kept"
+    );
+    assert!(left.len() >= 59, "{} bars left", left.len());
+    assert!(
+        left.windows(2)
+            .all(|w| w[1].start_ns == w[0].start_ns + MINUTE_NS),
+        "whole minutes, in order"
+    );
+    cancel.cancel();
+    drop(e);
+    broker.shutdown();
+    // A bad retention is refused, naming the key.
+    for bad in ["soon", "5m"] {
+        let mut c = config(dir.path());
+        c.history.retention = bad.into();
+        let err = c.validate().expect_err(bad).to_string();
+        assert!(err.contains("history.retention"), "{err}");
+    }
 }

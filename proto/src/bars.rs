@@ -1032,7 +1032,8 @@ mod tests {
         let path = bar_path(dir.path(), "a/b", 3, 0);
         let mut f = BarFile::create(&path, 3).expect("create");
         for m in 10..20_000u64 {
-            f.put(&Bar::first(m * MINUTE_NS, m as i64, 1, 0)).expect("put");
+            f.put(&Bar::first(m * MINUTE_NS, m as i64, 1, 0))
+                .expect("put");
         }
         drop(f);
         let starts = || {
@@ -1046,20 +1047,31 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // The first bar (minute 10) is not older than 15 - 5: kept.
-        assert_eq!(BarFile::expire(&path, 15 * MINUTE_NS, 5 * MINUTE_NS).expect("expire"), 0);
+        assert_eq!(
+            BarFile::expire(&path, 15 * MINUTE_NS, 5 * MINUTE_NS).expect("expire"),
+            0
+        );
         assert_eq!(starts().len(), 19_990);
         // Past the slack: everything before minute 16 goes, the rest stays
         // in order, and the file takes appends again.
-        assert_eq!(BarFile::expire(&path, 16 * MINUTE_NS, 5 * MINUTE_NS).expect("expire"), 6);
+        assert_eq!(
+            BarFile::expire(&path, 16 * MINUTE_NS, 5 * MINUTE_NS).expect("expire"),
+            6
+        );
         assert_eq!(starts(), (16..20_000).collect::<Vec<_>>());
         let mut f = BarFile::create(&path, 3).expect("reopen");
-        f.put(&Bar::first(20_000 * MINUTE_NS, 1, 1, 0)).expect("put");
+        f.put(&Bar::first(20_000 * MINUTE_NS, 1, 1, 0))
+            .expect("put");
         assert_eq!(f.len(), 19_985);
         assert!(!path.with_extension("bars.tmp").exists());
         // Nothing left: the file goes.
         assert_eq!(BarFile::expire(&path, u64::MAX, 0).expect("expire"), 19_985);
         assert!(!path.exists());
-        assert_eq!(BarFile::expire(&path, u64::MAX, 0).expect("expire"), 0, "no file");
+        assert_eq!(
+            BarFile::expire(&path, u64::MAX, 0).expect("expire"),
+            0,
+            "no file"
+        );
     }
 
     #[test]
