@@ -576,6 +576,25 @@ async fn exclusive_refuses_a_second_consumer_and_a_key_shared_member_that_never_
     let (code, err) = other.exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("this consumer asked for"), "{err}");
+    // So is another dead-letter limit: a group has one.
+    let mut other = Consumer::spawn(
+        node.via(shm),
+        "four",
+        &[
+            "--subscription",
+            "ex",
+            "--type",
+            "exclusive",
+            "--max-redeliveries",
+            "3",
+        ],
+    );
+    let (code, err) = other.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("dead-letters an event after") && err.contains("asked for 3"),
+        "{err}"
+    );
     drop(first);
 
     // Key_Shared: a member that never acks is removed after its timeout and

@@ -92,6 +92,9 @@ pub struct GroupShared {
     pub kind: GroupType,
     /// At least once (acknowledgements).
     pub acked: bool,
+    /// Deliveries again after which an event is dead-lettered (0: never);
+    /// every member takes the group's.
+    pub max_redeliveries: u32,
     /// Figures.
     pub snapshot: Mutex<GroupSnapshot>,
     /// The thread has ended.
@@ -322,6 +325,17 @@ pub async fn join(
                     ),
                 ));
             }
+            if shared.acked && shared.max_redeliveries != opts.max_redeliveries {
+                return Err(ApiError::invalid(
+                    "max_redeliveries",
+                    format!(
+                        "subscription {} dead-letters an event after {} redeliveries; this consumer asked for {}: every member of a group takes the same",
+                        spec.name,
+                        redeliveries_name(shared.max_redeliveries),
+                        redeliveries_name(opts.max_redeliveries)
+                    ),
+                ));
+            }
             (tx, shared, ctl)
         }
         None => {
@@ -342,6 +356,15 @@ pub async fn join(
         group: shared,
         tx,
     })
+}
+
+/// A `max_redeliveries` as the refusal says it (0: no limit).
+fn redeliveries_name(n: u32) -> String {
+    if n == 0 {
+        "unlimited (0)".into()
+    } else {
+        n.to_string()
+    }
 }
 
 fn mode_name(acked: bool) -> &'static str {
@@ -407,6 +430,7 @@ async fn start(
         name: spec.name.clone(),
         kind: opts.kind,
         acked: opts.acked,
+        max_redeliveries: opts.max_redeliveries,
         snapshot: Mutex::new(GroupSnapshot::default()),
         stopped: AtomicBool::new(false),
         started_ns: realtime_ns(),

@@ -584,6 +584,15 @@ impl Control {
                 kind.name()
             ));
         }
+        if g.max_redeliveries != j.max_redeliveries {
+            let say = |m: Option<u32>| m.map_or("no limit".to_string(), |n| n.to_string());
+            return Err(format!(
+                "subscription {} dead-letters an event after {} redeliveries; this consumer asked for {}: every member of a group takes the same",
+                g.name,
+                say(g.max_redeliveries),
+                say(j.max_redeliveries)
+            ));
+        }
         if g.filter != filter {
             return Err(format!(
                 "subscription {}'s members filter events another way: every member of a group takes the same filter",
@@ -693,6 +702,7 @@ impl Control {
             name: j.subscription.clone(),
             kind: group_type(kind),
             acked: true,
+            max_redeliveries: j.max_redeliveries.unwrap_or(0),
             snapshot: Mutex::new(GroupSnapshot::default()),
             stopped: AtomicBool::new(false),
             started_ns: realtime_ns(),
