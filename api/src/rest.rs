@@ -681,6 +681,20 @@ fn range_request(
     })
 }
 
+impl RangeRequest {
+    /// The answer: the range, then the rows under `name`.
+    fn answer(&self, name: &str, rows: Vec<serde_json::Value>) -> Response {
+        let mut body = serde_json::json!({
+            "topic": self.topic,
+            "start_time": rfc3339(self.start),
+            "end_time": rfc3339(self.end),
+            "count": rows.len(),
+        });
+        body[name] = serde_json::Value::Array(rows);
+        Json(body).into_response()
+    }
+}
+
 fn store_unreadable(e: crate::store::StoreError) -> ApiError {
     tracing::warn!(error = %e, "the query-side store cannot be read");
     ApiError::Unavailable("the query-side store cannot be read now".into())
@@ -718,14 +732,7 @@ async fn metrics_range(
             })
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "topic": r.topic,
-        "start_time": rfc3339(r.start),
-        "end_time": rfc3339(r.end),
-        "count": rows.len(),
-        "metrics": rows,
-    }))
-    .into_response())
+    Ok(r.answer("metrics", rows))
 }
 
 /// `GET /api/v1/stats/deliveries`: a topic's `message_delivery_log` rows
@@ -764,14 +771,7 @@ async fn deliveries(
             })
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "topic": r.topic,
-        "start_time": rfc3339(r.start),
-        "end_time": rfc3339(r.end),
-        "count": rows.len(),
-        "deliveries": rows,
-    }))
-    .into_response())
+    Ok(r.answer("deliveries", rows))
 }
 
 pub(crate) fn sub_json(s: &pb::SubscriptionStats) -> serde_json::Value {

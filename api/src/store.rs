@@ -802,6 +802,17 @@ impl Store {
         tx.commit().await.map_err(|e| self.query_err(e))
     }
 
+    /// The query side's `[$2, $3)` UTC ns condition: PostgreSQL prunes
+    /// partitions on `timestamp`; SQLite has `ts_ns` indexed.
+    fn time_range(&self) -> &'static str {
+        if self.backend == Backend::Postgres {
+            "timestamp >= to_timestamp($2::float8 / 1e9) AND timestamp < to_timestamp($3::float8 / 1e9) \
+             AND ts_ns >= $2 AND ts_ns < $3"
+        } else {
+            "ts_ns >= $2 AND ts_ns < $3"
+        }
+    }
+
     /// `message_delivery_log` rows of a topic in `[from_ns, to_ns)`, of
     /// `status` when given, oldest first, at most `limit`.
     ///
@@ -815,13 +826,7 @@ impl Store {
         status: Option<&str>,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
-        // PostgreSQL prunes partitions on `timestamp`; SQLite has ts_ns indexed.
-        let range = if self.backend == Backend::Postgres {
-            "timestamp >= to_timestamp($2::float8 / 1e9) AND timestamp < to_timestamp($3::float8 / 1e9) \
-             AND ts_ns >= $2 AND ts_ns < $3"
-        } else {
-            "ts_ns >= $2 AND ts_ns < $3"
-        };
+        let range = self.time_range();
         let status_is = if status.is_some() {
             "AND status = $5"
         } else {
@@ -864,13 +869,7 @@ impl Store {
         to_ns: i64,
         limit: i64,
     ) -> Result<Vec<MetricsRow>, StoreError> {
-        // PostgreSQL prunes partitions on `timestamp`; SQLite has ts_ns indexed.
-        let range = if self.backend == Backend::Postgres {
-            "timestamp >= to_timestamp($2::float8 / 1e9) AND timestamp < to_timestamp($3::float8 / 1e9) \
-             AND ts_ns >= $2 AND ts_ns < $3"
-        } else {
-            "ts_ns >= $2 AND ts_ns < $3"
-        };
+        let range = self.time_range();
         self.fetch(
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT ts_ns, topic_name, partition_id, throughput_per_second, latency_p50_ms, \
