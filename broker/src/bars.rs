@@ -343,29 +343,31 @@ impl Run {
         let slack = keep.as_nanos() as u64 / 8;
         let (mut files, mut bars, mut failed) = (0u64, 0u64, 0u64);
         let topics = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
-        for topic in topics.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
-            let Ok(rd) = std::fs::read_dir(topic.path()) else {
+        let files_of = |topic: std::fs::DirEntry| {
+            std::fs::read_dir(topic.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        };
+        let all = topics
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .flat_map(files_of);
+        // Stopping ends the sweep between files; what it did is still counted.
+        for e in all.take_while(|_| !stop.load(Ordering::Acquire)) {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "bars") {
                 continue;
-            };
-            for e in rd.flatten() {
-                if stop.load(Ordering::Acquire) {
-                    return;
+            }
+            match BarFile::expire(&path, before, slack) {
+                Ok(0) => {}
+                Ok(n) => {
+                    files += 1;
+                    bars += n;
                 }
-                let path = e.path();
-                if path.extension().is_none_or(|x| x != "bars") {
-                    continue;
-                }
-                match BarFile::expire(&path, before, slack) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        files += 1;
-                        bars += n;
-                    }
-                    Err(err) => {
-                        failed += 1;
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(file = %path.display(), error = %err, "bars: old bars not deleted");
-                    }
+                Err(err) => {
+                    failed += 1;
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = %path.display(), error = %err, "bars: old bars not deleted");
                 }
             }
         }

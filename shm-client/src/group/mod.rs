@@ -189,8 +189,8 @@ impl GroupBuilder {
         self
     }
     /// Deliveries after the first before an unacknowledged event goes to
-    /// the subscription's dead letters (default: never). Set by the
-    /// group's first member.
+    /// the subscription's dead letters (default: never). A group has one:
+    /// a member asking for another than its members' is refused.
     pub fn max_redeliveries(mut self, n: u32) -> Self {
         self.max_redeliveries = Some(n);
         self
