@@ -8,6 +8,13 @@
 //!   size and an fdatasync per second, as the journal does. Both are timed
 //!   until the bytes are durable (a last fdatasync): with 24 GiB of page
 //!   cache, timing to the page cache would time memcpy, not the disk.
+//!   Ingest here is bound by the one producer thread, so the journal's
+//!   rate at max ingest is the producer's, not the journal's.
+//! - `journal_catch_up`: the journal's own rate: a ring holding `--events`
+//!   it has not written (filled with the journal off), and a journal
+//!   started on it, as after a stop with the journal off; timed until the
+//!   journal holds them all, durably, beside the same `plain_write`; the
+//!   bar builder is off here (on in the other cases, on the journal's core).
 //! - `replay_merge`: a subscriber from Earliest reads everything the journal
 //!   holds while the writer goes on at `--live-rate`, and joins the live
 //!   ring: catch-up rate, `lost` (gaps) and `duplicates`; beside
@@ -89,15 +96,30 @@ struct Node {
     ingest: Ingest,
     route: Route,
     shm: PathBuf,
+    /// Leave the rings for a node started after this one.
+    keep_rings: bool,
 }
 
 fn node(b: &HistoryBench, journal: Option<&Path>) -> Result<Node, String> {
-    let shm = crate::tw::fresh_dir("history");
+    node_at(b, journal, crate::tw::fresh_dir("history"), 1 << 18, true)
+}
+
+/// A node on the rings in `shm` (created, or resumed when a node before
+/// left them), of `capacity` frames; with the bar builder when `bars`
+/// (it runs on the journal's core).
+fn node_at(
+    b: &HistoryBench,
+    journal: Option<&Path>,
+    shm: PathBuf,
+    capacity: u64,
+    bars: bool,
+) -> Result<Node, String> {
     // The shard shares core 0 with the journal thread (and the live
     // writer of the replay case).
-    let mut cfg = crate::tw::shared_core_config(shm.clone(), b.shard_core, TOPIC, 1 << 18);
+    let mut cfg = crate::tw::shared_core_config(shm.clone(), b.shard_core, TOPIC, capacity);
     cfg.edge.enabled = false;
     cfg.stats.log_interval_secs = 0;
+    cfg.history.enabled = bars;
     if let Some(dir) = journal {
         cfg.journal.enabled = true;
         cfg.journal.dir = Some(dir.to_path_buf());
@@ -111,12 +133,15 @@ fn node(b: &HistoryBench, journal: Option<&Path>) -> Result<Node, String> {
         ingest,
         route,
         shm,
+        keep_rings: false,
     })
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.shm);
+        if !self.keep_rings {
+            let _ = std::fs::remove_dir_all(&self.shm);
+        }
     }
 }
 
@@ -219,6 +244,7 @@ pub fn run(b: &HistoryBench) -> Result<(), String> {
         ));
         let _ = std::fs::remove_file(&plain);
         sync_all();
+        let catch_up_rate = catch_up(b, &root, plain_rate, &out)?;
 
         // The same with the journal: ingest rate, and when the journal has it all.
         let jdir = root.join("journal");
@@ -290,9 +316,9 @@ pub fn run(b: &HistoryBench) -> Result<(), String> {
         ));
         let total_events = b.events + paced_n;
 
-        out(
-            json!({"bench": "history", "case": "journal_append", "ratio_tickwire_to_plain_write": journal_rate / plain_rate}),
-        );
+        out(json!({"bench": "history", "case": "journal_append",
+                "ratio_tickwire_to_plain_write": journal_rate / plain_rate,
+                "ratio_catch_up_to_plain_write": catch_up_rate / plain_rate}));
 
         if b.wants("replay_merge") {
             // Not measured against the kernel's writeback of what was just written.
@@ -314,6 +340,64 @@ pub fn run(b: &HistoryBench) -> Result<(), String> {
         crate::bars_bench::cache_latest(b, &out)?;
     }
     Ok(())
+}
+
+/// `journal_catch_up`: the journal's own rate, not bounded by a producer.
+///
+/// A node with the journal off fills a ring large enough to hold every
+/// event; a node started on the same rings with the journal on then writes
+/// them all, as it does after a crash or a stop with the journal off (the
+/// journal starts at its last intact frame, the ring still holds the
+/// rest). Timed from the start of the second node until the journal holds
+/// every event, durably: the plain write's bytes, on the same disk. The
+/// bar builder is off: it would share the journal's core, and it is not
+/// the journal's work (`journal_append` runs with it).
+fn catch_up(
+    b: &HistoryBench,
+    root: &Path,
+    plain_rate: f64,
+    out: &dyn Fn(Value),
+) -> Result<f64, String> {
+    let capacity = b.events.next_power_of_two().clamp(1 << 16, 1 << 25);
+    let n = b.events.min(capacity);
+    let shm = crate::tw::fresh_dir("catch-up");
+    let mut filler = node_at(b, None, shm.clone(), capacity, false)?;
+    send(&mut filler.ingest, &filler.route, 1, n, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while filler.broker.stats().events < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    filler.keep_rings = true;
+    drop(filler);
+    sync_all();
+    let jdir = root.join("catch-up");
+    let node = node_at(b, Some(&jdir), shm, capacity, false)?;
+    // Timed from here: the broker's start (mapping and checking a ring of
+    // `capacity` frames) is not the journal's work; what the journal wrote
+    // during it is left out of the count.
+    let start = Instant::now();
+    let before = node.broker.journal_stats().unwrap_or_default();
+    let mut lag = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    wait_journaled(&node, n, &mut lag);
+    sync_dir(&tickwire_proto::journal::partition_dir(&jdir, TOPIC, 0))?;
+    let secs = start.elapsed().as_secs_f64();
+    let j = node.broker.journal_stats().unwrap_or_default();
+    drop(node);
+    let _ = std::fs::remove_dir_all(&jdir);
+    let timed = j.events - before.events;
+    out(row(
+        "journal_catch_up",
+        "tickwire",
+        json!({
+            "events": j.events, "timed_events": timed, "seconds": secs,
+            "events_per_s": timed as f64 / secs,
+            "mb_per_s": (j.bytes - before.bytes) as f64 / secs / 1e6, "io": j.io, "writes": j.writes,
+            "durable": true, "ring_capacity": capacity, "bar_builder": false,
+            "ratio_to_plain_write": timed as f64 / secs / plain_rate,
+            "cores": {"shard": b.shard_core, "journal": b.journal_core},
+        }),
+    ));
+    Ok(timed as f64 / secs)
 }
 
 fn plain_write(path: &Path, bytes: u64, block: usize) -> Result<(f64, u64), String> {

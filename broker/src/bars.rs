@@ -68,6 +68,9 @@ pub struct BarSettings {
     /// is rewritten without its old bars once they reach an eighth of the
     /// retention, so a bar lives between 1 and 1 1/8 retentions.
     pub retention: Option<Duration>,
+    /// Pin the builder's thread to this core (the journal's: the builder
+    /// reads what the journal writes, and stays off the sources' cores).
+    pub core: Option<usize>,
 }
 
 /// The bar builder's counters.
@@ -247,6 +250,11 @@ fn inode_of(path: &Path) -> u64 {
 
 impl Run {
     fn run(&mut self, stop: &AtomicBool) {
+        if let Some(c) = self.settings.core
+            && !core_affinity::set_for_current(core_affinity::CoreId { id: c })
+        {
+            tracing::warn!(core = c, "could not pin the bar builder; it runs unpinned");
+        }
         tracing::info!(dir = %self.dir.display(), lateness = %humantime::format_duration(self.settings.lateness), "bar builder started");
         while !stop.load(Ordering::Acquire) {
             if self.last_scan.is_none_or(|t| t.elapsed() >= RESCAN) {

@@ -124,7 +124,7 @@ pub struct JournalConfig {
     pub fsync_interval_ms: u64,
     /// `auto`, `uring` or `plain`.
     pub io: JournalIo,
-    /// Pin the journal thread to this core.
+    /// Pin the journal thread, and the bar builder with it, to this core.
     pub core: Option<usize>,
 }
 
@@ -440,6 +440,7 @@ impl Config {
             max_skew: d(&self.history.max_skew, 60),
             retention: (self.history.retention != "forever")
                 .then(|| d(&self.history.retention, 366 * 86_400)),
+            core: self.journal.core,
         }
     }
 

@@ -160,6 +160,16 @@ impl Engine for BrokerEngine {
                 s.write_errors,
             ),
             (
+                "tickwire_journal_syncs_total",
+                "fdatasyncs of journal segments completed.",
+                s.syncs,
+            ),
+            (
+                "tickwire_journal_sync_errors_total",
+                "fdatasyncs of journal segments that failed (written, but maybe not through a power loss).",
+                s.sync_errors,
+            ),
+            (
                 "tickwire_journal_segments_deleted_total",
                 "Journal segments deleted by retention.",
                 s.segments_deleted,

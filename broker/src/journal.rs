@@ -27,6 +27,10 @@
 //!   (the ring was deleted and created anew) is moved aside, not mixed.
 //! - `fsync_interval_ms` bounds what a power loss can take: what was
 //!   written in the last interval. A killed process loses nothing written.
+//!   A full segment is synced as it is closed. With io_uring the
+//!   fdatasyncs run in the kernel's workers while the journal goes on
+//!   writing (a sync holding up the thread would stall ingest at its gate
+//!   for as long as the disk takes); with write(2) they wait.
 //! - Retention deletes whole segments whose last write is older than the
 //!   topic's retention, and the oldest segments past a size cap; never the
 //!   segment being written.
@@ -68,6 +72,12 @@ pub struct JournalStats {
     pub writes: u64,
     /// Writes that failed (each retried until it succeeds).
     pub write_errors: u64,
+    /// fdatasyncs of segment files completed (a full segment as it is
+    /// closed, the one being written every `fsync_interval_ms`).
+    pub syncs: u64,
+    /// fdatasyncs that failed: what they covered may be lost to a power
+    /// loss (never to a killed process).
+    pub sync_errors: u64,
     /// Segments deleted by retention.
     pub segments_deleted: u64,
     /// Frames never journaled (the ring had moved past the journal at start).
@@ -84,6 +94,8 @@ struct Counters {
     bytes: AtomicU64,
     writes: AtomicU64,
     write_errors: AtomicU64,
+    syncs: AtomicU64,
+    sync_errors: AtomicU64,
     segments_deleted: AtomicU64,
     gap_frames: AtomicU64,
     partitions: AtomicU64,
@@ -278,6 +290,8 @@ impl Journal {
                     removals: Vec::new(),
                     last_sync: Instant::now(),
                     last_retention: Instant::now(),
+                    syncs: Vec::new(),
+                    next_sync: 0,
                 }
                 .run();
             })
@@ -333,6 +347,8 @@ impl Journal {
             bytes: c.bytes.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            sync_errors: c.sync_errors.load(Ordering::Relaxed),
             segments_deleted: c.segments_deleted.load(Ordering::Relaxed),
             gap_frames: c.gap_frames.load(Ordering::Relaxed),
             partitions: c.partitions.load(Ordering::Relaxed),
@@ -682,6 +698,20 @@ struct Writer {
     removals: Vec<(String, std::sync::mpsc::Sender<()>)>,
     last_sync: Instant,
     last_retention: Instant,
+    /// fdatasyncs in flight through io_uring.
+    syncs: Vec<PendingSync>,
+    next_sync: u64,
+}
+
+/// Marks the user data of an fdatasync's completion (a partition's write
+/// carries the partition's id, which never reaches this bit).
+const SYNC_TAG: u64 = 1 << 63;
+
+/// An fdatasync in flight: the file stays open until it completes.
+struct PendingSync {
+    token: u64,
+    file: File,
+    path: PathBuf,
 }
 
 impl Writer {
@@ -791,7 +821,7 @@ impl Writer {
                 std::thread::yield_now();
             }
         }
-        self.sync_all();
+        self.sync_all_now();
         self.shared.counters.partitions.store(0, Ordering::Relaxed);
     }
 
@@ -861,7 +891,9 @@ impl Writer {
         }
         let n = done.len();
         for (id, res) in done {
-            if let Some(i) = self.parts.iter().position(|p| p.id == id) {
+            if id & SYNC_TAG != 0 {
+                self.sync_done(id, res);
+            } else if let Some(i) = self.parts.iter().position(|p| p.id == id) {
                 self.completed(i, res);
             }
         }
@@ -958,15 +990,14 @@ impl Writer {
     fn roll(&mut self, i: usize) {
         let next = self.parts[i].durable_next;
         let p = &mut self.parts[i];
-        if let Err(e) = p.seg.file.sync_data() {
-            tracing::warn!(segment = %p.seg.path.display(), error = %e, "journal: fdatasync of a full segment failed");
-        }
         match Segment::create(&p.dir, next) {
             Ok(seg) => {
-                p.seg = seg;
+                let full = std::mem::replace(&mut p.seg, seg);
                 p.buf.clear();
                 p.buf_first = next;
                 p.index_pending.clear();
+                // The full segment is synced without holding up the next one.
+                self.sync_file(full.file, full.path);
             }
             Err(e) => {
                 // Tried again on the next loop; the ring waits meanwhile.
@@ -980,14 +1011,83 @@ impl Writer {
         }
     }
 
+    /// Starts an fdatasync of every segment written to since the last one.
+    /// A segment whose previous fdatasync is still running is left for the
+    /// next interval.
     fn sync_all(&mut self) {
         self.last_sync = Instant::now();
+        let mut due = Vec::new();
+        for p in &mut self.parts {
+            if p.seg.unsynced && !self.syncs.iter().any(|s| s.path == p.seg.path) {
+                p.seg.unsynced = false;
+                match p.seg.file.try_clone() {
+                    Ok(f) => due.push((f, p.seg.path.clone())),
+                    Err(e) => {
+                        tracing::debug!(segment = %p.seg.path.display(), error = %e, "journal: fdatasync in the foreground");
+                        sync_now(&p.seg.file, &p.seg.path, &self.shared.counters);
+                    }
+                }
+            }
+        }
+        for (file, path) in due {
+            self.sync_file(file, path);
+        }
+    }
+
+    /// fdatasync of `file` without waiting for it: through io_uring, the
+    /// file kept open until its completion is reaped ([`Self::sync_done`]); at
+    /// once with write(2), or when the submission queue takes no more.
+    fn sync_file(&mut self, file: File, path: PathBuf) {
+        if let Io::Uring(ring) = &mut self.io {
+            let token = SYNC_TAG | self.next_sync;
+            self.next_sync += 1;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            let sqe = io_uring::opcode::Fsync::new(io_uring::types::Fd(fd))
+                .flags(io_uring::types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(token);
+            // SAFETY: the operation refers to no memory of ours, and its fd
+            // stays open (the file is kept in `syncs`) until it completes.
+            let mut pushed = unsafe { ring.submission().push(&sqe).is_ok() };
+            if !pushed {
+                let _ = ring.submit();
+                // SAFETY: as above.
+                pushed = unsafe { ring.submission().push(&sqe).is_ok() };
+            }
+            if pushed {
+                if let Err(e) = ring.submit() {
+                    tracing::warn!(error = %e, "journal: io_uring submit failed; retrying");
+                }
+                self.syncs.push(PendingSync { token, file, path });
+                return;
+            }
+        }
+        sync_now(&file, &path, &self.shared.counters);
+    }
+
+    /// An fdatasync started by [`Self::sync_file`] returned `res` (0, or -errno).
+    fn sync_done(&mut self, token: u64, res: i32) {
+        let Some(i) = self.syncs.iter().position(|s| s.token == token) else {
+            return;
+        };
+        let s = self.syncs.swap_remove(i);
+        let res = if res < 0 {
+            Err(std::io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(())
+        };
+        synced(&s.path, res, &self.shared.counters);
+    }
+
+    /// Syncs everything written before returning: at the end of the run.
+    fn sync_all_now(&mut self) {
+        for s in std::mem::take(&mut self.syncs) {
+            sync_now(&s.file, &s.path, &self.shared.counters);
+        }
         for p in &mut self.parts {
             if p.seg.unsynced {
                 p.seg.unsynced = false;
-                if let Err(e) = p.seg.file.sync_data() {
-                    tracing::warn!(segment = %p.seg.path.display(), error = %e, "journal: fdatasync failed");
-                }
+                sync_now(&p.seg.file, &p.seg.path, &self.shared.counters);
             }
         }
     }
@@ -1036,6 +1136,21 @@ impl Writer {
                 .fetch_add(deleted, Ordering::Relaxed);
             tracing::info!(topic = %p.topic, partition = p.partition, segments = deleted, "journal: retention deleted old segments");
         }
+    }
+}
+
+/// fdatasync of `file`, waiting for it.
+fn sync_now(file: &File, path: &Path, counters: &Counters) {
+    synced(path, file.sync_data(), counters);
+}
+
+/// Counts an fdatasync's result; a failure is logged as an error.
+fn synced(path: &Path, res: std::io::Result<()>, counters: &Counters) {
+    counters.syncs.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = res {
+        counters.sync_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(segment = %path.display(), error = %e,
+            "journal: fdatasync failed; what it covered is written but may not survive a power loss");
     }
 }
 

@@ -349,6 +349,7 @@ impl StatsWindow {
                 journal_lag = s.events.saturating_sub(j.events),
                 journal_bytes = j.bytes,
                 write_errors = j.write_errors,
+                sync_errors = j.sync_errors,
                 segments_deleted = j.segments_deleted,
                 io = j.io,
                 "journal"

@@ -229,6 +229,12 @@ fn every_event_is_journaled_and_a_time_start_lands_on_the_first_at_or_after_it()
     for (i, &(seq, src)) in frames.iter().enumerate() {
         assert_eq!((seq, src), (i as u64 + 1, i as u64 + 1));
     }
+    // The two full segments (4096 frames each) were synced as they closed
+    // (in the background with io_uring: waited for here).
+    wait_until("the two full segments to be synced", || {
+        broker.journal_stats().expect("journal").syncs >= 2
+    });
+    assert_eq!(broker.journal_stats().expect("journal").sync_errors, 0);
     for (t, first) in [
         (t0 + 1, 1),         // journal, first segment
         (t0 + 5_000, 5_000), // journal, a later segment, mid-index
