@@ -189,10 +189,11 @@ impl GroupBuilder {
         self
     }
     /// Deliveries after the first before an unacknowledged event goes to
-    /// the subscription's dead letters (default: never). A group has one:
-    /// a member asking for another than its members' is refused.
+    /// the subscription's dead letters (default, and 0: never, as for a
+    /// remote consumer). A group has one: a member asking for another than
+    /// its members' is refused.
     pub fn max_redeliveries(mut self, n: u32) -> Self {
-        self.max_redeliveries = Some(n);
+        self.max_redeliveries = (n > 0).then_some(n);
         self
     }
     /// The broker's control socket (default `<node dir>/control.sock`).
@@ -1184,5 +1185,21 @@ impl Control {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_redeliveries_means_no_limit_as_for_a_remote_consumer() {
+        let group = |n| {
+            crate::Subscriber::builder("t")
+                .subscription("s", SubscriptionType::Shared)
+                .max_redeliveries(n)
+        };
+        assert_eq!(group(0).max_redeliveries, None);
+        assert_eq!(group(3).max_redeliveries, Some(3));
     }
 }
