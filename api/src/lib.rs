@@ -131,6 +131,27 @@ pub trait Engine: Send + Sync + 'static {
             "this engine cannot grow topic {name:?} at run time"
         )))
     }
+    /// Publishes `events` (frame bodies whose instrument ids are this
+    /// node's) to `topic`, in order, as a source of its own: each is routed
+    /// by the topic's routing key and committed under a new sequence; its
+    /// event time, source id and source sequence stay what they were.
+    /// Blocking (waits while the shards push back, a few seconds at most).
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] (no such topic); [`ApiError::Invalid`] (an
+    /// instrument the node does not know); [`ApiError::Unavailable`] (the
+    /// shards took nothing for seconds). The events before it were
+    /// published.
+    fn publish(
+        &self,
+        topic: &str,
+        events: &[[u64; tickwire_proto::frame::BODY_WORDS]],
+    ) -> Result<(), ApiError> {
+        let _ = events;
+        Err(ApiError::Unimplemented(format!(
+            "this engine cannot publish to topic {topic:?}"
+        )))
+    }
     /// Node-wide counters for `/metrics` beyond the edge's own (the
     /// journal's, say): (name, help, value), all counters.
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {

@@ -17,7 +17,19 @@ pub struct BrokerEngine {
     topics: std::sync::Arc<TopicControl>,
     journal: Option<std::sync::Arc<crate::journal::Journal>>,
     bars: Option<std::sync::Arc<crate::bars::Bars>>,
+    /// The edge's own source ([`Engine::publish`]: dead letters).
+    publisher: std::sync::Mutex<Publisher>,
 }
+
+/// What [`Engine::publish`] sends with: its ingest handle, and the node's
+/// instruments by id (opened on first use).
+struct Publisher {
+    ingest: crate::engine::Ingest,
+    symbology: Option<tickwire_proto::symbology::Symbology>,
+}
+
+/// How long [`Engine::publish`] waits for shards that push back.
+const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl tickwire_api::bars::OpenBars for crate::bars::Bars {
     fn open_minutes(
@@ -99,6 +111,10 @@ impl BrokerEngine {
             topics: broker.topics(),
             journal: broker.journal(),
             bars: broker.bars(),
+            publisher: std::sync::Mutex::new(Publisher {
+                ingest: broker.ingest(1),
+                symbology: None,
+            }),
         }
     }
 }
@@ -129,6 +145,66 @@ impl Engine for BrokerEngine {
             })
             .map(|t| desc(&t))
             .map_err(|e| api_error(name, e))
+    }
+
+    fn publish(
+        &self,
+        topic: &str,
+        events: &[[u64; tickwire_proto::frame::BODY_WORDS]],
+    ) -> Result<(), ApiError> {
+        let mut p = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
+        let Publisher { ingest, symbology } = &mut *p;
+        let Some(index) = ingest.resolver().topic(topic) else {
+            return Err(ApiError::NotFound {
+                what: "topic",
+                name: topic.to_string(),
+            });
+        };
+        if symbology.is_none() {
+            *symbology = Some(
+                tickwire_proto::symbology::Symbology::open(&self.node_dir).map_err(|e| {
+                    tracing::error!(error = %e, "publish: the symbology table cannot be read");
+                    ApiError::Unavailable("the node's instrument table cannot be read".into())
+                })?,
+            );
+        }
+        let Some(sym) = symbology.as_ref() else {
+            return Err(ApiError::Unavailable("no instrument table".into()));
+        };
+        for words in events {
+            let body = tickwire_proto::FrameBody::from_words(words);
+            let Some(e) = sym.get(body.instrument_id) else {
+                return Err(ApiError::invalid(
+                    "instrument_id",
+                    format!("{} is not an instrument of this node", body.instrument_id),
+                ));
+            };
+            let inst = tickwire_proto::symbology::Instrument {
+                symbol: e.symbol().into(),
+                exchange: e.exchange().into(),
+                currency: e.currency().into(),
+                size_decimals: e.size_decimals(),
+            };
+            let route = ingest
+                .resolver()
+                .route(index, &inst)
+                .map_err(|e| ApiError::invalid("instrument", e.to_string()))?;
+            let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+            loop {
+                match ingest.try_send(&route, &body, None) {
+                    Ok(()) => break,
+                    Err(e) if e.is_backpressure() && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    }
+                    Err(e) => {
+                        return Err(ApiError::Unavailable(format!(
+                            "topic {topic} takes no events now: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn grow_topic(&self, name: &str, partitions: u32) -> Result<TopicDesc, ApiError> {

@@ -913,8 +913,45 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
             .is_some_and(|s| s.starts_with('K')),
         "{d}"
     );
+    // The same events are on the subscription's dead-letter topic, each
+    // once, with their source sequences: any consumer can read them there.
+    let dlq = tickwire_api::group::dead_letter_topic(TOPIC, "dl");
+    assert_eq!(dlq, format!("{TOPIC}-dl-DLQ"));
+    let mut seqs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut reader = None;
+    while seqs.len() < 10 && Instant::now() < deadline {
+        if reader.is_none() {
+            // The topic is made by the first dead letter.
+            reader = shm_client::Subscriber::builder(dlq.clone())
+                .node_dir(&node.node_dir)
+                .start(shm_client::Start::Earliest)
+                .open()
+                .ok();
+        }
+        if let Some(r) = reader.as_mut() {
+            source_seqs(r, &mut seqs);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing more comes (a duplicate would).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(r) = reader.as_mut() {
+        source_seqs(r, &mut seqs);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (12_001..=12_010).collect::<Vec<u64>>());
     stuck.kill();
     node.stop().await;
+}
+
+/// The source sequences of what `r` has now.
+fn source_seqs(r: &mut shm_client::Subscriber, out: &mut Vec<u64>) {
+    r.poll(1024, |e| {
+        if let shm_client::Event::Tick(t) = e {
+            out.push(t.body.source_seq());
+        }
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

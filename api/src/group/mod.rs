@@ -40,6 +40,7 @@ use shm_client::{Event, Start, Subscriber, WaitStrategy};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS};
 use tickwire_proto::futex::realtime_ns;
 use tickwire_proto::grpc::{BatchBuf, TickMeta, encode_tick, notice};
+use tickwire_proto::pb;
 use tickwire_proto::symbology::Symbology;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -278,7 +279,7 @@ impl Groups {
 /// rings; [`ApiError::Unavailable`] when the store or the rings cannot be
 /// read.
 pub async fn join(
-    state: &EdgeState,
+    state: &Arc<EdgeState>,
     spec: SubscriptionSpec,
     wire: Wire,
     notify: Arc<Notify>,
@@ -378,7 +379,7 @@ fn mode_name(acked: bool) -> &'static str {
 /// Starts a group's thread: its reader at the stored cursors (at least
 /// once) or the request's start.
 async fn start(
-    state: &EdgeState,
+    state: &Arc<EdgeState>,
     spec: &SubscriptionSpec,
     opts: &GroupOpts,
 ) -> Result<(Sender<Ctl>, Arc<GroupShared>), ApiError> {
@@ -460,6 +461,7 @@ async fn start(
         saving: Arc::new(AtomicBool::new(false)),
         lost: 0,
         registry: state.groups.map.clone(),
+        edge: state.clone(),
         key: (spec.topic.clone(), spec.name.clone()),
         stop_now: false,
     };
@@ -520,6 +522,8 @@ struct Member {
 }
 
 struct Group {
+    /// For the dead-letter topic ([`publish_dead_letters`]).
+    edge: Arc<EdgeState>,
     sub_id: String,
     node_dir: PathBuf,
     spec: SubscriptionSpec,
@@ -928,6 +932,7 @@ impl Group {
             return;
         }
         let mut rows = Vec::with_capacity(dead.len());
+        let events: Vec<[u64; BODY_WORDS]> = dead.iter().map(|d| d.item.words).collect();
         for d in dead {
             tracing::warn!(subscription = %self.sub_id, partition = d.partition, seq = d.seq, deliveries = d.deliveries, "message dead-lettered");
             let inst = group_wires(&mut self.wires, self.sym.as_deref(), {
@@ -951,6 +956,12 @@ impl Group {
             if let Err(e) = store.insert_dead_letters(&rows).await {
                 tracing::error!(subscription = %sub, error = %e, lost = rows.len(), "dead letters could not be written");
             }
+        });
+        let (edge, runtime) = (self.edge.clone(), self.runtime.clone());
+        let (topic, name) = (self.spec.topic.clone(), self.spec.name.clone());
+        // Making the topic waits for the shards: not on the group's thread.
+        self.runtime.spawn_blocking(move || {
+            publish_dead_letters(&edge, &runtime, &topic, &name, &events);
         });
     }
 
@@ -1019,6 +1030,52 @@ fn group_wires<'a>(
     id: u32,
 ) -> Option<&'a Wires> {
     wires_of(wires, id, sym.and_then(|s| s.get(id)))
+}
+
+/// The dead-letter topic of subscription `name` on `topic`, named as
+/// Pulsar names it: `<topic>-<subscription>-DLQ`.
+pub fn dead_letter_topic(topic: &str, name: &str) -> String {
+    format!("{topic}-{name}-DLQ")
+}
+
+/// Publishes events a group gave up on to its dead-letter topic
+/// ([`dead_letter_topic`]), making the topic the first time: one
+/// partition, kept in the command store as any topic made at run time, so
+/// it is there again after a restart. Its events keep their event time,
+/// source id and source sequence; the reason stays in the dead-letter
+/// rows. Blocking (a topic is made by the shards): called off the
+/// runtime's workers. A failure is logged; the rows keep the events.
+pub(crate) fn publish_dead_letters(
+    edge: &EdgeState,
+    runtime: &tokio::runtime::Handle,
+    topic: &str,
+    name: &str,
+    events: &[[u64; BODY_WORDS]],
+) {
+    if events.is_empty() {
+        return;
+    }
+    let dlq = dead_letter_topic(topic, name);
+    if !edge.engine.topics().iter().any(|t| t.name == dlq) {
+        let req = pb::CreateTopicRequest {
+            topic: dlq.clone(),
+            partitions: 1,
+            ..Default::default()
+        };
+        match runtime.block_on(crate::admin::create_topic(edge, req)) {
+            Ok(_) => tracing::info!(topic = %dlq, "dead-letter topic created"),
+            Err(ApiError::AlreadyExists { .. }) => {}
+            Err(e) => {
+                tracing::error!(topic = %dlq, error = %e, events = events.len(),
+                    "the dead-letter topic cannot be made; the events are in the dead-letter rows only");
+                return;
+            }
+        }
+    }
+    if let Err(e) = edge.engine.publish(&dlq, events) {
+        tracing::error!(topic = %dlq, error = %e, events = events.len(),
+            "dead letters not published to the dead-letter topic; they are in the dead-letter rows");
+    }
 }
 
 /// The store's row for an event a group gave up on after `deliveries`

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Ctl, Entry, GroupShared, GroupSnapshot, GroupType, Groups, MemberStats, SAVE_EVERY,
-    dead_letter_row, group_wires, subscription_id,
+    dead_letter_row, group_wires, publish_dead_letters, subscription_id,
 };
 use crate::EdgeState;
 use crate::dispatch::Wires;
@@ -953,10 +953,13 @@ impl Control {
         let runtime = self.runtime.clone();
         let shared = g.shared.clone();
         let cancel = self.state.cancel.clone();
+        let edge = self.state.clone();
+        let name = key.1.clone();
         let t = std::thread::Builder::new()
             .name("tickwire-dead-letters".into())
             .spawn(move || {
                 let mut rows = Vec::new();
+                let mut events = Vec::new();
                 let mut wires: Vec<Option<Box<Wires>>> = Vec::new();
                 let sym = Symbology::open(&node_dir).ok();
                 let now = realtime_ns();
@@ -1012,6 +1015,7 @@ impl Control {
                             inst,
                             now,
                         ));
+                        events.push(words);
                     }
                 }
                 if rows.is_empty() {
@@ -1025,6 +1029,7 @@ impl Control {
                 if let Err(e) = runtime.block_on(store.insert_dead_letters(&rows)) {
                     tracing::error!(subscription = %sub_id, error = %e, lost = n, "dead letters could not be written");
                 }
+                publish_dead_letters(&edge, &runtime, &topic, &name, &events);
             });
         match t {
             Ok(t) => self.scans.push(t),
