@@ -4,6 +4,9 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/serve_config.rs"]
+mod serve_config;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tickwire");
 const TOPIC: &str = "market-data/normalized/equities";
 
@@ -18,15 +21,7 @@ impl Server {
 
     /// A server on `<dir>/node` with `extra` TOML appended to `[node]`.
     fn start_with(dir: &std::path::Path, node_extra: &str) -> Server {
-        let cfg = dir.join("tickwire.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[node]\ndir = {:?}\n{node_extra}\n[synthetic]\nrate = 5000\n[stats]\nlog_interval_secs = 1\n[edge]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n",
-                dir.join("node").display().to_string()
-            ),
-        )
-        .expect("config");
+        let cfg = serve_config::write(dir, node_extra);
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&cfg)

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "../../api/tests/support/http.rs"]
 mod http;
+#[path = "support/serve_config.rs"]
+mod serve_config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tickwire");
 const TOPIC: &str = "md/groups";
@@ -1054,15 +1056,7 @@ async fn a_cursor_reset_moves_the_group_to_earliest_then_latest(shm: bool) {
 /// events/s, its edge on ports of its own; returned once its control
 /// socket answers. Killed when dropped (a failing test leaves none).
 fn serve_process(dir: &Path) -> ServeProcess {
-    let cfg = dir.join("tickwire.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\ndir = {:?}\n[synthetic]\nrate = 5000\n[edge]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n",
-            dir.join("node").display().to_string()
-        ),
-    )
-    .expect("config");
+    let cfg = serve_config::write(dir, "");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&cfg)
