@@ -160,16 +160,14 @@ impl Engine for BrokerEngine {
                 name: topic.to_string(),
             });
         };
-        if symbology.is_none() {
-            *symbology = Some(
+        let sym = match symbology {
+            Some(s) => s,
+            None => symbology.insert(
                 tickwire_proto::symbology::Symbology::open(&self.node_dir).map_err(|e| {
                     tracing::error!(error = %e, "publish: the symbology table cannot be read");
                     ApiError::Unavailable("the node's instrument table cannot be read".into())
                 })?,
-            );
-        }
-        let Some(sym) = symbology.as_ref() else {
-            return Err(ApiError::Unavailable("no instrument table".into()));
+            ),
         };
         for words in events {
             let body = tickwire_proto::FrameBody::from_words(words);

@@ -1048,16 +1048,7 @@ impl Writer {
                 .user_data(token);
             // SAFETY: the operation refers to no memory of ours, and its fd
             // stays open (the file is kept in `syncs`) until it completes.
-            let mut pushed = unsafe { ring.submission().push(&sqe).is_ok() };
-            if !pushed {
-                let _ = ring.submit();
-                // SAFETY: as above.
-                pushed = unsafe { ring.submission().push(&sqe).is_ok() };
-            }
-            if pushed {
-                if let Err(e) = ring.submit() {
-                    tracing::warn!(error = %e, "journal: io_uring submit failed; retrying");
-                }
+            if unsafe { push_and_submit(ring, &sqe) } {
                 self.syncs.push(PendingSync { token, file, path });
                 return;
             }
@@ -1154,6 +1145,28 @@ fn synced(path: &Path, res: std::io::Result<()>, counters: &Counters) {
     }
 }
 
+/// Queues `sqe` (submitting what waits first when the queue is full) and
+/// submits it; `false` when the queue would not take it.
+///
+/// # Safety
+/// What `sqe` refers to (buffer, file descriptor) stays valid until its
+/// completion is reaped.
+unsafe fn push_and_submit(ring: &mut io_uring::IoUring, sqe: &io_uring::squeue::Entry) -> bool {
+    // SAFETY: the caller keeps what the entry refers to valid.
+    if unsafe { ring.submission().push(sqe).is_err() } {
+        let _ = ring.submit();
+        // SAFETY: as above.
+        if unsafe { ring.submission().push(sqe).is_err() } {
+            return false;
+        }
+    }
+    if let Err(e) = ring.submit() {
+        // Queued all the same: the next submit takes it.
+        tracing::warn!(error = %e, "journal: io_uring submit failed; retrying");
+    }
+    true
+}
+
 /// Hands the part's buffer to a write.
 fn submit(io: &mut Io, p: &mut Part) {
     let buf = std::mem::take(&mut p.buf);
@@ -1191,17 +1204,8 @@ fn write_inflight(io: &mut Io, p: &mut Part) {
             // completion is reaped: `inflight` is only taken in `completed`,
             // and a partition is dropped only with nothing in flight (on
             // removal and at the end of `run`).
-            let pushed = unsafe { ring.submission().push(&sqe).is_ok() };
-            if !pushed {
-                let _ = ring.submit();
-                // SAFETY: as above.
-                if unsafe { ring.submission().push(&sqe).is_err() } {
-                    w.retry_at = Some(Instant::now());
-                    return;
-                }
-            }
-            if let Err(e) = ring.submit() {
-                tracing::warn!(error = %e, "journal: io_uring submit failed; retrying");
+            if !unsafe { push_and_submit(ring, &sqe) } {
+                w.retry_at = Some(Instant::now());
             }
         }
         Io::Plain(finished) => {

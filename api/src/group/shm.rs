@@ -553,7 +553,9 @@ impl Control {
         Some((id, g))
     }
 
-    fn join(&mut self, conn: u64, j: Join) -> Result<(), String> {
+    fn join(&mut self, conn: u64, mut j: Join) -> Result<(), String> {
+        // 0 is no limit, as for a remote consumer, whatever client sent it.
+        j.max_redeliveries = j.max_redeliveries.filter(|&n| n > 0);
         let Some(kind) = SubscriptionType::parse(&j.kind) else {
             return Err(format!(
                 "unknown subscription type {:?} (exclusive, failover, shared, key_shared)",
