@@ -358,8 +358,19 @@ impl JournalReader {
     /// As [`read`](Self::read).
     #[inline]
     pub fn load(&mut self, seq: u64) -> Result<JournalRead> {
+        self.load_at_most(seq, READ_FRAMES as u64)
+    }
+
+    /// [`load`](Self::load) for a reader that wants at most `frames` from
+    /// `seq` on (a run of its own between others' it passes over): a block
+    /// read from disk is no longer than that.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    #[inline]
+    pub fn load_at_most(&mut self, seq: u64, frames: u64) -> Result<JournalRead> {
         if seq < self.buf_first || seq >= self.buf_first + self.buf_frames {
-            return self.fill(seq);
+            return self.fill(seq, frames.clamp(1, READ_FRAMES as u64) as usize);
         }
         Ok(JournalRead::Frame)
     }
@@ -375,8 +386,9 @@ impl JournalReader {
         &self.buf[(seq - self.buf_first) as usize..self.buf_frames as usize]
     }
 
-    /// Reads a block starting at `seq` into the buffer.
-    fn fill(&mut self, seq: u64) -> Result<JournalRead> {
+    /// Reads a block of up to `limit` frames starting at `seq` into the
+    /// buffer.
+    fn fill(&mut self, seq: u64, limit: usize) -> Result<JournalRead> {
         self.buf_frames = 0;
         let mut refreshed = false;
         loop {
@@ -410,7 +422,7 @@ impl JournalReader {
                 return Ok(JournalRead::End);
             };
             let off = (seq - first) * FRAME_BYTES as u64;
-            let got = read_at_most(file, self.buf.bytes_mut(), off)
+            let got = read_at_most(file, &mut self.buf.bytes_mut()[..limit * FRAME_BYTES], off)
                 .map_err(|e| Error::io("read journal segment", &self.segment_path(first), e))?;
             let frames = (got / FRAME_BYTES) as u64;
             // Every frame's check, in one tight loop over the block (the

@@ -281,6 +281,9 @@ pub struct Stats {
     /// Journal frames that could not be read (each also a one-sequence
     /// gap); [`Subscriber::journal_error`] says why.
     pub journal_errors: u64,
+    /// Sequences passed over unread because the caller of
+    /// [`Subscriber::poll_selected`] wanted none of them.
+    pub passed_over: u64,
 }
 
 /// What the subscriber last told the caller about a partition's writer.
@@ -742,7 +745,26 @@ impl Subscriber {
     /// for the writer once per partition per poll. Returns how many events
     /// `f` got; 0 means nothing was there.
     #[inline]
-    pub fn poll<F: FnMut(Event<'_>)>(&mut self, max: usize, mut f: F) -> usize {
+    pub fn poll<F: FnMut(Event<'_>)>(&mut self, max: usize, f: F) -> usize {
+        self.poll_selected(max, |_, seq| (seq, u64::MAX), f)
+    }
+
+    /// [`poll`](Self::poll) for a caller that wants only some sequences
+    /// (a group member's stripes, a standby's nothing). `want(partition,
+    /// seq)` gives the next run the caller may want at or after `seq`,
+    /// `(start, end)` (`(u64::MAX, u64::MAX)`: none): `seq..start` is passed
+    /// over unread, up to what the writer has published, `start..end` is
+    /// read (from the journal, no more than that), and `want` is asked
+    /// again at `end`. It never hides a notice, nor a gap in what the
+    /// caller wants (a lap reports from the first wanted sequence it
+    /// lost); `f` gets every event read, wanted or not, so a run may be
+    /// wider than what the caller takes.
+    #[inline]
+    pub fn poll_selected<W, F>(&mut self, max: usize, mut want: W, mut f: F) -> usize
+    where
+        W: FnMut(u32, u64) -> (u64, u64),
+        F: FnMut(Event<'_>),
+    {
         let Subscriber {
             parts,
             next,
@@ -803,15 +825,42 @@ impl Subscriber {
                     });
                 }};
             }
+            // The caller's current run: read to its end without asking.
+            let mut run_end = 0u64;
             while n < max && budget > 0 {
                 if let Some(j) = part.journal.as_mut().filter(|j| j.replaying) {
                     let seq = j.next;
-                    match j.reader.load(seq) {
+                    if seq >= run_end {
+                        let (start, end) = want(part.partition, seq);
+                        if start > seq {
+                            // Passed over; never past the ring's head, where
+                            // the replay ends by joining the ring.
+                            let to = start.min(part.reader.ring().published() + 1);
+                            if to > seq {
+                                budget -= 1;
+                                stats.passed_over += to - seq;
+                                j.next = to;
+                                continue;
+                            }
+                        }
+                        // At the head before the run: ask again next time.
+                        run_end = if start > seq {
+                            seq + 1
+                        } else {
+                            end.max(seq + 1)
+                        };
+                    }
+                    match j.reader.load_at_most(seq, run_end - seq) {
                         Ok(JournalRead::Frame) => {
                             // The block's checked frames, read in place.
                             let mut k = 0;
                             for fr in j.reader.buffered(seq) {
                                 if n >= max || budget == 0 {
+                                    break;
+                                }
+                                // The end of the caller's run: the outer
+                                // loop asks it again.
+                                if seq + k >= run_end {
                                     break;
                                 }
                                 budget -= 1;
@@ -863,6 +912,19 @@ impl Subscriber {
                     continue;
                 }
                 budget -= 1;
+                let at = part.reader.cursor();
+                if at >= run_end {
+                    let (start, end) = want(part.partition, at);
+                    if start > at {
+                        let to = start.min(part.reader.ring().published() + 1);
+                        if to > at {
+                            stats.passed_over += to - at;
+                            part.reader.set_cursor(to);
+                            continue;
+                        }
+                    }
+                    run_end = if start > at { at + 1 } else { end.max(at + 1) };
+                }
                 match part.reader.try_read(buf) {
                     Read::Frame(seq) => tick!(seq, ArchivedFrameBody::from_words(buf)),
                     Read::Empty => {

@@ -122,6 +122,69 @@ fn a_lapped_reader_gets_the_exact_missing_range() {
     assert_eq!(sub.stats().lost, 154 - 6 + 1);
 }
 
+/// The runs of 10 a member of a group of 3 owns: `[30k + 10, 30k + 20)`.
+fn middle_stripe(_: u32, seq: u64) -> (u64, u64) {
+    let start = if seq % 30 < 10 {
+        seq - seq % 30 + 10
+    } else if seq % 30 < 20 {
+        seq
+    } else {
+        seq - seq % 30 + 40
+    };
+    (start, start - start % 30 + 20)
+}
+
+#[test]
+fn a_selective_poll_reads_only_the_wanted_runs_and_still_reports_a_lap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = filled(dir.path(), 256, 200);
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .lap_slack(8)
+        .open()
+        .expect("sub");
+    fn record(events: &mut Vec<String>, e: Event<'_>) {
+        match e {
+            Event::Tick(t) => {
+                assert_eq!(
+                    t.body.source_seq(),
+                    t.seq,
+                    "the frame read is the one wanted"
+                );
+                events.push(format!("t{}", t.seq))
+            }
+            Event::Gap { from, to, .. } => events.push(format!("gap{from}-{to}")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut events = Vec::new();
+    while sub.poll_selected(7, middle_stripe, |e| record(&mut events, e)) > 0 {}
+    let want: Vec<String> = (1..=200u64)
+        .filter(|s| (10..20).contains(&(s % 30)))
+        .map(|s| format!("t{s}"))
+        .collect();
+    assert_eq!(events, want, "exactly the wanted runs, in order");
+    assert_eq!(sub.stats().passed_over, 200 - want.len() as u64);
+    assert_eq!(sub.position(0), Some(201), "passed over to the head");
+    // The writer laps the reader: the gap is reported from the first
+    // sequence it wanted (220; 201..=219 are passed over).
+    events.clear();
+    for i in 201..=600 {
+        w.publish(0, &body(i));
+    }
+    w.flush();
+    while sub.poll_selected(1000, middle_stripe, |e| record(&mut events, e)) > 0 {}
+    // Head 600, oldest held 345, resume at 353 (slack 8).
+    assert_eq!(events[0], "gap220-352");
+    let rest: Vec<String> = (353..=600u64)
+        .filter(|s| (10..20).contains(&(s % 30)))
+        .map(|s| format!("t{s}"))
+        .collect();
+    assert_eq!(events[1..], rest[..]);
+    assert_eq!(sub.stats().lost, 352 - 220 + 1);
+}
+
 #[test]
 fn a_start_sequence_that_left_the_ring_yields_a_gap_then_the_oldest() {
     let dir = tempfile::tempdir().expect("tempdir");
