@@ -311,6 +311,7 @@ impl GroupBuilder {
             signal_seen: 0,
             adopts: VecDeque::new(),
             range: None,
+            range_moved: false,
             deferred: VecDeque::new(),
             deferred_keys: std::collections::HashMap::new(),
             recheck: false,
@@ -404,6 +405,29 @@ impl MemberPart {
             .map(|(_, s)| s)
     }
 
+    /// The next run of sequences the live reader may deliver at or after
+    /// `seq` (as [`Selector::next_run`]; `(u64::MAX, u64::MAX)`: none):
+    /// what the regimes select, or everything while ranges adopted past
+    /// the live reader are pending.
+    fn next_run(&self, seq: u64) -> (u64, u64) {
+        if !self.extra.is_empty() {
+            return (seq, seq + 1);
+        }
+        let Some(i) = self.regimes.iter().rposition(|(from, _)| *from <= seq) else {
+            return self
+                .regimes
+                .first()
+                .map_or((u64::MAX, u64::MAX), |r| (r.0, r.0 + 1));
+        };
+        // A regime's runs end where the next regime begins.
+        let bound = self.regimes.get(i + 1).map_or(u64::MAX, |r| r.0);
+        match self.regimes[i].1.next_run(seq) {
+            Some((start, end)) if start < bound => (start, end.min(bound)),
+            _ if bound == u64::MAX => (u64::MAX, u64::MAX),
+            _ => (bound, bound + 1),
+        }
+    }
+
     fn pop_acked(&mut self) {
         while self
             .outstanding
@@ -487,6 +511,8 @@ pub struct GroupSubscriber {
     parts: Vec<MemberPart>,
     adopts: VecDeque<(u32, Adopt)>,
     range: Option<RangeRead>,
+    /// The last poll moved the range read on (passing over is progress).
+    range_moved: bool,
     deferred: VecDeque<Deferred>,
     /// Held events per (partition, instrument id).
     deferred_keys: DeferredKeys,
@@ -520,7 +546,10 @@ impl GroupSubscriber {
             self.last_check = Instant::now();
             self.control();
         }
-        if self.removed.is_some() || self.paused {
+        if self.removed.is_some() {
+            return 0;
+        }
+        if self.paused {
             return 0;
         }
         if self.range.is_some() || !self.adopts.is_empty() {
@@ -545,7 +574,13 @@ impl GroupSubscriber {
                 "ack {partition}:{seq}: this member reads no partition {partition}"
             )));
         };
-        match p.outstanding.binary_search_by_key(&seq, |&(s, _)| s) {
+        // Acknowledgements mostly come in delivery order: the oldest first.
+        let at = if p.outstanding.front().is_some_and(|&(s, _)| s == seq) {
+            Ok(0)
+        } else {
+            p.outstanding.binary_search_by_key(&seq, |&(s, _)| s)
+        };
+        match at {
             Ok(i) if p.outstanding[i].1 == St::Delivered => {
                 p.outstanding[i].1 = St::Acked;
                 self.stats.acked += 1;
@@ -642,8 +677,12 @@ impl GroupSubscriber {
     /// Waits up to `timeout` for data on the live rings (as
     /// [`Subscriber::wait_for_data`]).
     pub fn wait_for_data(&mut self, timeout: Duration) {
-        if self.paused || self.range.is_some() || !self.adopts.is_empty() || self.removed.is_some()
-        {
+        let reading_range = self.range.is_some() || !self.adopts.is_empty();
+        if reading_range && self.range_moved && !self.paused && self.removed.is_none() {
+            // A range read goes on at once: its events are there already.
+            return;
+        }
+        if self.paused || reading_range || self.removed.is_some() {
             std::thread::sleep(timeout.min(Duration::from_millis(1)));
             return;
         }
@@ -800,12 +839,22 @@ impl GroupSubscriber {
             ..
         } = self;
         let mut n = 0;
-        sub.poll(max.min(BATCH), |e| {
+        // `want` looks at the regimes between reads, `f` updates the
+        // outstanding events on a read: never both at once.
+        let cell = std::cell::RefCell::new(&mut *parts);
+        let want = |partition: u32, seq: u64| {
+            cell.borrow()
+                .iter()
+                .find(|p| p.partition == partition)
+                .map_or((u64::MAX, u64::MAX), |p| p.next_run(seq))
+        };
+        sub.poll_selected(max.min(BATCH), want, |e| {
             let Event::Tick(t) = e else {
                 n += 1;
                 f(e);
                 return;
             };
+            let mut parts = cell.borrow_mut();
             let Some(p) = parts.iter_mut().find(|p| p.partition == t.partition) else {
                 stats.skipped += 1;
                 return;
@@ -993,7 +1042,21 @@ impl GroupSubscriber {
         let Some(p) = parts.iter_mut().find(|p| p.partition == partition) else {
             return 0;
         };
-        r.sub.poll(max, |e| match e {
+        // Pass over what no piece can select, up to the range's end; read
+        // the earliest piece's run (the callback sees every piece).
+        let want = |_: u32, seq: u64| {
+            pieces
+                .iter()
+                .filter(|a| seq < a.to)
+                .filter_map(|a| {
+                    let (start, end) = a.selector.next_run(seq.max(a.from))?;
+                    (start < a.to).then_some((start, end.min(a.to)))
+                })
+                .min()
+                .unwrap_or((to, to + 1))
+        };
+        let before = r.sub.position(partition);
+        r.sub.poll_selected(max, want, |e| match e {
             Event::Tick(mut t) => {
                 if t.seq >= to {
                     done = true;
@@ -1052,7 +1115,9 @@ impl GroupSubscriber {
             }
             _ => {}
         });
-        if r.sub.position(partition).is_some_and(|next| next >= to) {
+        let after = r.sub.position(partition);
+        self.range_moved = n > 0 || after != before;
+        if after.is_some_and(|next| next >= to) {
             done = true;
         }
         if !done {

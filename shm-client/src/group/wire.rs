@@ -246,6 +246,11 @@ pub struct Adopt {
     pub redeliveries: u32,
 }
 
+/// Consecutive sequences a Shared stripe deals to one member at a time:
+/// 256 frames (16 KiB of ring or journal), so a member reads its own runs
+/// and passes over the others' unread.
+pub const STRIPE_BLOCK: u64 = 256;
+
 /// Which events of a partition are a member's: by sequence (Shared
 /// stripes) or by the instrument's Key_Shared slot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,7 +260,9 @@ pub enum Selector {
     All,
     /// None.
     Nothing,
-    /// Sequence `s` with `s % of == index` (Shared).
+    /// Sequence `s` with `(s / STRIPE_BLOCK) % of == index` (Shared):
+    /// blocks of [`STRIPE_BLOCK`] consecutive events, dealt round the
+    /// members, so a member passes over the others' blocks unread.
     Stripe {
         /// This member's stripe.
         index: u32,
@@ -281,9 +288,50 @@ impl Selector {
         match self {
             Selector::All => true,
             Selector::Nothing => false,
-            Selector::Stripe { index, of } => *of != 0 && seq % u64::from(*of) == u64::from(*index),
+            Selector::Stripe { index, of } => {
+                *of != 0 && (seq / STRIPE_BLOCK) % u64::from(*of) == u64::from(*index)
+            }
             Selector::Slots { slots } => slots.contains(slot),
             Selector::And { all } => all.iter().all(|s| s.matches(seq, slot)),
+        }
+    }
+
+    /// The next run of sequences that may match, at or after `seq`:
+    /// `(start, end)`, nothing in `seq..start` matches, and each of
+    /// `start..end` may (a Key_Shared slot is known only once the event is
+    /// read, so its runs end at `u64::MAX`). `None` when nothing from `seq`
+    /// on can match. A reader passes over `seq..start` unread and asks
+    /// again at `end`.
+    pub fn next_run(&self, seq: u64) -> Option<(u64, u64)> {
+        match self {
+            Selector::All => Some((seq, u64::MAX)),
+            Selector::Nothing => None,
+            Selector::Stripe { index, of } => {
+                let (index, of) = (u64::from(*index), u64::from(*of));
+                if of == 0 || index >= of {
+                    return None;
+                }
+                let block = seq / STRIPE_BLOCK;
+                let ahead = (index + of - block % of) % of;
+                let start = if ahead == 0 {
+                    seq
+                } else {
+                    (block + ahead).saturating_mul(STRIPE_BLOCK)
+                };
+                Some((
+                    start,
+                    (start / STRIPE_BLOCK + 1).saturating_mul(STRIPE_BLOCK),
+                ))
+            }
+            Selector::Slots { slots } => (!slots.is_empty()).then_some((seq, u64::MAX)),
+            // Each part's start bounds the whole's; where the runs do not
+            // overlap, one event is read and the question asked again.
+            Selector::And { all } => {
+                let (start, end) = all.iter().try_fold((seq, u64::MAX), |(s, e), sel| {
+                    sel.next_run(seq).map(|(a, b)| (s.max(a), e.min(b)))
+                })?;
+                Some((start, end.max(start.saturating_add(1))))
+            }
         }
     }
 
@@ -491,7 +539,8 @@ mod tests {
         assert!(both.matches(0, 7) && !both.matches(0, 65_535));
         let stripe = Selector::Stripe { index: 1, of: 4 };
         let mixed = stripe.and(&sa);
-        assert!(mixed.matches(5, 7) && !mixed.matches(4, 7) && !mixed.matches(5, 8));
+        let (own, other) = (STRIPE_BLOCK + 5, 2 * STRIPE_BLOCK + 5);
+        assert!(mixed.matches(own, 7) && !mixed.matches(other, 7) && !mixed.matches(own, 8));
         assert_eq!(
             Selector::Stripe { index: 1, of: 4 }.and(&Selector::Stripe { index: 2, of: 4 }),
             Selector::Nothing
@@ -503,5 +552,64 @@ mod tests {
         let runs = serde_json::to_string(&a).expect("encodes");
         assert_eq!(runs, "[[7,8],[65535,65536]]");
         assert_eq!(a.minus(&a).len(), 0);
+    }
+
+    /// `next_run` never passes over a sequence `matches` selects, and its
+    /// runs are exact where the selector does not need the slot.
+    #[test]
+    fn next_run_passes_over_only_what_cannot_match() {
+        let mut slots = SlotSet::default();
+        slots.insert(3);
+        let selectors = [
+            Selector::All,
+            Selector::Nothing,
+            Selector::Stripe { index: 0, of: 1 },
+            Selector::Stripe { index: 2, of: 3 },
+            Selector::Stripe { index: 3, of: 4 },
+            Selector::Stripe { index: 4, of: 4 },
+            Selector::Slots {
+                slots: slots.clone(),
+            },
+            Selector::Slots {
+                slots: SlotSet::default(),
+            },
+            Selector::Stripe { index: 1, of: 2 }.and(&Selector::Slots { slots }),
+        ];
+        let end = 20 * STRIPE_BLOCK;
+        for sel in &selectors {
+            // The first match at or after each sequence, from the end back.
+            let mut first = vec![None; end as usize + 1];
+            for s in (0..end).rev() {
+                first[s as usize] = if sel.matches(s, 3) {
+                    Some(s)
+                } else {
+                    first[s as usize + 1]
+                };
+            }
+            for seq in 0..end {
+                let run = sel.next_run(seq);
+                match (run, first[seq as usize]) {
+                    (None, Some(f)) => panic!("{sel:?} from {seq}: None, but {f} matches"),
+                    (Some((start, stop)), f) => {
+                        assert!(
+                            start >= seq && stop > start,
+                            "{sel:?} from {seq}: {start}..{stop}"
+                        );
+                        if let Some(f) = f {
+                            assert!(start <= f, "{sel:?} from {seq}: {start} passes over {f}");
+                        }
+                        if !sel.needs_slot() {
+                            match f {
+                                Some(f) => assert_eq!(start, f, "{sel:?} from {seq}"),
+                                None => assert!(start >= end, "{sel:?} from {seq}: {start}"),
+                            }
+                            let exact = (start..stop.min(end)).all(|s| sel.matches(s, 3));
+                            assert!(exact, "{sel:?} from {seq}: {start}..{stop} holds a miss");
+                        }
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
     }
 }
