@@ -212,6 +212,17 @@ struct Member {
     signal: u32,
     slots: usize,
     active: Vec<u32>,
+    /// Its own counts, as it last reported them.
+    counts: Counts,
+}
+
+/// What a member reported of itself (`ToBroker::Counts`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    delivered: u64,
+    redelivered: u64,
+    acked: u64,
+    unacked: u64,
 }
 
 /// What a departed member leaves until the next rebalance closes it.
@@ -529,6 +540,30 @@ impl Control {
                     waiting.remove(&id);
                 }
             }
+            ToBroker::Counts {
+                delivered,
+                redelivered,
+                acked,
+                unacked,
+            } => {
+                let Some((id, g)) = self.member_of(conn) else {
+                    return;
+                };
+                if let Some(m) = g.members.iter_mut().find(|m| m.id == id) {
+                    // The group's counters grow by what the member added,
+                    // and keep it when the member goes.
+                    let c = &mut g.counters;
+                    c.delivered += delivered.saturating_sub(m.counts.delivered);
+                    c.redelivered += redelivered.saturating_sub(m.counts.redelivered);
+                    c.acked += acked.saturating_sub(m.counts.acked);
+                    m.counts = Counts {
+                        delivered,
+                        redelivered,
+                        acked,
+                        unacked,
+                    };
+                }
+            }
             ToBroker::Applied { version } => {
                 let Some((id, g)) = self.member_of(conn) else {
                     return;
@@ -656,6 +691,7 @@ impl Control {
             signal: 0,
             slots: 0,
             active: Vec::new(),
+            counts: Counts::default(),
         });
         g.dirty = true;
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -1657,26 +1693,29 @@ impl ShmGroup {
                 id: m.id,
                 name: m.name.clone(),
                 priority: m.priority,
-                unacked: m
-                    .readers
-                    .keys()
-                    .map(|p| {
-                        let ring = self.rings.get(*p as usize);
-                        let c = ring.map_or(0, |r| {
-                            r.ring().readers()[m.readers[p].index as usize]
-                                .cursor
-                                .load(Ordering::Relaxed)
-                        });
-                        c.saturating_sub(m.acked.get(p).copied().unwrap_or(0) + 1)
-                    })
-                    .sum::<u64>()
-                    .min(u64::from(u32::MAX)) as u32,
+                unacked: if m.counts.delivered > 0 {
+                    m.counts.unacked.min(u64::from(u32::MAX)) as u32
+                } else {
+                    m.readers
+                        .keys()
+                        .map(|p| {
+                            let ring = self.rings.get(*p as usize);
+                            let c = ring.map_or(0, |r| {
+                                r.ring().readers()[m.readers[p].index as usize]
+                                    .cursor
+                                    .load(Ordering::Relaxed)
+                            });
+                            c.saturating_sub(m.acked.get(p).copied().unwrap_or(0) + 1)
+                        })
+                        .sum::<u64>()
+                        .min(u64::from(u32::MAX)) as u32
+                },
                 window: 0,
                 slots: m.slots as u32,
                 partitions: m.active.clone(),
                 draining: self.holds.iter().any(|h| h.member == m.id),
-                delivered: 0,
-                acked: 0,
+                delivered: m.counts.delivered,
+                acked: m.counts.acked,
             })
             .collect();
         let mut snap = self
@@ -1685,6 +1724,7 @@ impl ShmGroup {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let dead_lettered = snap.counters.dead_lettered;
+        let unacked = self.members.iter().map(|m| m.counts.unacked).sum::<u64>();
         *snap = GroupSnapshot {
             members,
             counters: super::Counters {
@@ -1692,7 +1732,7 @@ impl ShmGroup {
                 ..self.counters
             },
             ready: 0,
-            unacked: 0,
+            unacked: unacked.min(u64::from(u32::MAX)) as _,
             cursors: self.cursors(),
             lost: self.lost,
             paused: self.paused,

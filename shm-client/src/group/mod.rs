@@ -312,6 +312,7 @@ impl GroupBuilder {
             adopts: VecDeque::new(),
             range: None,
             range_moved: false,
+            reported: (0, 0, 0),
             deferred: VecDeque::new(),
             deferred_keys: std::collections::HashMap::new(),
             recheck: false,
@@ -513,6 +514,8 @@ pub struct GroupSubscriber {
     range: Option<RangeRead>,
     /// The last poll moved the range read on (passing over is progress).
     range_moved: bool,
+    /// (delivered, redelivered, acked) last sent to the broker.
+    reported: (u64, u64, u64),
     deferred: VecDeque<Deferred>,
     /// Held events per (partition, instrument id).
     deferred_keys: DeferredKeys,
@@ -545,6 +548,7 @@ impl GroupSubscriber {
         {
             self.last_check = Instant::now();
             self.control();
+            self.report();
         }
         if self.removed.is_some() {
             return 0;
@@ -693,6 +697,25 @@ impl GroupSubscriber {
         self.sub
             .reader_slot(self.signal_part)
             .is_some_and(|(_, s)| s.selector.load(Ordering::Acquire) != self.signal_seen)
+    }
+
+    /// Tells the broker the member's counts when they changed.
+    fn report(&mut self) {
+        let s = self.stats;
+        let now = (s.delivered, s.redelivered, s.acked);
+        if self.removed.is_some() || now == self.reported {
+            return;
+        }
+        let msg = ToBroker::Counts {
+            delivered: s.delivered,
+            redelivered: s.redelivered,
+            acked: s.acked,
+            unacked: self.unacked() as u64,
+        };
+        match self.ctl.send(&msg) {
+            Ok(()) => self.reported = now,
+            Err(e) => self.removed = Some(e.to_string()),
+        }
     }
 
     /// Reads and applies what the broker sent.

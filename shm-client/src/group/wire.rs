@@ -38,6 +38,19 @@ pub enum ToBroker {
         /// The rebalance.
         version: u64,
     },
+    /// The member's own counts (the broker sees cursors, not single
+    /// deliveries and acknowledgements), sent when they change, at most
+    /// every 100 ms, for the subscription's stats.
+    Counts {
+        /// Events delivered to the application, first and repeated.
+        delivered: u64,
+        /// Of those, redeliveries.
+        redelivered: u64,
+        /// Acknowledged.
+        acked: u64,
+        /// Delivered and not yet acknowledged, now.
+        unacked: u64,
+    },
 }
 
 /// What a joining member asks for.
