@@ -160,10 +160,14 @@ fn a_selective_poll_reads_only_the_wanted_runs_and_still_reports_a_lap() {
     }
     let mut events = Vec::new();
     while sub.poll_selected(7, middle_stripe, |e| record(&mut events, e)) > 0 {}
-    let want: Vec<String> = (1..=200u64)
-        .filter(|s| (10..20).contains(&(s % 30)))
-        .map(|s| format!("t{s}"))
-        .collect();
+    // What `middle_stripe` wants of `from..=to`, as recorded.
+    let wanted = |from: u64, to: u64| -> Vec<String> {
+        (from..=to)
+            .filter(|s| (10..20).contains(&(s % 30)))
+            .map(|s| format!("t{s}"))
+            .collect()
+    };
+    let want = wanted(1, 200);
     assert_eq!(events, want, "exactly the wanted runs, in order");
     assert_eq!(sub.stats().passed_over, 200 - want.len() as u64);
     assert_eq!(sub.position(0), Some(201), "passed over to the head");
@@ -177,11 +181,7 @@ fn a_selective_poll_reads_only_the_wanted_runs_and_still_reports_a_lap() {
     while sub.poll_selected(1000, middle_stripe, |e| record(&mut events, e)) > 0 {}
     // Head 600, oldest held 345, resume at 353 (slack 8).
     assert_eq!(events[0], "gap220-352");
-    let rest: Vec<String> = (353..=600u64)
-        .filter(|s| (10..20).contains(&(s % 30)))
-        .map(|s| format!("t{s}"))
-        .collect();
-    assert_eq!(events[1..], rest[..]);
+    assert_eq!(events[1..], wanted(353, 600)[..]);
     assert_eq!(sub.stats().lost, 352 - 220 + 1);
 }
 
