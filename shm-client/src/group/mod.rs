@@ -412,7 +412,7 @@ impl MemberPart {
     /// the live reader are pending.
     fn next_run(&self, seq: u64) -> (u64, u64) {
         if !self.extra.is_empty() {
-            return (seq, seq + 1);
+            return (seq, u64::MAX);
         }
         let Some(i) = self.regimes.iter().rposition(|(from, _)| *from <= seq) else {
             return self
