@@ -717,6 +717,39 @@ impl Found {
     }
 }
 
+/// What a selective read does at a sequence (see
+/// [`Subscriber::poll_selected`]).
+enum Step {
+    /// Nothing wanted before this sequence: move there unread.
+    PassTo(u64),
+    /// Read from here up to (not including) this sequence.
+    ReadTo(u64),
+}
+
+impl Step {
+    /// Asks `want` at `seq`; a pass over stops at `head` (one past what
+    /// the writer published). At the head before the next run, one event
+    /// is read and the question asked again.
+    #[inline]
+    fn at<W: FnMut(u32, u64) -> (u64, u64)>(
+        want: &mut W,
+        partition: u32,
+        seq: u64,
+        head: u64,
+    ) -> Step {
+        let (start, end) = want(partition, seq);
+        if start <= seq {
+            return Step::ReadTo(end.max(seq + 1));
+        }
+        let to = start.min(head);
+        if to > seq {
+            Step::PassTo(to)
+        } else {
+            Step::ReadTo(seq + 1)
+        }
+    }
+}
+
 /// How often an idle subscriber looks at its writers (a few syscalls).
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 
@@ -831,24 +864,18 @@ impl Subscriber {
                 if let Some(j) = part.journal.as_mut().filter(|j| j.replaying) {
                     let seq = j.next;
                     if seq >= run_end {
-                        let (start, end) = want(part.partition, seq);
-                        if start > seq {
-                            // Passed over; never past the ring's head, where
-                            // the replay ends by joining the ring.
-                            let to = start.min(part.reader.ring().published() + 1);
-                            if to > seq {
+                        // Never past the ring's head, where the replay ends
+                        // by joining the ring.
+                        let head = part.reader.ring().published() + 1;
+                        match Step::at(&mut want, part.partition, seq, head) {
+                            Step::PassTo(to) => {
                                 budget -= 1;
                                 stats.passed_over += to - seq;
                                 j.next = to;
                                 continue;
                             }
+                            Step::ReadTo(end) => run_end = end,
                         }
-                        // At the head before the run: ask again next time.
-                        run_end = if start > seq {
-                            seq + 1
-                        } else {
-                            end.max(seq + 1)
-                        };
                     }
                     match j.reader.load_at_most(seq, run_end - seq) {
                         Ok(JournalRead::Frame) => {
@@ -914,16 +941,15 @@ impl Subscriber {
                 budget -= 1;
                 let at = part.reader.cursor();
                 if at >= run_end {
-                    let (start, end) = want(part.partition, at);
-                    if start > at {
-                        let to = start.min(part.reader.ring().published() + 1);
-                        if to > at {
+                    let head = part.reader.ring().published() + 1;
+                    match Step::at(&mut want, part.partition, at, head) {
+                        Step::PassTo(to) => {
                             stats.passed_over += to - at;
                             part.reader.set_cursor(to);
                             continue;
                         }
+                        Step::ReadTo(end) => run_end = end,
                     }
-                    run_end = if start > at { at + 1 } else { end.max(at + 1) };
                 }
                 match part.reader.try_read(buf) {
                     Read::Frame(seq) => tick!(seq, ArchivedFrameBody::from_words(buf)),

@@ -550,10 +550,7 @@ impl GroupSubscriber {
             self.control();
             self.report();
         }
-        if self.removed.is_some() {
-            return 0;
-        }
-        if self.paused {
+        if self.removed.is_some() || self.paused {
             return 0;
         }
         if self.range.is_some() || !self.adopts.is_empty() {
