@@ -977,57 +977,6 @@ impl Tally {
     }
 }
 
-/// Sends a `StreamRequest` with prost; hands each response over as its
-/// bytes, for [`wire_scan::grpc_response`].
-#[derive(Default)]
-struct RawCodec;
-
-struct RawDecoder;
-
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
-        use bytes::Buf;
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n)))
-    }
-}
-
-struct RequestEncoder;
-
-impl tonic::codec::Encoder for RequestEncoder {
-    type Item = tickwire_proto::pb::StreamRequest;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Self::Item,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        prost::Message::encode(&item, dst).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = tickwire_proto::pb::StreamRequest;
-    type Decode = bytes::Bytes;
-    type Encoder = RequestEncoder;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> RequestEncoder {
-        RequestEncoder
-    }
-
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
 #[derive(serde::Deserialize)]
 struct WsMsg {
     #[serde(rename = "type")]
@@ -1218,7 +1167,11 @@ async fn open_grpc(
         "/tickwire.v1.MarketDataStream/StreamMarketData",
     );
     Ok(grpc
-        .server_streaming(tonic::Request::new(req), path, RawCodec)
+        .server_streaming(
+            tonic::Request::new(req),
+            path,
+            wire_scan::RawCodec::default(),
+        )
         .await
         .map_err(|e| format!("subscribe: {e}"))?
         .into_inner())

@@ -42,6 +42,7 @@ use tickwire_proto::symbology::Instrument;
 use tokio_util::sync::CancellationToken;
 
 use crate::pulsar_bench::{ensure_python_client, producer, script, unique};
+use crate::wire_scan;
 
 const TOPIC: &str = "bench/groups";
 const MEMBERS: usize = 4;
@@ -203,13 +204,40 @@ fn send(ingest: &mut Ingest, from: u64, to: u64, rate: u64) -> Result<(), String
 struct Shared {
     events: AtomicU64,
     redelivered: AtomicU64,
-    seen: Mutex<HashSet<u64>>,
+    seen: Mutex<Seen>,
     first: Mutex<Option<Instant>>,
     last: Mutex<Option<Instant>>,
     lat: Mutex<Histogram<u64>>,
 }
 
+/// Which events arrived, by their source sequence (the sender numbers
+/// them 1, 2, ...): one bit each, marked a batch at a time.
+#[derive(Default)]
+struct Seen {
+    words: Vec<u64>,
+    distinct: u64,
+}
+
+impl Seen {
+    fn insert(&mut self, source_seq: u64) {
+        let (w, bit) = ((source_seq / 64) as usize, 1u64 << (source_seq % 64));
+        if w >= self.words.len() {
+            self.words.resize(w + 1 + w / 4, 0);
+        }
+        if self.words[w] & bit == 0 {
+            self.words[w] |= bit;
+            self.distinct += 1;
+        }
+    }
+}
+
 /// One tickwire member: receive, record, acknowledge each batch.
+///
+/// As the edge bench's clients do (`wire_scan`), it reads only what it
+/// uses off the wire (each event's id, source sequence, redelivery count
+/// and time) and leaves the market data in its bytes, as Pulsar's client
+/// leaves a message's payload: building every `MarketDataMessage` with
+/// prost cost the shared cores more than the broker's whole group did.
 async fn member(
     url: String,
     kind: pb::SubscriptionType,
@@ -219,10 +247,14 @@ async fn member(
     s: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    let mut client = pb::market_data_stream_client::MarketDataStreamClient::connect(url)
-        .await
+    let channel = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| e.to_string())?
-        .max_decoding_message_size(64 << 20);
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    grpc.ready().await.map_err(|e| e.to_string())?;
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     tx.send(pb::ConsumeRequest {
         kind: Some(pb::consume_request::Kind::Subscribe(pb::StreamRequest {
@@ -238,10 +270,17 @@ async fn member(
     })
     .await
     .map_err(|e| e.to_string())?;
-    let mut stream = client
-        .consume_market_data(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/tickwire.v1.MarketDataStream/ConsumeMarketData",
+    );
+    let mut stream = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            path,
+            wire_scan::RawCodec::<pb::ConsumeRequest>::default(),
+        )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("consume: {e}"))?
         .into_inner();
     loop {
         let m = tokio::select! {
@@ -251,28 +290,30 @@ async fn member(
         let Some(m) = m.map_err(|e| e.to_string())? else {
             return Ok(());
         };
-        let Some(pb::stream_response::Kind::Batch(b)) = m.kind else {
-            continue;
-        };
         let now = realtime_ns();
         let at = Instant::now();
-        let mut ids = Vec::with_capacity(b.messages.len());
+        let mut ids = Vec::new();
         {
             let mut seen = s.seen.lock().map_err(|_| "lock")?;
             let mut lat = s.lat.lock().map_err(|_| "lock")?;
-            for msg in &b.messages {
-                let Some(md) = &msg.metadata else { continue };
-                seen.insert(md.source_seq);
-                if md.redelivery_count > 0 {
-                    s.redelivered.fetch_add(1, Ordering::Relaxed);
+            let mut redelivered = 0;
+            wire_scan::grpc_response(&m, |e| {
+                seen.insert(e.source_seq);
+                if e.redeliveries > 0 {
+                    redelivered += 1;
                 }
-                let _ = lat.record(now.saturating_sub(msg.timestamp as u64).max(1));
+                let _ = lat.record(now.saturating_sub(e.event_ns).max(1));
                 ids.push(pb::MessageId {
-                    partition: md.partition,
-                    epoch: md.epoch,
-                    sequence: md.sequence,
+                    partition: e.partition,
+                    epoch: e.epoch,
+                    sequence: e.sequence,
                 });
-            }
+            })
+            .ok_or("a response that is not a StreamResponse")?;
+            s.redelivered.fetch_add(redelivered, Ordering::Relaxed);
+        }
+        if ids.is_empty() {
+            continue;
         }
         s.events.fetch_add(ids.len() as u64, Ordering::Relaxed);
         if let Ok(mut f) = s.first.lock() {
@@ -305,7 +346,7 @@ fn tw_group(
     let s = Arc::new(Shared {
         events: AtomicU64::new(0),
         redelivered: AtomicU64::new(0),
-        seen: Mutex::new(HashSet::new()),
+        seen: Mutex::new(Seen::default()),
         first: Mutex::new(None),
         last: Mutex::new(None),
         lat: Mutex::new(histogram()),
@@ -339,7 +380,7 @@ fn tw_group(
     during()?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let n = s.seen.lock().map_err(|_| "lock")?.len() as u64;
+        let n = s.seen.lock().map_err(|_| "lock")?.distinct;
         if n >= want {
             break;
         }
@@ -360,7 +401,7 @@ fn tw_group(
     let lat = s.lat.lock().map_err(|_| "lock")?.clone();
     Ok(Outcome {
         events: s.events.load(Ordering::Relaxed),
-        unique: s.seen.lock().map_err(|_| "lock")?.len() as u64,
+        unique: s.seen.lock().map_err(|_| "lock")?.distinct,
         redelivered: s.redelivered.load(Ordering::Relaxed),
         elapsed_ns: last.duration_since(first).as_nanos() as u64,
         lat: Some(lat),

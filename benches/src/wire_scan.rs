@@ -24,6 +24,73 @@ pub struct EventMeta {
     pub ingest_ns: u64,
     /// When the edge took it off the ring, ns since the Unix epoch.
     pub send_ns: u64,
+    /// The writer's epoch (gRPC only).
+    pub epoch: u64,
+    /// The event's sequence at its source (gRPC only).
+    pub source_seq: u64,
+    /// Times a subscription group sent it before (gRPC only).
+    pub redeliveries: u32,
+    /// The event's own time, ns since the Unix epoch (gRPC only).
+    pub event_ns: u64,
+}
+
+/// A client codec that encodes its requests (`E`) with prost and hands
+/// each response over as its bytes, for [`grpc_response`].
+pub struct RawCodec<E>(std::marker::PhantomData<fn(E)>);
+
+impl<E> Default for RawCodec<E> {
+    fn default() -> Self {
+        RawCodec(std::marker::PhantomData)
+    }
+}
+
+/// The response side of [`RawCodec`]: the message's bytes.
+pub struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
+
+/// The request side of [`RawCodec`]: prost.
+pub struct RequestEncoder<E>(std::marker::PhantomData<fn(E)>);
+
+impl<E: prost::Message> tonic::codec::Encoder for RequestEncoder<E> {
+    type Item = E;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: E,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        item.encode(dst)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl<E: prost::Message + Send + 'static> tonic::codec::Codec for RawCodec<E> {
+    type Encode = E;
+    type Decode = bytes::Bytes;
+    type Encoder = RequestEncoder<E>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RequestEncoder<E> {
+        RequestEncoder(std::marker::PhantomData)
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
 }
 
 /// What a `StreamResponse` was, besides the events it carried.
@@ -86,18 +153,25 @@ pub fn grpc_response(b: &[u8], mut event: impl FnMut(EventMeta)) -> Option<Notic
                     return Some(());
                 }
                 let mut m = EventMeta::default();
-                fields(message, |f, _, meta| {
-                    if f == 4 {
-                        fields(meta, |f, v, _| {
+                fields(message, |f, v, meta| {
+                    match f {
+                        // MarketDataMessage.timestamp
+                        2 => m.event_ns = v,
+                        // MarketDataMessage.metadata
+                        4 => fields(meta, |f, v, _| {
                             match f {
                                 2 => m.partition = v as u32,
+                                3 => m.epoch = v,
                                 4 => m.sequence = v,
                                 6 => m.ingest_ns = v,
                                 7 => m.send_ns = v,
+                                10 => m.source_seq = v,
+                                12 => m.redeliveries = v as u32,
                                 _ => {}
                             }
                             Some(())
-                        })?;
+                        })?,
+                        _ => {}
                     }
                     Some(())
                 })?;
@@ -177,6 +251,7 @@ impl JsonKeys {
                 sequence: number_after(text, &self.sequence, &mut at)?,
                 ingest_ns: number_after(text, &self.ingest, &mut at)?,
                 send_ns: number_after(text, &self.send, &mut at)?,
+                ..EventMeta::default()
             };
             event(m);
             n += 1;
@@ -201,7 +276,7 @@ mod tests {
             send_time_ns: 1_795_786_108_200_000_000 + seq,
             snapshot: false,
             conflated: false,
-            redeliveries: 0,
+            redeliveries: (seq % 3) as u32,
         }
     }
 
@@ -213,8 +288,10 @@ mod tests {
         for (round, n) in [(0u64, 300u64), (1, 2)] {
             for i in 0..n {
                 let seq = round * 1000 + i + 1;
-                let body = FrameBody::trade(1, 1_795_786_108_123_456_789 + i, 150_250_000_000, 100)
-                    .to_words();
+                let mut body =
+                    FrameBody::trade(1, 1_795_786_108_123_456_789 + i, 150_250_000_000, 100);
+                body.source_seq = 7_000 + seq;
+                let body = body.to_words();
                 let b = ArchivedFrameBody::from_words(&body);
                 let mut one = Vec::new();
                 encode_tick(&mut one, &meta(seq), b, None);
@@ -224,6 +301,10 @@ mod tests {
                     sequence: seq,
                     ingest_ns: b.ts_ingest(),
                     send_ns: 1_795_786_108_200_000_000 + seq,
+                    epoch: 1,
+                    source_seq: 7_000 + seq,
+                    redeliveries: (seq % 3) as u32,
+                    event_ns: b.ts_event(),
                 });
             }
             wire.extend_from_slice(&batch.take().0);
@@ -243,6 +324,10 @@ mod tests {
                     sequence: md.sequence,
                     ingest_ns: md.ingest_time_ns as u64,
                     send_ns: md.send_time_ns as u64,
+                    epoch: md.epoch,
+                    source_seq: md.source_seq,
+                    redeliveries: md.redelivery_count,
+                    event_ns: m.timestamp as u64,
                 }
             })
             .collect();
