@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::seqmap::SeqMap;
+
 pub use tickwire_proto::group::{SLOTS, slot_of};
 
 /// A subscription type, with Pulsar's meaning.
@@ -121,8 +123,8 @@ struct Sent<T> {
 
 #[derive(Debug, Clone)]
 struct Part<T> {
-    ready: BTreeMap<u64, Ready<T>>,
-    unacked: BTreeMap<u64, Sent<T>>,
+    ready: SeqMap<Ready<T>>,
+    unacked: SeqMap<Sent<T>>,
     /// Next sequence to read.
     next: u64,
 }
@@ -130,8 +132,8 @@ struct Part<T> {
 impl<T> Default for Part<T> {
     fn default() -> Self {
         Part {
-            ready: BTreeMap::new(),
-            unacked: BTreeMap::new(),
+            ready: SeqMap::default(),
+            unacked: SeqMap::default(),
             next: 0,
         }
     }
@@ -323,7 +325,7 @@ impl<T: Copy> Core<T> {
         self.members.remove(i);
         let mut back = Vec::new();
         for (&p, part) in &self.parts {
-            for (&seq, s) in &part.unacked {
+            for (seq, s) in part.unacked.iter() {
                 if s.member == id {
                     back.push((p, seq));
                 }
@@ -372,10 +374,10 @@ impl<T: Copy> Core<T> {
     pub fn cursor(&self, partition: u32) -> Option<u64> {
         let p = self.parts.get(&partition)?;
         let mut c = p.next;
-        if let Some((&s, _)) = p.ready.first_key_value() {
+        if let Some(s) = p.ready.first_seq() {
             c = c.min(s);
         }
-        if let Some((&s, _)) = p.unacked.first_key_value() {
+        if let Some(s) = p.unacked.first_seq() {
             c = c.min(s);
         }
         Some(c)
@@ -443,7 +445,7 @@ impl<T: Copy> Core<T> {
                 left.saturating_mul(4).max(64)
             };
             scan.clear();
-            scan.extend(part.ready.iter().take(look).map(|(&s, r)| (s, r.key)));
+            scan.extend(part.ready.iter().take(look).map(|(s, r)| (s, r.key)));
             for &(seq, key) in &scan {
                 if left == 0 {
                     break;
@@ -459,7 +461,7 @@ impl<T: Copy> Core<T> {
                     blocked.insert(key);
                     continue;
                 };
-                let Some(r) = self.parts.get_mut(&p).and_then(|x| x.ready.remove(&seq)) else {
+                let Some(r) = self.parts.get_mut(&p).and_then(|x| x.ready.remove(seq)) else {
                     continue;
                 };
                 self.send(p, seq, r, member, now_ns, out);
@@ -554,7 +556,7 @@ impl<T: Copy> Core<T> {
     /// Takes `seq` of `partition` out of the unacked set (acknowledged,
     /// requeued or dead-lettered).
     fn take(&mut self, partition: u32, seq: u64) -> Option<Sent<T>> {
-        let s = self.parts.get_mut(&partition)?.unacked.remove(&seq)?;
+        let s = self.parts.get_mut(&partition)?.unacked.remove(seq)?;
         if let Some(m) = self.members.iter_mut().find(|m| m.id == s.member) {
             m.unacked = m.unacked.saturating_sub(1);
         }
@@ -602,7 +604,7 @@ impl<T: Copy> Core<T> {
         let held = self
             .parts
             .get(&partition)
-            .and_then(|p| p.unacked.get(&seq))
+            .and_then(|p| p.unacked.get(seq))
             .is_some_and(|s| s.member == member);
         if !held {
             return false;
@@ -623,9 +625,9 @@ impl<T: Copy> Core<T> {
             .get(&partition)
             .map(|p| {
                 p.unacked
-                    .range(..=seq)
+                    .iter_through(seq)
                     .filter(|(_, s)| s.member == member)
-                    .map(|(&q, _)| q)
+                    .map(|(q, _)| q)
                     .collect()
             })
             .unwrap_or_default();
@@ -665,7 +667,7 @@ impl<T: Copy> Core<T> {
         };
         let mut overdue: Vec<(u32, u64, u64)> = Vec::new();
         for (&p, part) in &self.parts {
-            for (&seq, s) in &part.unacked {
+            for (seq, s) in part.unacked.iter() {
                 if late(s) {
                     overdue.push((p, seq, s.member));
                 }

@@ -27,6 +27,7 @@
 //! order above a cursor (only the cursor is stored, as a position).
 
 pub mod core;
+mod seqmap;
 pub mod shm;
 
 use std::collections::HashMap;
