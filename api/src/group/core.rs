@@ -556,7 +556,16 @@ impl<T: Copy> Core<T> {
     /// Takes `seq` of `partition` out of the unacked set (acknowledged,
     /// requeued or dead-lettered).
     fn take(&mut self, partition: u32, seq: u64) -> Option<Sent<T>> {
-        let s = self.parts.get_mut(&partition)?.unacked.remove(seq)?;
+        self.take_held(partition, seq, None)
+    }
+
+    /// [`take`](Self::take), only if `member` (when given) holds it.
+    fn take_held(&mut self, partition: u32, seq: u64, member: Option<u64>) -> Option<Sent<T>> {
+        let s = self
+            .parts
+            .get_mut(&partition)?
+            .unacked
+            .remove_if(seq, |s| member.is_none_or(|m| s.member == m))?;
         if let Some(m) = self.members.iter_mut().find(|m| m.id == s.member) {
             m.unacked = m.unacked.saturating_sub(1);
         }
@@ -601,15 +610,9 @@ impl<T: Copy> Core<T> {
     /// A member acknowledges one event; false when it does not hold it
     /// (acknowledged before, or sent to it and since given to another).
     pub fn ack(&mut self, member: u64, partition: u32, seq: u64) -> bool {
-        let held = self
-            .parts
-            .get(&partition)
-            .and_then(|p| p.unacked.get(seq))
-            .is_some_and(|s| s.member == member);
-        if !held {
+        if self.take_held(partition, seq, Some(member)).is_none() {
             return false;
         }
-        self.take(partition, seq);
         self.counters.acked += 1;
         if let Some(m) = self.members.iter_mut().find(|m| m.id == member) {
             m.acked += 1;

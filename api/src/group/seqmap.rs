@@ -37,9 +37,10 @@ impl<V> SeqMap<V> {
     }
 
     fn index(&self, seq: u64) -> Result<usize, usize> {
-        match self.slots.back() {
-            Some(&(last, _)) if last < seq => Err(self.slots.len()),
-            None => Err(0),
+        match (self.slots.front(), self.slots.back()) {
+            (_, Some(&(last, _))) if last < seq => Err(self.slots.len()),
+            (Some(&(first, _)), _) if first == seq => Ok(0),
+            (None, _) => Err(0),
             _ => {
                 let i = self.slots.partition_point(|&(s, _)| s < seq);
                 if self.slots.get(i).is_some_and(|&(s, _)| s == seq) {
@@ -73,15 +74,17 @@ impl<V> SeqMap<V> {
         }
     }
 
-    /// The value at `seq`.
-    pub fn get(&self, seq: u64) -> Option<&V> {
-        let i = self.index(seq).ok()?;
-        self.slots[i].1.as_ref()
-    }
-
     /// Takes the value at `seq` out.
     pub fn remove(&mut self, seq: u64) -> Option<V> {
+        self.remove_if(seq, |_| true)
+    }
+
+    /// Takes the value at `seq` out if `pred` holds for it.
+    pub fn remove_if(&mut self, seq: u64, pred: impl FnOnce(&V) -> bool) -> Option<V> {
         let i = self.index(seq).ok()?;
+        if !self.slots[i].1.as_ref().is_some_and(pred) {
+            return None;
+        }
         let v = self.slots[i].1.take()?;
         self.len -= 1;
         while self.slots.front().is_some_and(|e| e.1.is_none()) {
@@ -156,8 +159,14 @@ mod tests {
                 }
                 _ => {
                     let seq = back.saturating_sub(r % 3000);
-                    assert_eq!(ours.remove(seq), theirs.remove(&seq));
-                    assert_eq!(ours.get(seq + 1), theirs.get(&(seq + 1)));
+                    if r % 20 == 7 {
+                        // Only when its value is odd.
+                        let odd = theirs.get(&seq).is_some_and(|v| v % 2 == 1);
+                        let want = if odd { theirs.remove(&seq) } else { None };
+                        assert_eq!(ours.remove_if(seq, |v| v % 2 == 1), want);
+                    } else {
+                        assert_eq!(ours.remove(seq), theirs.remove(&seq));
+                    }
                 }
             }
             assert_eq!(ours.len(), theirs.len());
