@@ -473,6 +473,40 @@ async fn shared_group_of_four_acks_each_event_once_and_a_killed_member_loses_not
     node.stop().await;
 }
 
+/// A member that leaves cleanly tells the broker its last counts: the
+/// subscription's stats show every acknowledgement it made, not only those
+/// up to its last periodic report (every 100 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_a_member_that_leaves_cleanly_reports_its_last_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(dir.path(), 2).await;
+    let mut one = Consumer::spawn(
+        node.via(true),
+        "one",
+        &[
+            "--subscription",
+            "fin",
+            "--type",
+            "exclusive",
+            "--count",
+            "500",
+        ],
+    );
+    wait_members(&node, "fin", 1).await;
+    let mut ingest = node.ingest();
+    send(&mut ingest, 1, 500, 50_000);
+    let (code, err) = one.exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(one.count(), 500);
+    let s = await_stats(&node, "fin", "the member's last counts", |s| {
+        s["acked"].as_u64() == Some(500)
+    })
+    .await;
+    assert_eq!(s["delivered"].as_u64(), Some(500), "{s}");
+    assert_eq!(s["unacked"].as_u64(), Some(0), "{s}");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed() {
     failover_standby_takes_over_from_the_acked_cursor_when_the_active_member_is_killed(false).await;

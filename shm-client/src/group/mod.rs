@@ -536,6 +536,16 @@ pub struct GroupSubscriber {
 /// (the broker going away shows there).
 const CONTROL_EVERY: Duration = Duration::from_millis(100);
 
+impl Drop for GroupSubscriber {
+    /// A member that leaves cleanly sends its last counts (the periodic
+    /// report may be up to 100 ms old), so the subscription's stats show
+    /// every acknowledgement it made. Its acknowledgements themselves are
+    /// already in its reader slots.
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
 impl GroupSubscriber {
     /// Delivers up to `max` of this member's events, calling `f` for
     /// each in order per partition (and per key under Key_Shared); ticks
