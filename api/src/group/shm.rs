@@ -55,6 +55,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const LIVENESS_EVERY: Duration = Duration::from_millis(50);
 /// The thread's tick.
 const TICK: Duration = Duration::from_millis(2);
+/// How long a stopping broker still reads dead-lettered ranges back.
+const DEAD_LETTER_GRACE: Duration = Duration::from_secs(2);
 
 /// The control socket's thread; join it after the cancel token fired.
 pub struct Coordinator {
@@ -1017,12 +1019,18 @@ impl Control {
                             continue;
                         }
                     };
-                    let deadline = Instant::now() + Duration::from_secs(30);
+                    // The group's cursors are already past the range: a
+                    // broker that is stopping still reads it back (it is
+                    // in the ring or the journal, a few milliseconds'
+                    // work), for at most DEAD_LETTER_GRACE.
+                    let mut deadline = Instant::now() + Duration::from_secs(30);
                     let mut found: Vec<(u64, [u64; tickwire_proto::frame::BODY_WORDS])> = Vec::new();
                     while sub.position(p).is_some_and(|n| n < o.range.to)
                         && Instant::now() < deadline
-                        && !cancel.is_cancelled()
                     {
+                        if cancel.is_cancelled() {
+                            deadline = deadline.min(Instant::now() + DEAD_LETTER_GRACE);
+                        }
                         let mut got = 0;
                         sub.poll(1024, |e| {
                             got += 1;
@@ -1038,7 +1046,7 @@ impl Control {
                         }
                     }
                     if let Some(next) = sub.position(p).filter(|&n| n < o.range.to) {
-                        tracing::error!(subscription = %sub_id, partition = p, from = next, to = o.range.to, "dead letters: part of a range was not read back (stopping, or the read stalled); those events are neither redelivered nor kept");
+                        tracing::error!(subscription = %sub_id, partition = p, from = next, to = o.range.to, "dead letters: part of a range was not read back (the read stalled); those events are neither redelivered nor kept");
                     }
                     for (seq, words) in found {
                         let epoch = sub.epoch_of(p, seq).unwrap_or(0);
