@@ -1149,14 +1149,7 @@ async fn open_grpc(
     name: &str,
 ) -> Result<tonic::Streaming<bytes::Bytes>, String> {
     use tickwire_proto::pb;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc))
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
-    grpc.ready().await.map_err(|e| e.to_string())?;
+    let mut grpc = wire_scan::raw_client(format!("http://{}", a.grpc)).await?;
     let req = pb::StreamRequest {
         symbols: syms.to_vec(),
         topic: TOPIC.into(),

@@ -247,14 +247,7 @@ async fn member(
     s: Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
-    grpc.ready().await.map_err(|e| e.to_string())?;
+    let mut grpc = wire_scan::raw_client(url).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     tx.send(pb::ConsumeRequest {
         kind: Some(pb::consume_request::Kind::Subscribe(pb::StreamRequest {

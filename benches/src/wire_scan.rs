@@ -34,6 +34,25 @@ pub struct EventMeta {
     pub event_ns: u64,
 }
 
+/// A gRPC client on a connection of its own (no Nagle), ready to call
+/// with a [`RawCodec`]. `url` as `http://host:port`.
+///
+/// # Errors
+/// The URL is bad or the connection fails.
+pub async fn raw_client(
+    url: String,
+) -> Result<tonic::client::Grpc<tonic::transport::Channel>, String> {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    Ok(grpc)
+}
+
 /// A client codec that encodes its requests (`E`) with prost and hands
 /// each response over as its bytes, for [`grpc_response`].
 pub struct RawCodec<E>(std::marker::PhantomData<fn(E)>);
