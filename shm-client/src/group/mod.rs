@@ -536,13 +536,18 @@ pub struct GroupSubscriber {
 /// (the broker going away shows there).
 const CONTROL_EVERY: Duration = Duration::from_millis(100);
 
+/// How long a control message waits for a broker that is not reading.
+const SEND_PATIENCE: Duration = Duration::from_secs(5);
+
 impl Drop for GroupSubscriber {
     /// A member that leaves cleanly sends its last counts (the periodic
     /// report may be up to 100 ms old), so the subscription's stats show
     /// every acknowledgement it made. Its acknowledgements themselves are
     /// already in its reader slots.
+    /// It never waits for a broker that is not reading: what the socket
+    /// does not take at once is dropped.
     fn drop(&mut self) {
-        self.report();
+        self.report(Duration::ZERO);
     }
 }
 
@@ -558,7 +563,7 @@ impl GroupSubscriber {
         {
             self.last_check = Instant::now();
             self.control();
-            self.report();
+            self.report(SEND_PATIENCE);
         }
         if self.removed.is_some() || self.paused {
             return 0;
@@ -706,8 +711,9 @@ impl GroupSubscriber {
             .is_some_and(|(_, s)| s.selector.load(Ordering::Acquire) != self.signal_seen)
     }
 
-    /// Tells the broker the member's counts when they changed.
-    fn report(&mut self) {
+    /// Tells the broker the member's counts when they changed, waiting at
+    /// most `patience` for the socket to take them.
+    fn report(&mut self, patience: Duration) {
         let s = self.stats;
         let now = (s.delivered, s.redelivered, s.acked);
         if self.removed.is_some() || now == self.reported {
@@ -719,7 +725,7 @@ impl GroupSubscriber {
             acked: s.acked,
             unacked: self.unacked() as u64,
         };
-        match self.ctl.send(&msg) {
+        match self.ctl.send_within(&msg, patience) {
             Ok(()) => self.reported = now,
             Err(e) => self.removed = Some(e.to_string()),
         }
@@ -1217,20 +1223,26 @@ impl Control {
     }
 
     fn send(&mut self, msg: &ToBroker) -> Result<(), Error> {
+        self.send_within(msg, SEND_PATIENCE)
+    }
+
+    /// [`send`](Self::send), waiting at most `patience` for a broker that
+    /// is not reading.
+    fn send_within(&mut self, msg: &ToBroker, patience: Duration) -> Result<(), Error> {
         let mut line = serde_json::to_vec(msg)
             .map_err(|e| Error::Group(format!("encoding a control message: {e}")))?;
         line.push(b'\n');
         let mut off = 0;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + patience;
         while off < line.len() {
             match self.stream.write(&line[off..]) {
                 Ok(0) => return Err(Error::Group("the broker closed the control socket".into())),
                 Ok(k) => off += k,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(Error::Group(
-                            "the broker has not read the control socket for 5 s".into(),
-                        ));
+                    if Instant::now() >= deadline {
+                        return Err(Error::Group(format!(
+                            "the broker has not read the control socket for {patience:?}"
+                        )));
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
