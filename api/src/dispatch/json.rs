@@ -162,15 +162,68 @@ pub fn encode_tick(
 /// A `WebSocketMessage` of type `data` around `elements` (comma-separated
 /// JSON messages).
 pub fn data_message(subscription_id: &str, elements: &str, now_ns: u64) -> String {
-    let mut out = String::with_capacity(elements.len() + 128);
-    out.push_str(r#"{"type":"data","payload":{"subscription_id":"#);
-    string(&mut out, subscription_id);
-    out.push_str(r#","messages":["#);
-    out.push_str(elements);
-    out.push_str(r#"]},"timestamp":""#);
-    write_rfc3339(&mut out, now_ns);
-    out.push_str(r#""}"#);
-    out
+    let mut b = JsonBatch::default();
+    if !elements.is_empty() {
+        b.push(subscription_id, elements);
+    }
+    b.take(subscription_id, now_ns)
+}
+
+/// A `data` message being built: its head, then each element as it comes,
+/// so that sealing appends the tail and hands the text over as it is. (It
+/// was a second copy of every byte of every WebSocket batch, on the
+/// dispatcher's thread, which copies each event into each subscriber's
+/// batch already.)
+#[derive(Debug, Default)]
+pub struct JsonBatch {
+    buf: String,
+    /// Bytes of the last message taken: the next one's first allocation.
+    last: usize,
+}
+
+/// The head of a `data` message up to the first element.
+fn data_head(buf: &mut String, subscription_id: &str) {
+    buf.push_str(r#"{"type":"data","payload":{"subscription_id":"#);
+    string(buf, subscription_id);
+    buf.push_str(r#","messages":["#);
+}
+
+impl JsonBatch {
+    /// Whether no element was pushed since the last [`JsonBatch::take`].
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Appends one element (a JSON `MarketDataMessage` from [`encode_tick`]).
+    #[inline]
+    pub fn push(&mut self, subscription_id: &str, element: &str) {
+        if self.buf.is_empty() {
+            self.buf
+                .reserve(self.last.clamp(1024, 256 << 10) + element.len());
+            data_head(&mut self.buf, subscription_id);
+        } else {
+            self.buf.push(',');
+        }
+        self.buf.push_str(element);
+    }
+
+    /// The `data` message of what was pushed (none: an empty batch), sent
+    /// at `now_ns`; the batch is empty after it.
+    pub fn take(&mut self, subscription_id: &str, now_ns: u64) -> String {
+        if self.buf.is_empty() {
+            data_head(&mut self.buf, subscription_id);
+        }
+        self.buf.push_str(r#"]},"timestamp":""#);
+        write_rfc3339(&mut self.buf, now_ns);
+        self.buf.push_str(r#""}"#);
+        self.last = self.buf.len();
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Drops what was pushed.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
 }
 
 /// A `WebSocketMessage` of any type with a JSON payload.
@@ -221,6 +274,51 @@ mod tests {
             text.contains(r#""price":12345678.123456789,"volume":100"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_batch_taken_is_the_data_message_of_its_elements_and_starts_again_empty() {
+        let words = FrameBody::trade(1, 2, 3, 4).to_words();
+        let b = ArchivedFrameBody::from_words(&words);
+        let meta = |seq| TickMeta {
+            topic: "t",
+            partition: 0,
+            epoch: 1,
+            seq,
+            send_time_ns: 5,
+            snapshot: false,
+            conflated: false,
+            redeliveries: 0,
+        };
+        let mut batch = JsonBatch::default();
+        let mut el = String::new();
+        for seq in [7, 8, 9] {
+            el.clear();
+            encode_tick(&mut el, &meta(seq), b, None);
+            batch.push("s\"1", &el);
+        }
+        assert!(!batch.is_empty());
+        let v: serde_json::Value =
+            serde_json::from_str(&batch.take("s\"1", 1)).expect("valid JSON");
+        assert_eq!(v["payload"]["subscription_id"], "s\"1");
+        let seqs: Vec<u64> = v["payload"]["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["metadata"]["sequence"].as_u64())
+            .collect();
+        assert_eq!(seqs, [7, 8, 9]);
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000001Z");
+        assert!(batch.is_empty(), "a taken batch starts again");
+        el.clear();
+        encode_tick(&mut el, &meta(10), b, None);
+        batch.push("s", &el);
+        let v: serde_json::Value = serde_json::from_str(&batch.take("s", 2)).expect("valid JSON");
+        assert_eq!(v["payload"]["messages"][0]["metadata"]["sequence"], 10);
+        assert_eq!(v["payload"]["messages"].as_array().map(Vec::len), Some(1));
+        let empty: serde_json::Value =
+            serde_json::from_str(&data_message("s", "", 3)).expect("valid JSON");
+        assert_eq!(empty["payload"]["messages"], serde_json::json!([]));
     }
 
     #[test]

@@ -523,7 +523,7 @@ struct LiveSub {
     /// Instrument ids it wants (for the index and snapshots).
     matches: Vec<u32>,
     pb: BatchBuf,
-    json: String,
+    json: json::JsonBatch,
     events: u32,
     oldest_ingest_ns: u64,
     /// (partition, first seq, last seq) of the batch being built.
@@ -945,16 +945,13 @@ impl State {
                     }
                     s.pb.push(&self.pb);
                 }
-                Wire::Json { .. } => {
+                Wire::Json { subscription_id } => {
                     if !json_done {
                         self.json.clear();
                         json::encode_tick(&mut self.json, &meta, b, inst.map(|w| &w.json));
                         json_done = true;
                     }
-                    if s.events > 0 {
-                        s.json.push(',');
-                    }
-                    s.json.push_str(&self.json);
+                    s.json.push(subscription_id, &self.json);
                 }
             }
             if s.events == 0 {
@@ -1143,7 +1140,7 @@ impl State {
             outbox: n.outbox,
             matches,
             pb: BatchBuf::new(),
-            json: String::new(),
+            json: json::JsonBatch::default(),
             events: 0,
             oldest_ingest_ns: 0,
             ranges: Vec::new(),
@@ -1415,13 +1412,10 @@ fn push_event(
             encode_tick(pb, meta, b, inst.map(|w| &w.pb));
             s.pb.push(pb);
         }
-        Wire::Json { .. } => {
+        Wire::Json { subscription_id } => {
             js.clear();
             json::encode_tick(js, meta, b, inst.map(|w| &w.json));
-            if s.events > 0 {
-                s.json.push(',');
-            }
-            s.json.push_str(js);
+            s.json.push(subscription_id, js);
         }
     }
     s.note(meta.partition, meta.seq, b.ts_ingest());
@@ -1488,11 +1482,7 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
     let frame = Frame {
         bytes: match &s.wire {
             Wire::Grpc => Payload::Binary(s.pb.take().0),
-            Wire::Json { subscription_id } => {
-                let b = Payload::Text(json::data_message(subscription_id, &s.json, now));
-                s.json.clear();
-                b
-            }
+            Wire::Json { subscription_id } => Payload::Text(s.json.take(subscription_id, now)),
         },
         events,
         oldest_ingest_ns: s.oldest_ingest_ns,

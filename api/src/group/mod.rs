@@ -517,7 +517,7 @@ struct Member {
     wire: Wire,
     outbox: Arc<Outbox>,
     pb: BatchBuf,
-    json: String,
+    json: json::JsonBatch,
     events: u32,
     oldest_ingest_ns: u64,
 }
@@ -711,7 +711,7 @@ impl Group {
                         wire,
                         outbox,
                         pb: BatchBuf::new(),
-                        json: String::new(),
+                        json: json::JsonBatch::default(),
                         events: 0,
                         oldest_ingest_ns: 0,
                     });
@@ -904,13 +904,10 @@ impl Group {
                     encode_tick(&mut self.pb, &meta, b, inst.map(|w| &w.pb));
                     m.pb.push(&self.pb);
                 }
-                Wire::Json { .. } => {
+                Wire::Json { subscription_id } => {
                     self.js.clear();
                     json::encode_tick(&mut self.js, &meta, b, inst.map(|w| &w.json));
-                    if m.events > 0 {
-                        m.json.push(',');
-                    }
-                    m.json.push_str(&self.js);
+                    m.json.push(subscription_id, &self.js);
                 }
             }
             let ingest = b.ts_ingest();
@@ -1153,11 +1150,7 @@ fn seal(m: &mut Member, now: u64) {
     let events = std::mem::take(&mut m.events);
     let bytes = match &m.wire {
         Wire::Grpc => Payload::Binary(m.pb.take().0),
-        Wire::Json { subscription_id } => {
-            let b = Payload::Text(json::data_message(subscription_id, &m.json, now));
-            m.json.clear();
-            b
-        }
+        Wire::Json { subscription_id } => Payload::Text(m.json.take(subscription_id, now)),
     };
     m.outbox
         .counters
