@@ -888,6 +888,9 @@ struct Shared {
     gap_notices: AtomicU64,
     slow_notices: AtomicU64,
     errors: AtomicU64,
+    /// Each distinct stream error (its text without the stream number),
+    /// with how many streams ended with it.
+    error_kinds: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// The slow stream: events, gap notices (and the events they cover),
     /// slow-consumer notices, end notices it got after its stall.
     slow_events: AtomicU64,
@@ -1017,6 +1020,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         gap_notices: AtomicU64::new(0),
         slow_notices: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        error_kinds: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         slow_events: AtomicU64::new(0),
         slow_gaps: AtomicU64::new(0),
         slow_gap_events: AtomicU64::new(0),
@@ -1073,10 +1077,13 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
                         None => Err("no nats client".into()),
                     },
                 };
-                if let Err(e) = r
-                    && sh.errors.fetch_add(1, Ordering::Relaxed) == 0
-                {
-                    eprintln!("edge client: stream {k}: {e}");
+                if let Err(e) = r {
+                    if sh.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("edge client: stream {k}: {e}");
+                    }
+                    if let Ok(mut kinds) = sh.error_kinds.lock() {
+                        *kinds.entry(e).or_default() += 1;
+                    }
                 }
             }));
         }
@@ -1130,6 +1137,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
         "gap_notices": sh.gap_notices.load(Ordering::Relaxed),
         "slow_consumer_notices": sh.slow_notices.load(Ordering::Relaxed),
         "stream_errors": sh.errors.load(Ordering::Relaxed),
+        "stream_error_kinds": sh.error_kinds.lock().map(|k| json!(*k)).unwrap_or(Value::Null),
         "slow_client": a.slow.then(|| json!({
             "events_after_stall": sh.slow_events.load(Ordering::Relaxed),
             "gap_notices": sh.slow_gaps.load(Ordering::Relaxed),
