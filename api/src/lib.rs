@@ -231,6 +231,11 @@ pub struct EdgeConfig {
     pub grpc_addr: SocketAddr,
     /// HTTP (REST and WebSocket) listen address.
     pub http_addr: SocketAddr,
+    /// Connections the kernel queues on each listener until they are
+    /// accepted (capped by `net.core.somaxconn`). The standard library's
+    /// 128 let a burst of subscribers (every client reconnecting after a
+    /// failover) overflow the queue and be reset.
+    pub listen_backlog: u32,
     /// Events queued per subscriber before its slow-consumer policy acts.
     pub queue_events: usize,
     /// Bytes queued per subscriber before its slow-consumer policy acts.
@@ -280,6 +285,7 @@ impl Default for EdgeConfig {
             enabled: true,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            listen_backlog: 4096,
             queue_events: 65_536,
             queue_bytes: 16 << 20,
             max_batch: 256,
@@ -329,6 +335,7 @@ impl EdgeConfig {
             return Err("edge.auth: enabled with no keys: nobody could connect".into());
         }
         for (k, v) in [
+            ("listen_backlog", self.listen_backlog as usize),
             ("queue_events", self.queue_events),
             ("queue_bytes", self.queue_bytes),
             ("max_batch", self.max_batch as usize),
@@ -536,6 +543,19 @@ pub fn grpc_routes(state: Arc<EdgeState>) -> Result<tonic::service::Routes, Stri
     Ok(routes.routes())
 }
 
+/// A listener on `addr` (address reuse on, as tokio's `bind`) whose accept
+/// queue holds `backlog` connections.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 impl Edge {
     /// Binds both listeners and serves until `cancel` fires.
     ///
@@ -548,16 +568,14 @@ impl Edge {
     ) -> Result<Edge, StartError> {
         let state = EdgeState::new(config.clone(), engine, cancel.clone())
             .map_err(|e| StartError::Config(e.to_string()))?;
-        let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
-            .await
-            .map_err(|source| StartError::Bind {
+        let grpc =
+            listen(config.grpc_addr, config.listen_backlog).map_err(|source| StartError::Bind {
                 addr: config.grpc_addr,
                 what: "gRPC",
                 source,
             })?;
-        let http = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|source| StartError::Bind {
+        let http =
+            listen(config.http_addr, config.listen_backlog).map_err(|source| StartError::Bind {
                 addr: config.http_addr,
                 what: "HTTP",
                 source,
@@ -928,5 +946,43 @@ async fn record_metrics(
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of connections larger than the standard library's backlog
+    /// (128) waits in the kernel's queue until the edge accepts it; with
+    /// 128 the rest were dropped and the clients reset.
+    #[tokio::test]
+    async fn a_listener_queues_a_burst_of_connections_nobody_accepted_yet() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let burst = 600.min(somaxconn.saturating_sub(1));
+        let backlog = EdgeConfig::default().listen_backlog;
+        assert!(backlog as usize > burst, "the default holds the burst");
+        let l = listen("127.0.0.1:0".parse().expect("addr"), backlog).expect("listen");
+        let addr = l.local_addr().expect("addr");
+        let connected = tokio::task::spawn_blocking(move || {
+            let mut open = Vec::new();
+            for _ in 0..burst {
+                match std::net::TcpStream::connect_timeout(
+                    &addr,
+                    std::time::Duration::from_millis(300),
+                ) {
+                    Ok(s) => open.push(s),
+                    Err(_) => break,
+                }
+            }
+            open.len()
+        })
+        .await
+        .expect("connects");
+        assert_eq!(connected, burst, "connections queued before an accept");
+        drop(l);
     }
 }
