@@ -160,7 +160,7 @@ pub fn encode_tick(
 }
 
 /// A `WebSocketMessage` of type `data` around `elements` (comma-separated
-/// JSON messages).
+/// JSON messages), all at once.
 pub fn data_message(subscription_id: &str, elements: &str, now_ns: u64) -> String {
     let mut b = JsonBatch::default();
     if !elements.is_empty() {
@@ -198,8 +198,10 @@ impl JsonBatch {
     #[inline]
     pub fn push(&mut self, subscription_id: &str, element: &str) {
         if self.buf.is_empty() {
+            // The last message's size: a subscriber's batches are alike,
+            // and growing by doubling would copy the batch again.
             self.buf
-                .reserve(self.last.clamp(1024, 256 << 10) + element.len());
+                .reserve(self.last.clamp(1024, 4 << 20) + element.len());
             data_head(&mut self.buf, subscription_id);
         } else {
             self.buf.push(',');
@@ -217,12 +219,13 @@ impl JsonBatch {
         write_rfc3339(&mut self.buf, now_ns);
         self.buf.push_str(r#""}"#);
         self.last = self.buf.len();
+        // A queued message holds no more than it carries (queues are
+        // bounded by length): a small batch after a large one gives the
+        // rest back, which the allocator does in place.
+        if self.buf.capacity() > self.last + self.last / 8 + 256 {
+            self.buf.shrink_to_fit();
+        }
         std::mem::take(&mut self.buf)
-    }
-
-    /// Drops what was pushed.
-    pub fn clear(&mut self) {
-        self.buf.clear();
     }
 }
 
@@ -261,7 +264,9 @@ mod tests {
         encode_tick(&mut el, &meta, b, None);
         el.push(',');
         encode_tick(&mut el, &meta, b, None);
-        let msg = data_message("s1", &el, 1);
+        let mut batch = JsonBatch::default();
+        batch.push("s1", &el);
+        let msg = batch.take("s1", 1);
         let v: serde_json::Value = serde_json::from_str(&msg).expect("valid JSON");
         assert_eq!(v["type"], "data");
         let m = &v["payload"]["messages"][1];
@@ -316,8 +321,19 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&batch.take("s", 2)).expect("valid JSON");
         assert_eq!(v["payload"]["messages"][0]["metadata"]["sequence"], 10);
         assert_eq!(v["payload"]["messages"].as_array().map(Vec::len), Some(1));
+        let big = "x".repeat(100_000);
+        batch.push("s", &format!("\"{big}\""));
+        assert!(batch.take("s", 3).len() > 100_000);
+        batch.push("s", &el);
+        let small = batch.take("s", 4);
+        assert!(
+            small.capacity() <= small.len() + small.len() / 8 + 256,
+            "a small message after a large one holds {} bytes for {}",
+            small.capacity(),
+            small.len()
+        );
         let empty: serde_json::Value =
-            serde_json::from_str(&data_message("s", "", 3)).expect("valid JSON");
+            serde_json::from_str(&batch.take("s", 5)).expect("valid JSON");
         assert_eq!(empty["payload"]["messages"], serde_json::json!([]));
     }
 
