@@ -89,6 +89,63 @@ impl Filter {
     }
 }
 
+/// The instruments a Key_Shared member may be given: those whose slot is
+/// in a set (what its selectors can select), one bit per instrument id,
+/// resolved through the symbology table as ids appear. A reader passes
+/// over anyone else's event on its instrument id alone, before building
+/// anything for it. An instrument the table does not name yet passes: the
+/// member decides.
+pub(crate) struct KeyMask {
+    slots: Box<[u64; 1024]>,
+    owned: Vec<u64>,
+    /// Ids `1..=known` are resolved in `owned`.
+    known: u32,
+}
+
+impl KeyMask {
+    pub(crate) fn new(slots: &[u64; 1024]) -> KeyMask {
+        KeyMask {
+            slots: Box::new(*slots),
+            owned: Vec::new(),
+            known: 0,
+        }
+    }
+
+    /// Whether an event of instrument `id` may be the member's.
+    #[inline(always)]
+    pub(crate) fn passes(&mut self, id: u32, symbology: Option<&Symbology>) -> bool {
+        if id > self.known {
+            self.resolve(symbology);
+            if id > self.known {
+                return true;
+            }
+        }
+        id == 0 || self.owned[id as usize / 64] & (1 << (id % 64)) != 0
+    }
+
+    #[cold]
+    fn resolve(&mut self, symbology: Option<&Symbology>) {
+        let Some(s) = symbology else {
+            return;
+        };
+        // Ids beyond 2^24 are not table entries: left to the member.
+        let upto = s.count().min(1 << 24);
+        for i in self.known + 1..=upto {
+            let Some(e) = s.get(i) else {
+                return;
+            };
+            let slot = crate::group::key_slot(Some(e), i);
+            if self.owned.len() <= i as usize / 64 {
+                self.owned.resize(i as usize / 64 + 1, 0);
+            }
+            if self.slots[slot as usize >> 6] & (1 << (slot & 63)) != 0 {
+                self.owned[i as usize / 64] |= 1 << (i % 64);
+            }
+            self.known = i;
+        }
+    }
+}
+
 pub(crate) struct CompiledFilter {
     by_instrument: bool,
     bitmap: Vec<u64>,
@@ -219,5 +276,71 @@ impl CompiledFilter {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::key_slot;
+    use tickwire_proto::symbology::{Instrument, SymbologyWriter};
+
+    fn instrument(symbol: &str) -> Instrument {
+        Instrument {
+            symbol: symbol.into(),
+            exchange: "NASDAQ".into(),
+            currency: "USD".into(),
+            size_decimals: 0,
+        }
+    }
+
+    /// The mask passes exactly the instruments whose slot is in its set,
+    /// learns instruments added to the table after it was made, and lets
+    /// through what the table does not name (the member decides those).
+    #[test]
+    fn a_key_mask_passes_the_instruments_of_its_slots_and_anything_unnamed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SymbologyWriter::open(dir.path(), 1024).expect("symbology");
+        let first: Vec<u32> = (0..40)
+            .map(|i| w.resolve(&instrument(&format!("S{i}"))).expect("resolve"))
+            .collect();
+        let table = Symbology::open(dir.path()).expect("open");
+        let slot = |id: u32| key_slot(table.get(id), id);
+        // The set: the slots of every third instrument, and of one added
+        // later.
+        let mut set = [0u64; 1024];
+        let mut add = |s: u16| set[s as usize >> 6] |= 1 << (s & 63);
+        for &id in first.iter().step_by(3) {
+            add(slot(id));
+        }
+        let mut mask = KeyMask::new(&set);
+        let in_set = |set: &[u64; 1024], id: u32, t: &Symbology| {
+            let s = key_slot(t.get(id), id);
+            set[s as usize >> 6] & (1 << (s & 63)) != 0
+        };
+        let mut passed = 0;
+        for &id in &first {
+            let want = in_set(&set, id, &table);
+            assert_eq!(mask.passes(id, Some(&table)), want, "instrument {id}");
+            passed += usize::from(want);
+        }
+        assert!((14..40).contains(&passed), "{passed} of 40 passed");
+        // An id beyond the table: passed to the member.
+        assert!(mask.passes(first[39] + 1, Some(&table)));
+        assert!(mask.passes(7, None) == in_set(&set, 7, &table));
+        // Named later, and now resolved by the mask like the others.
+        let late = w.resolve(&instrument("LATE")).expect("resolve");
+        let table = Symbology::open(dir.path()).expect("open");
+        let mut set2 = set;
+        let s = key_slot(table.get(late), late);
+        set2[s as usize >> 6] |= 1 << (s & 63);
+        let mut mask2 = KeyMask::new(&set2);
+        assert!(mask2.passes(late, Some(&table)));
+        let other = w.resolve(&instrument("OTHER")).expect("resolve");
+        let table = Symbology::open(dir.path()).expect("open");
+        assert_eq!(
+            mask2.passes(other, Some(&table)),
+            in_set(&set2, other, &table)
+        );
     }
 }

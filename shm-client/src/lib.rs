@@ -34,8 +34,8 @@ pub mod testing;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use filter::CompiledFilter;
 pub use filter::Filter;
+use filter::{CompiledFilter, KeyMask};
 use tickwire_proto::file::{
     FileStatus, PartitionReader, StartAt, partition_paths, ring_file_name, topic_partitions,
 };
@@ -451,6 +451,7 @@ impl SubscriberBuilder {
             next: 0,
             buf: [0; BODY_WORDS],
             filter,
+            keys: None,
             symbology,
             symbology_error,
             wait: self.wait,
@@ -663,6 +664,8 @@ pub struct Subscriber {
     next: usize,
     buf: [u64; BODY_WORDS],
     filter: CompiledFilter,
+    /// A Key_Shared member's instruments: others' events are passed over.
+    keys: Option<KeyMask>,
     symbology: Option<Symbology>,
     symbology_error: Option<tickwire_proto::Error>,
     wait: WaitStrategy,
@@ -782,6 +785,15 @@ impl Subscriber {
         self.poll_selected(max, |_, seq| (seq, u64::MAX), f)
     }
 
+    /// Passes over, unread by the caller, every event whose instrument's
+    /// Key_Shared slot is not in `cover` (`None`: none are passed over):
+    /// a Key_Shared member's others' keys cost a bit test, not an event.
+    /// An instrument the symbology table does not name yet is not passed
+    /// over. Counted in [`Stats::passed_over`].
+    pub(crate) fn pass_over_slots(&mut self, cover: Option<&group::wire::SlotSet>) {
+        self.keys = cover.map(|c| KeyMask::new(c.words()));
+    }
+
     /// [`poll`](Self::poll) for a caller that wants only some sequences
     /// (a group member's stripes, a standby's nothing). `want(partition,
     /// seq)` gives the next run the caller may want at or after `seq`,
@@ -803,6 +815,7 @@ impl Subscriber {
             next,
             buf,
             filter,
+            keys,
             symbology,
             stats,
             journal_error,
@@ -830,7 +843,12 @@ impl Subscriber {
             macro_rules! tick {
                 ($seq:expr, $body:expr) => {{
                     let body = $body;
-                    if filter.matches(body, symbology.as_ref()) {
+                    if keys
+                        .as_mut()
+                        .is_some_and(|k| !k.passes(body.instrument_id(), symbology.as_ref()))
+                    {
+                        stats.passed_over += 1;
+                    } else if filter.matches(body, symbology.as_ref()) {
                         stats.delivered += 1;
                         n += 1;
                         f(Event::Tick(Tick {

@@ -41,8 +41,9 @@
 //!   and sends the new selectors, which apply from the switch on.
 //! - A member acknowledges events individually (cumulatively for
 //!   Exclusive and Failover). It publishes its acknowledged cursor (every
-//!   event of its own up to it acknowledged) in its reader slot; the broker
-//!   reads it from there, stores the group's cursor (the lowest) in the
+//!   event of its own up to it acknowledged) in its reader slot at its
+//!   next `poll`, `wait_for_data` or drop, never per acknowledgement (a
+//!   store other cores read is not free); the broker reads it from there, stores the group's cursor (the lowest) in the
 //!   command store every 200 ms, and when a member goes, hands the ranges
 //!   it had not acknowledged to the others to read again ([`wire::Adopt`]),
 //!   with a redelivery count; past the subscription's maximum, the broker
@@ -312,6 +313,7 @@ impl GroupBuilder {
             adopts: VecDeque::new(),
             range: None,
             range_moved: false,
+            unpublished: false,
             reported: (0, 0, 0),
             deferred: VecDeque::new(),
             deferred_keys: std::collections::HashMap::new(),
@@ -465,6 +467,15 @@ struct Deferred {
     redeliveries: u32,
 }
 
+/// The slots any of `selectors` may select (`None`: any slot).
+fn slot_cover<'a>(selectors: impl IntoIterator<Item = &'a Selector>) -> Option<wire::SlotSet> {
+    selectors
+        .into_iter()
+        .try_fold(wire::SlotSet::default(), |all, s| {
+            s.slot_cover().map(|c| all.or(&c))
+        })
+}
+
 /// Held events per (partition, instrument id): how many, and the first's
 /// sequence.
 type DeferredKeys = std::collections::HashMap<(u32, u32), (u32, u64)>;
@@ -514,6 +525,8 @@ pub struct GroupSubscriber {
     range: Option<RangeRead>,
     /// The last poll moved the range read on (passing over is progress).
     range_moved: bool,
+    /// Acknowledgements moved a cursor that is not published yet.
+    unpublished: bool,
     /// (delivered, redelivered, acked) last sent to the broker.
     reported: (u64, u64, u64),
     deferred: VecDeque<Deferred>,
@@ -547,6 +560,7 @@ impl Drop for GroupSubscriber {
     /// It never waits for a broker that is not reading: what the socket
     /// does not take at once is dropped.
     fn drop(&mut self) {
+        self.publish_acks();
         self.report(Duration::ZERO);
     }
 }
@@ -558,6 +572,7 @@ impl GroupSubscriber {
     /// while nothing is there, during a rebalance, or once removed
     /// ([`removed`](Self::removed)).
     pub fn poll<F: FnMut(Event<'_>)>(&mut self, max: usize, mut f: F) -> usize {
+        self.publish_acks();
         self.polls = self.polls.wrapping_add(1);
         if self.signalled() || (self.polls & 63 == 0 && self.last_check.elapsed() >= CONTROL_EVERY)
         {
@@ -579,7 +594,10 @@ impl GroupSubscriber {
         n
     }
 
-    /// Acknowledges one event this member was given.
+    /// Acknowledges one event this member was given. The acknowledged
+    /// cursor moves in the reader slot at the next [`poll`](Self::poll),
+    /// [`wait_for_data`](Self::wait_for_data) or drop: a member killed
+    /// before that has those events delivered again.
     ///
     /// # Errors
     /// [`Error::Group`] when it was not delivered to this member or is
@@ -602,7 +620,8 @@ impl GroupSubscriber {
                 self.stats.acked += 1;
                 if i == 0 {
                     p.pop_acked();
-                    Self::publish_part(&self.sub, p, &self.adopts, self.range.as_ref());
+                    // Published by the next poll or wait, not per event.
+                    self.unpublished = true;
                 }
                 Ok(())
             }
@@ -641,7 +660,7 @@ impl GroupSubscriber {
         }
         self.stats.acked += n as u64;
         p.pop_acked();
-        Self::publish_part(&self.sub, p, &self.adopts, self.range.as_ref());
+        self.unpublished = true;
         Ok(n)
     }
 
@@ -693,6 +712,7 @@ impl GroupSubscriber {
     /// Waits up to `timeout` for data on the live rings (as
     /// [`Subscriber::wait_for_data`]).
     pub fn wait_for_data(&mut self, timeout: Duration) {
+        self.publish_acks();
         let reading_range = self.range.is_some() || !self.adopts.is_empty();
         if reading_range && self.range_moved && !self.paused && self.removed.is_none() {
             // A range read goes on at once: its events are there already.
@@ -812,6 +832,7 @@ impl GroupSubscriber {
                 self.version = version;
                 self.paused = false;
                 self.stats.rebalances += 1;
+                self.cover_live();
                 // The cursors account for the adopted ranges before the
                 // broker trusts them again.
                 for p in &mut self.parts {
@@ -945,6 +966,7 @@ impl GroupSubscriber {
             n += 1;
             f(Event::Tick(t));
         });
+        let mut narrowed = false;
         for p in parts.iter_mut() {
             if let Some(pos) = sub.position(p.partition) {
                 p.live = pos;
@@ -952,13 +974,30 @@ impl GroupSubscriber {
             // Regimes and adopted ranges the live reader has passed.
             while p.regimes.len() > 1 && p.regimes[1].0 <= p.live {
                 p.regimes.remove(0);
+                narrowed = true;
             }
             if !p.extra.is_empty() {
-                let live = p.live;
+                let (live, before) = (p.live, p.extra.len());
                 p.extra.retain(|a| a.to > live);
+                narrowed |= p.extra.len() != before;
             }
         }
+        if narrowed {
+            self.cover_live();
+        }
         n
+    }
+
+    /// Tells the live reader what it may pass over: any slot no regime or
+    /// adopted range selects, on any partition.
+    fn cover_live(&mut self) {
+        let cover = slot_cover(self.parts.iter().flat_map(|p| {
+            p.regimes
+                .iter()
+                .map(|(_, s)| s)
+                .chain(p.extra.iter().map(|a| &a.selector))
+        }));
+        self.sub.pass_over_slots(cover.as_ref());
     }
 
     /// Delivers events held for a drain that has ended, in order, keeping
@@ -1040,7 +1079,8 @@ impl GroupSubscriber {
                 .journal_fill(true)
                 .open();
             match opened {
-                Ok(sub) => {
+                Ok(mut sub) => {
+                    sub.pass_over_slots(slot_cover(pieces.iter().map(|a| &a.selector)).as_ref());
                     self.range = Some(RangeRead {
                         sub,
                         partition,
@@ -1163,8 +1203,17 @@ impl GroupSubscriber {
         n
     }
 
+    /// Publishes the acknowledged cursors if acknowledgements moved them
+    /// since the last publication.
+    fn publish_acks(&mut self) {
+        if self.unpublished {
+            self.publish();
+        }
+    }
+
     /// Publishes every partition's acknowledged cursor that moved.
     fn publish(&mut self) {
+        self.unpublished = false;
         for p in &mut self.parts {
             if let Some(pos) = self.sub.position(p.partition) {
                 p.live = pos;

@@ -357,6 +357,21 @@ impl Selector {
         }
     }
 
+    /// The slots an event it selects may have: `None` when any slot may
+    /// (it selects by sequence, or everything). What a reader may pass
+    /// over by instrument before looking at an event's sequence.
+    pub fn slot_cover(&self) -> Option<SlotSet> {
+        match self {
+            Selector::All | Selector::Stripe { .. } => None,
+            Selector::Nothing => Some(SlotSet::default()),
+            Selector::Slots { slots } => Some(slots.clone()),
+            Selector::And { all } => all
+                .iter()
+                .filter_map(Selector::slot_cover)
+                .reduce(|a, b| a.and(&b)),
+        }
+    }
+
     /// Whether nothing can match.
     pub fn is_nothing(&self) -> bool {
         match self {
@@ -443,6 +458,10 @@ impl SlotSet {
     #[inline]
     pub fn contains(&self, slot: u16) -> bool {
         self.0[slot as usize >> 6] & (1 << (slot & 63)) != 0
+    }
+    /// The set as 1,024 words, slot `s` at bit `s % 64` of word `s / 64`.
+    pub fn words(&self) -> &[u64; 1024] {
+        &self.0
     }
     /// Slots in the set.
     pub fn len(&self) -> usize {
@@ -565,6 +584,50 @@ mod tests {
         let runs = serde_json::to_string(&a).expect("encodes");
         assert_eq!(runs, "[[7,8],[65535,65536]]");
         assert_eq!(a.minus(&a).len(), 0);
+    }
+
+    /// An event outside a selector's slot cover is never selected, at any
+    /// sequence: a reader may pass it over by its instrument alone.
+    #[test]
+    fn a_slot_cover_holds_every_slot_a_selector_can_select() {
+        let mut a = SlotSet::default();
+        a.insert(3);
+        a.insert(9);
+        let mut b = SlotSet::default();
+        b.insert(9);
+        b.insert(11);
+        let selectors = [
+            Selector::All,
+            Selector::Nothing,
+            Selector::Stripe { index: 1, of: 2 },
+            Selector::Slots { slots: a.clone() },
+            Selector::Stripe { index: 1, of: 2 }.and(&Selector::Slots { slots: a.clone() }),
+            Selector::And {
+                all: vec![
+                    Selector::Slots { slots: a.clone() },
+                    Selector::Slots { slots: b.clone() },
+                ],
+            },
+        ];
+        for sel in &selectors {
+            let cover = sel.slot_cover();
+            for slot in 0..16u16 {
+                for seq in [0, 1, STRIPE_BLOCK, 3 * STRIPE_BLOCK + 1] {
+                    if sel.matches(seq, slot) {
+                        assert!(
+                            cover.as_ref().is_none_or(|c| c.contains(slot)),
+                            "{sel:?} selects slot {slot} at {seq}, outside its cover"
+                        );
+                    }
+                }
+            }
+        }
+        // Exact where it can be: the slots themselves, and their overlap.
+        assert_eq!(selectors[3].slot_cover(), Some(a.clone()));
+        assert_eq!(selectors[4].slot_cover(), Some(a.clone()));
+        assert_eq!(selectors[5].slot_cover(), Some(a.and(&b)));
+        assert_eq!(selectors[0].slot_cover(), None);
+        assert_eq!(selectors[2].slot_cover(), None);
     }
 
     /// `next_run` never passes over a sequence `matches` selects, and its
