@@ -47,7 +47,6 @@ use crate::wire_scan;
 const TOPIC: &str = "bench/groups";
 const MEMBERS: usize = 4;
 const QUEUE: u32 = 1000;
-const KEYS: u64 = 64;
 
 /// `tickwire-bench groups` settings.
 #[derive(clap::Args)]
@@ -70,6 +69,10 @@ pub struct GroupsBench {
     /// Systems: tickwire, tickwire_shm, pulsar_client.
     #[arg(long, default_value = "tickwire,tickwire_shm,pulsar_client")]
     pub systems: String,
+    /// Instruments (keys) the events go round. Key_Shared spreads keys,
+    /// not events: with few keys the busiest member's share sets the pace.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keys: u64,
 }
 
 /// What a group of members saw.
@@ -80,6 +83,8 @@ struct Outcome {
     redelivered: u64,
     elapsed_ns: u64,
     lat: Option<Histogram<u64>>,
+    /// Events the busiest member got (0: not known per member).
+    busiest: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -160,12 +165,12 @@ impl Node {
     }
 }
 
-/// Sends events `from..to` over [`KEYS`] instruments, paced at `rate`
+/// Sends events `from..to` over `keys` instruments, paced at `rate`
 /// (0: as fast as the rings take them); each carries its send time.
-fn send(ingest: &mut Ingest, from: u64, to: u64, rate: u64) -> Result<(), String> {
+fn send(ingest: &mut Ingest, keys: u64, from: u64, to: u64, rate: u64) -> Result<(), String> {
     let t = ingest.resolver().topic(TOPIC).ok_or("topic not routable")?;
     let mut routes = Vec::new();
-    for k in 0..KEYS {
+    for k in 0..keys {
         routes.push(
             ingest
                 .resolver()
@@ -186,7 +191,7 @@ fn send(ingest: &mut Ingest, from: u64, to: u64, rate: u64) -> Result<(), String
         let mut body = FrameBody::trade(0, realtime_ns(), 100_000_000_000, 100);
         body.source_seq = i + 1;
         while ingest
-            .try_send(&routes[(i % KEYS) as usize], &body, None)
+            .try_send(&routes[(i % keys) as usize], &body, None)
             .is_err()
         {
             std::thread::yield_now();
@@ -398,6 +403,7 @@ fn tw_group(
         redelivered: s.redelivered.load(Ordering::Relaxed),
         elapsed_ns: last.duration_since(first).as_nanos() as u64,
         lat: Some(lat),
+        busiest: 0,
     })
 }
 
@@ -436,6 +442,7 @@ fn merge(locals: Vec<Local>) -> Outcome {
     };
     let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
     for l in locals {
+        out.busiest = out.busiest.max(l.events);
         out.events += l.events;
         out.redelivered += l.redelivered;
         seen.extend(l.seen);
@@ -597,14 +604,15 @@ fn shm_single(
     Ok(merge(vec![l]))
 }
 
-fn pulsar_message(i: u64) -> Vec<u8> {
-    serde_json::to_vec(&json!({"symbol": format!("S{}", i % KEYS), "exchange": "NASDAQ", "currency": "USD", "timestamp_ns": realtime_ns(), "price": 100.0, "volume": 100, "seq": i})).unwrap_or_default()
+fn pulsar_message(i: u64, keys: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"symbol": format!("S{}", i % keys), "exchange": "NASDAQ", "currency": "USD", "timestamp_ns": realtime_ns(), "price": 100.0, "volume": 100, "seq": i})).unwrap_or_default()
 }
 
 /// Produces `from..to` (keyed; batched unless Key_Shared), paced at `rate` (0: flat out).
 fn pulsar_send(
     url: &str,
     topic: &str,
+    keys: u64,
     from: u64,
     to: u64,
     rate: u64,
@@ -621,8 +629,8 @@ fn pulsar_send(
         for i in from..to {
             let r = p
                 .create_message()
-                .with_content(pulsar_message(i))
-                .with_key(format!("S{}", i % KEYS))
+                .with_content(pulsar_message(i, keys))
+                .with_key(format!("S{}", i % keys))
                 .send_non_blocking()
                 .await
                 .map_err(|e| e.to_string())?;
@@ -723,7 +731,14 @@ fn pulsar_group(
     Ok(out)
 }
 
-fn line(case: &str, phase: &str, system: &str, o: &Outcome, want: u64, extra: Value) -> Value {
+fn line(
+    (case, keys): (&str, u64),
+    phase: &str,
+    system: &str,
+    o: &Outcome,
+    want: u64,
+    extra: Value,
+) -> Value {
     let q = |p: f64| o.lat.as_ref().map(|h| h.value_at_quantile(p));
     let mut v = json!({
         "case": case, "phase": phase, "system": system, "members": MEMBERS,
@@ -733,7 +748,12 @@ fn line(case: &str, phase: &str, system: &str, o: &Outcome, want: u64, extra: Va
         "p50_ns": q(0.5), "p99_ns": q(0.99), "p999_ns": q(0.999), "max_ns": o.lat.as_ref().map(|h| h.max()),
         "redelivered": o.redelivered, "lost": want.saturating_sub(o.unique),
         "cores": "unpinned: broker, edge, group thread and members (or Pulsar's JVM and the Python members) share both",
+        "keys": keys,
     });
+    if o.busiest > 0 {
+        v["busiest_member_share"] =
+            json!((o.busiest as f64 / o.events.max(1) as f64 * 1000.0).round() / 1000.0);
+    }
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         for (k, x) in e {
             o.insert(k.clone(), x.clone());
@@ -753,6 +773,7 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
         ensure_python_client()?;
     }
     let paced_n = (b.rate as f64 * b.seconds) as u64;
+    let keys = b.keys;
     for case in b.cases.split(',').map(str::trim) {
         let (kind, pkind) = match case {
             "shared_4" => (pb::SubscriptionType::Shared, "shared"),
@@ -763,7 +784,7 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
         if systems.contains(&"tickwire") {
             let node = Node::start()?;
             let mut ingest = node.ingest()?;
-            send(&mut ingest, 0, b.messages, 0)?;
+            send(&mut ingest, keys, 0, b.messages, 0)?;
             // Let the journal take the backlog: the group reads it from there.
             std::thread::sleep(Duration::from_millis(500));
             let mut d = tw_group(
@@ -777,7 +798,7 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
             // A backlog's age is not a latency: the paced phase measures it.
             d.lat = None;
             let v = line(
-                case,
+                (case, keys),
                 "drain",
                 "tickwire",
                 &d,
@@ -793,12 +814,12 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
                 "paced",
                 pb::MessagePosition::Latest,
                 paced_n,
-                move || send(&mut ingest, from, to, rate),
+                move || send(&mut ingest, keys, from, to, rate),
             )?;
             println!(
                 "{}",
                 line(
-                    case,
+                    (case, keys),
                     "paced",
                     "tickwire",
                     &p,
@@ -815,7 +836,7 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
             };
             let node = Node::start()?;
             let mut ingest = node.ingest()?;
-            send(&mut ingest, 0, b.messages, 0)?;
+            send(&mut ingest, keys, 0, b.messages, 0)?;
             std::thread::sleep(Duration::from_millis(500));
             let single = shm_single(&node, shm_client::Start::Earliest, b.messages, || Ok(()))?;
             let mut d = shm_group(
@@ -829,7 +850,7 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
             d.lat = None;
             let single_eps = single.events as f64 * 1e9 / single.elapsed_ns.max(1) as f64;
             let mut v = line(
-                case,
+                (case, keys),
                 "drain",
                 "tickwire_shm",
                 &d,
@@ -844,12 +865,12 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
             let (from, to, rate) = (b.messages, b.messages + paced_n, b.rate);
             let mut ingest2 = node.ingest()?;
             let single = shm_single(&node, shm_client::Start::Latest, paced_n, move || {
-                send(&mut ingest2, from, to, rate)
+                send(&mut ingest2, keys, from, to, rate)
             })?;
             println!(
                 "{}",
                 line(
-                    case,
+                    (case, keys),
                     "paced",
                     "shm_tethered",
                     &single,
@@ -864,12 +885,12 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
                 "paced",
                 shm_client::Start::Latest,
                 paced_n,
-                move || send(&mut ingest, from, to, rate),
+                move || send(&mut ingest, keys, from, to, rate),
             )?;
             println!(
                 "{}",
                 line(
-                    case,
+                    (case, keys),
                     "paced",
                     "tickwire_shm",
                     &p,
@@ -882,10 +903,10 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
         if systems.contains(&"pulsar_client") {
             let topic = unique(&format!("groups-{pkind}"));
             let batching = kind == pb::SubscriptionType::Shared;
-            pulsar_send(&b.url, &topic, 0, b.messages, 0, batching)?;
+            pulsar_send(&b.url, &topic, keys, 0, b.messages, 0, batching)?;
             let d = pulsar_group(&b.url, &topic, pkind, "drain", false, || Ok(()))?;
             let mut v = line(
-                case,
+                (case, keys),
                 "drain",
                 "pulsar_client",
                 &d,
@@ -900,12 +921,12 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
             let (url, t2) = (b.url.clone(), topic.clone());
             let (n, rate) = (paced_n, b.rate);
             let p = pulsar_group(&b.url, &topic, pkind, "paced", true, move || {
-                pulsar_send(&url, &t2, 0, n, rate, batching)
+                pulsar_send(&url, &t2, keys, 0, n, rate, batching)
             })?;
             println!(
                 "{}",
                 line(
-                    case,
+                    (case, keys),
                     "paced",
                     "pulsar_client",
                     &p,
