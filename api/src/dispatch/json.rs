@@ -177,8 +177,9 @@ pub fn data_message(subscription_id: &str, elements: &str, now_ns: u64) -> Strin
 #[derive(Debug, Default)]
 pub struct JsonBatch {
     buf: String,
-    /// Bytes of the last message taken: the next one's first allocation.
-    last: usize,
+    /// The size recent messages reached: the largest, decaying by an
+    /// eighth per message. The next one's first allocation.
+    recent: usize,
 }
 
 /// The head of a `data` message up to the first element.
@@ -198,10 +199,11 @@ impl JsonBatch {
     #[inline]
     pub fn push(&mut self, subscription_id: &str, element: &str) {
         if self.buf.is_empty() {
-            // The last message's size: a subscriber's batches are alike,
-            // and growing by doubling would copy the batch again.
+            // As large as recent messages: a subscriber's batches vary with
+            // how far behind the dispatcher is, and growing one by
+            // doubling copies what it holds again.
             self.buf
-                .reserve(self.last.clamp(1024, 4 << 20) + element.len());
+                .reserve(self.recent.clamp(1024, 4 << 20) + element.len());
             data_head(&mut self.buf, subscription_id);
         } else {
             self.buf.push(',');
@@ -218,11 +220,12 @@ impl JsonBatch {
         self.buf.push_str(r#"]},"timestamp":""#);
         write_rfc3339(&mut self.buf, now_ns);
         self.buf.push_str(r#""}"#);
-        self.last = self.buf.len();
+        let len = self.buf.len();
+        self.recent = len.max(self.recent - self.recent / 8);
         // A queued message holds no more than it carries (queues are
         // bounded by length): a small batch after a large one gives the
         // rest back, which the allocator does in place.
-        if self.buf.capacity() > self.last + self.last / 8 + 256 {
+        if self.buf.capacity() > len + len / 8 + 256 {
             self.buf.shrink_to_fit();
         }
         std::mem::take(&mut self.buf)
@@ -335,6 +338,23 @@ mod tests {
         let empty: serde_json::Value =
             serde_json::from_str(&batch.take("s", 5)).expect("valid JSON");
         assert_eq!(empty["payload"]["messages"], serde_json::json!([]));
+        // A few small batches after a large one, then a large one again:
+        // it fits the buffer reserved at its first element (no regrowth,
+        // which would copy it).
+        for t in 6..9 {
+            batch.push("s", &el);
+            batch.take("s", t);
+        }
+        batch.push("s", &el);
+        let reserved = batch.buf.capacity();
+        while batch.buf.len() < 40_000 {
+            batch.push("s", &el);
+        }
+        assert_eq!(
+            batch.buf.capacity(),
+            reserved,
+            "a batch like a recent one grew"
+        );
     }
 
     #[test]
