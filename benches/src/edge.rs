@@ -376,6 +376,8 @@ struct TwServer {
     http: SocketAddr,
     rt: tokio::runtime::Runtime,
     cancel: tokio_util::sync::CancellationToken,
+    /// Its rings: removed when it is.
+    dir: crate::tw::NodeDir,
 }
 
 impl TwServer {
@@ -383,12 +385,8 @@ impl TwServer {
         // The shard shares core 0 with the dispatcher and the edge. NATS
         // core keeps nothing on disk: neither does this run (the journal
         // has its own benchmark, `tickwire-bench history`).
-        let mut cfg = crate::tw::shared_core_config(
-            crate::tw::fresh_dir("edge"),
-            b.server_core,
-            TOPIC,
-            1 << 21,
-        );
+        let dir = crate::tw::NodeDir(crate::tw::fresh_dir("edge"));
+        let mut cfg = crate::tw::shared_core_config(dir.0.clone(), b.server_core, TOPIC, 1 << 21);
         cfg.edge.grpc_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
         cfg.edge.http_addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
         let broker =
@@ -407,6 +405,7 @@ impl TwServer {
             broker,
             rt,
             cancel,
+            dir,
         })
     }
 
@@ -414,6 +413,8 @@ impl TwServer {
         self.cancel.cancel();
         self.rt.shutdown_timeout(Duration::from_secs(2));
         self.broker.shutdown();
+        // The rings go with the node (dropping `dir`).
+        drop(self.dir);
     }
 }
 

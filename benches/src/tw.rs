@@ -13,11 +13,49 @@ use crate::{Mode, Op, ReaderProc, Run, Tally, drive, payload, pin};
 /// Topic the benchmark writes.
 pub const TOPIC: &str = "bench/ticks";
 
-/// A fresh node directory for one run.
+/// Where runs keep their rings: shared memory, so what is left there is
+/// memory the machine no longer has.
+const SHM_ROOT: &str = "/dev/shm/tickwire-bench";
+
+/// A fresh node directory for one run. The first call also removes what
+/// runs that are gone left behind (a bench killed mid-run): directories
+/// are named after their process id.
 pub fn fresh_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Path::new("/dev/shm/tickwire-bench").join(format!("{}-{tag}-{n}", std::process::id()))
+    if n == 0 {
+        remove_orphans(Path::new(SHM_ROOT));
+    }
+    Path::new(SHM_ROOT).join(format!("{}-{tag}-{n}", std::process::id()))
+}
+
+/// Removes the node directories under `root` whose process is gone.
+fn remove_orphans(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A node directory removed when dropped.
+pub struct NodeDir(pub PathBuf);
+
+impl Drop for NodeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[inline(always)]
