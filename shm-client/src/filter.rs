@@ -283,16 +283,7 @@ impl CompiledFilter {
 mod tests {
     use super::*;
     use crate::group::key_slot;
-    use tickwire_proto::symbology::{Instrument, SymbologyWriter};
-
-    fn instrument(symbol: &str) -> Instrument {
-        Instrument {
-            symbol: symbol.into(),
-            exchange: "NASDAQ".into(),
-            currency: "USD".into(),
-            size_decimals: 0,
-        }
-    }
+    use crate::testing::TopicWriter;
 
     /// The mask passes exactly the instruments whose slot is in its set,
     /// learns instruments added to the table after it was made, and lets
@@ -300,9 +291,12 @@ mod tests {
     #[test]
     fn a_key_mask_passes_the_instruments_of_its_slots_and_anything_unnamed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut w = SymbologyWriter::open(dir.path(), 1024).expect("symbology");
+        let mut w = TopicWriter::create(dir.path(), "t", 1, 64).expect("writer");
         let first: Vec<u32> = (0..40)
-            .map(|i| w.resolve(&instrument(&format!("S{i}"))).expect("resolve"))
+            .map(|i| {
+                w.instrument(&format!("S{i}"), "NASDAQ", "USD")
+                    .expect("resolve")
+            })
             .collect();
         let table = Symbology::open(dir.path()).expect("open");
         let slot = |id: u32| key_slot(table.get(id), id);
@@ -329,14 +323,14 @@ mod tests {
         assert!(mask.passes(first[39] + 1, Some(&table)));
         assert!(mask.passes(7, None) == in_set(&set, 7, &table));
         // Named later, and now resolved by the mask like the others.
-        let late = w.resolve(&instrument("LATE")).expect("resolve");
+        let late = w.instrument("LATE", "NASDAQ", "USD").expect("resolve");
         let table = Symbology::open(dir.path()).expect("open");
         let mut set2 = set;
         let s = key_slot(table.get(late), late);
         set2[s as usize >> 6] |= 1 << (s & 63);
         let mut mask2 = KeyMask::new(&set2);
         assert!(mask2.passes(late, Some(&table)));
-        let other = w.resolve(&instrument("OTHER")).expect("resolve");
+        let other = w.instrument("OTHER", "NASDAQ", "USD").expect("resolve");
         let table = Symbology::open(dir.path()).expect("open");
         assert_eq!(
             mask2.passes(other, Some(&table)),
