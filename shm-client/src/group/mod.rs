@@ -43,10 +43,11 @@
 //!   Exclusive and Failover). It publishes its acknowledged cursor (every
 //!   event of its own up to it acknowledged) in its reader slot at its
 //!   next `poll`, `wait_for_data` or drop, never per acknowledgement (a
-//!   store other cores read is not free); the broker reads it from there, stores the group's cursor (the lowest) in the
-//!   command store every 200 ms, and when a member goes, hands the ranges
-//!   it had not acknowledged to the others to read again ([`wire::Adopt`]),
-//!   with a redelivery count; past the subscription's maximum, the broker
+//!   store other cores read is not free); the broker reads it from there,
+//!   stores the group's cursor (the lowest) in the command store every
+//!   200 ms, and when a member goes, hands the ranges it had not
+//!   acknowledged to the others to read again ([`wire::Adopt`]), with a
+//!   redelivery count; past the subscription's maximum, the broker
 //!   dead-letters them.
 //! - Key_Shared and Failover never give a key to a new owner while its old
 //!   owner holds some unacknowledged: the new owner holds those keys
