@@ -6,6 +6,7 @@ use tickwire_proto::symbology::{Entry, Symbology};
 use tickwire_proto::{ArchivedFrameBody, Kind};
 
 use crate::Error;
+use crate::group::wire::SlotSet;
 
 /// What a subscriber wants. Empty lists mean "any". Symbols, exchanges and
 /// currencies match whole names, ignoring ASCII case (`nasdaq` matches
@@ -96,16 +97,16 @@ impl Filter {
 /// anything for it. An instrument the table does not name yet passes: the
 /// member decides.
 pub(crate) struct KeyMask {
-    slots: Box<[u64; 1024]>,
+    slots: SlotSet,
     owned: Vec<u64>,
     /// Ids `1..=known` are resolved in `owned`.
     known: u32,
 }
 
 impl KeyMask {
-    pub(crate) fn new(slots: &[u64; 1024]) -> KeyMask {
+    pub(crate) fn new(slots: SlotSet) -> KeyMask {
         KeyMask {
-            slots: Box::new(*slots),
+            slots,
             owned: Vec::new(),
             known: 0,
         }
@@ -138,7 +139,7 @@ impl KeyMask {
             if self.owned.len() <= i as usize / 64 {
                 self.owned.resize(i as usize / 64 + 1, 0);
             }
-            if self.slots[slot as usize >> 6] & (1 << (slot & 63)) != 0 {
+            if self.slots.contains(slot) {
                 self.owned[i as usize / 64] |= 1 << (i % 64);
             }
             self.known = i;
@@ -300,18 +301,13 @@ mod tests {
             .collect();
         let table = Symbology::open(dir.path()).expect("open");
         let slot = |id: u32| key_slot(table.get(id), id);
-        // The set: the slots of every third instrument, and of one added
-        // later.
-        let mut set = [0u64; 1024];
-        let mut add = |s: u16| set[s as usize >> 6] |= 1 << (s & 63);
+        // The set: the slots of every third instrument (one more later).
+        let mut set = SlotSet::default();
         for &id in first.iter().step_by(3) {
-            add(slot(id));
+            set.insert(slot(id));
         }
-        let mut mask = KeyMask::new(&set);
-        let in_set = |set: &[u64; 1024], id: u32, t: &Symbology| {
-            let s = key_slot(t.get(id), id);
-            set[s as usize >> 6] & (1 << (s & 63)) != 0
-        };
+        let mut mask = KeyMask::new(set.clone());
+        let in_set = |set: &SlotSet, id: u32, t: &Symbology| set.contains(key_slot(t.get(id), id));
         let mut passed = 0;
         for &id in &first {
             let want = in_set(&set, id, &table);
@@ -325,10 +321,9 @@ mod tests {
         // Named later, and now resolved by the mask like the others.
         let late = w.instrument("LATE", "NASDAQ", "USD").expect("resolve");
         let table = Symbology::open(dir.path()).expect("open");
-        let mut set2 = set;
-        let s = key_slot(table.get(late), late);
-        set2[s as usize >> 6] |= 1 << (s & 63);
-        let mut mask2 = KeyMask::new(&set2);
+        let mut set2 = set.clone();
+        set2.insert(key_slot(table.get(late), late));
+        let mut mask2 = KeyMask::new(set2.clone());
         assert!(mask2.passes(late, Some(&table)));
         let other = w.instrument("OTHER", "NASDAQ", "USD").expect("resolve");
         let table = Symbology::open(dir.path()).expect("open");

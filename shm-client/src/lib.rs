@@ -791,7 +791,7 @@ impl Subscriber {
     /// An instrument the symbology table does not name yet is not passed
     /// over. Counted in [`Stats::passed_over`].
     pub(crate) fn pass_over_slots(&mut self, cover: Option<&group::wire::SlotSet>) {
-        self.keys = cover.map(|c| KeyMask::new(c.words()));
+        self.keys = cover.cloned().map(KeyMask::new);
     }
 
     /// [`poll`](Self::poll) for a caller that wants only some sequences

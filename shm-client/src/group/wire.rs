@@ -459,10 +459,6 @@ impl SlotSet {
     pub fn contains(&self, slot: u16) -> bool {
         self.0[slot as usize >> 6] & (1 << (slot & 63)) != 0
     }
-    /// The set as 1,024 words, slot `s` at bit `s % 64` of word `s / 64`.
-    pub fn words(&self) -> &[u64; 1024] {
-        &self.0
-    }
     /// Slots in the set.
     pub fn len(&self) -> usize {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
