@@ -34,7 +34,7 @@ use hdrhistogram::Histogram;
 use shm_client::{Event, Start, Subscriber, Tick, WaitStrategy};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS};
 use tickwire_proto::futex::realtime_ns;
-use tickwire_proto::grpc::{BatchBuf, InstrumentFields, TickMeta, encode_tick, notice};
+use tickwire_proto::grpc::{BatchBuf, InstrumentFields, TickEncoder, TickMeta, notice};
 use tickwire_proto::pb;
 use tickwire_proto::symbology::{Entry, Symbology};
 use tokio::sync::{Notify, oneshot};
@@ -643,7 +643,7 @@ struct State {
     touched: Vec<u32>,
     /// Each instrument's strings, encoded once per wire format.
     wires: Vec<Option<Box<Wires>>>,
-    pb: Vec<u8>,
+    pb: TickEncoder,
     json: String,
     now_ns: u64,
     hist: Histogram<u64>,
@@ -687,7 +687,7 @@ impl Dispatcher {
                 dirty_mark: Vec::new(),
                 touched: Vec::new(),
                 wires: Vec::new(),
-                pb: Vec::with_capacity(512),
+                pb: TickEncoder::new(),
                 json: String::with_capacity(1024),
                 now_ns: realtime_ns(),
                 hist: histogram(),
@@ -939,11 +939,10 @@ impl State {
             match &s.wire {
                 Wire::Grpc => {
                     if !pb_done {
-                        self.pb.clear();
-                        encode_tick(&mut self.pb, &meta, b, inst.map(|w| &w.pb));
+                        self.pb.encode(&meta, b, inst.map(|w| &w.pb));
                         pb_done = true;
                     }
-                    s.pb.push(&self.pb);
+                    s.pb.push(self.pb.last());
                 }
                 Wire::Json { subscription_id } => {
                     if !json_done {
@@ -1403,15 +1402,11 @@ fn push_event(
     meta: &TickMeta<'_>,
     b: &ArchivedFrameBody,
     inst: Option<&Wires>,
-    pb: &mut Vec<u8>,
+    pb: &mut TickEncoder,
     js: &mut String,
 ) {
     match &s.wire {
-        Wire::Grpc => {
-            pb.clear();
-            encode_tick(pb, meta, b, inst.map(|w| &w.pb));
-            s.pb.push(pb);
-        }
+        Wire::Grpc => s.pb.push(pb.encode(meta, b, inst.map(|w| &w.pb))),
         Wire::Json { subscription_id } => {
             js.clear();
             json::encode_tick(js, meta, b, inst.map(|w| &w.json));

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use shm_client::{Event, Start, Subscriber, WaitStrategy};
 use tickwire_proto::frame::{ArchivedFrameBody, BODY_WORDS};
 use tickwire_proto::futex::realtime_ns;
-use tickwire_proto::grpc::{BatchBuf, TickMeta, encode_tick, notice};
+use tickwire_proto::grpc::{BatchBuf, TickEncoder, TickMeta, notice};
 use tickwire_proto::pb;
 use tickwire_proto::symbology::Symbology;
 use tokio::sync::{Notify, oneshot};
@@ -455,7 +455,7 @@ async fn start(
         wires: Vec::new(),
         buf: Vec::new(),
         out: Vec::new(),
-        pb: Vec::with_capacity(512),
+        pb: TickEncoder::new(),
         js: String::with_capacity(1024),
         max_batch: state.config.max_batch,
         saved: cursors.clone(),
@@ -541,7 +541,7 @@ struct Group {
     /// Events of the last poll: (partition, seq, words), or a gap.
     buf: Vec<Read>,
     out: Vec<Delivery<Item>>,
-    pb: Vec<u8>,
+    pb: TickEncoder,
     js: String,
     max_batch: u32,
     /// Cursors last written.
@@ -899,11 +899,7 @@ impl Group {
             );
             let inst = group_wires(&mut self.wires, self.sym.as_deref(), b.instrument_id());
             match &m.wire {
-                Wire::Grpc => {
-                    self.pb.clear();
-                    encode_tick(&mut self.pb, &meta, b, inst.map(|w| &w.pb));
-                    m.pb.push(&self.pb);
-                }
+                Wire::Grpc => m.pb.push(self.pb.encode(&meta, b, inst.map(|w| &w.pb))),
                 Wire::Json { subscription_id } => {
                     self.js.clear();
                     json::encode_tick(&mut self.js, &meta, b, inst.map(|w| &w.json));
