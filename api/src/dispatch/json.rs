@@ -75,12 +75,18 @@ pub fn encode_tick(
     inst: Option<&JsonInstrument>,
 ) {
     buf.reserve(480 + m.topic.len() + inst.map_or(0, |i| i.strings.len()));
+    // Each number written twice is formatted once.
+    let (mut source_seq, mut ts_event) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (source_seq, ts_event) = (
+        source_seq.format(b.source_seq()),
+        ts_event.format(b.ts_event()),
+    );
     buf.push_str(r#"{"event_id":""#);
     push_hex8(buf, b.source_id());
     buf.push('-');
-    number(buf, b.source_seq());
+    buf.push_str(source_seq);
     buf.push_str(r#"","timestamp":"#);
-    number(buf, b.ts_event());
+    buf.push_str(ts_event);
     buf.push_str(r#","data":{"#);
     if let Some(i) = inst {
         buf.push_str(&i.strings);
@@ -91,7 +97,7 @@ pub fn encode_tick(
     buf.push_str(r#"","timestamp":""#);
     write_rfc3339(buf, b.ts_event());
     buf.push_str(r#"","timestamp_ns":"#);
-    number(buf, b.ts_event());
+    buf.push_str(ts_event);
     let decimals = inst.map_or(0, |i| i.size_decimals);
     let px = |buf: &mut String, name: &str, p: i64| {
         if let Some(d) = Decimal::price(p) {
@@ -155,7 +161,7 @@ pub fn encode_tick(
     buf.push_str(r#","source_id":"#);
     number(buf, b.source_id());
     buf.push_str(r#","source_seq":"#);
-    number(buf, b.source_seq());
+    buf.push_str(source_seq);
     buf.push_str("}}");
 }
 
