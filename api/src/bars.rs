@@ -214,12 +214,15 @@ pub fn instruments<'a>(
     exchange: Option<&str>,
     currency: Option<&str>,
 ) -> Vec<(u32, &'a Entry)> {
-    (1..=sym.count())
+    let ids = if symbol.is_empty() {
+        (1..=sym.count()).collect()
+    } else {
+        sym.ids_of(symbol)
+    };
+    ids.into_iter()
         .filter_map(|id| sym.get(id).map(|e| (id, e)))
         .filter(|(_, e)| {
-            (symbol.is_empty() || e.symbol() == symbol)
-                && exchange.is_none_or(|x| x == e.exchange())
-                && currency.is_none_or(|c| c == e.currency())
+            exchange.is_none_or(|x| x == e.exchange()) && currency.is_none_or(|c| c == e.currency())
         })
         .collect()
 }

@@ -322,10 +322,9 @@ async fn latest(
             .latest
             .lock()
             .map_err(|_| ApiError::internal("latest table poisoned"))?;
-        for id in 1..=sym.count() {
+        for id in sym.ids_of(&symbol) {
             let Some(e) = sym.get(id) else { continue };
-            if e.symbol() != symbol
-                || q.exchange.as_deref().is_some_and(|x| x != e.exchange())
+            if q.exchange.as_deref().is_some_and(|x| x != e.exchange())
                 || q.currency.as_deref().is_some_and(|c| c != e.currency())
             {
                 continue;

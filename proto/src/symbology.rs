@@ -326,6 +326,16 @@ fn open_and_validate(path: &Path, write: bool) -> Result<Mapped> {
 /// Read-only view of a node's symbology table.
 pub struct Symbology {
     m: Mapped,
+    /// Ids by symbol, built on the first [`Symbology::ids_of`] and
+    /// extended as entries are added (they never change once written).
+    by_symbol: std::sync::RwLock<SymbolIndex>,
+}
+
+#[derive(Default)]
+struct SymbolIndex {
+    /// Entries `1..=indexed` are in `ids`.
+    indexed: u32,
+    ids: std::collections::HashMap<Box<str>, Vec<u32>>,
 }
 
 // SAFETY: read-only shared mapping, count read atomically.
@@ -341,7 +351,31 @@ impl Symbology {
     pub fn open(dir: &Path) -> Result<Symbology> {
         Ok(Symbology {
             m: open_and_validate(&dir.join(SYMBOLOGY_FILE), false)?,
+            by_symbol: std::sync::RwLock::default(),
         })
+    }
+
+    /// The ids of every instrument named `symbol` (one per venue and
+    /// currency), in id order, without reading the other entries: a
+    /// lookup by symbol (REST latest, history) costs the same with ten
+    /// instruments or a million. Entries added since the last call are
+    /// indexed first.
+    pub fn ids_of(&self, symbol: &str) -> Vec<u32> {
+        let count = self.count();
+        {
+            let index = self.by_symbol.read().unwrap_or_else(|p| p.into_inner());
+            if index.indexed >= count {
+                return index.ids.get(symbol).cloned().unwrap_or_default();
+            }
+        }
+        let mut index = self.by_symbol.write().unwrap_or_else(|p| p.into_inner());
+        for id in index.indexed + 1..=count {
+            if let Some(e) = self.get(id) {
+                index.ids.entry(e.symbol().into()).or_default().push(id);
+            }
+        }
+        index.indexed = index.indexed.max(count);
+        index.ids.get(symbol).cloned().unwrap_or_default()
     }
 
     /// Number of committed entries (ids `1..=count`), never above capacity
@@ -536,6 +570,29 @@ mod tests {
         assert_eq!(r.get(3).map(|e| e.symbol()), Some("NVDA"));
         assert!(r.get(0).is_none());
         assert!(r.get(4).is_none());
+    }
+
+    #[test]
+    fn ids_of_a_symbol_are_its_venues_and_grow_with_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SymbologyWriter::open(dir.path(), 16).expect("open");
+        let on = |symbol: &str, exchange: &str| Instrument {
+            exchange: exchange.into(),
+            ..inst(symbol)
+        };
+        assert_eq!(w.resolve(&on("AAPL", "NASDAQ")).expect("a"), 1);
+        assert_eq!(w.resolve(&on("MSFT", "NASDAQ")).expect("m"), 2);
+        assert_eq!(w.resolve(&on("AAPL", "IEX")).expect("a"), 3);
+        let r = Symbology::open(dir.path()).expect("reader");
+        assert_eq!(r.ids_of("AAPL"), vec![1, 3]);
+        assert_eq!(r.ids_of("MSFT"), vec![2]);
+        assert!(r.ids_of("NVDA").is_empty());
+        assert!(r.ids_of("").is_empty());
+        // Added after the index was built: found on the next call.
+        assert_eq!(w.resolve(&on("NVDA", "NASDAQ")).expect("n"), 4);
+        assert_eq!(w.resolve(&on("AAPL", "ARCA")).expect("a"), 5);
+        assert_eq!(r.ids_of("NVDA"), vec![4]);
+        assert_eq!(r.ids_of("AAPL"), vec![1, 3, 5]);
     }
 
     #[test]
