@@ -121,6 +121,21 @@ fn spread7(x: u64) -> u64 {
         | (x << 7 & 0x7f00_0000_0000_0000)
 }
 
+/// Writes `v` as a varint at the start of `dst`, byte by byte (nothing
+/// past its last byte is touched: for lengths patched in front of a body
+/// already written), and returns its length.
+#[inline]
+fn varint_exact(dst: &mut [u8], mut v: u64) -> usize {
+    let mut n = 0;
+    while v >= 0x80 {
+        dst[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    dst[n] = v as u8;
+    n + 1
+}
+
 /// A cursor writing protobuf fields into a slice the caller sized with
 /// [`max_element_len`]. It keeps its position in a register for a whole
 /// element: a `Vec` reloads and checks its length and capacity on every
@@ -235,12 +250,7 @@ impl Out<'_> {
             self.buf.copy_within(at + 1..at + 1 + len, at + n);
             self.at += n - 1;
         }
-        let mut v = len as u64;
-        for b in &mut self.buf[at..at + n] {
-            *b = (v as u8 & 0x7f) | 0x80;
-            v >>= 7;
-        }
-        self.buf[at + n - 1] &= 0x7f;
+        varint_exact(&mut self.buf[at..], len as u64);
     }
 
     /// A string field made of `parts` joined (ids built from numbers
@@ -427,14 +437,8 @@ fn encode_element(
     let len = (end - head) as u64;
     let start = head - 1 - varint_len(len);
     // Byte by byte: a varint's word would spill into the body.
-    let (buf, mut at, mut v) = (o.buf, start + 1, len);
-    buf[start] = 0x0a;
-    while v >= 0x80 {
-        buf[at] = (v as u8) | 0x80;
-        v >>= 7;
-        at += 1;
-    }
-    buf[at] = v as u8;
+    o.buf[start] = 0x0a;
+    varint_exact(&mut o.buf[start + 1..], len);
     start..end
 }
 
@@ -543,14 +547,7 @@ impl BatchBuf {
         // StreamResponse.batch: field 1, length-delimited, then the length.
         let mut head = [0u8; HEAD];
         head[0] = 0x0a;
-        let (mut n, mut v) = (1, self.bytes() as u64);
-        while v >= 0x80 {
-            head[n] = (v as u8) | 0x80;
-            v >>= 7;
-            n += 1;
-        }
-        head[n] = v as u8;
-        n += 1;
+        let n = 1 + varint_exact(&mut head[1..], self.bytes() as u64);
         let start = HEAD - n;
         self.buf[start..HEAD].copy_from_slice(&head[..n]);
         // The filled part leaves; the rest of the block stays for the next
