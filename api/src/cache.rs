@@ -359,7 +359,7 @@ async fn values(state: &crate::EdgeState) -> Vec<(String, String, Duration)> {
     let topics = state.engine.topics();
     // latest:{symbol}: the most recent venue across the node's topics.
     if let Ok(sym) = state.hub.symbology() {
-        let mut best: HashMap<String, (u64, serde_json::Value)> = HashMap::new();
+        let mut best: HashMap<String, (u64, String)> = HashMap::new();
         for t in &topics {
             let Ok(shared) = state.hub.topic(&t.name) else {
                 continue;
@@ -374,12 +374,16 @@ async fn values(state: &crate::EdgeState) -> Vec<(String, String, Duration)> {
                 if best.get(e.symbol()).is_some_and(|(t0, _)| *t0 >= ts) {
                     continue;
                 }
-                let v = crate::rest::latest_json(&t.name, e, &l, &[e.exchange().to_string()]);
-                best.insert(e.symbol().to_string(), (ts, v));
+                let venues = [e.exchange().to_string()];
+                let v = crate::rest::latest_json(&t.name, e, &l, &venues);
+                let Ok(text) = serde_json::to_string(&v) else {
+                    continue;
+                };
+                best.insert(e.symbol().to_string(), (ts, text));
             }
         }
         for (symbol, (_, v)) in best {
-            out.push((format!("latest:{symbol}"), v.to_string(), LATEST_TTL));
+            out.push((format!("latest:{symbol}"), v, LATEST_TTL));
         }
     }
     for t in &topics {

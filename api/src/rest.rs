@@ -363,69 +363,126 @@ async fn cached_latest(
     else {
         return Err(not_found());
     };
-    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
+    /// The fields a cached answer is narrowed by.
+    #[derive(Deserialize)]
+    struct Cached {
+        data: CachedData,
+    }
+    #[derive(Deserialize)]
+    struct CachedData {
+        exchange: String,
+        currency: String,
+    }
+    let (Ok(Cached { data }), Some(rest)) = (
+        serde_json::from_str::<Cached>(&text),
+        text.trim_start().strip_prefix('{'),
+    ) else {
         tracing::warn!(
             symbol,
-            "cache: latest:{{symbol}} in Redis is not JSON; ignored"
+            "cache: latest:{{symbol}} in Redis is not a latest answer; ignored"
         );
         return Err(not_found());
     };
-    let field = |f: &str| v["data"][f].as_str().map(str::to_string);
-    if q.exchange
-        .as_ref()
-        .is_some_and(|x| field("exchange").as_ref() != Some(x))
-        || q.currency
-            .as_ref()
-            .is_some_and(|c| field("currency").as_ref() != Some(c))
+    if q.exchange.as_ref().is_some_and(|x| *x != data.exchange)
+        || q.currency.as_ref().is_some_and(|c| *c != data.currency)
     {
         return Err(not_found());
     }
-    v["cache"] = "redis".into();
-    Ok(Json(v).into_response())
+    // The cached text as it is (a tree would turn its decimals into
+    // floats), marked as the cache's: `cache` sorts before `data`.
+    let body = format!(r#"{{"cache":"redis",{rest}"#);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// The spec's `LatestDataResponse` for one instrument's latest event
-/// (REST latest, and `latest:{symbol}` in the cache).
-pub(crate) fn latest_json(
-    topic: &str,
-    e: &tickwire_proto::symbology::Entry,
+/// The spec's `LatestDataResponse` for the latest event `l` of instrument
+/// `e` in `topic` (REST latest, and `latest:{symbol}` in the cache).
+/// Fields are declared in alphabetical order, the order a
+/// JSON object tree would print them, and serialize straight into the
+/// response body: no tree of maps is built per request.
+#[derive(serde::Serialize)]
+pub(crate) struct LatestJson<'a> {
+    data: LatestData<'a>,
+    message_id: String,
+    partition: u32,
+    sequence: u64,
+    source: &'a str,
+    symbol: &'a str,
+    timestamp: String,
+    topic: &'a str,
+    venues: &'a [String],
+}
+
+/// `data` of [`LatestJson`]: a quote has the bid and ask fields, any other
+/// kind `price` and `volume` (`null` where the event has no price).
+#[derive(serde::Serialize)]
+struct LatestData<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ask_price: Option<Option<Decimal>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ask_size: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bid_price: Option<Option<Decimal>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bid_size: Option<Decimal>,
+    currency: &'a str,
+    exchange: &'a str,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price: Option<Option<Decimal>>,
+    symbol: &'a str,
+    timestamp: String,
+    timestamp_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume: Option<Decimal>,
+}
+
+/// [`LatestJson`] of `l`, the latest event of `e`, seen on `venues`.
+pub(crate) fn latest_json<'a>(
+    topic: &'a str,
+    e: &'a tickwire_proto::symbology::Entry,
     l: &crate::dispatch::Latest,
-    venues: &[String],
-) -> serde_json::Value {
+    venues: &'a [String],
+) -> LatestJson<'a> {
     let b = l.body();
     let decimals = e.size_decimals();
-    let mut data = serde_json::json!({
-        "symbol": e.symbol(),
-        "exchange": e.exchange(),
-        "currency": e.currency(),
-        "kind": b.kind().map_or("unknown", tickwire_proto::Kind::name),
-        "timestamp": rfc3339(b.ts_event()),
-        "timestamp_ns": b.ts_event(),
-    });
-    let dec = |d: Option<Decimal>| d.map(|d| serde_json::to_value(d).unwrap_or_default());
+    let timestamp = rfc3339(b.ts_event());
+    let mut data = LatestData {
+        ask_price: None,
+        ask_size: None,
+        bid_price: None,
+        bid_size: None,
+        currency: e.currency(),
+        exchange: e.exchange(),
+        kind: b.kind().map_or("unknown", tickwire_proto::Kind::name),
+        price: None,
+        symbol: e.symbol(),
+        timestamp: timestamp.clone(),
+        timestamp_ns: b.ts_event(),
+        volume: None,
+    };
     match b.kind() {
         Some(tickwire_proto::Kind::Quote) => {
-            data["bid_price"] = dec(Decimal::price(b.px_a())).into();
-            data["bid_size"] = dec(Some(Decimal::size(b.size_a(), decimals))).into();
-            data["ask_price"] = dec(Decimal::price(b.px_b())).into();
-            data["ask_size"] = dec(Some(Decimal::size(b.size_b(), decimals))).into();
+            data.bid_price = Some(Decimal::price(b.px_a()));
+            data.bid_size = Some(Decimal::size(b.size_a(), decimals));
+            data.ask_price = Some(Decimal::price(b.px_b()));
+            data.ask_size = Some(Decimal::size(b.size_b(), decimals));
         }
         _ => {
-            data["price"] = dec(Decimal::price(b.px_a())).into();
-            data["volume"] = dec(Some(Decimal::size(b.size_a(), decimals))).into();
+            data.price = Some(Decimal::price(b.px_a()));
+            data.volume = Some(Decimal::size(b.size_a(), decimals));
         }
     }
-    serde_json::json!({
-        "symbol": e.symbol(),
-        "data": data,
-        "timestamp": rfc3339(b.ts_event()),
-        "source": e.exchange(),
-        "venues": venues,
-        "topic": topic,
-        "partition": l.partition,
-        "sequence": l.seq,
-        "message_id": format!("{}:{}:{}", l.partition, l.epoch, l.seq),
-    })
+    LatestJson {
+        data,
+        message_id: format!("{}:{}:{}", l.partition, l.epoch, l.seq),
+        partition: l.partition,
+        sequence: l.seq,
+        source: e.exchange(),
+        symbol: e.symbol(),
+        timestamp,
+        topic,
+        venues,
+    }
 }
 
 /// Bytes a WebSocket connection reads at a time (not a limit on what a
@@ -1391,4 +1448,67 @@ async fn history(
     }
     body.push_str("]}");
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use tickwire_proto::FrameBody;
+    use tickwire_proto::symbology::{Instrument, Symbology, SymbologyWriter};
+
+    use super::latest_json;
+    use crate::dispatch::Latest;
+
+    #[test]
+    fn latest_json_is_the_spec_response_with_exact_decimals_and_null_for_an_absent_price() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SymbologyWriter::open(dir.path(), 16).expect("open");
+        let id = w
+            .resolve(&Instrument {
+                symbol: "BTC-USD".into(),
+                exchange: "COINBASE".into(),
+                currency: "USD".into(),
+                size_decimals: 8,
+            })
+            .expect("interned");
+        let sym = Symbology::open(dir.path()).expect("reader");
+        let e = sym.get(id).expect("entry");
+        let venues = ["COINBASE".to_string(), "KRAKEN".to_string()];
+        let latest = |body: FrameBody| Latest {
+            partition: 2,
+            epoch: 3,
+            seq: 44,
+            words: body.to_words(),
+        };
+        let quote = latest(FrameBody::quote(
+            id,
+            1_000_000_123,
+            (tickwire_proto::frame::UNDEF_PRICE, 0),
+            (65_000_500_000_000, 150_000_000),
+        ));
+        let text = serde_json::to_string(&latest_json("crypto/spot", e, &quote, &venues))
+            .expect("serializes");
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"data":{"ask_price":65000.5,"ask_size":1.5,"bid_price":null,"bid_size":0,"#,
+                r#""currency":"USD","exchange":"COINBASE","kind":"quote","symbol":"BTC-USD","#,
+                r#""timestamp":"1970-01-01T00:00:01.000000123Z","timestamp_ns":1000000123},"#,
+                r#""message_id":"2:3:44","partition":2,"sequence":44,"source":"COINBASE","#,
+                r#""symbol":"BTC-USD","timestamp":"1970-01-01T00:00:01.000000123Z","#,
+                r#""topic":"crypto/spot","venues":["COINBASE","KRAKEN"]}"#
+            )
+        );
+        let trade = latest(FrameBody::trade(id, 0, 12_340_000_000, 1));
+        let text = serde_json::to_string(&latest_json("crypto/spot", e, &trade, &venues[..1]))
+            .expect("serializes");
+        // The decimals' own digits, never a float's `1e-8`.
+        assert!(
+            text.contains(r#""kind":"trade","price":12.34,"#)
+                && text.contains(r#""volume":0.00000001}"#),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert!(v["data"].get("bid_price").is_none(), "{v}");
+        assert_eq!(v["venues"], serde_json::json!(["COINBASE"]));
+    }
 }
