@@ -218,18 +218,20 @@ pub fn grpc_response(b: &[u8], mut event: impl FnMut(EventMeta)) -> Option<Notic
 }
 
 /// The unsigned number right after `key` at or after `*at`; moves `*at`
-/// past it.
+/// past it. `None` when no digit follows the key or the number overflows.
 fn number_after(text: &[u8], key: &memmem::Finder<'_>, at: &mut usize) -> Option<u64> {
     let start = *at + key.find(text.get(*at..)?)? + key.needle().len();
-    let digits = text[start..]
-        .iter()
-        .take_while(|c| c.is_ascii_digit())
-        .count();
-    *at = start + digits;
-    std::str::from_utf8(&text[start..start + digits])
-        .ok()?
-        .parse()
-        .ok()
+    let mut value = 0u64;
+    let mut end = start;
+    while let Some(d) = text
+        .get(end)
+        .and_then(|c| c.is_ascii_digit().then(|| c - b'0'))
+    {
+        value = value.checked_mul(10)?.checked_add(u64::from(d))?;
+        end += 1;
+    }
+    *at = end;
+    (end > start).then_some(value)
 }
 
 /// The keys a JSON `data` message is scanned for.
