@@ -732,7 +732,7 @@ fn with_publisher(
                         (100 + (n % 1000) as i64) * tickwire_proto::frame::PRICE_SCALE,
                         100,
                     );
-                    ingest.try_send(r, &body, None).is_ok()
+                    ingest.try_send_at(r, &body, None, now).is_ok()
                 });
                 Ok(())
             })
@@ -811,9 +811,10 @@ fn with_publisher(
 
 /// Calls `send(n, now)` at `rate` per second (0: as fast as it goes) until
 /// `stop`; a refused send is retried (counted once it goes). `now` is the
-/// wall clock read once per burst (up to 256 events): the events' own
-/// time, not what latency is measured from (the broker stamps each event's
-/// ingest time itself).
+/// wall clock read once per burst (up to 256 events): the events' own time
+/// and tickwire's ingest time, so latency measured from it also counts the
+/// wait behind the burst's earlier sends (NATS's publisher, slower per
+/// send, reads the clock per event).
 fn paced(rate: u64, stop: &AtomicBool, sent: &AtomicU64, mut send: impl FnMut(u64, u64) -> bool) {
     let start = Instant::now();
     let mut n = 0u64;

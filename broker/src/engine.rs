@@ -815,6 +815,24 @@ impl Ingest {
         body: &FrameBody,
         ack: Option<u64>,
     ) -> Result<(), SendError> {
+        self.try_send_at(route, body, ack, realtime_ns())
+    }
+
+    /// [`try_send`](Self::try_send) with the ingest time given
+    /// (CLOCK_REALTIME ns): a source that takes events in bursts reads the
+    /// clock once per burst rather than once per event (a clock read is
+    /// ~25 ns here, as much as the rest of the send).
+    ///
+    /// # Errors
+    /// As [`try_send`](Self::try_send).
+    #[inline]
+    pub fn try_send_at(
+        &mut self,
+        route: &Route,
+        body: &FrameBody,
+        ack: Option<u64>,
+        now: u64,
+    ) -> Result<(), SendError> {
         let kind =
             tickwire_proto::Kind::from_code(body.kind).unwrap_or(tickwire_proto::Kind::Trade);
         let partition = route.partition(kind);
@@ -829,7 +847,6 @@ impl Ingest {
         }
         let mut body = *body;
         body.instrument_id = route.instrument_id;
-        let now = realtime_ns();
         body.ts_ingest_delta = ingest_delta(body.ts_event, now);
         let shard = &self.shared.shards[place.shard as usize];
         let job = Job {
