@@ -135,6 +135,44 @@ fn two_million_events_through_two_shards_arrive_in_order_with_a_completion_each(
 }
 
 #[test]
+fn an_event_carries_the_ingest_time_it_was_sent_with_or_the_clock_at_its_send() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&config(dir.path(), 1, 1)).expect("broker");
+    let mut ingest = broker.ingest(16);
+    let r = routes(&mut ingest, 1)[0];
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(dir.path())
+        .start(Start::Sequence(1))
+        .open()
+        .expect("sub");
+    let ts_event = 1_700_000_000_000_000_000u64;
+    let given = ts_event + 1_234_567;
+    ingest
+        .try_send_at(&r, &FrameBody::trade(0, ts_event, 1, 1), None, given)
+        .expect("given time");
+    let before = tickwire_proto::futex::realtime_ns();
+    let now_event = FrameBody::trade(0, before, 1, 1);
+    ingest.try_send(&r, &now_event, None).expect("clock");
+    let after = tickwire_proto::futex::realtime_ns();
+    let mut ingested = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ingested.len() < 2 && std::time::Instant::now() < deadline {
+        if let Some(Event::Tick(t)) = sub.recv_timeout(Duration::from_millis(50)) {
+            ingested.push((t.seq, t.body.ts_ingest()));
+        }
+    }
+    assert_eq!(ingested.len(), 2, "both events arrived: {ingested:?}");
+    assert_eq!(ingested[0], (1, given));
+    assert_eq!(ingested[1].0, 2);
+    assert!(
+        (before..=after).contains(&ingested[1].1),
+        "{before} <= {} <= {after}",
+        ingested[1].1
+    );
+    broker.shutdown();
+}
+
+#[test]
 fn acks_in_flight_are_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(&config(dir.path(), 1, 1)).expect("broker");
