@@ -250,6 +250,21 @@ async fn keys_and_ttls_in_redis_a_remote_symbol_and_an_outage() {
         ))
         .await;
     assert_eq!(code, 404);
+    // Whatever else sits under a latest key is no answer: 404, not a 500
+    // nor the foreign text passed on.
+    for junk in ["not json", "[1,2]", r#"{"data":{"price":1}}"#] {
+        let _: () = redis::cmd("SET")
+            .arg("latest:JUNK")
+            .arg(junk)
+            .query(&mut c)
+            .expect("set junk");
+        let (code, v) = http::Client
+            .get(&format!(
+                "{base_b}/api/v1/market-data/JUNK/latest?topic=md%2Fcache"
+            ))
+            .await;
+        assert_eq!(code, 404, "{junk}: {v}");
+    }
 
     // Redis goes away: ingest goes on, A still answers, the outage shows.
     redis.down();
