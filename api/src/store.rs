@@ -806,7 +806,13 @@ impl Store {
     /// partitions on `timestamp`; SQLite has `ts_ns` indexed.
     fn time_range(&self) -> &'static str {
         if self.backend == Backend::Postgres {
-            "timestamp >= to_timestamp($2::float8 / 1e9) AND timestamp < to_timestamp($3::float8 / 1e9) \
+            // `timestamp` lets PostgreSQL skip partitions; `ts_ns` decides.
+            // The former is widened by a millisecond each way: the column
+            // holds microseconds, and a double today's nanoseconds to
+            // ~256 ns, so a row within a microsecond of an end could be cut
+            // by the wrong side.
+            "timestamp >= to_timestamp($2::float8 / 1e9) - interval '1 millisecond' \
+             AND timestamp < to_timestamp($3::float8 / 1e9) + interval '1 millisecond' \
              AND ts_ns >= $2 AND ts_ns < $3"
         } else {
             "ts_ns >= $2 AND ts_ns < $3"

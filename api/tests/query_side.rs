@@ -64,6 +64,36 @@ async fn check(store: &Store) -> u64 {
         .await
         .expect("read");
     assert_eq!(recent, new, "a time range");
+    // A range's ends are exact to the nanosecond wherever they fall in a
+    // microsecond (PostgreSQL keeps microseconds in `timestamp`, and a
+    // double holds today's nanoseconds to ~256 ns).
+    let edges = format!("{topic}/edges");
+    for k in 0..40u64 {
+        let end = now - 5 * HOUR / 2 + k * 1_000_037;
+        let rows = [row(&edges, end - 1_000, 0), row(&edges, end, 1)];
+        store.record_metrics(&rows).await.expect("record edges");
+        let got = store
+            .metrics(&edges, (end - 1_000) as i64, end as i64, 10)
+            .await
+            .expect("read edges");
+        assert_eq!(
+            got,
+            rows[..1],
+            "[{}, {end}) holds the first row only",
+            end - 1_000
+        );
+        let got = store
+            .metrics(&edges, (end - 999) as i64, end as i64 + 1, 10)
+            .await
+            .expect("read edges");
+        assert_eq!(
+            got,
+            rows[1..],
+            "[{}, {}) holds the second row only",
+            end - 999,
+            end + 1
+        );
+    }
     // message_delivery_log: a failed range and a sampled delivery.
     let rec = |ts_ns: u64, status: &'static str, from: u64, to: u64| {
         tickwire_api::dispatch::DeliveryRecord {
