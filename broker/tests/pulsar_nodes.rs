@@ -274,25 +274,17 @@ fn assert_none_lost(
             format!("ledger={l} entry={e} ")
         })
         .collect();
-    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "log") {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            eprintln!("==== {} (without per-message debug lines)", path.display());
-            for line in text.lines().filter(|l| !l.contains(" DEBUG ")) {
-                eprintln!("{line}");
-            }
-            eprintln!(
-                "==== {}: debug lines naming the lost entries",
-                path.display()
-            );
-            for line in text
-                .lines()
-                .filter(|l| entries.iter().any(|e| format!("{l} ").contains(e.as_str())))
-                .take(200)
-            {
-                eprintln!("{line}");
-            }
+    for (path, text) in node_logs(root) {
+        eprintln!(
+            "==== {}: debug lines naming the lost entries",
+            path.display()
+        );
+        for line in text
+            .lines()
+            .filter(|l| entries.iter().any(|e| format!("{l} ").contains(e.as_str())))
+            .take(200)
+        {
+            eprintln!("{line}");
         }
     }
     panic!(
@@ -323,6 +315,24 @@ async fn witness(pulsar: &Pulsar<TokioExecutor>, input: &str) {
         .await
         .expect("witness subscription");
     let _ = c.close().await;
+}
+
+/// Each node log under `root` and its text, after printing its lines
+/// other than per-message debug ones (for a failing test's story).
+fn node_logs(root: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            eprintln!("==== {} (without per-message debug lines)", path.display());
+            for line in text.lines().filter(|l| !l.contains(" DEBUG ")) {
+                eprintln!("{line}");
+            }
+            out.push((path, text));
+        }
+    }
+    out
 }
 
 /// Where Pulsar holds each message number of `input`, read on the
@@ -763,10 +773,11 @@ fn pulsar_restart_mid_stream(kill: bool) {
     while ring_ids(&node.dir).len() < 1000 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        ring_ids(&node.dir).len() >= 1000,
-        "the node ingested before the restart"
-    );
+    let before = ring_ids(&node.dir).len();
+    if before < 1000 {
+        node_logs(root.path());
+        panic!("the node ingested {before} of 1000 messages before the restart, in 60 s");
+    }
     restart_pulsar(kill);
     let sent = producer.join().expect("producer");
     assert_eq!(sent.len(), 4000, "every message eventually got a receipt");
