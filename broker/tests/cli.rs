@@ -14,6 +14,14 @@ struct Server {
     child: Child,
 }
 
+/// A test that fails leaves no server behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Server {
     fn start(dir: &std::path::Path) -> Server {
         Server::start_with(dir, "")

@@ -94,6 +94,14 @@ impl NodeProc {
     }
 }
 
+/// A test that fails leaves no node behind (it would go on consuming from
+/// Pulsar beside the next tests).
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
