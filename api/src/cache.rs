@@ -359,7 +359,9 @@ async fn values(state: &crate::EdgeState) -> Vec<(String, String, Duration)> {
     let topics = state.engine.topics();
     // latest:{symbol}: the most recent venue across the node's topics.
     if let Ok(sym) = state.hub.symbology() {
-        let mut best: HashMap<String, (u64, String)> = HashMap::new();
+        // Per symbol: the newest event's time, topic and event; only the
+        // winner is written out.
+        let mut best: HashMap<&str, (u64, &str, u32, crate::dispatch::Latest)> = HashMap::new();
         for t in &topics {
             let Ok(shared) = state.hub.topic(&t.name) else {
                 continue;
@@ -371,19 +373,19 @@ async fn values(state: &crate::EdgeState) -> Vec<(String, String, Duration)> {
             for (id, l) in latest {
                 let Some(e) = sym.get(id) else { continue };
                 let ts = l.body().ts_event();
-                if best.get(e.symbol()).is_some_and(|(t0, _)| *t0 >= ts) {
-                    continue;
+                if best.get(e.symbol()).is_none_or(|b| b.0 < ts) {
+                    best.insert(e.symbol(), (ts, &t.name, id, l));
                 }
-                let venues = [e.exchange().to_string()];
-                let v = crate::rest::latest_json(&t.name, e, &l, &venues);
-                let Ok(text) = serde_json::to_string(&v) else {
-                    continue;
-                };
-                best.insert(e.symbol().to_string(), (ts, text));
             }
         }
-        for (symbol, (_, v)) in best {
-            out.push((format!("latest:{symbol}"), v, LATEST_TTL));
+        for (symbol, (_, topic, id, l)) in best {
+            let Some(e) = sym.get(id) else { continue };
+            let venues = [e.exchange()];
+            if let Ok(text) =
+                serde_json::to_string(&crate::rest::latest_json(topic, e, &l, &venues))
+            {
+                out.push((format!("latest:{symbol}"), text, LATEST_TTL));
+            }
         }
     }
     for t in &topics {

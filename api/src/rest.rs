@@ -330,7 +330,7 @@ async fn latest(
                 continue;
             }
             let Some(l) = latest.get(&id) else { continue };
-            venues.push(e.exchange().to_string());
+            venues.push(e.exchange());
             if best.is_none_or(|(_, b)| l.body().ts_event() > b.body().ts_event()) {
                 best = Some((id, *l));
             }
@@ -409,7 +409,7 @@ pub(crate) struct LatestJson<'a> {
     symbol: &'a str,
     timestamp: String,
     topic: &'a str,
-    venues: &'a [String],
+    venues: &'a [&'a str],
 }
 
 /// `data` of [`LatestJson`]: a quote has the bid and ask fields, any other
@@ -441,7 +441,7 @@ pub(crate) fn latest_json<'a>(
     topic: &'a str,
     e: &'a tickwire_proto::symbology::Entry,
     l: &crate::dispatch::Latest,
-    venues: &'a [String],
+    venues: &'a [&'a str],
 ) -> LatestJson<'a> {
     let b = l.body();
     let decimals = e.size_decimals();
@@ -1472,7 +1472,7 @@ mod tests {
             .expect("interned");
         let sym = Symbology::open(dir.path()).expect("reader");
         let e = sym.get(id).expect("entry");
-        let venues = ["COINBASE".to_string(), "KRAKEN".to_string()];
+        let venues = ["COINBASE", "KRAKEN"];
         let latest = |body: FrameBody| Latest {
             partition: 2,
             epoch: 3,

@@ -820,8 +820,8 @@ impl Ingest {
 
     /// [`try_send`](Self::try_send) with the ingest time given
     /// (CLOCK_REALTIME ns): a source that takes events in bursts reads the
-    /// clock once per burst rather than once per event (a clock read is
-    /// ~25 ns here, as much as the rest of the send).
+    /// clock once per burst rather than once per event (a clock read was
+    /// ~26 ns of each send in the edge bench's publisher at 3M/s).
     ///
     /// # Errors
     /// As [`try_send`](Self::try_send).
