@@ -300,7 +300,9 @@ impl InstrumentFields {
         InstrumentFields::of(e.symbol(), e.exchange(), e.currency(), e.size_decimals())
     }
 
-    fn of(symbol: &str, exchange: &str, currency: &str, size_decimals: u8) -> InstrumentFields {
+    /// Encodes an instrument's strings given as such (what
+    /// [`new`](Self::new) does for a symbology entry).
+    pub fn of(symbol: &str, exchange: &str, currency: &str, size_decimals: u8) -> InstrumentFields {
         // 6 bytes of key and length per string, and 8 for a varint's word.
         let mut buf = vec![0u8; symbol.len() + exchange.len() + currency.len() + 26];
         let mut o = Out {

@@ -50,17 +50,22 @@ pub struct JsonInstrument {
 impl JsonInstrument {
     /// Escapes an entry's strings once.
     pub fn new(e: &Entry) -> JsonInstrument {
+        JsonInstrument::of(e.symbol(), e.exchange(), e.currency(), e.size_decimals())
+    }
+
+    /// Escapes an instrument's strings given as such.
+    pub fn of(symbol: &str, exchange: &str, currency: &str, size_decimals: u8) -> JsonInstrument {
         let mut buf = String::with_capacity(64);
         buf.push_str(r#""symbol":"#);
-        string(&mut buf, e.symbol());
+        string(&mut buf, symbol);
         buf.push_str(r#","exchange":"#);
-        string(&mut buf, e.exchange());
+        string(&mut buf, exchange);
         buf.push_str(r#","currency":"#);
-        string(&mut buf, e.currency());
+        string(&mut buf, currency);
         buf.push(',');
         JsonInstrument {
             strings: buf.into_boxed_str(),
-            size_decimals: e.size_decimals(),
+            size_decimals,
         }
     }
 }
