@@ -123,11 +123,75 @@ pub enum Notice {
     Slow,
 }
 
+/// A varint at `*i`, moving `*i` past it. Eight bytes are read at once
+/// where there are eight: the first byte without a continuation bit ends
+/// it, and the 7-bit groups are gathered in three steps with no loop from
+/// byte to byte (the edge's encoder spreads them the same way). A scan
+/// reads some thirty varints per event, four of them 9-byte timestamps.
+#[inline(always)]
 fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let at = *i;
+    let mut w = [0u8; 8];
+    let Some(word) = b.get(at..at + 8) else {
+        // Fewer than eight bytes left: the same, padded with zeros (which
+        // end a varint), unless it runs past the end.
+        let rest = b.get(at..)?;
+        w[..rest.len()].copy_from_slice(rest);
+        let stops = !u64::from_le_bytes(w) & 0x8080_8080_8080_8080;
+        let n = stops.trailing_zeros() as usize / 8 + 1;
+        if n > rest.len() {
+            return None;
+        }
+        *i = at + n;
+        return Some(gather7(u64::from_le_bytes(w) & ((1u64 << (8 * n)) - 1)));
+    };
+    w.copy_from_slice(word);
+    let w = u64::from_le_bytes(w);
+    let stops = !w & 0x8080_8080_8080_8080;
+    if stops != 0 {
+        let n = stops.trailing_zeros() as usize / 8 + 1;
+        let x = if n == 8 {
+            w
+        } else {
+            w & ((1u64 << (8 * n)) - 1)
+        };
+        *i = at + n;
+        return Some(gather7(x));
+    }
+    // Nine or ten bytes: 56 bits here, then one or two bytes more.
+    let low = gather7(w);
+    let b8 = *b.get(at + 8)?;
+    if b8 < 0x80 {
+        *i = at + 9;
+        return Some(low | u64::from(b8) << 56);
+    }
+    let b9 = *b.get(at + 9)?;
+    if b9 > 1 {
+        return None;
+    }
+    *i = at + 10;
+    Some(low | u64::from(b8 & 0x7f) << 56 | u64::from(b9) << 63)
+}
+
+/// The 7-bit groups of eight varint bytes, continuation bits dropped.
+#[inline(always)]
+fn gather7(x: u64) -> u64 {
+    let x = x & 0x7f7f_7f7f_7f7f_7f7f;
+    let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
+    let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
+    (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
+}
+
+/// [`varint`] a byte at a time: the reference it is tested against.
+#[cfg(test)]
+fn varint_bytewise(b: &[u8], i: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let byte = *b.get(*i)?;
         *i += 1;
+        if shift == 63 && byte > 1 {
+            return None;
+        }
         v |= u64::from(byte & 0x7f) << shift;
         if byte < 0x80 {
             return Some(v);
@@ -171,30 +235,7 @@ pub fn grpc_response(b: &[u8], mut event: impl FnMut(EventMeta)) -> Option<Notic
                 if f != 1 {
                     return Some(());
                 }
-                let mut m = EventMeta::default();
-                fields(message, |f, v, meta| {
-                    match f {
-                        // MarketDataMessage.timestamp
-                        2 => m.event_ns = v,
-                        // MarketDataMessage.metadata
-                        4 => fields(meta, |f, v, _| {
-                            match f {
-                                2 => m.partition = v as u32,
-                                3 => m.epoch = v,
-                                4 => m.sequence = v,
-                                6 => m.ingest_ns = v,
-                                7 => m.send_ns = v,
-                                10 => m.source_seq = v,
-                                12 => m.redeliveries = v as u32,
-                                _ => {}
-                            }
-                            Some(())
-                        })?,
-                        _ => {}
-                    }
-                    Some(())
-                })?;
-                event(m);
+                event(message_in_order(message).or_else(|| message_any_order(message))?);
                 Some(())
             })?,
             2 => {
@@ -215,6 +256,100 @@ pub fn grpc_response(b: &[u8], mut event: impl FnMut(EventMeta)) -> Option<Notic
         Some(())
     })?;
     Some(notice)
+}
+
+/// A `MarketDataMessage` walked field by field, in any order.
+fn message_any_order(message: &[u8]) -> Option<EventMeta> {
+    let mut m = EventMeta::default();
+    fields(message, |f, v, meta| {
+        match f {
+            // MarketDataMessage.timestamp
+            2 => m.event_ns = v,
+            // MarketDataMessage.metadata
+            4 => fields(meta, |f, v, _| {
+                match f {
+                    2 => m.partition = v as u32,
+                    3 => m.epoch = v,
+                    4 => m.sequence = v,
+                    6 => m.ingest_ns = v,
+                    7 => m.send_ns = v,
+                    10 => m.source_seq = v,
+                    12 => m.redeliveries = v as u32,
+                    _ => {}
+                }
+                Some(())
+            })?,
+            _ => {}
+        }
+        Some(())
+    })?;
+    Some(m)
+}
+
+/// Reads the bytes of a length-delimited field (its length first) at `*i`.
+#[inline(always)]
+fn delimited<'a>(b: &'a [u8], i: &mut usize) -> Option<&'a [u8]> {
+    let len = usize::try_from(varint(b, i)?).ok()?;
+    let body = b.get(*i..i.checked_add(len)?)?;
+    *i += len;
+    Some(body)
+}
+
+/// The varint of field `key` (a one-byte key) if it is next at `*i`.
+#[inline(always)]
+fn next_varint(b: &[u8], i: &mut usize, key: u8) -> Option<Option<u64>> {
+    if b.get(*i) != Some(&key) {
+        return Some(None);
+    }
+    *i += 1;
+    varint(b, i).map(Some)
+}
+
+/// The length-delimited field `key` (a one-byte key) if it is next.
+#[inline(always)]
+fn next_delimited<'a>(b: &'a [u8], i: &mut usize, key: u8) -> Option<Option<&'a [u8]>> {
+    if b.get(*i) != Some(&key) {
+        return Some(None);
+    }
+    *i += 1;
+    delimited(b, i).map(Some)
+}
+
+/// A `MarketDataMessage` whose fields come in field order, each at most
+/// once, as every encoder writes them: a test per field that goes the
+/// same way event after event, where a walk in any order dispatches on
+/// each key (a third of the client core at 2.5M events/s). `None` for
+/// anything else (then [`message_any_order`] reads it).
+#[inline]
+fn message_in_order(message: &[u8]) -> Option<EventMeta> {
+    let mut m = EventMeta::default();
+    let mut i = 0;
+    let b = message;
+    // 1 event_id, 2 timestamp, 3 data, 4 metadata.
+    next_delimited(b, &mut i, 0x0a)?;
+    m.event_ns = next_varint(b, &mut i, 0x10)?.unwrap_or(0);
+    next_delimited(b, &mut i, 0x1a)?;
+    let meta = next_delimited(b, &mut i, 0x22)?.unwrap_or_default();
+    if i != b.len() {
+        return None;
+    }
+    let (b, mut i) = (meta, 0);
+    // 1 topic, 2 partition, 3 epoch, 4 sequence, 5 message_id, 6 ingest,
+    // 7 send, 8 snapshot, 9 source_id, 10 source_seq, 11 conflated,
+    // 12 redelivery count.
+    next_delimited(b, &mut i, 0x0a)?;
+    m.partition = next_varint(b, &mut i, 0x10)?.unwrap_or(0) as u32;
+    m.epoch = next_varint(b, &mut i, 0x18)?.unwrap_or(0);
+    m.sequence = next_varint(b, &mut i, 0x20)?.unwrap_or(0);
+    next_delimited(b, &mut i, 0x2a)?;
+    m.ingest_ns = next_varint(b, &mut i, 0x30)?.unwrap_or(0);
+    m.send_ns = next_varint(b, &mut i, 0x38)?.unwrap_or(0);
+    next_varint(b, &mut i, 0x40)?;
+    next_varint(b, &mut i, 0x48)?;
+    m.source_seq = next_varint(b, &mut i, 0x50)?.unwrap_or(0);
+    next_varint(b, &mut i, 0x58)?;
+    m.redeliveries = next_varint(b, &mut i, 0x60)?.unwrap_or(0) as u32;
+    (i == b.len()).then_some(m)
 }
 
 /// The unsigned number right after `key` at or after `*at`; moves `*at`
@@ -299,6 +434,41 @@ mod tests {
             conflated: false,
             redeliveries: (seq % 3) as u32,
         }
+    }
+
+    /// Every length of varint, at the end of the bytes and with more
+    /// behind it, reads as prost writes it; a varint cut short is `None`.
+    #[test]
+    fn varints_read_as_prost_writes_them_at_every_length() {
+        let mut values = vec![0u64, 1, u64::MAX, u64::MAX - 1, 1 << 63];
+        for k in 1..64 {
+            values.extend([(1u64 << k) - 1, 1u64 << k, (1u64 << k) + 1]);
+        }
+        values.push(1_795_786_108_123_456_789);
+        for v in values {
+            let mut enc = Vec::new();
+            prost::encoding::encode_varint(v, &mut enc);
+            for tail in [0usize, 1, 7, 9] {
+                let mut b = enc.clone();
+                b.extend(std::iter::repeat_n(0xffu8, tail));
+                let mut i = 0;
+                assert_eq!(varint(&b, &mut i), Some(v), "{v} with {tail} bytes after");
+                assert_eq!(i, enc.len(), "{v}");
+                let mut i = 0;
+                assert_eq!(varint_bytewise(&b, &mut i), Some(v), "{v}");
+            }
+            let mut i = 0;
+            assert_eq!(varint(&enc[..enc.len() - 1], &mut i), None, "{v} cut short");
+        }
+        // Eleven bytes of continuation, and a tenth byte above 1: no u64.
+        let mut i = 0;
+        assert_eq!(varint(&[0xff; 12], &mut i), None);
+        let mut over = vec![0xffu8; 9];
+        over.push(0x02);
+        let mut i = 0;
+        assert_eq!(varint(&over, &mut i), None);
+        let mut i = 0;
+        assert_eq!(varint_bytewise(&over, &mut i), None);
     }
 
     #[test]
