@@ -4,6 +4,10 @@
 //!
 //! - `drain`: a preloaded backlog, drained by a new group of 4; delivered
 //!   events/s = events / (last receive - first receive), over the group.
+//!   The shm groups drain a longer backlog (`--shm-messages`), held in the
+//!   rings unless `--shm-from-journal`: at their rate, the remote cases'
+//!   backlog is gone in a few milliseconds, less than a scheduler slice of
+//!   the four members sharing two cores.
 //! - `paced`: events sent at `rate`/s to a group of 4 already attached;
 //!   latency = receive time - the event's own timestamp (set when it was
 //!   sent), every member's merged.
@@ -57,6 +61,17 @@ pub struct GroupsBench {
     /// Events in the drained backlog.
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
+    /// Events in the backlog the shm groups drain (and the tethered reader
+    /// beside them): enough for a window of a good part of a second at
+    /// tens of millions of events/s, and held whole in the rings (sized
+    /// for it), so a drain reads shared memory as a live group does.
+    #[arg(long, default_value_t = 4_000_000)]
+    pub shm_messages: u64,
+    /// Keep the rings at 65,536 events per partition instead, so that the
+    /// shm groups and the tethered reader drain the backlog from the
+    /// journal (every Key_Shared member reads all of it there).
+    #[arg(long)]
+    pub shm_from_journal: bool,
     /// Paced rate, events/s.
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
@@ -100,7 +115,8 @@ struct Node {
 }
 
 impl Node {
-    fn start() -> Result<Node, String> {
+    /// A node whose rings hold `backlog` events (4 partitions).
+    fn start(backlog: u64) -> Result<Node, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mut c = Config::default();
         c.node.dir = Some(dir.path().join("node"));
@@ -110,7 +126,9 @@ impl Node {
         c.topics = vec![TopicConfig {
             name: TOPIC.into(),
             partitions: 4,
-            capacity: 1 << 16,
+            capacity: (backlog.div_ceil(4) + 4096)
+                .next_power_of_two()
+                .max(1 << 16),
             ..TopicConfig::default()
         }];
         let broker = Broker::start(&c).map_err(|e| e.to_string())?;
@@ -782,7 +800,7 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
         };
         let mut tw_eps = None;
         if systems.contains(&"tickwire") {
-            let node = Node::start()?;
+            let node = Node::start(0)?;
             let mut ingest = node.ingest()?;
             send(&mut ingest, keys, 0, b.messages, 0)?;
             // Let the journal take the backlog: the group reads it from there.
@@ -834,17 +852,18 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
                 pb::SubscriptionType::KeyShared => shm_client::group::SubscriptionType::KeyShared,
                 _ => shm_client::group::SubscriptionType::Shared,
             };
-            let node = Node::start()?;
+            let backlog = b.shm_messages;
+            let node = Node::start(if b.shm_from_journal { 0 } else { backlog })?;
             let mut ingest = node.ingest()?;
-            send(&mut ingest, keys, 0, b.messages, 0)?;
+            send(&mut ingest, keys, 0, backlog, 0)?;
             std::thread::sleep(Duration::from_millis(500));
-            let single = shm_single(&node, shm_client::Start::Earliest, b.messages, || Ok(()))?;
+            let single = shm_single(&node, shm_client::Start::Earliest, backlog, || Ok(()))?;
             let mut d = shm_group(
                 &node,
                 skind,
                 "drain",
                 shm_client::Start::Earliest,
-                b.messages,
+                backlog,
                 || Ok(()),
             )?;
             d.lat = None;
@@ -854,15 +873,16 @@ pub fn run(b: &GroupsBench) -> Result<(), String> {
                 "drain",
                 "tickwire_shm",
                 &d,
-                b.messages,
-                json!({"transport": "shared memory (shm_client::group), 4 member threads"}),
+                backlog,
+                json!({"transport": "shared memory (shm_client::group), 4 member threads",
+                    "backlog": if b.shm_from_journal { "in the journal" } else { "in the rings" }}),
             );
             if let Some(g) = v["events_per_sec"].as_f64() {
                 v["shm_tethered_events_per_sec"] = json!(single_eps.round());
                 v["ratio_to_tethered"] = json!(((g / single_eps.max(1.0)) * 100.0).round() / 100.0);
             }
             println!("{v}");
-            let (from, to, rate) = (b.messages, b.messages + paced_n, b.rate);
+            let (from, to, rate) = (backlog, backlog + paced_n, b.rate);
             let mut ingest2 = node.ingest()?;
             let single = shm_single(&node, shm_client::Start::Latest, paced_n, move || {
                 send(&mut ingest2, keys, from, to, rate)
