@@ -72,7 +72,8 @@ impl Engine for TestEngine {
 
 struct Fixture {
     dir: tempfile::TempDir,
-    writer: TopicWriter,
+    /// Taken while a flood thread writes (see `flood`).
+    writer: Option<TopicWriter>,
     edge: Option<Edge>,
     cancel: CancellationToken,
     cfg: EdgeConfig,
@@ -92,7 +93,7 @@ impl Fixture {
         let (edge, cancel, engine) = Fixture::edge_on(dir.path(), &cfg).await;
         Fixture {
             dir,
-            writer,
+            writer: Some(writer),
             edge: Some(edge),
             cancel,
             cfg,
@@ -159,12 +160,36 @@ impl Fixture {
     }
 
     fn trade(&mut self, partition: u32, symbol: &str, exchange: &str, price: f64) -> u64 {
-        let s = self
-            .writer
+        let w = self.writer.as_mut().expect("the writer is not flooding");
+        let s = w
             .publish_trade(partition, symbol, exchange, "USD", price, 100)
             .expect("publish");
-        self.writer.flush();
+        w.flush();
         s
+    }
+
+    /// A thread publishing trades of S00..S49 on both partitions as fast as
+    /// it can until `stop`; joining it gives the writer back.
+    fn flood(
+        &mut self,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<TopicWriter>,
+    ) {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut w = self.writer.take().expect("one flood at a time");
+        let s = stop.clone();
+        let t = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let sym = format!("S{:02}", n % 50);
+                let _ = w.publish_trade((n % 2) as u32, &sym, "NASDAQ", "USD", 1.0, 100);
+                w.flush();
+                n += 1;
+            }
+            w
+        });
+        (stop, t)
     }
 
     async fn stop(mut self) {
@@ -1431,5 +1456,67 @@ async fn streams_on_a_topic_whose_rings_are_deleted_are_told_and_ended() {
         .await
         .expect_err("no rings");
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    f.stop().await;
+}
+
+/// Subscriptions that arrive together while the rings flood are all
+/// answered: the dispatcher reads the rings ahead of new subscriptions once
+/// for all of those queued, not up to 16 times for each (1000 subscribers
+/// arriving under load waited minutes for that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_arriving_together_during_a_flood_are_all_answered() {
+    let mut f = Fixture::start(|c| {
+        c.queue_events = 64;
+        c.queue_bytes = 64 * 1024;
+    })
+    .await;
+    let client = f.grpc().await;
+    // Streams taking everything, never read: every read of the rings is
+    // encoded for each of them.
+    let mut heavy = Vec::new();
+    for _ in 0..100 {
+        let s = client
+            .clone()
+            .stream_market_data(pb::StreamRequest::default())
+            .await
+            .expect("stream")
+            .into_inner();
+        heavy.push(s);
+    }
+    let (stop, flood) = f.flood();
+    let opens: Vec<_> = (0..400)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.stream_market_data(pb::StreamRequest {
+                    symbols: vec![format!("S{:02}", i % 50)],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+            })
+        })
+        .collect();
+    // Answered within a bound far above what it takes (about a second
+    // here) and far below what 16 reads per subscription took.
+    let answered =
+        tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(opens)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    f.writer = Some(flood.join().expect("flood thread"));
+    let answered = answered.expect("400 subscriptions answered during the flood");
+    let refused: Vec<String> = answered
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused: {:?}",
+        &refused[..refused.len().min(3)]
+    );
+    drop(heavy);
     f.stop().await;
 }

@@ -787,15 +787,23 @@ impl Dispatcher {
 
     /// Handles queued control messages; false when the hub is gone.
     fn controls(&mut self) -> bool {
+        // Whether this call has caught up for a new subscription yet.
+        let mut caught_up = false;
         loop {
             match self.rx.try_recv() {
                 Ok(Control::Add { sub, reply }) => {
                     // What was published before the request is in the
-                    // latest-value table first: a snapshot is that fresh
-                    // (bounded, so a flood does not hold the request).
-                    for _ in 0..16 {
-                        if self.gone.is_some() || self.pump() == 0 {
-                            break;
+                    // latest-value table first (a snapshot is that fresh)
+                    // and not sent to a subscription starting at Latest.
+                    // Bounded, and once for all the requests queued now:
+                    // under a flood, subscriptions arriving together must
+                    // not each wait for 16 full reads of the rings.
+                    if !caught_up {
+                        caught_up = true;
+                        for _ in 0..16 {
+                            if self.gone.is_some() || self.pump() == 0 {
+                                break;
+                            }
                         }
                     }
                     let r = self.st.add(*sub, &self.reader);
