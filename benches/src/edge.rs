@@ -74,6 +74,14 @@ pub struct EdgeBench {
     /// Subscribers in the fan-out case.
     #[arg(long, default_value_t = 1000)]
     pub fanout: usize,
+    /// Connection layouts of the fan-out case, each run for every system:
+    /// 0 gives each subscriber its own connection; N > 0 spreads the
+    /// subscribers over N connections (gRPC streams multiplexed on HTTP/2
+    /// channels, several subscriptions on one WebSocket, several
+    /// subscribers on one NATS connection). Every other case gives each
+    /// subscriber its own connection, NATS's included.
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 16])]
+    pub fanout_connections: Vec<usize>,
     /// Server core.
     #[arg(long, default_value_t = 0)]
     pub server_core: usize,
@@ -134,6 +142,9 @@ pub struct ClientArgs {
     /// Streams (subscribers).
     #[arg(long)]
     pub streams: usize,
+    /// Connections the streams share round-robin (0: one per stream).
+    #[arg(long, default_value_t = 0)]
+    pub connections: usize,
     /// Symbols per stream (0: everything).
     #[arg(long, default_value_t = 0)]
     pub per_stream: usize,
@@ -208,6 +219,7 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
             http: tw.http.to_string(),
             nats: nats.url(),
             streams,
+            connections: 0,
             per_stream: per,
             symbols: b.symbols,
             seconds: b.seconds,
@@ -220,39 +232,49 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
         } else {
             streams as f64 * per.min(b.symbols) as f64 / b.symbols as f64
         };
-        // tickwire, then NATS (same subjects, same publisher pace and core).
-        for system in ["tickwire", "nats"] {
-            if !b.runs(system) {
-                continue;
-            }
-            let (publisher, transport) = if system == "tickwire" {
-                (Publisher::Tickwire(&tw), transport)
-            } else {
-                (Publisher::Nats(&nats), "nats")
-            };
-            let run = |rate: u64, seconds: f64| {
-                let mut a = client(system, transport);
-                a.seconds = seconds;
-                with_publisher(b, rate, publisher, || spawn_client(&a))
-            };
-            // A client that fails (at a rate far past what a system takes)
-            // is a row saying so, not the end of the bench.
-            let r = run(rate, b.seconds).unwrap_or_else(|e| json!({ "error": e }));
-            emit(case, system, b, rate, &r);
-            if b.clean_from > 0 {
-                let (mut r, tries, clean) = highest_clean_rate(b, fan, |rate| run(rate, b.seconds));
-                let offered = tries
-                    .last()
-                    .and_then(|t| t["offered_per_sec"].as_u64())
-                    .unwrap_or(0);
-                if let Some(o) = r.as_object_mut() {
-                    o.insert("mode".into(), json!("highest_clean_rate"));
-                    // False when every try lost or fell behind: the row is
-                    // then the last try.
-                    o.insert("clean".into(), json!(clean));
-                    o.insert("search".into(), json!(tries));
+        // Each connection layout (the fan-out case may have several).
+        let layouts = if per > 0 {
+            b.fanout_connections.clone()
+        } else {
+            vec![0]
+        };
+        for connections in layouts {
+            // tickwire, then NATS (same subjects, same publisher pace and core).
+            for system in ["tickwire", "nats"] {
+                if !b.runs(system) {
+                    continue;
                 }
-                emit(case, system, b, offered, &r);
+                let (publisher, transport) = if system == "tickwire" {
+                    (Publisher::Tickwire(&tw), transport)
+                } else {
+                    (Publisher::Nats(&nats), "nats")
+                };
+                let run = |rate: u64, seconds: f64| {
+                    let mut a = client(system, transport);
+                    a.seconds = seconds;
+                    a.connections = connections;
+                    with_publisher(b, rate, publisher, || spawn_client(&a))
+                };
+                // A client that fails (at a rate far past what a system takes)
+                // is a row saying so, not the end of the bench.
+                let r = run(rate, b.seconds).unwrap_or_else(|e| json!({ "error": e }));
+                emit(case, system, b, rate, &r);
+                if b.clean_from > 0 {
+                    let (mut r, tries, clean) =
+                        highest_clean_rate(b, fan, |rate| run(rate, b.seconds));
+                    let offered = tries
+                        .last()
+                        .and_then(|t| t["offered_per_sec"].as_u64())
+                        .unwrap_or(0);
+                    if let Some(o) = r.as_object_mut() {
+                        o.insert("mode".into(), json!("highest_clean_rate"));
+                        // False when every try lost or fell behind: the row is
+                        // then the last try.
+                        o.insert("clean".into(), json!(clean));
+                        o.insert("search".into(), json!(tries));
+                    }
+                    emit(case, system, b, offered, &r);
+                }
             }
         }
         // The bare server: the wire's ceiling (1 and 8 subscribers).
@@ -286,6 +308,7 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
                 http: tw.http.to_string(),
                 nats: nats.url(),
                 streams: 8,
+                connections: 0,
                 per_stream: 0,
                 symbols: b.symbols,
                 seconds: b.seconds,
@@ -868,6 +891,8 @@ fn spawn_client(a: &ClientArgs) -> Result<Value, String> {
         a.nats.clone(),
         "--streams".into(),
         a.streams.to_string(),
+        "--connections".into(),
+        a.connections.to_string(),
         "--per-stream".into(),
         a.per_stream.to_string(),
         "--symbols".into(),
@@ -1038,20 +1063,10 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
     });
     let a2 = a.clone();
     let sh2 = sh.clone();
-    let (hist, to_edge, elapsed) = rt.block_on(async move {
+    let (hist, to_edge, elapsed, opened) = rt.block_on(async move {
         let a = a2;
         let sh = sh2;
-        let nats = if a.transport == "nats" {
-            Some(
-                async_nats::ConnectOptions::new()
-                    .subscription_capacity(1 << 16)
-                    .connect(a.nats.clone())
-                    .await
-                    .map_err(|e| format!("nats client: {e}"))?,
-            )
-        } else {
-            None
-        };
+        let links = Links::open(&a).await?;
         let mut tasks = Vec::new();
         let slow = a.slow.then(|| {
             let (a, sh) = (a.clone(), sh.clone());
@@ -1061,6 +1076,9 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
                 }
             })
         });
+        // WebSocket subscriptions sharing a connection, by connection.
+        let mut ws_shared: std::collections::BTreeMap<usize, Vec<Vec<String>>> =
+            std::collections::BTreeMap::new();
         for k in 0..a.streams {
             let syms = if a.per_stream == 0 {
                 Vec::new()
@@ -1072,29 +1090,43 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
                 "mixed" => "grpc".to_string(),
                 t => t.to_string(),
             };
-            let sh = sh.clone();
-            let a = a.clone();
-            let nats = nats.clone();
+            if transport == "ws" && a.connections > 0 {
+                ws_shared
+                    .entry(k % a.connections.min(a.streams))
+                    .or_default()
+                    .push(syms);
+                continue;
+            }
+            let grpc = links.grpc(k, a.connections.min(a.streams));
+            let nats = links.nats(k);
+            let subs = vec![syms];
             let contiguous = (a.per_stream == 0 && a.system == "tickwire") || transport == "nats";
-            tasks.push(tokio::spawn(async move {
-                let mut t = Tally::new(contiguous);
-                let r = match transport.as_str() {
-                    "grpc" => grpc_stream(&a, &syms, &sh, &mut t).await,
-                    "ws" => ws_stream(&a, &syms, &sh, &mut t).await,
-                    _ => match nats {
-                        Some(c) => nats_stream(&c, &syms, &sh, &mut t).await,
-                        None => Err("no nats client".into()),
-                    },
-                };
-                if let Err(e) = r {
-                    if sh.errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        eprintln!("edge client: stream {k}: {e}");
-                    }
-                    if let Ok(mut kinds) = sh.error_kinds.lock() {
-                        *kinds.entry(e).or_default() += 1;
-                    }
-                }
-            }));
+            tasks.push(spawn_stream(
+                &a, &sh, k, transport, subs, grpc, nats, contiguous,
+            ));
+        }
+        // Connections this process holds open for the streams.
+        let opened = if a.connections == 0 {
+            a.streams
+        } else if a.transport == "nats" {
+            links.nats.len()
+        } else {
+            links.grpc.len() + ws_shared.len()
+        };
+        for (c, subs) in ws_shared {
+            // Several subscriptions on one socket: sequences are checked
+            // only when it carries one.
+            let contiguous = a.per_stream == 0 && subs.len() == 1;
+            tasks.push(spawn_stream(
+                &a,
+                &sh,
+                c,
+                "ws".into(),
+                subs,
+                None,
+                None,
+                contiguous,
+            ));
         }
         // Settle: every stream connected (or 10 s), then 1 s more.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1117,7 +1149,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         let (hist, to_edge) = LATENCIES.with_borrow(|l| (l.end_to_end.clone(), l.to_edge.clone()));
-        Ok::<_, String>((hist, to_edge, elapsed))
+        Ok::<_, String>((hist, to_edge, elapsed, opened))
     })?;
     let events = sh.events.load(Ordering::Relaxed);
     let messages = sh.messages.load(Ordering::Relaxed);
@@ -1138,6 +1170,7 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
     Ok(json!({
         "subscribers": a.streams,
         "connected": connected,
+        "connections": opened,
         "transport": a.transport,
         "events": events,
         "events_per_message": per_message,
@@ -1159,14 +1192,113 @@ pub fn client(a: &ClientArgs) -> Result<Value, String> {
     }))
 }
 
-/// Opens a gRPC stream on its own connection, decoding the lite view.
+/// The connections a client process opens ahead of its streams: NATS
+/// connections (shared round-robin by the streams when `connections` is
+/// set, one per stream otherwise) and, when `connections` is set, the gRPC
+/// channel of each connection index a gRPC stream uses (a gRPC or
+/// WebSocket stream without a shared connection opens its own).
+struct Links {
+    grpc: std::collections::HashMap<usize, tonic::client::Grpc<tonic::transport::Channel>>,
+    nats: Vec<async_nats::Client>,
+}
+
+impl Links {
+    async fn open(a: &ClientArgs) -> Result<Links, String> {
+        let shared = a.connections.min(a.streams);
+        let mut links = Links {
+            grpc: std::collections::HashMap::new(),
+            nats: Vec::new(),
+        };
+        if a.transport == "nats" {
+            let n = if shared > 0 { shared } else { a.streams };
+            for _ in 0..n {
+                let c = async_nats::ConnectOptions::new()
+                    .subscription_capacity(1 << 16)
+                    .connect(a.nats.clone())
+                    .await
+                    .map_err(|e| format!("nats client: {e}"))?;
+                links.nats.push(c);
+            }
+        } else if shared > 0 {
+            for k in 0..a.streams {
+                let grpc = a.transport == "grpc" || (a.transport == "mixed" && k % 2 == 0);
+                if grpc && !links.grpc.contains_key(&(k % shared)) {
+                    let channel = wire_scan::raw_client(format!("http://{}", a.grpc)).await?;
+                    links.grpc.insert(k % shared, channel);
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// The shared channel of stream `k`, if channels are shared.
+    fn grpc(
+        &self,
+        k: usize,
+        connections: usize,
+    ) -> Option<tonic::client::Grpc<tonic::transport::Channel>> {
+        let c = k.checked_rem(connections)?;
+        self.grpc.get(&c).cloned()
+    }
+
+    /// The NATS connection of stream `k`.
+    fn nats(&self, k: usize) -> Option<async_nats::Client> {
+        (!self.nats.is_empty()).then(|| self.nats[k % self.nats.len()].clone())
+    }
+}
+
+/// One task reading a stream (or, over WebSocket, every subscription in
+/// `subs` on one connection) into one tally; its error is counted.
+#[allow(clippy::too_many_arguments)]
+fn spawn_stream(
+    a: &ClientArgs,
+    sh: &Arc<Shared>,
+    k: usize,
+    transport: String,
+    subs: Vec<Vec<String>>,
+    grpc: Option<tonic::client::Grpc<tonic::transport::Channel>>,
+    nats: Option<async_nats::Client>,
+    contiguous: bool,
+) -> tokio::task::JoinHandle<()> {
+    let (a, sh) = (a.clone(), sh.clone());
+    tokio::spawn(async move {
+        let mut t = Tally::new(contiguous);
+        let syms = subs.first().cloned().unwrap_or_default();
+        let r = match transport.as_str() {
+            "grpc" => grpc_stream(&a, grpc, &syms, &sh, &mut t).await,
+            "ws" => ws_stream(&a, &subs, &sh, &mut t).await,
+            _ => match nats {
+                Some(c) => nats_stream(&c, &syms, &sh, &mut t).await,
+                None => Err("no nats client".into()),
+            },
+        };
+        if let Err(e) = r {
+            if sh.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                eprintln!("edge client: stream {k}: {e}");
+            }
+            if let Ok(mut kinds) = sh.error_kinds.lock() {
+                *kinds.entry(e).or_default() += 1;
+            }
+        }
+    })
+}
+
+/// Opens a gRPC stream on `shared` (an HTTP/2 channel other streams use
+/// too) or on its own connection, decoding the lite view.
 async fn open_grpc(
     a: &ClientArgs,
+    shared: Option<tonic::client::Grpc<tonic::transport::Channel>>,
     syms: &[String],
     name: &str,
 ) -> Result<tonic::Streaming<bytes::Bytes>, String> {
     use tickwire_proto::pb;
-    let mut grpc = wire_scan::raw_client(format!("http://{}", a.grpc)).await?;
+    let mut grpc = match shared {
+        Some(mut g) => {
+            g.ready().await.map_err(|e| e.to_string())?;
+            g
+        }
+        None => wire_scan::raw_client(format!("http://{}", a.grpc)).await?,
+    };
     let req = pb::StreamRequest {
         symbols: syms.to_vec(),
         topic: TOPIC.into(),
@@ -1189,11 +1321,12 @@ async fn open_grpc(
 
 async fn grpc_stream(
     a: &ClientArgs,
+    shared: Option<tonic::client::Grpc<tonic::transport::Channel>>,
     syms: &[String],
     sh: &Shared,
     t: &mut Tally,
 ) -> Result<(), String> {
-    let mut stream = open_grpc(a, syms, "bench").await?;
+    let mut stream = open_grpc(a, shared, syms, "bench").await?;
     sh.connected.fetch_add(1, Ordering::Relaxed);
     while !sh.done.load(Ordering::Relaxed) {
         let Some(m) = stream.message().await.map_err(|e| e.to_string())? else {
@@ -1217,7 +1350,7 @@ async fn grpc_stream(
 /// The slow_1 stream: subscribes to everything, reads nothing while the
 /// others are measured, then reads for 2 s and counts what it was told.
 async fn slow_stream(a: &ClientArgs, sh: &Shared) -> Result<(), String> {
-    let mut stream = open_grpc(a, &[], "slow").await?;
+    let mut stream = open_grpc(a, None, &[], "slow").await?;
     while !sh.done.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1251,9 +1384,10 @@ fn count_gap(sh: &Shared, t: &mut Tally, from: u64, to: u64) {
     }
 }
 
+/// One WebSocket connection carrying a subscription per entry of `subs`.
 async fn ws_stream(
     a: &ClientArgs,
-    syms: &[String],
+    subs: &[Vec<String>],
     sh: &Shared,
     t: &mut Tally,
 ) -> Result<(), String> {
@@ -1267,15 +1401,17 @@ async fn ws_stream(
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(cfg), true)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let sub = if syms.is_empty() {
-        json!({"type": "subscribe", "payload": {"topic": TOPIC}})
-    } else {
-        json!({"type": "subscribe", "payload": {"topic": TOPIC, "symbols": syms}})
-    };
-    ws.send(Message::Text(sub.to_string().into()))
-        .await
-        .map_err(|e| e.to_string())?;
-    sh.connected.fetch_add(1, Ordering::Relaxed);
+    for syms in subs {
+        let sub = if syms.is_empty() {
+            json!({"type": "subscribe", "payload": {"topic": TOPIC}})
+        } else {
+            json!({"type": "subscribe", "payload": {"topic": TOPIC, "symbols": syms}})
+        };
+        ws.send(Message::Text(sub.to_string().into()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    sh.connected.fetch_add(subs.len() as u64, Ordering::Relaxed);
     let keys = wire_scan::JsonKeys::default();
     while !sh.done.load(Ordering::Relaxed) {
         let Some(m) = ws.next().await else { break };
@@ -1554,5 +1690,50 @@ mod tests {
                 (j.sequence, j.ingest_ns, j.send_ns)
             );
         }
+    }
+
+    /// Subscribers spread over shared connections (gRPC streams on shared
+    /// HTTP/2 channels, several subscriptions per WebSocket) all subscribe
+    /// and receive, losing nothing, over the connections reported.
+    #[test]
+    fn subscribers_spread_over_shared_connections_all_receive() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            b: EdgeBench,
+        }
+        let b = <Cli as clap::Parser>::parse_from(["edge", "--seconds", "1"]).b;
+        let tw = TwServer::start(&b).expect("tickwire starts");
+        let a = ClientArgs {
+            system: "tickwire".into(),
+            transport: "mixed".into(),
+            grpc: tw.grpc.to_string(),
+            http: tw.http.to_string(),
+            nats: String::new(),
+            streams: 20,
+            connections: 4,
+            per_stream: 10,
+            symbols: b.symbols,
+            seconds: 1.0,
+            core: b.client_core,
+            slow: false,
+        };
+        let r = with_publisher(&b, 5_000, Publisher::Tickwire(&tw), || client(&a))
+            .expect("the client runs");
+        tw.stop();
+        assert_eq!(r["stream_errors"], 0, "{r}");
+        assert_eq!(r["connected"], 20, "every subscription made: {r}");
+        // Even streams are gRPC (channels 0 and 2), odd ones WebSocket
+        // (connections 1 and 3).
+        assert_eq!(r["connections"], 4, "{r}");
+        assert_eq!(
+            (r["lost"].as_u64(), r["gap_notices"].as_u64()),
+            (Some(0), Some(0)),
+            "{r}"
+        );
+        assert!(
+            r["events"].as_u64().unwrap_or(0) > 0,
+            "nothing received: {r}"
+        );
     }
 }
