@@ -240,6 +240,11 @@ pub struct EdgeConfig {
     pub queue_events: usize,
     /// Bytes queued per subscriber before its slow-consumer policy acts.
     pub queue_bytes: usize,
+    /// Bytes queued for all subscribers together: past it, a subscriber
+    /// with anything queued is full too (one that keeps up still gets
+    /// every frame), so stalled subscribers cannot take the edge's memory
+    /// whatever their number.
+    pub queue_bytes_total: usize,
     /// Events per batch message.
     pub max_batch: u32,
     /// Open gRPC streams at most.
@@ -288,6 +293,7 @@ impl Default for EdgeConfig {
             listen_backlog: 4096,
             queue_events: 65_536,
             queue_bytes: 16 << 20,
+            queue_bytes_total: 1 << 30,
             max_batch: 256,
             max_streams: 4096,
             max_ws_connections: 4096,
@@ -338,6 +344,7 @@ impl EdgeConfig {
             ("listen_backlog", self.listen_backlog as usize),
             ("queue_events", self.queue_events),
             ("queue_bytes", self.queue_bytes),
+            ("queue_bytes_total", self.queue_bytes_total),
             ("max_batch", self.max_batch as usize),
             ("max_streams", self.max_streams),
             ("max_ws_connections", self.max_ws_connections),
@@ -421,6 +428,7 @@ impl EdgeState {
             dispatch::QueueLimits {
                 max_events: config.queue_events,
                 max_bytes: config.queue_bytes,
+                max_bytes_total: config.queue_bytes_total,
                 max_batch: config.max_batch,
                 delivery_sample: config.delivery_log_sample,
             },

@@ -1520,3 +1520,54 @@ async fn subscriptions_arriving_together_during_a_flood_are_all_answered() {
     drop(heavy);
     f.stop().await;
 }
+
+/// However many subscribers stall, what the edge queues for all of them is
+/// bounded by `queue_bytes_total`: a stalled client far under its own
+/// limits is told that the edge's queues are full and skips to live, while
+/// a client that keeps up gets every event in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_queue_budget_bounds_stalled_clients_and_never_one_that_keeps_up() {
+    let mut f = Fixture::start(|c| {
+        c.queue_bytes_total = 256 * 1024;
+        c.max_batch = 16;
+    })
+    .await;
+    let mut fast = stream_with(&f, pb::SlowConsumerPolicy::Drop).await;
+    let mut slow = stream_with(&f, pb::SlowConsumerPolicy::Drop).await;
+    // 64,000 events: far more than the budget and the slow client's
+    // HTTP/2 and TCP buffers hold, far less than its own 16 MiB queue.
+    paced_by_a_fast_client(&mut f, &mut fast, 2000).await;
+    let budget = f.edge().state.hub.budget().clone();
+    assert!(
+        budget.used() <= budget.max() + 64 * 1024,
+        "{} bytes queued with a budget of {}",
+        budget.used(),
+        budget.max()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut events = 0;
+    let detail = loop {
+        match next_kind(&mut slow, deadline).await {
+            R::Batch(b) => events += b.messages.len(),
+            R::SlowConsumer(n) => break n.detail,
+            _ => {}
+        }
+    };
+    assert!(
+        detail.contains("edge.queue_bytes_total"),
+        "the slow client is told which limit: {detail}"
+    );
+    assert!(events < 64_000, "{events} events before the notice");
+    drop(slow);
+    // What the stalled client left queued goes back to the budget.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while budget.used() > 64 * 1024 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} bytes still queued after the slow client left",
+            budget.used()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.stop().await;
+}

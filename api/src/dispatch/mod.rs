@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::spec::{Policy, StartSpec, SubscriptionSpec};
+pub use outbox::QueueBudget;
 use outbox::{Closed, Frame, Outbox, Payload};
 
 /// Queue and batch limits for every subscriber.
@@ -51,6 +52,8 @@ pub struct QueueLimits {
     pub max_events: usize,
     /// Bytes queued per subscriber.
     pub max_bytes: usize,
+    /// Bytes queued for all subscribers together.
+    pub max_bytes_total: usize,
     /// Events per batch message.
     pub max_batch: u32,
     /// `message_delivery_log`: one delivered frame in this many is logged
@@ -120,6 +123,7 @@ impl Default for QueueLimits {
         QueueLimits {
             max_events: 65_536,
             max_bytes: 16 << 20,
+            max_bytes_total: 1 << 30,
             max_batch: 256,
             delivery_sample: 10_000,
         }
@@ -249,6 +253,7 @@ struct TopicHandle {
 pub struct Hub {
     node_dir: PathBuf,
     limits: QueueLimits,
+    budget: Arc<QueueBudget>,
     topics: Mutex<HashMap<String, TopicHandle>>,
     cancel: CancellationToken,
     next_id: AtomicU64,
@@ -322,6 +327,7 @@ impl Hub {
                 ..DeliveryLog::default()
             }),
             node_dir,
+            budget: QueueBudget::new(limits.max_bytes_total),
             limits,
             topics: Mutex::new(HashMap::new()),
             cancel,
@@ -329,6 +335,11 @@ impl Hub {
             threads: Mutex::new(Vec::new()),
             symbology: Mutex::new(None),
         }
+    }
+
+    /// The bytes every subscriber's queue holds together, bounded.
+    pub fn budget(&self) -> &Arc<QueueBudget> {
+        &self.budget
     }
 
     /// The node directory.
@@ -445,6 +456,7 @@ impl Hub {
         let outbox = Arc::new(Outbox::new(
             self.limits.max_events,
             self.limits.max_bytes,
+            self.budget.clone(),
             notify,
         ));
         let topic = spec.topic.clone();
@@ -1530,6 +1542,7 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
         return 0;
     };
     let (qe, qb) = s.outbox.depth();
+    let full = s.outbox.full();
     let policy = s.spec.policy;
     let slow = |dropped: u64, conflated: u64, detail: String| pb::SlowConsumerNotice {
         policy: policy.name().into(),
@@ -1548,7 +1561,13 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
             let dropped = c.dropped.fetch_add(events as u64, Ordering::Relaxed) + events as u64;
             if !s.slow_noticed {
                 s.slow_noticed = true;
-                let n = slow(dropped, 0, "queue full: skipping to live; a gap notice with the exact range follows when you catch up".into());
+                let n = slow(
+                    dropped,
+                    0,
+                    format!(
+                        "{full}: skipping to live; a gap notice with the exact range follows when you catch up"
+                    ),
+                );
                 s.notice(notice::slow(n.clone()), || slow_json(&n), now);
             }
             events as u64
@@ -1566,14 +1585,14 @@ fn seal(s: &mut LiveSub, now: u64, topic: &str) -> u64 {
                 let n = slow(
                     0,
                     s.outbox.counters.conflated.load(Ordering::Relaxed),
-                    "queue full: keeping the latest event per instrument until you catch up".into(),
+                    format!("{full}: keeping the latest event per instrument until you catch up"),
                 );
                 s.notice(notice::slow(n.clone()), || slow_json(&n), now);
             }
             0
         }
         Policy::Disconnect => {
-            let why = format!("queue full ({qe} events, {qb} bytes queued); policy disconnect");
+            let why = format!("{full} ({qe} events, {qb} bytes queued); policy disconnect");
             s.closed = true;
             s.notice(
                 notice::end(&format!("slow consumer: {why}")),

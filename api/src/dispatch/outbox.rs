@@ -3,7 +3,7 @@
 //! (which empties it onto the socket).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,12 +104,57 @@ pub struct SubCounters {
     pub last_activity_ns: AtomicU64,
 }
 
+/// The bytes queued for all the edge's subscribers together, with a
+/// ceiling (`edge.queue_bytes_total`). Past it, a subscriber that already
+/// has something queued is full (its slow-consumer policy acts), so the
+/// edge's memory stays bounded however many subscribers stall at once,
+/// while one that keeps up (nothing queued) always gets its next frame.
+#[derive(Debug)]
+pub struct QueueBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl QueueBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget {
+            max: max.max(1),
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes queued now, for all subscribers.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The ceiling.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn over(&self, more: usize) -> bool {
+        self.used() + more > self.max
+    }
+
+    fn add(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Frame>,
     events: usize,
     bytes: usize,
     closed: Option<Closed>,
+    /// Whether the last frame refused was refused for the edge's budget.
+    over_budget: bool,
 }
 
 /// The bounded queue.
@@ -119,6 +164,7 @@ pub struct Outbox {
     notify: Arc<Notify>,
     max_events: usize,
     max_bytes: usize,
+    budget: Arc<QueueBudget>,
     /// Counters.
     pub counters: SubCounters,
 }
@@ -135,14 +181,21 @@ pub enum Next {
 }
 
 impl Outbox {
-    /// A queue bounded in events and bytes, waking its writer through
-    /// `notify` (shared by all subscriptions of one WebSocket connection).
-    pub fn new(max_events: usize, max_bytes: usize, notify: Arc<Notify>) -> Outbox {
+    /// A queue bounded in events and bytes, and by the edge's `budget`,
+    /// waking its writer through `notify` (shared by all subscriptions of
+    /// one WebSocket connection).
+    pub fn new(
+        max_events: usize,
+        max_bytes: usize,
+        budget: Arc<QueueBudget>,
+        notify: Arc<Notify>,
+    ) -> Outbox {
         Outbox {
             q: Mutex::new(Queue::default()),
             notify,
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
+            budget,
             counters: SubCounters::default(),
         }
     }
@@ -157,15 +210,20 @@ impl Outbox {
     /// The frame, when the queue is full (or closed).
     pub fn try_push(&self, f: Frame) -> Result<(), Frame> {
         let mut q = self.lock();
-        if q.closed.is_some()
-            || (!q.frames.is_empty()
-                && (q.events + f.events as usize > self.max_events
-                    || q.bytes + f.bytes.len() > self.max_bytes))
-        {
+        if q.closed.is_some() {
             return Err(f);
+        }
+        if !q.frames.is_empty() {
+            let own = q.events + f.events as usize > self.max_events
+                || q.bytes + f.bytes.len() > self.max_bytes;
+            if own || self.budget.over(f.bytes.len()) {
+                q.over_budget = !own;
+                return Err(f);
+            }
         }
         q.events += f.events as usize;
         q.bytes += f.bytes.len();
+        self.budget.add(f.bytes.len());
         q.frames.push_back(f);
         drop(q);
         self.notify.notify_one();
@@ -181,6 +239,7 @@ impl Outbox {
         }
         q.events += f.events as usize;
         q.bytes += f.bytes.len();
+        self.budget.add(f.bytes.len());
         q.frames.push_back(f);
         drop(q);
         self.notify.notify_one();
@@ -195,15 +254,29 @@ impl Outbox {
             return;
         }
         q.bytes += f.bytes.len();
+        self.budget.add(f.bytes.len());
         q.frames.push_back(f);
         drop(q);
         self.notify.notify_one();
     }
 
-    /// Whether the queue is at most half full (room to resume after a stall).
+    /// Whether the queue is at most half full, and the edge's budget less
+    /// than 90% used (room to resume after a stall).
     pub fn has_room(&self) -> bool {
         let q = self.lock();
-        q.events * 2 <= self.max_events && q.bytes * 2 <= self.max_bytes
+        q.events * 2 <= self.max_events
+            && q.bytes * 2 <= self.max_bytes
+            && self.budget.used() < self.budget.max / 10 * 9
+    }
+
+    /// What is full when a frame is refused: this queue, or the edge's
+    /// budget for all queues.
+    pub fn full(&self) -> &'static str {
+        if self.lock().over_budget {
+            "the edge's queues are full (edge.queue_bytes_total)"
+        } else {
+            "queue full"
+        }
     }
 
     /// (events, bytes) queued.
@@ -238,6 +311,7 @@ impl Outbox {
             Some(f) => {
                 q.events -= f.events as usize;
                 q.bytes -= f.bytes.len();
+                self.budget.sub(f.bytes.len());
                 drop(q);
                 Some(Next::Frame(self.taken(f)))
             }
@@ -257,6 +331,7 @@ impl Outbox {
         let f = q.frames.pop_front()?;
         q.events -= f.events as usize;
         q.bytes -= f.bytes.len();
+        self.budget.sub(f.bytes.len());
         drop(q);
         Some(self.taken(f))
     }
@@ -286,6 +361,14 @@ impl Outbox {
     }
 }
 
+impl Drop for Outbox {
+    /// What a subscriber that went away left queued goes back to the budget.
+    fn drop(&mut self) {
+        let q = self.q.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.budget.sub(q.bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,15 +383,30 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded_in_events_and_bytes() {
-        let o = Outbox::new(10, 1000, Arc::new(Notify::new()));
+        let o = Outbox::new(
+            10,
+            1000,
+            QueueBudget::new(usize::MAX),
+            Arc::new(Notify::new()),
+        );
         assert!(o.try_push(frame(6, 100)).is_ok());
         assert!(o.try_push(frame(6, 100)).is_err(), "12 events > 10");
         assert!(o.try_push(frame(4, 100)).is_ok());
-        let o = Outbox::new(100, 1000, Arc::new(Notify::new()));
+        let o = Outbox::new(
+            100,
+            1000,
+            QueueBudget::new(usize::MAX),
+            Arc::new(Notify::new()),
+        );
         assert!(o.try_push(frame(1, 900)).is_ok());
         assert!(o.try_push(frame(1, 200)).is_err(), "1100 bytes > 1000");
         // One frame larger than the limit still goes into an empty queue.
-        let o = Outbox::new(10, 10, Arc::new(Notify::new()));
+        let o = Outbox::new(
+            10,
+            10,
+            QueueBudget::new(usize::MAX),
+            Arc::new(Notify::new()),
+        );
         assert!(o.try_push(frame(50, 5000)).is_ok());
         assert!(matches!(o.pop(), Some(Next::Frame(f)) if f.events == 50));
         assert_eq!(o.counters.delivered.load(Ordering::Relaxed), 50);
@@ -318,7 +416,12 @@ mod tests {
 
     #[test]
     fn pop_data_takes_data_frames_within_the_size_and_stops_at_a_notice() {
-        let o = Outbox::new(100, 100_000, Arc::new(Notify::new()));
+        let o = Outbox::new(
+            100,
+            100_000,
+            QueueBudget::new(usize::MAX),
+            Arc::new(Notify::new()),
+        );
         assert!(o.try_push(frame(2, 100)).is_ok());
         assert!(o.try_push(frame(3, 300)).is_ok());
         o.push_notice(frame(0, 10));
@@ -331,5 +434,42 @@ mod tests {
         assert_eq!(o.pop_data(1000).map(|f| f.events), Some(4));
         assert_eq!(o.depth(), (0, 0));
         assert_eq!(o.counters.delivered.load(Ordering::Relaxed), 9);
+    }
+
+    #[test]
+    fn the_edge_budget_bounds_all_queues_together_and_never_a_subscriber_that_keeps_up() {
+        let budget = QueueBudget::new(1000);
+        let new = || Outbox::new(100, 100_000, budget.clone(), Arc::new(Notify::new()));
+        let (stalled, other, keeps_up) = (new(), new(), new());
+        assert!(stalled.try_push(frame(1, 400)).is_ok());
+        assert!(stalled.try_push(frame(1, 400)).is_ok());
+        assert_eq!(budget.used(), 800);
+        // Each is far under its own limits, but 800 + 300 > 1000.
+        assert!(
+            other.try_push(frame(1, 100)).is_ok(),
+            "an empty queue always takes one"
+        );
+        assert!(
+            other.try_push(frame(1, 300)).is_err(),
+            "over the edge's budget"
+        );
+        assert!(
+            !stalled.has_room() && !other.has_room(),
+            "900 of 1000 is past 90%"
+        );
+        assert!(
+            keeps_up.try_push(frame(1, 300)).is_ok(),
+            "nothing queued: it gets its frame"
+        );
+        assert!(matches!(keeps_up.pop(), Some(Next::Frame(_))));
+        assert_eq!(budget.used(), 900);
+        assert_eq!(stalled.pop_data(1000).map(|f| f.events), Some(1));
+        assert_eq!(budget.used(), 500);
+        assert!(other.has_room());
+        assert!(other.try_push(frame(1, 300)).is_ok(), "room again");
+        // A subscriber that goes away gives back what it left queued.
+        drop(stalled);
+        drop(other);
+        assert_eq!(budget.used(), 0);
     }
 }

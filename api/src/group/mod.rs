@@ -294,6 +294,7 @@ pub async fn join(
     let outbox = Arc::new(Outbox::new(
         state.config.queue_events,
         state.config.queue_bytes,
+        state.hub.budget().clone(),
         notify,
     ));
     let (reply, answer) = oneshot::channel();
