@@ -182,24 +182,6 @@ fn gather7(x: u64) -> u64 {
     (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
 }
 
-/// [`varint`] a byte at a time: the reference it is tested against.
-#[cfg(test)]
-fn varint_bytewise(b: &[u8], i: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*i)?;
-        *i += 1;
-        if shift == 63 && byte > 1 {
-            return None;
-        }
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Some(v);
-        }
-    }
-    None
-}
-
 /// The fields of a message: (field number, varint value or 0, the bytes
 /// of a length-delimited field or empty). Fixed-width fields are skipped.
 fn fields(b: &[u8], mut f: impl FnMut(u32, u64, &[u8]) -> Option<()>) -> Option<()> {
@@ -454,8 +436,11 @@ mod tests {
                 let mut i = 0;
                 assert_eq!(varint(&b, &mut i), Some(v), "{v} with {tail} bytes after");
                 assert_eq!(i, enc.len(), "{v}");
-                let mut i = 0;
-                assert_eq!(varint_bytewise(&b, &mut i), Some(v), "{v}");
+                assert_eq!(
+                    prost::encoding::decode_varint(&mut &b[..]).ok(),
+                    Some(v),
+                    "prost reads {v} back"
+                );
             }
             let mut i = 0;
             assert_eq!(varint(&enc[..enc.len() - 1], &mut i), None, "{v} cut short");
@@ -467,8 +452,7 @@ mod tests {
         over.push(0x02);
         let mut i = 0;
         assert_eq!(varint(&over, &mut i), None);
-        let mut i = 0;
-        assert_eq!(varint_bytewise(&over, &mut i), None);
+        assert!(prost::encoding::decode_varint(&mut &over[..]).is_err());
     }
 
     #[test]
@@ -529,6 +513,50 @@ mod tests {
         );
         assert_eq!(scanned, from_prost);
         assert_eq!(scanned, expected);
+        // A message whose fields come in another order (as another encoder
+        // may write them) reads the same, through the walk in any order.
+        let m = &b.messages[0];
+        let one = tickwire_proto::pb::StreamResponse {
+            kind: Some(tickwire_proto::pb::stream_response::Kind::Batch(
+                tickwire_proto::pb::MarketDataBatch {
+                    messages: vec![m.clone()],
+                },
+            )),
+        }
+        .encode_to_vec();
+        let in_order = m.encode_to_vec();
+        let part = |x: tickwire_proto::pb::MarketDataMessage| x.encode_to_vec();
+        let mut reversed = part(tickwire_proto::pb::MarketDataMessage {
+            metadata: m.metadata.clone(),
+            ..Default::default()
+        });
+        reversed.extend(part(tickwire_proto::pb::MarketDataMessage {
+            data: m.data.clone(),
+            ..Default::default()
+        }));
+        reversed.extend(part(tickwire_proto::pb::MarketDataMessage {
+            timestamp: m.timestamp,
+            ..Default::default()
+        }));
+        reversed.extend(part(tickwire_proto::pb::MarketDataMessage {
+            event_id: m.event_id.clone(),
+            ..Default::default()
+        }));
+        assert_eq!(reversed.len(), in_order.len());
+        assert_ne!(reversed, in_order);
+        assert!(message_in_order(&reversed).is_none(), "not in field order");
+        let at = one
+            .windows(in_order.len())
+            .position(|w| w == in_order.as_slice())
+            .expect("the message inside its response");
+        let mut shuffled = one.clone();
+        shuffled[at..at + in_order.len()].copy_from_slice(&reversed);
+        let mut read = Vec::new();
+        assert_eq!(
+            grpc_response(&shuffled, |m| read.push(m)),
+            Some(Notice::None)
+        );
+        assert_eq!(read, vec![from_prost[0]]);
         let gap = notice::gap("bench/edge", 0, 7, 9, "overrun");
         assert_eq!(
             grpc_response(&gap.0, |_| {}),
