@@ -241,9 +241,9 @@ pub struct EdgeConfig {
     /// Bytes queued per subscriber before its slow-consumer policy acts.
     pub queue_bytes: usize,
     /// Bytes queued for all subscribers together: past it, a subscriber
-    /// with anything queued is full too (one that keeps up still gets
-    /// every frame), so stalled subscribers cannot take the edge's memory
-    /// whatever their number.
+    /// holding 64 KiB or more is full too (one that keeps up holds less and
+    /// still gets every frame), so stalled subscribers cannot take the
+    /// edge's memory whatever their number.
     pub queue_bytes_total: usize,
     /// Events per batch message.
     pub max_batch: u32,

@@ -104,11 +104,17 @@ pub struct SubCounters {
     pub last_activity_ns: AtomicU64,
 }
 
+/// A queue holding less than this is never refused for the edge's
+/// budget: a subscriber that keeps up holds a frame or two, and must not
+/// lose events because others stalled.
+pub const BUDGET_FLOOR: usize = 64 * 1024;
+
 /// The bytes queued for all the edge's subscribers together, with a
-/// ceiling (`edge.queue_bytes_total`). Past it, a subscriber that already
-/// has something queued is full (its slow-consumer policy acts), so the
-/// edge's memory stays bounded however many subscribers stall at once,
-/// while one that keeps up (nothing queued) always gets its next frame.
+/// ceiling (`edge.queue_bytes_total`). Past it, a subscriber holding at
+/// least [`BUDGET_FLOOR`] is full (its slow-consumer policy acts), so the
+/// edge's memory stays bounded (by the ceiling plus the floor per
+/// subscriber) however many subscribers stall at once, while one that
+/// keeps up always gets its frames.
 #[derive(Debug)]
 pub struct QueueBudget {
     max: usize,
@@ -216,7 +222,7 @@ impl Outbox {
         if !q.frames.is_empty() {
             let own = q.events + f.events as usize > self.max_events
                 || q.bytes + f.bytes.len() > self.max_bytes;
-            if own || self.budget.over(f.bytes.len()) {
+            if own || (q.bytes >= BUDGET_FLOOR && self.budget.over(f.bytes.len())) {
                 q.over_budget = !own;
                 return Err(f);
             }
@@ -438,38 +444,43 @@ mod tests {
 
     #[test]
     fn the_edge_budget_bounds_all_queues_together_and_never_a_subscriber_that_keeps_up() {
-        let budget = QueueBudget::new(1000);
-        let new = || Outbox::new(100, 100_000, budget.clone(), Arc::new(Notify::new()));
+        const K: usize = BUDGET_FLOOR;
+        let budget = QueueBudget::new(10 * K);
+        let new = || Outbox::new(1000, 100 * K, budget.clone(), Arc::new(Notify::new()));
         let (stalled, other, keeps_up) = (new(), new(), new());
-        assert!(stalled.try_push(frame(1, 400)).is_ok());
-        assert!(stalled.try_push(frame(1, 400)).is_ok());
-        assert_eq!(budget.used(), 800);
-        // Each is far under its own limits, but 800 + 300 > 1000.
+        assert!(stalled.try_push(frame(1, 4 * K)).is_ok());
+        assert!(stalled.try_push(frame(1, 4 * K)).is_ok());
+        assert_eq!(budget.used(), 8 * K);
+        // Under the floor a queue is never refused for the budget.
+        assert!(other.try_push(frame(1, K / 2)).is_ok());
         assert!(
-            other.try_push(frame(1, 100)).is_ok(),
-            "an empty queue always takes one"
+            other.try_push(frame(1, 3 * K)).is_ok(),
+            "K/2 queued: under the floor"
         );
+        assert_eq!(budget.used(), 23 * K / 2);
+        // Past it, and over the budget: refused, far under its own limits.
         assert!(
-            other.try_push(frame(1, 300)).is_err(),
+            other.try_push(frame(1, K)).is_err(),
             "over the edge's budget"
         );
+        assert!(other.full().contains("edge.queue_bytes_total"));
+        assert!(stalled.try_push(frame(1, K)).is_err());
         assert!(
             !stalled.has_room() && !other.has_room(),
-            "900 of 1000 is past 90%"
+            "past 90% of the budget"
         );
-        assert!(
-            keeps_up.try_push(frame(1, 300)).is_ok(),
-            "nothing queued: it gets its frame"
-        );
+        // One that keeps up still gets its frames.
+        assert!(keeps_up.try_push(frame(1, K / 4)).is_ok());
+        assert!(keeps_up.try_push(frame(1, K / 4)).is_ok());
         assert!(matches!(keeps_up.pop(), Some(Next::Frame(_))));
-        assert_eq!(budget.used(), 900);
-        assert_eq!(stalled.pop_data(1000).map(|f| f.events), Some(1));
-        assert_eq!(budget.used(), 500);
-        assert!(other.has_room());
-        assert!(other.try_push(frame(1, 300)).is_ok(), "room again");
+        assert_eq!(stalled.pop_data(usize::MAX).map(|f| f.events), Some(1));
+        // 23K/2 + K/2 in, K/4 and 4K out.
+        assert_eq!(budget.used(), 31 * K / 4);
+        assert!(other.has_room(), "under 90% again");
         // A subscriber that goes away gives back what it left queued.
         drop(stalled);
         drop(other);
+        drop(keeps_up);
         assert_eq!(budget.used(), 0);
     }
 }
