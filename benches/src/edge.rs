@@ -82,6 +82,13 @@ pub struct EdgeBench {
     /// subscriber its own connection, NATS's included.
     #[arg(long, value_delimiter = ',', default_values_t = [0, 16])]
     pub fanout_connections: Vec<usize>,
+    /// Batch intervals of the bare fan-out beside fanout_1000 (one
+    /// connection per subscriber), microseconds: each subscriber gets
+    /// the events due over the interval in one message, so a short one is
+    /// many small messages (low latency, if the machine carries them), a
+    /// long one few large ones.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000, 20000])]
+    pub plain_fanout_intervals_us: Vec<u64>,
     /// Server core.
     #[arg(long, default_value_t = 0)]
     pub server_core: usize,
@@ -274,6 +281,25 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
                         o.insert("search".into(), json!(tries));
                     }
                     emit(case, system, b, offered, &r);
+                }
+            }
+            // The bare fan-out beside them: the same events per subscriber,
+            // in batches every interval, with no ring, matching or queue.
+            if per > 0 && connections == 0 && b.runs("plain") {
+                let per_sub = rate as f64 * per.min(b.symbols) as f64 / b.symbols as f64;
+                for &us in &b.plain_fanout_intervals_us {
+                    let interval = Duration::from_micros(us.max(1));
+                    let events = ((per_sub * interval.as_secs_f64()).round() as usize).max(1);
+                    let _pace = plain.pace(interval, events);
+                    let mut a = client("plain", transport);
+                    a.grpc = plain.grpc.to_string();
+                    a.http = plain.http.to_string();
+                    let mut r = spawn_client(&a).unwrap_or_else(|e| json!({ "error": e }));
+                    if let Some(o) = r.as_object_mut() {
+                        o.insert("batch_interval_us".into(), json!(us));
+                        o.insert("events_per_batch".into(), json!(events));
+                    }
+                    emit(case, "plain", b, rate, &r);
                 }
             }
         }
@@ -495,12 +521,15 @@ impl Drop for NatsServer {
 }
 
 /// The bare servers: a tonic `MarketDataStream` and an axum WebSocket route
-/// that send one pre-encoded 64-event batch over and over, and a REST route
-/// with a fixed body the size of tickwire's latest answer.
+/// that send one pre-encoded 64-event batch over and over to a subscriber
+/// taking everything, and the paced fan-out ([`PlainServer::pace`]) to a
+/// subscriber of a handful of symbols; and a REST route with a fixed body
+/// the size of tickwire's latest answer.
 struct PlainServer {
     grpc: SocketAddr,
     http: SocketAddr,
-    _rt: tokio::runtime::Runtime,
+    fanout: Arc<tokio::sync::watch::Sender<Option<Arc<PlainBatch>>>>,
+    rt: tokio::runtime::Runtime,
 }
 
 /// The bare servers' batch: 64 events as the edge writes them for the
@@ -515,15 +544,22 @@ struct PlainBatch {
 }
 
 fn plain_batch() -> PlainBatch {
-    use tickwire_proto::grpc::{BatchBuf, InstrumentFields, TickEncoder, TickMeta};
     const T0: u64 = 1_795_786_108_123_456_789;
+    plain_events(PLAIN_BATCH, |i| T0 + i as u64 * 1_000 + 2_500, T0 + 100_000)
+}
+
+/// `n` events as the edge writes them, event `i` ingested at `ingest(i)`,
+/// the batch sent at `send_ns`.
+fn plain_events(n: usize, ingest: impl Fn(usize) -> u64, send_ns: u64) -> PlainBatch {
+    use tickwire_proto::grpc::{BatchBuf, InstrumentFields, TickEncoder, TickMeta};
     let mut pb = TickEncoder::new();
     let mut batch = BatchBuf::new();
     let mut elements = String::new();
-    for i in 0..PLAIN_BATCH {
+    for i in 0..n {
+        let at = ingest(i);
         let mut body = tickwire_proto::FrameBody::trade(
             1 + i as u32,
-            T0 + i as u64 * 1_000,
+            at - 2_500,
             (100 + i as i64) * tickwire_proto::frame::PRICE_SCALE,
             100,
         );
@@ -537,12 +573,12 @@ fn plain_batch() -> PlainBatch {
             partition: 0,
             epoch: 1,
             seq: 1_000_000 + i as u64,
-            send_time_ns: T0 + i as u64 * 1_000 + 9_000,
+            send_time_ns: send_ns,
             snapshot: false,
             conflated: false,
             redeliveries: 0,
         };
-        let sym = symbol(i);
+        let sym = symbol(i % 1000);
         batch.push(pb.encode(
             &meta,
             b,
@@ -556,12 +592,44 @@ fn plain_batch() -> PlainBatch {
     }
     PlainBatch {
         grpc: batch.take(),
-        ws: tickwire_api::dispatch::json::data_message("s1", &elements, T0 + 100_000),
+        ws: tickwire_api::dispatch::json::data_message("s1", &elements, send_ns),
     }
+}
+
+/// The bare fan-out's batches: every `interval`, the `events` that came
+/// due over it, stamped as arriving evenly across it (so the wait for the
+/// batch is in the latency, as the dispatcher's is in ours), broadcast to
+/// every subscriber of a handful of symbols. A subscriber whose connection
+/// is behind skips to the newest batch: what it delivers is what the
+/// machine carries at that message rate.
+type Fanout = tokio::sync::watch::Receiver<Option<Arc<PlainBatch>>>;
+
+/// The batch due at `tick_ns`: `events` spread over the `interval_ns` before it.
+fn fanout_batch(events: usize, interval_ns: u64, tick_ns: u64) -> PlainBatch {
+    let step = interval_ns / events.max(1) as u64;
+    let first = tick_ns.saturating_sub(interval_ns);
+    plain_events(events, |i| first + step * (i as u64 + 1), tick_ns)
+}
+
+/// A subscriber's frames from the bare fan-out.
+fn fanout_frames<T: Clone + Send + Sync + 'static>(
+    rx: Fanout,
+    pick: impl Fn(&PlainBatch) -> T + Send + 'static,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold((rx, pick), |(mut rx, pick)| async move {
+        loop {
+            rx.changed().await.ok()?;
+            let b = rx.borrow_and_update().clone();
+            if let Some(b) = b {
+                return Some((pick(&b), (rx, pick)));
+            }
+        }
+    })
 }
 
 struct PlainGrpc {
     batch: tickwire_proto::grpc::Encoded,
+    fanout: Fanout,
 }
 
 type PlainStream = std::pin::Pin<
@@ -580,8 +648,15 @@ impl tickwire_proto::pb::raw::market_data_stream_server::MarketDataStream for Pl
 
     async fn stream_market_data(
         &self,
-        _r: tonic::Request<tickwire_proto::pb::StreamRequest>,
+        r: tonic::Request<tickwire_proto::pb::StreamRequest>,
     ) -> Result<tonic::Response<PlainStream>, tonic::Status> {
+        if !r.get_ref().symbols.is_empty() {
+            // A subscriber of a handful of symbols: the paced fan-out.
+            return Ok(tonic::Response::new(Box::pin(fanout_frames(
+                self.fanout.clone(),
+                |b| Ok(b.grpc.clone()),
+            ))));
+        }
         let batch = self.batch.clone();
         Ok(tonic::Response::new(Box::pin(
             futures::stream::repeat_with(move || Ok(batch.clone())),
@@ -623,6 +698,8 @@ impl PlainServer {
             grpc: batch,
             ws: ws_batch,
         } = plain_batch();
+        let (fanout_tx, fanout) = tokio::sync::watch::channel(None);
+        let ws_fanout = fanout.clone();
         let (grpc, http) = rt
             .block_on(async move {
                 let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -631,6 +708,7 @@ impl PlainServer {
                 let svc =
                     pb::raw::market_data_stream_server::MarketDataStreamServer::new(PlainGrpc {
                         batch,
+                        fanout,
                     });
                 tokio::spawn(async move {
                     // As the edge does: Nagle off on each accepted connection.
@@ -652,11 +730,28 @@ impl PlainServer {
                             let ws_batch = ws_batch.clone();
                             move |ws: axum::extract::ws::WebSocketUpgrade| {
                                 let ws_batch = ws_batch.clone();
+                                let fanout = ws_fanout.clone();
                                 async move {
                                     ws.on_upgrade(move |mut socket| async move {
                                         use axum::extract::ws::Message;
-                                        // Wait for the subscribe message, then stream.
-                                        let _ = socket.recv().await;
+                                        use futures::StreamExt as _;
+                                        // Wait for the subscribe message, then stream:
+                                        // the paced fan-out to a subscriber of a
+                                        // handful of symbols, the batch over and over
+                                        // to one taking everything.
+                                        let sub = socket.recv().await;
+                                        let some_symbols = matches!(&sub, Some(Ok(Message::Text(t))) if t.as_str().contains("\"symbols\""));
+                                        if some_symbols {
+                                            let mut frames = std::pin::pin!(fanout_frames(fanout, |b| {
+                                                axum::extract::ws::Utf8Bytes::from(b.ws.as_str())
+                                            }));
+                                            while let Some(t) = frames.next().await {
+                                                if socket.send(Message::Text(t)).await.is_err() {
+                                                    break;
+                                                }
+                                            }
+                                            return;
+                                        }
                                         let text: axum::extract::ws::Utf8Bytes =
                                             ws_batch.as_str().into();
                                         while socket.send(Message::Text(text.clone())).await.is_ok()
@@ -691,8 +786,35 @@ impl PlainServer {
         Ok(PlainServer {
             grpc,
             http,
-            _rt: rt,
+            fanout: Arc::new(fanout_tx),
+            rt,
         })
+    }
+
+    /// Broadcasts `events` per `interval` to the fan-out's subscribers
+    /// until the returned guard is dropped.
+    fn pace(&self, interval: Duration, events: usize) -> PaceGuard {
+        let tx = self.fanout.clone();
+        let interval_ns = interval.as_nanos() as u64;
+        let task = self.rt.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let b = fanout_batch(events, interval_ns, realtime_ns());
+                tx.send_replace(Some(Arc::new(b)));
+            }
+        });
+        PaceGuard(task)
+    }
+}
+
+/// Stops the bare fan-out's ticker when dropped.
+struct PaceGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for PaceGuard {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1690,6 +1812,28 @@ mod tests {
                 (j.sequence, j.ingest_ns, j.send_ns)
             );
         }
+    }
+
+    /// The bare fan-out's batch holds the events due over its interval,
+    /// stamped evenly across it up to the tick, in both encodings: the
+    /// wait for the batch is in the latency its clients measure.
+    #[test]
+    fn a_paced_batch_spreads_its_events_over_the_interval_before_the_tick() {
+        let tick = 1_800_000_000_000_000_000u64;
+        let b = fanout_batch(4, 2_000_000, tick);
+        let mut g = Vec::new();
+        wire_scan::grpc_response(&b.grpc.0, |e| g.push(e)).expect("scans");
+        let mut j = Vec::new();
+        wire_scan::JsonKeys::default()
+            .data(b.ws.as_bytes(), |e| j.push(e))
+            .expect("scans");
+        let ingest: Vec<u64> = g.iter().map(|e| e.ingest_ns).collect();
+        assert_eq!(
+            ingest,
+            [tick - 1_500_000, tick - 1_000_000, tick - 500_000, tick]
+        );
+        assert_eq!(ingest, j.iter().map(|e| e.ingest_ns).collect::<Vec<_>>());
+        assert!(g.iter().chain(&j).all(|e| e.send_ns == tick));
     }
 
     /// Subscribers spread over shared connections (gRPC streams on shared
