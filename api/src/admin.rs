@@ -55,7 +55,10 @@ pub async fn create_topic(
         let d = humantime::parse_duration(&r.retention_policy).map_err(|e| {
             ApiError::invalid(
                 "retention_policy",
-                format!("{:?} is not a duration such as 7d: {e}", r.retention_policy),
+                format!(
+                    "{} is not a duration such as 7d: {e}",
+                    tickwire_proto::symbology::quoted(&r.retention_policy)
+                ),
             )
         })?;
         if d.is_zero() {

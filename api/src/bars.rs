@@ -86,17 +86,23 @@ pub struct BarPage {
 /// Why it is not a time.
 pub fn parse_time(v: &str) -> Result<u64, String> {
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
-        return v
-            .parse::<u64>()
-            .map_err(|_| format!("{v:?}: nanoseconds out of range"));
+        return v.parse::<u64>().map_err(|_| {
+            format!(
+                "{}: nanoseconds out of range",
+                tickwire_proto::symbology::quoted(v)
+            )
+        });
     }
     let t = humantime::parse_rfc3339_weak(v).map_err(|e| {
-        format!("{v:?} is not an RFC 3339 time such as 2026-12-02T09:30:00Z, nor UTC ns: {e}")
+        format!(
+            "{} is not an RFC 3339 time such as 2026-12-02T09:30:00Z, nor UTC ns: {e}",
+            tickwire_proto::symbology::quoted(v)
+        )
     })?;
     t.duration_since(std::time::UNIX_EPOCH)
         .ok()
         .and_then(|d| u64::try_from(d.as_nanos()).ok())
-        .ok_or_else(|| format!("{v:?} is before 1970"))
+        .ok_or_else(|| format!("{} is before 1970", tickwire_proto::symbology::quoted(v)))
 }
 
 /// The bar store of a journal root.

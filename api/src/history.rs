@@ -73,7 +73,10 @@ impl RangeSpec {
             other => {
                 return Err(ApiError::invalid(
                     "interval",
-                    format!("{other:?} is not an interval (raw, 1m, 5m, 1h, 1d)"),
+                    format!(
+                        "{} is not an interval (raw, 1m, 5m, 1h, 1d)",
+                        tickwire_proto::symbology::quoted(other)
+                    ),
                 ));
             }
         }

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use tickwire_proto::json::{Decimal, rfc3339};
 use tickwire_proto::pb;
+use tickwire_proto::symbology::quoted;
 
 use crate::EdgeState;
 use crate::auth::Right;
@@ -264,6 +265,39 @@ async fn metrics(State(state): S) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// axum's `Path`, with a parameter that does not decode (a symbol that is
+/// not UTF-8, a name that does not parse) answered as every other bad
+/// parameter: 400 with the JSON error naming it, not axum's plain text.
+struct Path<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
+    for Path<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(t)) => Ok(Path(t)),
+            Err(e) => {
+                let field = match &e {
+                    PathRejection::FailedToDeserializePathParams(f) => match f.kind() {
+                        ErrorKind::InvalidUtf8InPathParam { key }
+                        | ErrorKind::ParseErrorAtKey { key, .. } => key.clone(),
+                        _ => "path".into(),
+                    },
+                    _ => "path".into(),
+                };
+                Err(ApiError::invalid(field, e.body_text()))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LatestQuery {
@@ -274,9 +308,10 @@ struct LatestQuery {
 
 fn nonempty(field: &str, v: &Option<String>, max: usize) -> Result<(), ApiError> {
     match v {
-        Some(s) if s.is_empty() || s.len() > max => {
-            Err(ApiError::invalid(field, format!("{s:?}: 1 to {max} bytes")))
-        }
+        Some(s) if s.is_empty() || s.len() > max => Err(ApiError::invalid(
+            field,
+            format!("{}: 1 to {max} bytes", quoted(s)),
+        )),
         _ => Ok(()),
     }
 }
@@ -292,7 +327,7 @@ fn instrument_params(
     if symbol.is_empty() || symbol.len() > MAX_SYMBOL {
         return Err(ApiError::invalid(
             "symbol",
-            format!("{symbol:?}: 1 to {MAX_SYMBOL} bytes"),
+            format!("{}: 1 to {MAX_SYMBOL} bytes", quoted(symbol)),
         ));
     }
     nonempty("exchange", exchange, MAX_EXCHANGE)?;
@@ -807,7 +842,10 @@ async fn deliveries(
         Some(other) => {
             return Err(ApiError::invalid(
                 "status",
-                format!("{other:?} is not a delivery status (delivered, failed)"),
+                format!(
+                    "{} is not a delivery status (delivered, failed)",
+                    quoted(other)
+                ),
             ));
         }
     };
@@ -901,7 +939,10 @@ fn enum_field<E: Copy>(
             .map(|&(_, e)| e)
             .ok_or_else(|| {
                 let all: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
-                ApiError::invalid(field, format!("{s:?} is not one of {}", all.join(", ")))
+                ApiError::invalid(
+                    field,
+                    format!("{} is not one of {}", quoted(s), all.join(", ")),
+                )
             }),
     }
 }
@@ -1286,7 +1327,7 @@ fn history_params(q: &HistoryQuery, now_ns: u64) -> Result<crate::bars::BarQuery
         Some(i) => Interval::parse(i).ok_or_else(|| {
             ApiError::invalid(
                 "interval",
-                format!("{i:?} is not an interval (1m, 5m, 1h, 1d)"),
+                format!("{} is not an interval (1m, 5m, 1h, 1d)", quoted(i)),
             )
         })?,
     };
@@ -1338,7 +1379,10 @@ fn history_params(q: &HistoryQuery, now_ns: u64) -> Result<crate::bars::BarQuery
             _ => {
                 return Err(ApiError::invalid(
                     "cursor",
-                    format!("{c:?} is not a cursor of this range (a page's next_cursor)"),
+                    format!(
+                        "{} is not a cursor of this range (a page's next_cursor)",
+                        quoted(c)
+                    ),
                 ));
             }
         },

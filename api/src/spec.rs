@@ -144,7 +144,10 @@ impl SubscriptionSpec {
             if s.is_empty() || s.len() > tickwire_proto::symbology::MAX_SYMBOL {
                 return Err(ApiError::invalid(
                     format!("symbols[{i}]"),
-                    format!("{s:?} is not a symbol (1 to 32 bytes)"),
+                    format!(
+                        "{} is not a symbol (1 to 32 bytes)",
+                        tickwire_proto::symbology::quoted(s)
+                    ),
                 ));
             }
         }
@@ -153,7 +156,10 @@ impl SubscriptionSpec {
             let k = Kind::parse(d).ok_or_else(|| {
                 ApiError::invalid(
                     format!("data_types[{i}]"),
-                    format!("{d:?} is not a data type (trade, quote)"),
+                    format!(
+                        "{} is not a data type (trade, quote)",
+                        tickwire_proto::symbology::quoted(d)
+                    ),
                 )
             })?;
             kinds |= 1 << k.code();

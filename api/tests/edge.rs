@@ -706,6 +706,29 @@ async fn rest_latest_admin_health_metrics_and_openapi() {
     assert_eq!(code, 400, "{v}");
     let (code, _) = http.get(&f.url("/api/v1/market-data/NOPE/latest")).await;
     assert_eq!(code, 404);
+    // A symbol that is not UTF-8 is a bad parameter like any other: JSON
+    // naming it, not the framework's plain text.
+    let (code, v) = http.get(&f.url("/api/v1/market-data/%FF%FE/latest")).await;
+    assert_eq!(
+        (code, v["error"]["field"].as_str()),
+        (400, Some("symbol")),
+        "{v}"
+    );
+    // A huge one is named by its start and length, not echoed back.
+    let long = "A".repeat(5000);
+    let (code, v) = http
+        .get(&f.url(&format!("/api/v1/market-data/{long}/latest")))
+        .await;
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(
+        (code, v["error"]["field"].as_str()),
+        (400, Some("symbol")),
+        "{v}"
+    );
+    assert!(
+        message.len() < 200 && message.contains("5000 bytes"),
+        "{message}"
+    );
     let (code, v) = http.get(&f.url("/health")).await;
     assert_eq!((code, v["status"].as_str()), (200, Some("ok")));
     let (code, v) = http.get(&f.url("/api/v1/topics")).await;

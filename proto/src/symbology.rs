@@ -174,13 +174,13 @@ impl Instrument {
             if v.is_empty() || v.len() > max {
                 return Err(Error::Invalid {
                     what,
-                    why: format!("{v:?} must be 1 to {max} bytes"),
+                    why: format!("{} must be 1 to {max} bytes", quoted(v)),
                 });
             }
             if v.bytes().any(|b| b == 0 || b.is_ascii_control()) {
                 return Err(Error::Invalid {
                     what,
-                    why: format!("{v:?} contains control characters"),
+                    why: format!("{} contains control characters", quoted(v)),
                 });
             }
             Ok(())
@@ -537,9 +537,28 @@ impl SymbologyWriter {
     }
 }
 
+/// `v` quoted for an error message, cut after 64 characters (with its
+/// length): a client that sent a megabyte gets its mistake named, not
+/// echoed back.
+pub fn quoted(v: &str) -> String {
+    const SHOWN: usize = 64;
+    match v.char_indices().nth(SHOWN) {
+        None => format!("{v:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &v[..end], v.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_value_is_named_by_its_start_and_length_not_echoed() {
+        assert_eq!(quoted("AAPL"), "\"AAPL\"");
+        let long = "é".repeat(5000);
+        let q = quoted(&long);
+        assert_eq!(q, format!("{:?}... (10000 bytes)", "é".repeat(64)));
+    }
 
     fn inst(s: &str) -> Instrument {
         Instrument {

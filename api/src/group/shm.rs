@@ -595,8 +595,8 @@ impl Control {
         j.max_redeliveries = j.max_redeliveries.filter(|&n| n > 0);
         let Some(kind) = SubscriptionType::parse(&j.kind) else {
             return Err(format!(
-                "unknown subscription type {:?} (exclusive, failover, shared, key_shared)",
-                j.kind
+                "unknown subscription type {} (exclusive, failover, shared, key_shared)",
+                tickwire_proto::symbology::quoted(&j.kind)
             ));
         };
         if j.subscription.is_empty() {
