@@ -521,7 +521,12 @@ impl Config {
         if self.edge.enabled
             && let Err(why) = self.edge.validate()
         {
-            return bad("edge", why);
+            // The edge names its own key ("edge.auth: ..."): not twice.
+            let (key, why) = match why.split_once(": ") {
+                Some((key, rest)) if key.starts_with("edge") => (key.to_string(), rest.to_string()),
+                _ => ("edge".to_string(), why),
+            };
+            return Err(ConfigError::Invalid { key, why });
         }
         if self.node.symbology_capacity == 0 || self.node.symbology_capacity > 1 << 24 {
             return bad(
@@ -755,6 +760,23 @@ mod tests {
         let e = Config::parse("[synthetic]\ntopic = \"nope\"\n", Path::new("x.toml"))
             .expect_err("synthetic topic");
         assert!(e.to_string().contains("synthetic.topic"), "{e}");
+        // The edge's own checks name their key once.
+        let e = Config::parse(
+            "[edge]\ngrpc_addr = \"0.0.0.0:7070\"\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("open edge without auth");
+        assert!(
+            e.to_string()
+                .starts_with("config: edge: serving 0.0.0.0:7070"),
+            "{e}"
+        );
+        let e = Config::parse("[edge]\ncache_interval_ms = 0\n", Path::new("x.toml"))
+            .expect_err("interval");
+        assert_eq!(
+            e.to_string(),
+            "config: edge.cache_interval_ms: must be at least 1"
+        );
     }
 
     #[test]
