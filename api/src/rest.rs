@@ -389,9 +389,19 @@ async fn cached_latest(
     symbol: &str,
     q: &LatestQuery,
 ) -> Result<Response, ApiError> {
+    // Narrowed by venue or currency, the answer says so: AAPL exists,
+    // just not on that venue.
+    let narrowed: Vec<String> = [("exchange", &q.exchange), ("currency", &q.currency)]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} {v}")))
+        .collect();
     let not_found = || ApiError::NotFound {
         what: "symbol",
-        name: symbol.to_string(),
+        name: if narrowed.is_empty() {
+            symbol.to_string()
+        } else {
+            format!("{symbol} ({})", narrowed.join(", "))
+        },
     };
     let Some((text, crate::cache::Source::Redis)) =
         state.cache.get(&format!("latest:{symbol}")).await

@@ -706,6 +706,14 @@ async fn rest_latest_admin_health_metrics_and_openapi() {
     assert_eq!(code, 400, "{v}");
     let (code, _) = http.get(&f.url("/api/v1/market-data/NOPE/latest")).await;
     assert_eq!(code, 404);
+    let (code, v) = http
+        .get(&f.url("/api/v1/market-data/AAPL/latest?exchange=XLON&currency=GBP"))
+        .await;
+    assert_eq!(code, 404);
+    assert_eq!(
+        v["error"]["message"],
+        "symbol not found: AAPL (exchange XLON, currency GBP)"
+    );
     // A symbol that is not UTF-8 is a bad parameter like any other: JSON
     // naming it, not the framework's plain text.
     let (code, v) = http.get(&f.url("/api/v1/market-data/%FF%FE/latest")).await;
