@@ -82,8 +82,8 @@ pub struct EdgeBench {
     /// subscriber its own connection, NATS's included.
     #[arg(long, value_delimiter = ',', default_values_t = [0, 16])]
     pub fanout_connections: Vec<usize>,
-    /// Batch intervals of the bare fan-out beside fanout_1000 (one
-    /// connection per subscriber), microseconds: each subscriber gets
+    /// Batch intervals of the bare fan-out beside fanout_1000 (in each
+    /// connection layout), microseconds: each subscriber gets
     /// the events due over the interval in one message, so a short one is
     /// many small messages (low latency, if the machine carries them), a
     /// long one few large ones.
@@ -283,15 +283,17 @@ pub fn run(b: &EdgeBench) -> Result<(), String> {
                     emit(case, system, b, offered, &r);
                 }
             }
-            // The bare fan-out beside them: the same events per subscriber,
-            // in batches every interval, with no ring, matching or queue.
-            if per > 0 && connections == 0 && b.runs("plain") {
+            // The bare fan-out beside them, on the same connection layout:
+            // the same events per subscriber, in batches every interval,
+            // with no ring, matching or queue.
+            if per > 0 && b.runs("plain") {
                 let per_sub = rate as f64 * per.min(b.symbols) as f64 / b.symbols as f64;
                 for &us in &b.plain_fanout_intervals_us {
                     let interval = Duration::from_micros(us.max(1));
                     let events = ((per_sub * interval.as_secs_f64()).round() as usize).max(1);
                     let _pace = plain.pace(interval, events);
                     let mut a = client("plain", transport);
+                    a.connections = connections;
                     a.grpc = plain.grpc.to_string();
                     a.http = plain.http.to_string();
                     let mut r = spawn_client(&a).unwrap_or_else(|e| json!({ "error": e }));
@@ -528,7 +530,7 @@ impl Drop for NatsServer {
 struct PlainServer {
     grpc: SocketAddr,
     http: SocketAddr,
-    fanout: Arc<tokio::sync::watch::Sender<Option<Arc<PlainBatch>>>>,
+    fanout: Arc<tokio::sync::watch::Sender<Option<Arc<FanoutBatch>>>>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -602,7 +604,13 @@ fn plain_events(n: usize, ingest: impl Fn(usize) -> u64, send_ns: u64) -> PlainB
 /// every subscriber of a handful of symbols. A subscriber whose connection
 /// is behind skips to the newest batch: what it delivers is what the
 /// machine carries at that message rate.
-type Fanout = tokio::sync::watch::Receiver<Option<Arc<PlainBatch>>>;
+type Fanout = tokio::sync::watch::Receiver<Option<Arc<FanoutBatch>>>;
+
+/// A bare fan-out batch, ready to send any number of times without a copy.
+struct FanoutBatch {
+    grpc: tickwire_proto::grpc::Encoded,
+    ws: axum::extract::ws::Utf8Bytes,
+}
 
 /// The batch due at `tick_ns`: `events` spread over the `interval_ns` before it.
 fn fanout_batch(events: usize, interval_ns: u64, tick_ns: u64) -> PlainBatch {
@@ -614,7 +622,7 @@ fn fanout_batch(events: usize, interval_ns: u64, tick_ns: u64) -> PlainBatch {
 /// A subscriber's frames from the bare fan-out.
 fn fanout_frames<T: Clone + Send + Sync + 'static>(
     rx: Fanout,
-    pick: impl Fn(&PlainBatch) -> T + Send + 'static,
+    pick: impl Fn(&FanoutBatch) -> T + Send + 'static,
 ) -> impl futures::Stream<Item = T> + Send {
     futures::stream::unfold((rx, pick), |(mut rx, pick)| async move {
         loop {
@@ -734,7 +742,7 @@ impl PlainServer {
                                 async move {
                                     ws.on_upgrade(move |mut socket| async move {
                                         use axum::extract::ws::Message;
-                                        use futures::StreamExt as _;
+                                        use futures::{SinkExt as _, StreamExt as _};
                                         // Wait for the subscribe message, then stream:
                                         // the paced fan-out to a subscriber of a
                                         // handful of symbols, the batch over and over
@@ -742,15 +750,34 @@ impl PlainServer {
                                         let sub = socket.recv().await;
                                         let some_symbols = matches!(&sub, Some(Ok(Message::Text(t))) if t.as_str().contains("\"symbols\""));
                                         if some_symbols {
-                                            let mut frames = std::pin::pin!(fanout_frames(fanout, |b| {
-                                                axum::extract::ws::Utf8Bytes::from(b.ws.as_str())
-                                            }));
-                                            while let Some(t) = frames.next().await {
-                                                if socket.send(Message::Text(t)).await.is_err() {
-                                                    break;
+                                            // Every subscription on the socket gets
+                                            // each batch, as the edge's do.
+                                            let (mut tx, mut rx) = socket.split();
+                                            let mut subs = 1usize;
+                                            let mut frames = std::pin::pin!(fanout_frames(
+                                                fanout,
+                                                |b| b.ws.clone()
+                                            ));
+                                            loop {
+                                                tokio::select! {
+                                                    t = frames.next() => {
+                                                        let Some(t) = t else { return };
+                                                        for _ in 0..subs {
+                                                            if tx.feed(Message::Text(t.clone())).await.is_err() {
+                                                                return;
+                                                            }
+                                                        }
+                                                        if tx.flush().await.is_err() {
+                                                            return;
+                                                        }
+                                                    }
+                                                    m = rx.next() => match m {
+                                                        Some(Ok(Message::Text(_))) => subs += 1,
+                                                        Some(Ok(_)) => {}
+                                                        _ => return,
+                                                    },
                                                 }
                                             }
-                                            return;
                                         }
                                         let text: axum::extract::ws::Utf8Bytes =
                                             ws_batch.as_str().into();
@@ -802,7 +829,10 @@ impl PlainServer {
             loop {
                 tick.tick().await;
                 let b = fanout_batch(events, interval_ns, realtime_ns());
-                tx.send_replace(Some(Arc::new(b)));
+                tx.send_replace(Some(Arc::new(FanoutBatch {
+                    grpc: b.grpc,
+                    ws: b.ws.into(),
+                })));
             }
         });
         PaceGuard(task)
