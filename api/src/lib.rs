@@ -552,8 +552,12 @@ pub fn grpc_routes(state: Arc<EdgeState>) -> Result<tonic::service::Routes, Stri
 }
 
 /// A listener on `addr` (address reuse on, as tokio's `bind`) whose accept
-/// queue holds `backlog` connections.
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+/// queue holds `backlog` connections (tokio's `bind` asks for 1024: a
+/// thousand clients connecting at once overflow it).
+///
+/// # Errors
+/// The socket cannot be created, bound or listened on.
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

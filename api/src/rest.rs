@@ -391,17 +391,19 @@ async fn cached_latest(
 ) -> Result<Response, ApiError> {
     // Narrowed by venue or currency, the answer says so: AAPL exists,
     // just not on that venue.
-    let narrowed: Vec<String> = [("exchange", &q.exchange), ("currency", &q.currency)]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} {v}")))
-        .collect();
-    let not_found = || ApiError::NotFound {
-        what: "symbol",
-        name: if narrowed.is_empty() {
-            symbol.to_string()
-        } else {
-            format!("{symbol} ({})", narrowed.join(", "))
-        },
+    let not_found = || {
+        let narrowed: Vec<String> = [("exchange", &q.exchange), ("currency", &q.currency)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} {v}")))
+            .collect();
+        ApiError::NotFound {
+            what: "symbol",
+            name: if narrowed.is_empty() {
+                symbol.to_string()
+            } else {
+                format!("{symbol} ({})", narrowed.join(", "))
+            },
+        }
     };
     let Some((text, crate::cache::Source::Redis)) =
         state.cache.get(&format!("latest:{symbol}")).await
@@ -1280,7 +1282,11 @@ async fn replace_rule(
     if rule.rule_name != name {
         return Err(ApiError::invalid(
             "rule_name",
-            format!("{:?} differs from the path's {name:?}", rule.rule_name),
+            format!(
+                "{} differs from the path's {}",
+                quoted(&rule.rule_name),
+                quoted(&name)
+            ),
         ));
     }
     state

@@ -580,7 +580,7 @@ fn plain_events(n: usize, ingest: impl Fn(usize) -> u64, send_ns: u64) -> PlainB
             conflated: false,
             redeliveries: 0,
         };
-        let sym = symbol(i % 1000);
+        let sym = symbol(i);
         batch.push(pb.encode(
             &meta,
             b,
@@ -710,8 +710,13 @@ impl PlainServer {
         let ws_fanout = fanout.clone();
         let (grpc, http) = rt
             .block_on(async move {
-                let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                // The edge's accept queue (edge.listen_backlog), so a
+                // thousand clients connecting at once all get in, as they
+                // do with the edge.
+                let backlog = tickwire_api::EdgeConfig::default().listen_backlog;
+                let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+                let gl = tickwire_api::listen(any, backlog)?;
+                let hl = tickwire_api::listen(any, backlog)?;
                 let (ga, ha) = (gl.local_addr()?, hl.local_addr()?);
                 let svc =
                     pb::raw::market_data_stream_server::MarketDataStreamServer::new(PlainGrpc {
@@ -748,7 +753,13 @@ impl PlainServer {
                                         // handful of symbols, the batch over and over
                                         // to one taking everything.
                                         let sub = socket.recv().await;
-                                        let some_symbols = matches!(&sub, Some(Ok(Message::Text(t))) if t.as_str().contains("\"symbols\""));
+                                        let some_symbols = match &sub {
+                                            Some(Ok(Message::Text(t))) => serde_json::from_str::<Value>(t.as_str())
+                                                .ok()
+                                                .and_then(|v| v["payload"]["symbols"].as_array().map(|a| !a.is_empty()))
+                                                .unwrap_or(false),
+                                            _ => false,
+                                        };
                                         if some_symbols {
                                             // Every subscription on the socket gets
                                             // each batch, as the edge's do.
