@@ -261,7 +261,8 @@ pub struct EdgeConfig {
     pub auth: auth::AuthConfig,
     /// The command-side store (topics, subscriptions, distribution stats):
     /// `sqlite://<path>` or `postgres://user:password@host/db`; empty means
-    /// `sqlite://<node dir>/command.db`.
+    /// `sqlite://<node dir>/command.db` (`tickwire serve` fills it in: a
+    /// file on disk when the node directory is a tmpfs).
     pub store_url: String,
     /// Seconds between `distribution_stats` rows (per topic); 0 writes none.
     pub stats_interval_secs: u64,

@@ -406,12 +406,58 @@ impl Config {
         })
     }
 
+    /// The defaults for the node whose directory is `dir` (its id the
+    /// directory's name): what tools reading a node's files assume when
+    /// they have no config file.
+    pub fn of_node_dir(dir: &Path) -> Config {
+        let mut c = Config::default();
+        if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
+            c.node.id = id.to_string();
+        }
+        c.node.dir = Some(dir.to_path_buf());
+        c
+    }
+
+    /// Where the node keeps, unless configured elsewhere, what must outlive
+    /// a reboot (the journal, the command store): the node directory,
+    /// unless that is a tmpfs (memory, such as /dev/shm, emptied at every
+    /// boot), then `/var/tmp/tickwire/<node.id>`.
+    pub fn data_dir(&self) -> PathBuf {
+        let node_dir = self.node_dir();
+        if is_tmpfs(&node_dir) {
+            Path::new("/var/tmp/tickwire").join(&self.node.id)
+        } else {
+            node_dir
+        }
+    }
+
     /// The journal's directory (see [`JournalConfig::dir`]).
     pub fn journal_dir(&self) -> PathBuf {
         self.journal
             .dir
             .clone()
-            .unwrap_or_else(|| crate::journal::default_dir(&self.node_dir(), &self.node.id))
+            .unwrap_or_else(|| self.data_dir().join("journal"))
+    }
+
+    /// The edge's settings with the command store resolved: `edge.store_url`,
+    /// or when empty a SQLite file in the [data directory](Self::data_dir)
+    /// (`command.db`). A store an earlier version kept in a tmpfs node
+    /// directory is moved there first, so what it holds is not lost now or
+    /// at the next reboot.
+    ///
+    /// # Errors
+    /// The old store exists but could not be moved (named, with the cause).
+    pub fn edge_config(&self) -> Result<tickwire_api::EdgeConfig, std::io::Error> {
+        let mut edge = self.edge.clone();
+        if edge.store_url.is_empty() {
+            let data = self.data_dir();
+            let node = self.node_dir();
+            if data != node {
+                move_store(&node, &data)?;
+            }
+            edge.store_url = format!("sqlite://{}", data.join(STORE_FILE).display());
+        }
+        Ok(edge)
     }
 
     /// The journal settings, resolved (call after [`validate`](Self::validate)).
@@ -726,9 +772,113 @@ impl Config {
     }
 }
 
+/// The default command store's file name.
+pub const STORE_FILE: &str = "command.db";
+
+/// Moves the SQLite store (`command.db` and its `-wal` and `-shm` files)
+/// from `from` to `to`, unless `to` has one already or `from` has none.
+/// Copied, then removed (the two may be on different file systems): an
+/// error leaves the original in place.
+fn move_store(from: &Path, to: &Path) -> Result<(), std::io::Error> {
+    let name = |dir: &Path, suffix: &str| dir.join(format!("{STORE_FILE}{suffix}"));
+    if !name(from, "").exists() || name(to, "").exists() {
+        return Ok(());
+    }
+    let named = |what: &str, path: &Path, e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!("moving the command store: {what} {}: {e}", path.display()),
+        )
+    };
+    std::fs::create_dir_all(to).map_err(|e| named("create", to, e))?;
+    let suffixes = ["-wal", "-shm", ""];
+    for suffix in suffixes {
+        let (src, dst) = (name(from, suffix), name(to, suffix));
+        if src.exists() {
+            // The main file last, under a temporary name first: a crash
+            // part way leaves no store at `to`, and the original intact.
+            let tmp = name(to, &format!("{suffix}.moving"));
+            std::fs::copy(&src, &tmp).map_err(|e| named("copy", &src, e))?;
+            std::fs::rename(&tmp, &dst).map_err(|e| named("rename", &tmp, e))?;
+        }
+    }
+    for suffix in suffixes {
+        let src = name(from, suffix);
+        if src.exists() {
+            std::fs::remove_file(&src).map_err(|e| named("remove", &src, e))?;
+        }
+    }
+    tracing::info!(from = %from.join(STORE_FILE).display(), to = %to.join(STORE_FILE).display(),
+        "command store moved out of memory (tmpfs) to disk, where it outlives a reboot");
+    Ok(())
+}
+
+/// Whether `dir` (or, if it does not exist yet, its nearest existing
+/// ancestor: the file system it will be made on) is a tmpfs.
+fn is_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(probe) = dir.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs with a NUL-terminated path and a struct to fill.
+    unsafe {
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_store_and_journal_go_to_disk_when_the_node_dir_is_in_memory() {
+        let mut c = Config::default();
+        c.node.id = "store-test".into();
+        // /dev/shm is a tmpfs: emptied at every boot.
+        c.node.dir = Some("/dev/shm/tickwire-config-test/none-yet".into());
+        if is_tmpfs(Path::new("/dev/shm")) {
+            assert_eq!(c.data_dir(), Path::new("/var/tmp/tickwire/store-test"));
+            assert_eq!(
+                c.journal_dir(),
+                Path::new("/var/tmp/tickwire/store-test/journal")
+            );
+        }
+        let disk = tempfile::tempdir().unwrap();
+        c.node.dir = Some(disk.path().to_path_buf());
+        assert_eq!(c.data_dir(), disk.path());
+        assert_eq!(
+            c.edge_config().unwrap().store_url,
+            format!("sqlite://{}/command.db", disk.path().display())
+        );
+        c.edge.store_url = "postgres://u@h/db".into();
+        assert_eq!(c.edge_config().unwrap().store_url, "postgres://u@h/db");
+    }
+
+    #[test]
+    fn a_store_left_in_memory_is_moved_to_disk_whole_and_never_over_one_there() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let to = to.path().join("node");
+        std::fs::write(from.path().join("command.db"), b"main").unwrap();
+        std::fs::write(from.path().join("command.db-wal"), b"wal").unwrap();
+        move_store(from.path(), &to).unwrap();
+        assert_eq!(std::fs::read(to.join("command.db")).unwrap(), b"main");
+        assert_eq!(std::fs::read(to.join("command.db-wal")).unwrap(), b"wal");
+        assert!(!to.join("command.db-shm").exists());
+        assert!(!from.path().join("command.db").exists());
+        assert!(!from.path().join("command.db-wal").exists());
+        // One at the destination already: both left as they are.
+        std::fs::write(from.path().join("command.db"), b"other").unwrap();
+        move_store(from.path(), &to).unwrap();
+        assert_eq!(std::fs::read(to.join("command.db")).unwrap(), b"main");
+        assert_eq!(
+            std::fs::read(from.path().join("command.db")).unwrap(),
+            b"other"
+        );
+    }
 
     #[test]
     fn the_reference_file_parses_to_the_defaults() {

@@ -341,7 +341,16 @@ impl Broker {
         let modes = config.file_modes()?;
         let dir = config.node_dir();
         check_space(config, &dir)?;
-        let symbology = SymbologyWriter::open_with(&dir, config.node.symbology_capacity, modes)?;
+        // The journal and bars on disk name instruments by id: a copy of
+        // the table beside them keeps the ids through a reboot that empties
+        // a tmpfs node directory.
+        let keep = config.journal.enabled.then(|| config.journal_dir());
+        let symbology = SymbologyWriter::open_kept(
+            &dir,
+            config.node.symbology_capacity,
+            modes,
+            keep.as_deref(),
+        )?;
         let n_shards = config.shards.count;
         let mut rings: Vec<Vec<Option<RingSlot>>> = (0..n_shards).map(|_| Vec::new()).collect();
         let mut topics = Vec::new();

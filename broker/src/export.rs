@@ -65,7 +65,10 @@ const ROWS: usize = 256 * 1024;
 /// # Errors
 /// A message naming what could not be read or written.
 pub fn export(s: &ExportSpec) -> Result<Exported, String> {
+    // The node directory's table, else (a reboot emptied it) the copy the
+    // broker keeps beside the journal.
     let sym = Symbology::open(&s.node_dir)
+        .or_else(|e| Symbology::open(&s.journal_dir).map_err(|_| e))
         .map_err(|e| format!("the node's symbology (instrument names) cannot be read: {e}"))?;
     let mut out = ParquetOut::create(&s.out).map_err(|e| e.to_string())?;
     let done = match s.interval {

@@ -1250,29 +1250,6 @@ fn remove_expired_replaced(root: &Path, retention: Duration) {
     }
 }
 
-/// Where the journal goes when `journal.dir` is not set: in the node
-/// directory, unless that is a tmpfs (memory, such as /dev/shm), then
-/// `/var/tmp/tickwire/<node-id>/journal`.
-pub fn default_dir(node_dir: &Path, node_id: &str) -> PathBuf {
-    if is_tmpfs(node_dir) {
-        Path::new("/var/tmp/tickwire").join(node_id).join("journal")
-    } else {
-        node_dir.join("journal")
-    }
-}
-
-fn is_tmpfs(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs with a NUL-terminated path and a struct to fill.
-    unsafe {
-        let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC
-    }
-}
-
 /// Makes `<node_dir>/journal` lead to `root` (a symlink when the journal
 /// is elsewhere), so readers of the node directory find it.
 ///

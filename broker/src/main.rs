@@ -164,7 +164,7 @@ fn serve(config: Option<PathBuf>, node_dir: Option<PathBuf>) -> Result<(), AnyEr
             .build()?;
         let engine = std::sync::Arc::new(tickwire_broker::edge::BrokerEngine::new(&broker));
         let e = rt.block_on(tickwire_api::Edge::start(
-            cfg.edge.clone(),
+            cfg.edge_config()?,
             engine,
             shutdown.token.clone(),
         ))?;
@@ -517,7 +517,17 @@ fn export_cmd(a: ExportArgs) -> Result<(), AnyError> {
     }
     let node_dir = a.node_dir.unwrap_or_else(shm_client::default_node_dir);
     let spec = tickwire_broker::export::ExportSpec {
-        journal_dir: a.journal_dir.unwrap_or_else(|| node_dir.join("journal")),
+        journal_dir: a.journal_dir.unwrap_or_else(|| {
+            // The node directory links to its journal; after a reboot
+            // emptied a tmpfs node directory, the journal is where `serve`
+            // puts it by default.
+            let link = node_dir.join("journal");
+            if link.exists() {
+                link
+            } else {
+                Config::of_node_dir(&node_dir).journal_dir()
+            }
+        }),
         node_dir,
         topic: a.topic,
         symbols: a.only.symbols,

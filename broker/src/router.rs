@@ -258,7 +258,11 @@ impl Resolver {
         inst.validate()?;
         let id = {
             let mut s = self.symbology.lock().unwrap_or_else(|p| p.into_inner());
-            s.resolve(inst)?
+            let id = s.resolve(inst)?;
+            if let Some(why) = s.copy_failure() {
+                tracing::error!("symbology: {why}");
+            }
+            id
         };
         let route = Route {
             topic,

@@ -708,3 +708,65 @@ async fn bars_past_the_retention_are_deleted_and_newer_ones_kept() {
         assert!(err.contains("history.retention"), "{err}");
     }
 }
+
+/// A reboot empties a tmpfs node directory (rings, symbology) while the
+/// journal and bars stay on disk, naming instruments by id: the ids come
+/// back from the copy kept beside the journal, even when instruments
+/// arrive in another order after it, so each symbol's history stays its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_that_empties_the_node_directory_keeps_each_symbols_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = config(dir.path());
+    let now = tickwire_proto::futex::realtime_ns();
+    let t0 = Interval::H1.bucket(now) - 2 * 60 * MINUTE_NS;
+    let first = events(t0, 0, 20);
+    let cancel = CancellationToken::new();
+    let broker = Broker::start(&c).expect("broker");
+    let mut ingest = broker.ingest(1);
+    send(&mut ingest, &first);
+    let e = edge(&broker, &cancel).await;
+    let base = format!("http://{}", e.http_addr);
+    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+        wait_bars(&base, sym, t0, 60, model(&first, i, Interval::M1).len()).await;
+    }
+    cancel.cancel();
+    drop(e);
+    drop(ingest);
+    broker.shutdown();
+
+    // The reboot.
+    std::fs::remove_dir_all(dir.path().join("node")).expect("empty the node directory");
+    let cancel = CancellationToken::new();
+    let broker = Broker::start(&c).expect("broker after the reboot");
+    let mut ingest = broker.ingest(1);
+    // The instruments arrive in the opposite order this time.
+    let topic = ingest.resolver().topic(TOPIC).expect("topic");
+    for i in (0..3).rev() {
+        let inst = tickwire_proto::symbology::Instrument {
+            symbol: format!("SYM{i}"),
+            exchange: "XNAS".into(),
+            currency: "USD".into(),
+            size_decimals: 0,
+        };
+        let route = ingest.resolver().route(topic, &inst).expect("route");
+        assert_eq!(route.instrument_id, i + 1, "SYM{i} keeps its id");
+    }
+    let second = events(t0, 20, 30);
+    send(&mut ingest, &second);
+    let e = edge(&broker, &cancel).await;
+    let base = format!("http://{}", e.http_addr);
+    let all: Vec<Sent> = first.iter().chain(&second).copied().collect();
+    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+        wait_bars(&base, sym, t0, 60, model(&all, i, Interval::M1).len()).await;
+        let got = all_bars(&base, sym, t0, 60, 10_000).await;
+        assert_eq!(
+            as_model(&got),
+            without_notional(model(&all, i, Interval::M1)),
+            "{sym} after the reboot"
+        );
+    }
+    cancel.cancel();
+    drop(e);
+    drop(ingest);
+    broker.shutdown();
+}

@@ -417,7 +417,45 @@ pub struct SymbologyWriter {
     m: Mapped,
     ids: HashMap<(String, String, String), u32>,
     count: u32,
+    kept: Option<KeptCopy>,
 }
+
+/// A copy of the table on disk (see [`SymbologyWriter::open_kept`]),
+/// written with `pwrite` (a full disk is an error, never a SIGBUS).
+struct KeptCopy {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Entries the copy holds.
+    copied: u32,
+    /// Set while writes fail; holds the failure until
+    /// [`SymbologyWriter::copy_failure`] takes it (once per failing run).
+    failing: Option<Option<String>>,
+}
+
+impl KeptCopy {
+    /// Appends entries `copied..table.count` of `table`, then stores the
+    /// count: an entry is in the copy before the count covers it.
+    fn catch_up(&mut self, table: &Mapped, count: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        for i in self.copied..count {
+            let Some(e) = table.entry(i) else {
+                break;
+            };
+            // SAFETY: `Entry` is `repr(C)` bytes only (ShmSafe), 64 bytes.
+            let bytes: &[u8; ENTRY_SIZE] =
+                unsafe { &*(e as *const Entry as *const [u8; ENTRY_SIZE]) };
+            self.file
+                .write_all_at(bytes, (SYMBOLOGY_HEADER + i as usize * ENTRY_SIZE) as u64)?;
+        }
+        self.file
+            .write_all_at(&count.to_ne_bytes(), COUNT_OFFSET as u64)?;
+        self.copied = count;
+        Ok(())
+    }
+}
+
+/// Where `count` sits in the file.
+const COUNT_OFFSET: usize = 64;
 
 // SAFETY: owned by one thread at a time (callers wrap it in a Mutex).
 unsafe impl Send for SymbologyWriter {}
@@ -441,24 +479,35 @@ impl SymbologyWriter {
         capacity: u32,
         modes: crate::file::FileModes,
     ) -> Result<SymbologyWriter> {
+        SymbologyWriter::open_kept(dir, capacity, modes, None)
+    }
+
+    /// [`open_with`](Self::open_with), keeping a copy of the table in
+    /// `<keep>/symbology`, on disk, when `keep` is given: the node
+    /// directory is usually a tmpfs, emptied at every boot, while the
+    /// journal and bars on disk name instruments by id. A table created
+    /// anew (after a reboot) first takes every entry of the copy, so ids
+    /// never change meaning; a table with entries the copy lacks gives them
+    /// to it; each new instrument reaches the copy before its id is
+    /// returned (a write the disk refuses is logged and retried with the
+    /// next new instrument).
+    ///
+    /// # Errors
+    /// As [`open_with`](Self::open_with); the copy's validation errors; a
+    /// [`Error::BadRecord`] naming both files when they give an id to two
+    /// different instruments (the node directory holds another node's
+    /// table); [`Error::SymbologyFull`] when the copy holds more than
+    /// `capacity`.
+    pub fn open_kept(
+        dir: &Path,
+        capacity: u32,
+        modes: crate::file::FileModes,
+        keep: Option<&Path>,
+    ) -> Result<SymbologyWriter> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         let path = dir.join(SYMBOLOGY_FILE);
         if !path.exists() {
-            let mut head = Vec::with_capacity(24);
-            head.extend_from_slice(&SYMBOLOGY_MAGIC.to_le_bytes());
-            head.extend_from_slice(&SYMBOLOGY_MAJOR.to_le_bytes());
-            head.extend_from_slice(&SYMBOLOGY_MINOR.to_le_bytes());
-            head.extend_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
-            head.extend_from_slice(&capacity.to_le_bytes());
-            head.extend_from_slice(&crate::layout::ENDIAN_MARKER.to_le_bytes());
-            crate::file::create_file(
-                &path,
-                SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64,
-                &head,
-                modes.data,
-                modes.group,
-                false,
-            )?;
+            create_table(&path, capacity, modes)?;
         }
         let m = open_and_validate(&path, true)?;
         crate::file::lock_exclusive(&m.file, &path, || {
@@ -492,7 +541,111 @@ impl SymbologyWriter {
                 i + 1,
             );
         }
-        Ok(SymbologyWriter { m, ids, count })
+        let mut w = SymbologyWriter {
+            m,
+            ids,
+            count,
+            kept: None,
+        };
+        if let Some(keep) = keep {
+            w.keep(&keep.join(SYMBOLOGY_FILE), modes)?;
+        }
+        Ok(w)
+    }
+
+    /// Reconciles the table with its copy at `path` (created if missing)
+    /// and keeps the copy up to date from now on.
+    fn keep(&mut self, path: &Path, modes: crate::file::FileModes) -> Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("create directory", parent, e))?;
+        }
+        if !path.exists() {
+            create_table(path, self.m.capacity, modes)?;
+        }
+        let copy = open_and_validate(path, false)?;
+        let copied = copy
+            .count_atomic()
+            .load(Ordering::Acquire)
+            .min(copy.capacity);
+        for i in 0..copied.min(self.count) {
+            let (Some(a), Some(b)) = (self.m.entry(i), copy.entry(i)) else {
+                break;
+            };
+            if (a.symbol(), a.exchange(), a.currency(), a.size_decimals())
+                != (b.symbol(), b.exchange(), b.currency(), b.size_decimals())
+            {
+                return Err(Error::BadRecord {
+                    path: self.m.path.clone(),
+                    what: format!(
+                        "id {} is {} {} {} here but {} {} {} in the node's copy {}: the two tables are not the same node's; refusing to give ids two meanings (move the wrong one away)",
+                        i + 1,
+                        a.symbol(),
+                        a.exchange(),
+                        a.currency(),
+                        b.symbol(),
+                        b.exchange(),
+                        b.currency(),
+                        path.display()
+                    ),
+                });
+            }
+        }
+        if copied > self.count {
+            // A table created anew (the node directory was emptied): the
+            // copy's ids come back, in order, before any new one.
+            if copied > self.m.capacity {
+                return Err(Error::SymbologyFull {
+                    path: self.m.path.clone(),
+                    capacity: self.m.capacity,
+                });
+            }
+            for i in self.count..copied {
+                let Some(e) = copy.entry(i) else {
+                    break;
+                };
+                let key = (
+                    e.symbol().to_string(),
+                    e.exchange().to_string(),
+                    e.currency().to_string(),
+                );
+                // SAFETY: i < copied <= capacity; no reader reads entry i
+                // until the count below covers it.
+                unsafe { self.m.entry_ptr(i).write(*e) };
+                self.ids.insert(key, i + 1);
+            }
+            self.count = copied;
+            // SYNC POINT: Release publishes the entries; pairs with
+            // `Symbology::count`'s Acquire.
+            self.m.count_atomic().store(self.count, Ordering::Release);
+        }
+        drop(copy);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        let need = SYMBOLOGY_HEADER as u64 + self.m.capacity as u64 * ENTRY_SIZE as u64;
+        if len < need {
+            // The capacity was raised: the copy grows with the table.
+            use std::os::unix::fs::FileExt;
+            file.set_len(need).map_err(|e| Error::io("grow", path, e))?;
+            file.write_all_at(&self.m.capacity.to_le_bytes(), 16)
+                .map_err(|e| Error::io("write header", path, e))?;
+        }
+        let mut kept = KeptCopy {
+            path: path.to_path_buf(),
+            file,
+            copied: copied.min(self.count),
+            failing: None,
+        };
+        kept.catch_up(&self.m, self.count)
+            .map_err(|e| Error::io("write", path, e))?;
+        self.kept = Some(kept);
+        Ok(())
     }
 
     /// The id of an instrument, adding it if new.
@@ -528,13 +681,54 @@ impl SymbologyWriter {
         // `Symbology::count`'s Acquire.
         self.m.count_atomic().store(self.count, Ordering::Release);
         self.ids.insert(inst.key(), self.count);
+        if let Some(k) = &mut self.kept {
+            match k.catch_up(&self.m, self.count) {
+                Ok(()) => k.failing = None,
+                Err(e) => {
+                    if k.failing.is_none() {
+                        k.failing = Some(Some(format!(
+                            "{}: the copy of the symbology could not be written ({e}); retried with the next new instrument, and until then a reboot would forget ids from {} on",
+                            k.path.display(),
+                            self.count
+                        )));
+                    }
+                }
+            }
+        }
         Ok(self.count)
+    }
+
+    /// The failure to write the copy on disk (see
+    /// [`open_kept`](Self::open_kept)), once per run of failed writes, for
+    /// the caller to log.
+    pub fn copy_failure(&mut self) -> Option<String> {
+        self.kept.as_mut()?.failing.as_mut()?.take()
     }
 
     /// Number of entries.
     pub fn count(&self) -> u32 {
         self.count
     }
+}
+
+/// Creates an empty table of `capacity` entries at `path`.
+fn create_table(path: &Path, capacity: u32, modes: crate::file::FileModes) -> Result<()> {
+    let mut head = Vec::with_capacity(24);
+    head.extend_from_slice(&SYMBOLOGY_MAGIC.to_le_bytes());
+    head.extend_from_slice(&SYMBOLOGY_MAJOR.to_le_bytes());
+    head.extend_from_slice(&SYMBOLOGY_MINOR.to_le_bytes());
+    head.extend_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
+    head.extend_from_slice(&capacity.to_le_bytes());
+    head.extend_from_slice(&crate::layout::ENDIAN_MARKER.to_le_bytes());
+    crate::file::create_file(
+        path,
+        SYMBOLOGY_HEADER as u64 + capacity as u64 * ENTRY_SIZE as u64,
+        &head,
+        modes.data,
+        modes.group,
+        false,
+    )?;
+    Ok(())
 }
 
 /// `v` quoted for an error message, cut after 64 characters (with its
@@ -589,6 +783,65 @@ mod tests {
         assert_eq!(r.get(3).map(|e| e.symbol()), Some("NVDA"));
         assert!(r.get(0).is_none());
         assert!(r.get(4).is_none());
+    }
+
+    #[test]
+    fn ids_survive_the_node_directory_being_emptied_through_the_copy_on_disk() {
+        let (node, disk) = (
+            tempfile::tempdir().expect("node"),
+            tempfile::tempdir().expect("disk"),
+        );
+        let modes = crate::file::FileModes::default();
+        let open =
+            |capacity| SymbologyWriter::open_kept(node.path(), capacity, modes, Some(disk.path()));
+        let mut w = open(16).expect("open");
+        for (s, id) in [("MSFT", 1), ("AAPL", 2), ("NVDA", 3)] {
+            assert_eq!(w.resolve(&inst(s)).expect("resolve"), id);
+        }
+        drop(w);
+        // A reboot empties the tmpfs node directory.
+        std::fs::remove_file(node.path().join(SYMBOLOGY_FILE)).expect("rm");
+        let mut w = open(32).expect("reopen");
+        // Asked in another order, each instrument keeps its id.
+        assert_eq!(w.resolve(&inst("NVDA")).expect("n"), 3);
+        assert_eq!(w.resolve(&inst("MSFT")).expect("m"), 1);
+        assert_eq!(w.resolve(&inst("TSLA")).expect("t"), 4);
+        let r = Symbology::open(node.path()).expect("reader");
+        assert_eq!(r.get(2).map(|e| e.symbol()), Some("AAPL"));
+        // The copy follows, new ids included, and reads as a table itself.
+        let copy = Symbology::open(disk.path()).expect("copy");
+        assert_eq!(copy.count(), 4);
+        assert_eq!(copy.get(4).map(|e| e.symbol()), Some("TSLA"));
+        drop(w);
+        // A table with entries the copy lacks gives them to it.
+        std::fs::remove_file(disk.path().join(SYMBOLOGY_FILE)).expect("rm copy");
+        let w = open(32).expect("reopen without a copy");
+        drop(w);
+        assert_eq!(Symbology::open(disk.path()).expect("copy").count(), 4);
+    }
+
+    #[test]
+    fn a_copy_that_gives_an_id_another_meaning_is_refused_naming_both() {
+        let (node, disk) = (
+            tempfile::tempdir().expect("node"),
+            tempfile::tempdir().expect("disk"),
+        );
+        let modes = crate::file::FileModes::default();
+        let mut other = SymbologyWriter::open(disk.path(), 16).expect("other node");
+        other.resolve(&inst("IBM")).expect("ibm");
+        drop(other);
+        let mut w = SymbologyWriter::open(node.path(), 16).expect("open");
+        w.resolve(&inst("AAPL")).expect("aapl");
+        drop(w);
+        let err = SymbologyWriter::open_kept(node.path(), 16, modes, Some(disk.path()))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("id 1 is AAPL NASDAQ USD here but IBM NASDAQ USD"),
+            "{err}"
+        );
+        assert!(err.contains(&disk.path().display().to_string()), "{err}");
     }
 
     #[test]
