@@ -847,35 +847,44 @@ mod tests {
                 Path::new("/var/tmp/tickwire/store-test/journal")
             );
         }
-        let disk = tempfile::tempdir().unwrap();
+        let disk = tempfile::tempdir().expect("tempdir");
         c.node.dir = Some(disk.path().to_path_buf());
         assert_eq!(c.data_dir(), disk.path());
         assert_eq!(
-            c.edge_config().unwrap().store_url,
+            c.edge_config().expect("edge config").store_url,
             format!("sqlite://{}/command.db", disk.path().display())
         );
         c.edge.store_url = "postgres://u@h/db".into();
-        assert_eq!(c.edge_config().unwrap().store_url, "postgres://u@h/db");
+        assert_eq!(
+            c.edge_config().expect("edge config").store_url,
+            "postgres://u@h/db"
+        );
     }
 
     #[test]
     fn a_store_left_in_memory_is_moved_to_disk_whole_and_never_over_one_there() {
-        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (from, to) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
         let to = to.path().join("node");
-        std::fs::write(from.path().join("command.db"), b"main").unwrap();
-        std::fs::write(from.path().join("command.db-wal"), b"wal").unwrap();
-        move_store(from.path(), &to).unwrap();
-        assert_eq!(std::fs::read(to.join("command.db")).unwrap(), b"main");
-        assert_eq!(std::fs::read(to.join("command.db-wal")).unwrap(), b"wal");
+        std::fs::write(from.path().join("command.db"), b"main").expect("write");
+        std::fs::write(from.path().join("command.db-wal"), b"wal").expect("write");
+        move_store(from.path(), &to).expect("move");
+        assert_eq!(std::fs::read(to.join("command.db")).expect("read"), b"main");
+        assert_eq!(
+            std::fs::read(to.join("command.db-wal")).expect("read"),
+            b"wal"
+        );
         assert!(!to.join("command.db-shm").exists());
         assert!(!from.path().join("command.db").exists());
         assert!(!from.path().join("command.db-wal").exists());
         // One at the destination already: both left as they are.
-        std::fs::write(from.path().join("command.db"), b"other").unwrap();
-        move_store(from.path(), &to).unwrap();
-        assert_eq!(std::fs::read(to.join("command.db")).unwrap(), b"main");
+        std::fs::write(from.path().join("command.db"), b"other").expect("write");
+        move_store(from.path(), &to).expect("move");
+        assert_eq!(std::fs::read(to.join("command.db")).expect("read"), b"main");
         assert_eq!(
-            std::fs::read(from.path().join("command.db")).unwrap(),
+            std::fs::read(from.path().join("command.db")).expect("read"),
             b"other"
         );
     }

@@ -371,7 +371,16 @@ impl Broker {
             let mut placements = Vec::new();
             let mut readers = Vec::new();
             for p in 0..t.partitions {
-                let w = PartitionWriter::open(
+                let after = match &keep {
+                    Some(root) => crate::journal::continues(
+                        root,
+                        &dir.join(tickwire_proto::file::ring_file_name(&t.name, p)),
+                        &t.name,
+                        p,
+                    )?,
+                    None => None,
+                };
+                let w = PartitionWriter::open_after(
                     &dir,
                     &RingParams {
                         topic: t.name.clone(),
@@ -381,6 +390,7 @@ impl Broker {
                         slot_size: SLOT_SIZE as u32,
                         modes,
                     },
+                    after,
                 )?;
                 log_ring_open(&t.name, p, &w, t.capacity);
                 let shard = next_shard % n_shards;

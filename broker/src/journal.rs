@@ -23,8 +23,10 @@
 //!   journal starts a new segment at the ring's oldest frame and logs the
 //!   gap; readers see it as an exact missing range.
 //! - On start the newest segment is scanned: a torn tail (a crash mid-write,
-//!   a power loss) is cut and logged. A journal that is ahead of its ring
-//!   (the ring was deleted and created anew) is moved aside, not mixed.
+//!   a power loss) is cut and logged. A ring created anew beside a journal
+//!   (a reboot emptied a tmpfs node directory) starts after the journal's
+//!   last sequence ([`continues`]); a journal still ahead of its ring (not
+//!   that ring's) is moved aside, not mixed.
 //! - `fsync_interval_ms` bounds what a power loss can take: what was
 //!   written in the last interval. A killed process loses nothing written.
 //!   A full segment is synced as it is closed. With io_uring the
@@ -538,7 +540,7 @@ impl Part {
         let mut reader = PartitionReader::open(ring_path, StartAt::Latest, Some(u64::MAX), None)?;
         let ring = reader.ring();
         let published = ring.published();
-        let oldest = published.saturating_sub(ring.capacity() - 1).max(1);
+        let oldest = ring.oldest(published);
         let (epoch, epoch_start) = (ring.epoch(), ring.epoch_start_seq());
         let segs = list_segments(&dir)?;
         let mut last: Option<(u64, u64)> = None;
@@ -1248,6 +1250,45 @@ fn remove_expired_replaced(root: &Path, retention: Duration) {
             }
         }
     }
+}
+
+/// Where the stream of a partition whose ring does not exist yet ends in
+/// its journal under `root`: (last sequence, the writer epoch that wrote
+/// it), so that the ring created now continues it
+/// ([`PartitionWriter::open_after`](tickwire_proto::file::PartitionWriter::open_after))
+/// instead of starting again at 1 beside a journal that holds the past:
+/// what a reboot does to a tmpfs node directory. `None` when the ring
+/// exists (it goes on where it is) or the journal holds nothing.
+///
+/// # Errors
+/// The journal's newest segment cannot be read.
+pub fn continues(
+    root: &Path,
+    ring: &Path,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<(u64, u64)>, BrokerError> {
+    if ring.exists() {
+        return Ok(None);
+    }
+    let dir = partition_dir(root, topic, partition);
+    let Some(&first) = list_segments(&dir)?.last() else {
+        return Ok(None);
+    };
+    let frames = scan_segment(&dir.join(segment_name(first)), first)?.frames;
+    let end = first + frames - 1;
+    if end == 0 {
+        return Ok(None);
+    }
+    let epoch = tickwire_proto::journal::epoch_of(&read_epochs(&dir), end).unwrap_or(0);
+    tracing::info!(
+        topic,
+        partition,
+        journal_end = end,
+        epoch,
+        "ring created anew beside its journal (the node directory was emptied, as a reboot does to /dev/shm): it continues the journal's sequences"
+    );
+    Ok(Some((end, epoch)))
 }
 
 /// Makes `<node_dir>/journal` lead to `root` (a symlink when the journal

@@ -342,7 +342,16 @@ impl TopicControl {
         )?;
         let mut writers = Vec::new();
         for p in from..to {
-            let w = PartitionWriter::open(
+            let after = match &self.journal {
+                Some(j) => crate::journal::continues(
+                    j.root(),
+                    &self.dir.join(ring_file_name(&topic.name, p)),
+                    &topic.name,
+                    p,
+                )?,
+                None => None,
+            };
+            let w = PartitionWriter::open_after(
                 &self.dir,
                 &RingParams {
                     topic: topic.name.clone(),
@@ -352,6 +361,7 @@ impl TopicControl {
                     slot_size: SLOT_SIZE as u32,
                     modes: self.modes,
                 },
+                after,
             )
             .map_err(BrokerError::from)?;
             log_ring_open(&topic.name, p, &w, topic.capacity);

@@ -765,6 +765,26 @@ async fn a_reboot_that_empties_the_node_directory_keeps_each_symbols_history() {
             "{sym} after the reboot"
         );
     }
+    // The new rings continued the journal's sequences: the raw events
+    // from before the reboot are still read back, with the newer ones.
+    let raw = tickwire_broker::export::export(&tickwire_broker::export::ExportSpec {
+        node_dir: dir.path().join("node"),
+        journal_dir: dir.path().join("journal"),
+        topic: TOPIC.into(),
+        symbols: vec!["SYM0".into()],
+        exchanges: Vec::new(),
+        currencies: Vec::new(),
+        from_ns: t0,
+        to_ns: t0 + 60 * MINUTE_NS,
+        interval: None,
+        out: dir.path().join("raw.parquet"),
+    })
+    .expect("export events");
+    assert_eq!(
+        (raw.rows, raw.missing),
+        (all.iter().filter(|e| e.0 == 0).count() as u64, 0),
+        "every SYM0 event, from before and after the reboot"
+    );
     cancel.cancel();
     drop(e);
     drop(ingest);

@@ -520,12 +520,12 @@ fn a_journal_directory_serves_one_broker_at_a_time() {
         .shutdown();
 }
 
-/// Rings deleted and created anew (a fresh node directory) while the
-/// journal stays: the old journal is moved aside, never mixed with the new
-/// sequences, so Earliest replays only the new ring's events; a moved-aside
-/// journal past the retention is deleted at the next start.
+/// Rings deleted and created anew (a fresh node directory: what a reboot
+/// does to /dev/shm) while the journal stays: the new rings continue the
+/// journal's sequences under the next epoch, so Earliest replays every
+/// event, old and new, with no gap and no sequence given twice.
 #[test]
-fn a_journal_ahead_of_a_new_ring_is_moved_aside_not_mixed() {
+fn new_rings_beside_a_journal_continue_its_sequences() {
     let (first, second, j) = (
         tempfile::tempdir().expect("tempdir"),
         tempfile::tempdir().expect("tempdir"),
@@ -540,8 +540,9 @@ fn a_journal_ahead_of_a_new_ring_is_moved_aside_not_mixed() {
     wait_until("500 journaled", || {
         broker.journal_stats().expect("journal").events >= 500
     });
+    drop(ingest);
     broker.shutdown();
-    // New rings, same journal directory.
+    // The reboot: new rings, the same journal directory.
     cfg.node.dir = Some(second.path().to_path_buf());
     let broker = Broker::start(&cfg).expect("broker");
     let mut ingest = broker.ingest(1);
@@ -551,12 +552,90 @@ fn a_journal_ahead_of_a_new_ring_is_moved_aside_not_mixed() {
         broker.journal_stats().expect("journal").events >= 100
     });
     let frames = journal_frames(j.path(), 0);
-    assert_eq!(frames.len(), 100);
-    assert_eq!(
-        frames[0],
-        (1, 10_001),
-        "the new ring's first event, sequence 1"
+    let want: Vec<(u64, u64)> = (1..=500)
+        .chain(10_001..=10_100)
+        .zip(1..)
+        .map(|(source, seq)| (seq, source))
+        .collect();
+    assert_eq!(frames, want, "sequences 1..=600, the new ring's from 501");
+    let pdir = journal::partition_dir(j.path(), TOPIC, 0);
+    assert_eq!(journal::read_epochs(&pdir), vec![(1, 1), (501, 2)]);
+    let aside = std::fs::read_dir(j.path())
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".replaced-"))
+        .count();
+    assert_eq!(aside, 0, "nothing moved aside");
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(second.path())
+        .journal_dir(j.path())
+        .start(Start::Earliest)
+        .open()
+        .expect("sub");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 600 && Instant::now() < deadline {
+        sub.poll(64, |e| match e {
+            Event::Tick(t) => seen.push((t.seq, t.body.source_seq())),
+            other => panic!("only ticks: {other:?}"),
+        });
+    }
+    assert_eq!(seen, want, "every event once, in order, across the reboot");
+    assert_eq!(sub.epoch_of(0, 500), Some(1));
+    assert_eq!(sub.epoch_of(0, 501), Some(2));
+    drop((sub, ingest));
+    broker.shutdown();
+}
+
+/// A journal ahead of a ring that exists (not the ring it was written
+/// from) is moved aside, never mixed; past the retention it is deleted at
+/// the next start.
+#[test]
+fn a_journal_ahead_of_an_existing_ring_is_moved_aside_not_mixed() {
+    let (first, second, j) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
     );
+    let mut cfg = config(first.path(), 1, 1024);
+    cfg.journal.dir = Some(j.path().to_path_buf());
+    let broker = Broker::start(&cfg).expect("broker");
+    let mut ingest = broker.ingest(1);
+    let rs = routes(&mut ingest, 4);
+    send_range(&mut ingest, &rs, 1, 500, 0);
+    wait_until("500 journaled", || {
+        broker.journal_stats().expect("journal").events >= 500
+    });
+    drop(ingest);
+    broker.shutdown();
+    // Another node directory's rings, written with the journal off.
+    cfg.node.dir = Some(second.path().to_path_buf());
+    cfg.journal.enabled = false;
+    let broker = Broker::start(&cfg).expect("broker");
+    let mut ingest = broker.ingest(1);
+    let rs = routes(&mut ingest, 4);
+    send_range(&mut ingest, &rs, 10_001, 10_100, 0);
+    let mut sub = Subscriber::builder(TOPIC)
+        .node_dir(second.path())
+        .start(Start::Earliest)
+        .open()
+        .expect("sub");
+    let mut n = 0;
+    wait_until("100 in the ring", || {
+        sub.poll(64, |_| n += 1);
+        n >= 100
+    });
+    drop((sub, ingest));
+    broker.shutdown();
+    // The journal on again: it is ahead of this ring (600 > 100).
+    cfg.journal.enabled = true;
+    let broker = Broker::start(&cfg).expect("broker");
+    wait_until("the ring's 100 journaled", || {
+        broker.journal_stats().expect("journal").events >= 100
+    });
+    let frames = journal_frames(j.path(), 0);
+    assert_eq!(frames.len(), 100);
+    assert_eq!(frames[0], (1, 10_001), "the ring's first event, sequence 1");
     let aside: Vec<String> = std::fs::read_dir(j.path())
         .expect("dir")
         .flatten()
@@ -564,20 +643,6 @@ fn a_journal_ahead_of_a_new_ring_is_moved_aside_not_mixed() {
         .filter(|n| n.contains(".replaced-"))
         .collect();
     assert_eq!(aside.len(), 1, "the old journal, moved aside: {aside:?}");
-    let mut sub = Subscriber::builder(TOPIC)
-        .node_dir(second.path())
-        .journal_dir(j.path())
-        .start(Start::Earliest)
-        .open()
-        .expect("sub");
-    let mut first_seen = None;
-    sub.poll(1, |e| {
-        if let Event::Tick(t) = e {
-            first_seen = Some((t.seq, t.body.source_seq()));
-        }
-    });
-    assert_eq!(first_seen, Some((1, 10_001)));
-    drop((sub, ingest));
     broker.shutdown();
     // Past its retention, the moved-aside journal goes at the next start.
     cfg.journal.retention = "1s".into();

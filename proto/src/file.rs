@@ -181,6 +181,20 @@ impl RingFile {
     /// [`Error::NoSpace`] if the file system cannot hold it; any validation
     /// error of [`RingFile::open_reader`].
     pub fn open_writer(dir: &Path, params: &RingParams) -> Result<(RingFile, bool)> {
+        RingFile::open_writer_at(dir, params, 1)
+    }
+
+    /// [`open_writer`](Self::open_writer); a ring created now starts at
+    /// sequence `first_seq` (see [`StaticBlock::first_seq`]); an existing
+    /// one goes on where it is.
+    ///
+    /// # Errors
+    /// As [`open_writer`](Self::open_writer).
+    pub fn open_writer_at(
+        dir: &Path,
+        params: &RingParams,
+        first_seq: u64,
+    ) -> Result<(RingFile, bool)> {
         validate_topic(&params.topic)?;
         validate_capacity(params.capacity, "capacity")?;
         if !valid_slot_size(params.slot_size) {
@@ -200,7 +214,7 @@ impl RingFile {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         let path = dir.join(ring_file_name(&params.topic, params.partition));
-        let created = !path.exists() && create_ring_file(&path, params)?;
+        let created = !path.exists() && create_ring_file(&path, params, first_seq)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -371,7 +385,8 @@ impl RingFile {
         else {
             unreachable!("ring mapping shorter than its validated length")
         };
-        let ring = RingRef::new(&h.writer, &r.waiter, &r.registry, &r.readers, slots);
+        let ring = RingRef::new(&h.writer, &r.waiter, &r.registry, &r.readers, slots)
+            .starting_at(self.statics.first_seq);
         if self.writable {
             ring
         } else {
@@ -558,7 +573,7 @@ fn validate_capacity(capacity: u64, field: &'static str) -> Result<()> {
 /// allocated up front (a tmpfs that cannot hold it fails here, with the
 /// size, instead of a bus error later), and renames it into place unless
 /// another process created it meanwhile. Returns whether it did.
-fn create_ring_file(path: &Path, params: &RingParams) -> Result<bool> {
+fn create_ring_file(path: &Path, params: &RingParams, first_seq: u64) -> Result<bool> {
     let len = HEADER_SIZE as u64 + params.capacity * params.slot_size as u64;
     let statics = StaticBlock {
         magic: RING_MAGIC,
@@ -574,7 +589,8 @@ fn create_ring_file(path: &Path, params: &RingParams) -> Result<bool> {
         reader_slots: READER_SLOTS as u32,
         reserved0: 0,
         created_ns: realtime_ns(),
-        reserved: [0; 8],
+        first_seq: first_seq.max(1),
+        reserved: [0; 7],
     };
     create_file(
         path,
@@ -999,7 +1015,30 @@ impl PartitionWriter {
     /// As [`RingFile::open_writer`]; [`Error::Corrupt`] naming the file and
     /// the field when the ring holds what the protocol cannot have written.
     pub fn open(dir: &Path, params: &RingParams) -> Result<PartitionWriter> {
-        let (file, created) = RingFile::open_writer(dir, params)?;
+        PartitionWriter::open_after(dir, params, None)
+    }
+
+    /// [`open`](Self::open); a ring created now continues a stream that
+    /// ended at `after` = (sequence, epoch) (its journal's last event): it
+    /// starts at the next sequence, under the next epoch, so sequences and
+    /// message ids never repeat. An existing ring goes on where it is.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn open_after(
+        dir: &Path,
+        params: &RingParams,
+        after: Option<(u64, u64)>,
+    ) -> Result<PartitionWriter> {
+        let first = after.map_or(1, |(seq, _)| seq + 1);
+        let (file, created) = RingFile::open_writer_at(dir, params, first)?;
+        if created && let Some((_, epoch)) = after {
+            // `recover` below bumps it: the new writer's epoch is the next.
+            file.header()
+                .writer
+                .epoch
+                .store(epoch, std::sync::atomic::Ordering::Release);
+        }
         // SAFETY: the ring references point into `file`'s mappings, which
         // stay at fixed addresses until `file` drops; `core` is dropped
         // first (field order) and every accessor shortens 'static to a
@@ -1139,7 +1178,7 @@ impl PartitionReader {
         let published = ring.published();
         let cursor = match start {
             StartAt::Latest => published + 1,
-            StartAt::Earliest => published.saturating_sub(ring.capacity() - 1).max(1),
+            StartAt::Earliest => ring.oldest(published),
             StartAt::Sequence(s) => s.max(1),
         };
         let mut core = ReaderCore::new(ring, cursor);

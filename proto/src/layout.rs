@@ -6,7 +6,7 @@
 //! ```text
 //!  <topic>.<partition>.ring      data file, mode 0640 by default (readers need read access only)
 //!  offset   size                  block
-//!  0        128                   StaticBlock   written once, before the file is renamed into place
+//!  0        128                   StaticBlock   written once, before the file is renamed into place (2.1: first_seq at 64)
 //!  128      128                   WriterBlock   epoch, published sequence, epoch start, writer pid, state
 //!  256      HEADER_SIZE - 256     zero (room for minor versions)
 //!  4096     capacity x slot_size  slots, page-aligned; slot i holds every seq with seq & (capacity-1) == i
@@ -61,7 +61,8 @@ pub const READERS_MAGIC: u64 = u64::from_le_bytes(*b"TKWRDRS\0");
 /// 2.0: reader state in its own file; the writer's `state` word.
 pub const RING_MAJOR: u16 = 2;
 /// Minor layout version: only gives meaning to bytes that were zero.
-pub const RING_MINOR: u16 = 0;
+/// 2.1: the static block's `first_seq`.
+pub const RING_MINOR: u16 = 1;
 /// Written as a native u32 (bytes `04 03 02 01` on a little-endian
 /// machine); reads back as this value only on a machine of the same byte
 /// order.
@@ -143,8 +144,14 @@ pub struct StaticBlock {
     pub reserved0: u32,
     /// Creation time, UTC ns.
     pub created_ns: u64,
+    /// The first sequence the ring was created for (2.1; 0 in 2.0 files,
+    /// meaning 1). A ring created anew for a partition whose journal
+    /// already holds sequences `..=n` starts at `n + 1`, so sequences and
+    /// message ids continue (after a reboot emptied a tmpfs node
+    /// directory); sequences below it were never in this ring.
+    pub first_seq: u64,
     /// Zero: room for minor versions (and no padding bytes in the block).
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 7],
 }
 
 /// Fields only the writer stores.
@@ -272,6 +279,7 @@ const _: () = {
     assert!(offset_of!(StaticBlock, topic_hash) == 40);
     assert!(offset_of!(StaticBlock, reader_slots) == 48);
     assert!(offset_of!(StaticBlock, created_ns) == 56);
+    assert!(offset_of!(StaticBlock, first_seq) == 64);
     assert!(offset_of!(RingHeader, writer) == 128);
     assert!(offset_of!(WriterBlock, epoch) == 0);
     assert!(offset_of!(WriterBlock, published) == 8);

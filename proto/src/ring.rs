@@ -96,6 +96,9 @@ pub struct RingRef<'a> {
     readers: &'a [ReaderSlot],
     slots: &'a [Slot],
     mask: u64,
+    /// The first sequence the ring was created for (1 unless created to
+    /// continue a journal: see [`crate::layout::StaticBlock::first_seq`]).
+    first: u64,
     /// Whether the writer block and the slots may be stored to (false for
     /// a reader's read-only mapping: [`WriterCore::recover`] refuses it).
     writable: bool,
@@ -143,8 +146,29 @@ impl<'a> RingRef<'a> {
             readers,
             slots,
             mask: slots.len() as u64 - 1,
+            first: 1,
             writable: true,
         }
+    }
+
+    /// The same ring, created to start at sequence `first` (0 means 1).
+    pub fn starting_at(mut self, first: u64) -> Self {
+        self.first = first.max(1);
+        self
+    }
+
+    /// The first sequence this ring was created for: lower ones were never
+    /// in it (1 for a ring that started a stream).
+    #[inline]
+    pub fn first_seq(&self) -> u64 {
+        self.first
+    }
+
+    /// The oldest sequence the ring can still hold when `head` is the
+    /// newest: `capacity` back from it, never before [`Self::first_seq`].
+    #[inline]
+    pub fn oldest(&self, head: u64) -> u64 {
+        head.saturating_sub(self.capacity() - 1).max(self.first)
     }
 
     /// The same ring, marked as mapped read-only: no writer may recover it.
@@ -269,7 +293,9 @@ impl<'a, L: Liveness, C: Clock> WriterCore<'a, L, C> {
         if !ring.writable {
             return Err(RecoverError::ReadOnly);
         }
-        let last = scan_stamps(&ring)?;
+        // A ring created to continue a journal at `first` has no stamps
+        // yet, and its stream stands at `first - 1`.
+        let last = scan_stamps(&ring)?.max(ring.first - 1);
         let published = ring.published();
         if published > last {
             return Err(RecoverError::Corrupt {
@@ -551,12 +577,12 @@ fn scan_stamps(ring: &RingRef<'_>) -> Result<u64, RecoverError> {
             max = max.max(st);
         }
     }
-    let oldest = max.saturating_sub(cap - 1).max(1);
+    let oldest = ring.oldest(max);
     for (i, s) in ring.slots.iter().enumerate() {
         let st = s.stamp.load(Ordering::Acquire);
         if st == 0 {
             // Never written: only possible for sequences not reached yet.
-            if max >= cap {
+            if max.saturating_sub(ring.first - 1) >= cap {
                 return Err(corrupt(
                     i,
                     st,
@@ -651,7 +677,9 @@ impl<'a> ReaderCore<'a> {
     pub fn ready(&self) -> bool {
         let st = self.ring.slot(self.cursor).stamp.load(Ordering::Acquire);
         let seq = st & !WRITING_BIT;
-        seq > self.cursor || (seq == self.cursor && st & WRITING_BIT == 0)
+        seq > self.cursor
+            || (seq == self.cursor && st & WRITING_BIT == 0)
+            || self.cursor < self.ring.first
     }
 
     /// Tries to read the frame at the cursor into `out` (a seqlock read).
@@ -663,10 +691,13 @@ impl<'a> ReaderCore<'a> {
         let st = slot.stamp.load(Ordering::Acquire);
         if st != seq {
             let seen = st & !WRITING_BIT;
-            return if seen <= seq {
-                Read::Empty
-            } else {
+            return if seen > seq {
                 self.lapped(seen)
+            } else if seq < self.ring.first {
+                // Before the ring's first sequence: never in this ring.
+                self.lapped(0)
+            } else {
+                Read::Empty
             };
         }
         for (o, w) in out.iter_mut().zip(slot.body.iter()) {
@@ -686,8 +717,12 @@ impl<'a> ReaderCore<'a> {
     #[cold]
     fn lapped(&mut self, seen: u64) -> Read {
         let head = self.ring.published().max(seen);
-        let oldest = head.saturating_sub(self.ring.capacity() - 1).max(1);
-        let resume = (oldest + self.slack).min(head).max(self.cursor + 1);
+        let oldest = self.ring.oldest(head);
+        // A cursor before the ring's first sequence resumes at it at the
+        // latest, though nothing was published since.
+        let resume = (oldest + self.slack)
+            .min(head.max(self.ring.first))
+            .max(self.cursor + 1);
         let from = self.cursor;
         self.cursor = resume;
         Read::Lapped {
@@ -731,7 +766,8 @@ impl<'a, L: Liveness> ReaderRegistration<'a, L> {
             let r = &ring.readers[index];
             let sg = r.state_gen.load(Ordering::Acquire);
             let (generation, _) = unpack_state(sg);
-            r.cursor.store(cursor.max(1), Ordering::Release);
+            // The writer waits only for sequences of its own ring.
+            r.cursor.store(cursor.max(ring.first), Ordering::Release);
             r.tether_budget_ns.store(budget_ns, Ordering::Relaxed);
             r.pid.store(pid, Ordering::Relaxed);
             r.acked_cursor.store(0, Ordering::Relaxed);
@@ -775,7 +811,7 @@ impl<'a, L: Liveness> ReaderRegistration<'a, L> {
         // before the writer (Acquire in `compute_gate`) may overwrite them.
         self.ring.readers[self.index]
             .cursor
-            .store(cursor, Ordering::Release);
+            .store(cursor.max(self.ring.first), Ordering::Release);
     }
 
     /// Whether the writer untethered us since the last call.

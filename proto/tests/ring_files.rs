@@ -77,6 +77,57 @@ fn restart_bumps_the_epoch_and_continues_the_sequence() {
 }
 
 #[test]
+fn a_ring_created_to_continue_a_stream_starts_after_it_and_readers_below_it_see_a_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The journal ended at 1000, written under epoch 3.
+    let mut w =
+        PartitionWriter::open_after(dir.path(), &params(1, 16), Some((1000, 3))).expect("writer");
+    assert_eq!((w.epoch(), w.core().next_seq()), (4, 1001));
+    let file = RingFile::open_reader(&ring_path(dir.path())).expect("reader file");
+    assert_eq!(file.ring().first_seq(), 1001);
+    assert_eq!(file.ring().epoch_start_seq(), 1001);
+    // Nothing written yet: a reader at 5 is told at once what the ring
+    // never held, not left waiting for a sequence it will never get.
+    let mut low = ReaderCore::new(file.ring(), 5);
+    let mut buf = [0u64; 7];
+    assert!(low.ready());
+    assert_eq!(low.try_read(&mut buf), Read::Lapped { from: 5, to: 1000 });
+    assert_eq!(low.try_read(&mut buf), Read::Empty);
+    for i in 0..20u64 {
+        assert_eq!(
+            w.publish(&FrameBody::trade(1, i, 1, 1).to_words()),
+            1001 + i
+        );
+    }
+    w.flush();
+    let mut earliest = PartitionReader::open(&ring_path(dir.path()), StartAt::Earliest, None, None)
+        .expect("earliest");
+    assert_eq!(
+        earliest.try_read(&mut buf),
+        Read::Frame(1005),
+        "the oldest of 16 slots"
+    );
+    assert_eq!(
+        low.try_read(&mut buf),
+        Read::Lapped {
+            from: 1001,
+            to: 1004 + 2
+        }
+    );
+    drop(w);
+    // Reopened: the stream goes on, under the next epoch; a ring that
+    // exists ignores where a journal ends.
+    let w = PartitionWriter::open_after(dir.path(), &params(1, 16), Some((7, 9))).expect("again");
+    assert_eq!((w.epoch(), w.core().next_seq()), (5, 1021));
+    drop(w);
+    // Reopened before it wrote anything: it still starts at 1001.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    drop(PartitionWriter::open_after(fresh.path(), &params(1, 16), Some((1000, 3))).expect("w"));
+    let w = PartitionWriter::open(fresh.path(), &params(1, 16)).expect("reopen");
+    assert_eq!((w.epoch(), w.core().next_seq()), (5, 1001));
+}
+
+#[test]
 fn a_writer_that_died_mid_frame_is_recovered_without_a_duplicate() {
     // Simulate a crash while filling seq 21: its slot carries the WRITING mark.
     let w = recover_after(20, |f| {
@@ -143,7 +194,7 @@ fn structurally_bad_ring_files_give_clear_errors() {
     assert!(msg.contains("not a tickwire ring file"), "{msg}");
     let msg = corrupt(|f| f.write_all_at(&9u16.to_le_bytes(), 8).expect("w"));
     assert!(
-        msg.contains("layout version 9.0 is not supported (this build knows 2.0)"),
+        msg.contains("layout version 9.1 is not supported (this build knows 2.1)"),
         "{msg}"
     );
     let msg = corrupt(|f| {

@@ -536,7 +536,7 @@ impl Part {
         }
         let ring = reader.ring();
         let published = ring.published();
-        let oldest = published.saturating_sub(ring.capacity() - 1).max(1);
+        let oldest = ring.oldest(published);
         let mut side = journal.map(|reader| JournalSide {
             reader,
             replaying: false,
