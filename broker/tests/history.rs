@@ -219,6 +219,20 @@ async fn wait_bars(base: &str, sym: &str, t0: u64, minutes: u64, n: usize) {
     }
 }
 
+/// Once built, every symbol's 1m bars over `minutes` from `t0` equal the
+/// model of `all` the events sent.
+async fn bars_are_the_model(base: &str, t0: u64, minutes: u64, all: &[Sent], when: &str) {
+    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
+        wait_bars(base, sym, t0, minutes, model(all, i, Interval::M1).len()).await;
+        let got = all_bars(base, sym, t0, minutes, 10_000).await;
+        assert_eq!(
+            as_model(&got),
+            without_notional(model(all, i, Interval::M1)),
+            "{sym} {when}"
+        );
+    }
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -505,15 +519,7 @@ async fn bars_over_rest_and_grpc_equal_a_model_of_the_trades_and_survive_a_resta
     let e = edge(&broker, &cancel).await;
     let base = format!("http://{}", e.http_addr);
     let all: Vec<Sent> = first.iter().chain(&second).copied().collect();
-    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
-        wait_bars(&base, sym, t0, 240, model(&all, i, Interval::M1).len()).await;
-        let got = all_bars(&base, sym, t0, 240, 10_000).await;
-        assert_eq!(
-            as_model(&got),
-            without_notional(model(&all, i, Interval::M1)),
-            "{sym} after a restart"
-        );
-    }
+    bars_are_the_model(&base, t0, 240, &all, "after a restart").await;
     cancel.cancel();
     drop(e);
     drop(ingest);
@@ -756,15 +762,7 @@ async fn a_reboot_that_empties_the_node_directory_keeps_each_symbols_history() {
     let e = edge(&broker, &cancel).await;
     let base = format!("http://{}", e.http_addr);
     let all: Vec<Sent> = first.iter().chain(&second).copied().collect();
-    for (i, sym) in ["SYM0", "SYM1", "SYM2"].iter().enumerate() {
-        wait_bars(&base, sym, t0, 60, model(&all, i, Interval::M1).len()).await;
-        let got = all_bars(&base, sym, t0, 60, 10_000).await;
-        assert_eq!(
-            as_model(&got),
-            without_notional(model(&all, i, Interval::M1)),
-            "{sym} after the reboot"
-        );
-    }
+    bars_are_the_model(&base, t0, 60, &all, "after the reboot").await;
     // The new rings continued the journal's sequences: the raw events
     // from before the reboot are still read back, with the newer ones.
     let raw = tickwire_broker::export::export(&tickwire_broker::export::ExportSpec {

@@ -520,6 +520,23 @@ fn a_journal_directory_serves_one_broker_at_a_time() {
         .shutdown();
 }
 
+/// A broker on node directory `node` with its journal in `journal` that
+/// wrote sources 1..=500 (sequences 1..=500) and stopped: its config.
+fn journal_500(node: &Path, journal: &Path) -> Config {
+    let mut cfg = config(node, 1, 1024);
+    cfg.journal.dir = Some(journal.to_path_buf());
+    let broker = Broker::start(&cfg).expect("broker");
+    let mut ingest = broker.ingest(1);
+    let rs = routes(&mut ingest, 4);
+    send_range(&mut ingest, &rs, 1, 500, 0);
+    wait_until("500 journaled", || {
+        broker.journal_stats().expect("journal").events >= 500
+    });
+    drop(ingest);
+    broker.shutdown();
+    cfg
+}
+
 /// Rings deleted and created anew (a fresh node directory: what a reboot
 /// does to /dev/shm) while the journal stays: the new rings continue the
 /// journal's sequences under the next epoch, so Earliest replays every
@@ -531,17 +548,7 @@ fn new_rings_beside_a_journal_continue_its_sequences() {
         tempfile::tempdir().expect("tempdir"),
         tempfile::tempdir().expect("tempdir"),
     );
-    let mut cfg = config(first.path(), 1, 1024);
-    cfg.journal.dir = Some(j.path().to_path_buf());
-    let broker = Broker::start(&cfg).expect("broker");
-    let mut ingest = broker.ingest(1);
-    let rs = routes(&mut ingest, 4);
-    send_range(&mut ingest, &rs, 1, 500, 0);
-    wait_until("500 journaled", || {
-        broker.journal_stats().expect("journal").events >= 500
-    });
-    drop(ingest);
-    broker.shutdown();
+    let mut cfg = journal_500(first.path(), j.path());
     // The reboot: new rings, the same journal directory.
     cfg.node.dir = Some(second.path().to_path_buf());
     let broker = Broker::start(&cfg).expect("broker");
@@ -597,17 +604,7 @@ fn a_journal_ahead_of_an_existing_ring_is_moved_aside_not_mixed() {
         tempfile::tempdir().expect("tempdir"),
         tempfile::tempdir().expect("tempdir"),
     );
-    let mut cfg = config(first.path(), 1, 1024);
-    cfg.journal.dir = Some(j.path().to_path_buf());
-    let broker = Broker::start(&cfg).expect("broker");
-    let mut ingest = broker.ingest(1);
-    let rs = routes(&mut ingest, 4);
-    send_range(&mut ingest, &rs, 1, 500, 0);
-    wait_until("500 journaled", || {
-        broker.journal_stats().expect("journal").events >= 500
-    });
-    drop(ingest);
-    broker.shutdown();
+    let mut cfg = journal_500(first.path(), j.path());
     // Another node directory's rings, written with the journal off.
     cfg.node.dir = Some(second.path().to_path_buf());
     cfg.journal.enabled = false;
