@@ -437,6 +437,10 @@ impl KeptCopy {
     /// count: an entry is in the copy before the count covers it.
     fn catch_up(&mut self, table: &Mapped, count: u32) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
+        if self.copied >= count {
+            // Nothing new: the copy is left untouched.
+            return Ok(());
+        }
         for i in self.copied..count {
             let Some(e) = table.entry(i) else {
                 break;
