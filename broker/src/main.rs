@@ -83,7 +83,9 @@ struct ExportArgs {
     /// Node directory (default: $TICKWIRE_NODE_DIR, else /dev/shm/tickwire/default).
     #[arg(long)]
     node_dir: Option<PathBuf>,
-    /// The journal directory (default: the node directory's `journal` link).
+    /// The journal directory (default: the node directory's `journal` link,
+    /// else, after a reboot emptied a tmpfs node directory,
+    /// /var/tmp/tickwire/<node id>/journal as `serve` puts it).
     #[arg(long)]
     journal_dir: Option<PathBuf>,
 }
