@@ -836,18 +836,16 @@ async fn key_shared_under_churn_keeps_keys_in_order_loses_nothing_and_never_stal
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries() {
-    durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries(false).await;
+async fn grpc_durable_cursor_survives_a_reboot_and_dead_letters_after_max_redeliveries() {
+    durable_cursor_survives_a_reboot_and_dead_letters_after_max_redeliveries(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shm_durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries() {
-    durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries(true).await;
+async fn shm_durable_cursor_survives_a_reboot_and_dead_letters_after_max_redeliveries() {
+    durable_cursor_survives_a_reboot_and_dead_letters_after_max_redeliveries(true).await;
 }
 
-async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_redeliveries(
-    shm: bool,
-) {
+async fn durable_cursor_survives_a_reboot_and_dead_letters_after_max_redeliveries(shm: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(dir.path(), 2).await;
     let args = ["--subscription", "du", "--type", "shared"];
@@ -866,8 +864,11 @@ async fn durable_cursor_survives_a_broker_restart_and_dead_letters_after_max_red
     let had: HashSet<u64> = first.got().iter().map(|g| g.source_seq).collect();
     assert_eq!(had.len(), 3000);
     // The group stops a few seconds after its last member, writing its
-    // cursors; the broker stops too (a restart).
+    // cursors; the broker stops too, and the machine reboots: the node
+    // directory (rings, reader slots, symbology) is emptied, as a tmpfs
+    // is, while the journal and the store stay on disk.
     node.stop().await;
+    std::fs::remove_dir_all(dir.path().join("node")).expect("empty the node directory");
     let mut node = Node::start(dir.path(), 2).await;
     let mut ingest = node.ingest();
     std::thread::spawn(move || send(&mut ingest, 10_001, 12_000, 50_000))
