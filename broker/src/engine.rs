@@ -371,16 +371,7 @@ impl Broker {
             let mut placements = Vec::new();
             let mut readers = Vec::new();
             for p in 0..t.partitions {
-                let after = match &keep {
-                    Some(root) => crate::journal::continues(
-                        root,
-                        &dir.join(tickwire_proto::file::ring_file_name(&t.name, p)),
-                        &t.name,
-                        p,
-                    )?,
-                    None => None,
-                };
-                let w = PartitionWriter::open_after(
+                let w = open_ring(
                     &dir,
                     &RingParams {
                         topic: t.name.clone(),
@@ -390,7 +381,7 @@ impl Broker {
                         slot_size: SLOT_SIZE as u32,
                         modes,
                     },
-                    after,
+                    keep.as_deref(),
                 )?;
                 log_ring_open(&t.name, p, &w, t.capacity);
                 let shard = next_shard % n_shards;
@@ -777,6 +768,29 @@ fn lost_completion(shared: &Shared, shard: usize, source: u32, c: &Completion, w
         why,
         "BUG: a commit completion could not be handed back; its message will not be acknowledged upstream"
     );
+}
+
+/// Opens a partition's ring for writing; one created now beside a journal
+/// under `journal_root` continues the journal's sequences
+/// ([`crate::journal::continues`]).
+pub(crate) fn open_ring(
+    dir: &std::path::Path,
+    params: &RingParams,
+    journal_root: Option<&std::path::Path>,
+) -> Result<PartitionWriter, BrokerError> {
+    let after = match journal_root {
+        Some(root) => crate::journal::continues(
+            root,
+            &dir.join(tickwire_proto::file::ring_file_name(
+                &params.topic,
+                params.partition,
+            )),
+            &params.topic,
+            params.partition,
+        )?,
+        None => None,
+    };
+    Ok(PartitionWriter::open_after(dir, params, after)?)
 }
 
 /// Logs a ring opened for writing.

@@ -48,8 +48,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tickwire_proto::file::{PartitionReader, StartAt};
 use tickwire_proto::frame::BODY_WORDS;
 use tickwire_proto::journal::{
-    EPOCHS_FILE, FRAME_BYTES, INDEX_EVERY, encode_frame, frame_time, index_name, list_segments,
-    partition_dir, read_epochs, scan_segment, segment_name,
+    EPOCHS_FILE, FRAME_BYTES, INDEX_EVERY, SegmentScan, encode_frame, frame_time, index_name,
+    list_segments, partition_dir, read_epochs, scan_segment, segment_name,
 };
 use tickwire_proto::ring::Read;
 
@@ -542,16 +542,13 @@ impl Part {
         let published = ring.published();
         let oldest = ring.oldest(published);
         let (epoch, epoch_start) = (ring.epoch(), ring.epoch_start_seq());
-        let segs = list_segments(&dir)?;
-        let mut last: Option<(u64, u64)> = None;
-        if let Some(&first) = segs.last() {
-            let path = dir.join(segment_name(first));
-            let scan = scan_segment(&path, first)?;
-            if scan.torn_bytes > 0 {
-                tracing::warn!(segment = %path.display(), intact_frames = scan.frames, cut_bytes = scan.torn_bytes, "journal: cutting a torn tail left by a crash");
-            }
-            last = Some((first, scan.frames));
+        let newest = newest_segment(&dir)?;
+        if let Some((first, scan)) = &newest
+            && scan.torn_bytes > 0
+        {
+            tracing::warn!(segment = %dir.join(segment_name(*first)).display(), intact_frames = scan.frames, cut_bytes = scan.torn_bytes, "journal: cutting a torn tail left by a crash");
         }
+        let mut last = newest.map(|(first, scan)| (first, scan.frames));
         // An empty newest segment ends where its name says the one before did.
         let mut end = last.map_or(0, |(f, n)| f + n - 1);
         if end > published {
@@ -1295,11 +1292,10 @@ pub fn continues(
         return Ok(None);
     }
     let dir = partition_dir(root, topic, partition);
-    let Some(&first) = list_segments(&dir)?.last() else {
+    let Some((first, scan)) = newest_segment(&dir)? else {
         return Ok(None);
     };
-    let frames = scan_segment(&dir.join(segment_name(first)), first)?.frames;
-    let end = first + frames - 1;
+    let end = first + scan.frames - 1;
     if end == 0 {
         return Ok(None);
     }
@@ -1312,6 +1308,18 @@ pub fn continues(
         "ring created anew beside its journal (the node directory was emptied, as a reboot does to /dev/shm): it continues the journal's sequences"
     );
     Ok(Some((end, epoch)))
+}
+
+/// The newest segment of a partition's journal in `dir`: its first
+/// sequence and what its scan found (intact frames, torn bytes).
+fn newest_segment(dir: &Path) -> Result<Option<(u64, SegmentScan)>, BrokerError> {
+    let Some(&first) = list_segments(dir)?.last() else {
+        return Ok(None);
+    };
+    Ok(Some((
+        first,
+        scan_segment(&dir.join(segment_name(first)), first)?,
+    )))
 }
 
 /// Makes `<node_dir>/journal` lead to `root` (a symlink when the journal

@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tickwire_proto::file::{FileModes, PartitionWriter, RingParams, readers_path, ring_file_name};
+use tickwire_proto::file::{FileModes, RingParams, readers_path, ring_file_name};
 use tickwire_proto::frame::SLOT_SIZE;
 
 use crate::config::Config;
@@ -342,16 +342,7 @@ impl TopicControl {
         )?;
         let mut writers = Vec::new();
         for p in from..to {
-            let after = match &self.journal {
-                Some(j) => crate::journal::continues(
-                    j.root(),
-                    &self.dir.join(ring_file_name(&topic.name, p)),
-                    &topic.name,
-                    p,
-                )?,
-                None => None,
-            };
-            let w = PartitionWriter::open_after(
+            let w = crate::engine::open_ring(
                 &self.dir,
                 &RingParams {
                     topic: topic.name.clone(),
@@ -361,9 +352,8 @@ impl TopicControl {
                     slot_size: SLOT_SIZE as u32,
                     modes: self.modes,
                 },
-                after,
-            )
-            .map_err(BrokerError::from)?;
+                self.journal.as_ref().map(|j| j.root()),
+            )?;
             log_ring_open(&topic.name, p, &w, topic.capacity);
             // Before the shard writes it: the journal's cursor comes first.
             if let Some(j) = &self.journal {

@@ -427,9 +427,11 @@ struct KeptCopy {
     file: std::fs::File,
     /// Entries the copy holds.
     copied: u32,
-    /// Set while writes fail; holds the failure until
-    /// [`SymbologyWriter::copy_failure`] takes it (once per failing run).
-    failing: Option<Option<String>>,
+    /// Whether the last write failed.
+    failing: bool,
+    /// The failure that started the current failing run, until
+    /// [`SymbologyWriter::copy_failure`] takes it.
+    report: Option<String>,
 }
 
 impl KeptCopy {
@@ -451,15 +453,14 @@ impl KeptCopy {
             self.file
                 .write_all_at(bytes, (SYMBOLOGY_HEADER + i as usize * ENTRY_SIZE) as u64)?;
         }
-        self.file
-            .write_all_at(&count.to_ne_bytes(), COUNT_OFFSET as u64)?;
+        self.file.write_all_at(
+            &count.to_ne_bytes(),
+            std::mem::offset_of!(SymbologyHeader, count) as u64,
+        )?;
         self.copied = count;
         Ok(())
     }
 }
-
-/// Where `count` sits in the file.
-const COUNT_OFFSET: usize = 64;
 
 // SAFETY: owned by one thread at a time (callers wrap it in a Mutex).
 unsafe impl Send for SymbologyWriter {}
@@ -595,33 +596,32 @@ impl SymbologyWriter {
                 });
             }
         }
-        if copied > self.count {
-            // A table created anew (the node directory was emptied): the
-            // copy's ids come back, in order, before any new one.
-            if copied > self.m.capacity {
-                return Err(Error::SymbologyFull {
-                    path: self.m.path.clone(),
-                    capacity: self.m.capacity,
+        // A table created anew (the node directory was emptied): the copy's
+        // ids come back, in order, before any new one (`kept` is not set
+        // yet, so nothing is written back to the copy).
+        for i in self.count..copied {
+            let Some(e) = copy.entry(i) else {
+                break;
+            };
+            let inst = Instrument {
+                symbol: e.symbol().into(),
+                exchange: e.exchange().into(),
+                currency: e.currency().into(),
+                size_decimals: e.size_decimals(),
+            };
+            let id = self.resolve(&inst)?;
+            if id != i + 1 {
+                return Err(Error::BadRecord {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "entry {} repeats {} {} {} (id {id}): not a table this broker wrote",
+                        i + 1,
+                        inst.symbol,
+                        inst.exchange,
+                        inst.currency
+                    ),
                 });
             }
-            for i in self.count..copied {
-                let Some(e) = copy.entry(i) else {
-                    break;
-                };
-                let key = (
-                    e.symbol().to_string(),
-                    e.exchange().to_string(),
-                    e.currency().to_string(),
-                );
-                // SAFETY: i < copied <= capacity; no reader reads entry i
-                // until the count below covers it.
-                unsafe { self.m.entry_ptr(i).write(*e) };
-                self.ids.insert(key, i + 1);
-            }
-            self.count = copied;
-            // SYNC POINT: Release publishes the entries; pairs with
-            // `Symbology::count`'s Acquire.
-            self.m.count_atomic().store(self.count, Ordering::Release);
         }
         drop(copy);
         let file = OpenOptions::new()
@@ -637,14 +637,18 @@ impl SymbologyWriter {
             // The capacity was raised: the copy grows with the table.
             use std::os::unix::fs::FileExt;
             file.set_len(need).map_err(|e| Error::io("grow", path, e))?;
-            file.write_all_at(&self.m.capacity.to_le_bytes(), 16)
-                .map_err(|e| Error::io("write header", path, e))?;
+            file.write_all_at(
+                &self.m.capacity.to_le_bytes(),
+                std::mem::offset_of!(SymbologyHeader, capacity) as u64,
+            )
+            .map_err(|e| Error::io("write header", path, e))?;
         }
         let mut kept = KeptCopy {
             path: path.to_path_buf(),
             file,
             copied: copied.min(self.count),
-            failing: None,
+            failing: false,
+            report: None,
         };
         kept.catch_up(&self.m, self.count)
             .map_err(|e| Error::io("write", path, e))?;
@@ -687,14 +691,15 @@ impl SymbologyWriter {
         self.ids.insert(inst.key(), self.count);
         if let Some(k) = &mut self.kept {
             match k.catch_up(&self.m, self.count) {
-                Ok(()) => k.failing = None,
+                Ok(()) => k.failing = false,
                 Err(e) => {
-                    if k.failing.is_none() {
-                        k.failing = Some(Some(format!(
+                    if !k.failing {
+                        k.failing = true;
+                        k.report = Some(format!(
                             "{}: the copy of the symbology could not be written ({e}); retried with the next new instrument, and until then a reboot would forget ids from {} on",
                             k.path.display(),
                             self.count
-                        )));
+                        ));
                     }
                 }
             }
@@ -706,7 +711,7 @@ impl SymbologyWriter {
     /// [`open_kept`](Self::open_kept)), once per run of failed writes, for
     /// the caller to log.
     pub fn copy_failure(&mut self) -> Option<String> {
-        self.kept.as_mut()?.failing.as_mut()?.take()
+        self.kept.as_mut()?.report.take()
     }
 
     /// Number of entries.
